@@ -1,0 +1,367 @@
+"""Claims -> measurements -> verdicts. One registered function per measure kind.
+
+To add a claim kind: add its pydantic class in spec.py, a `@measure("name")` function here that
+returns a `Measurement`, and (if it needs new operators) an `@operator` in expect.py.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.errors import HarnessError, MeasureError, ModelUnavailable, SpecError
+from harness.expect import (GRID, PAIR, PATCH, SCALAR, TEXT, TOKENS, Measurement, Outcome,
+                            evaluate, fmt, kind_of)
+from harness.measure.results import Grid
+from harness.models import LoadedModel
+from harness.session import Session
+from harness.spec import ClaimBase, Spec, parse_comparison
+
+PASSED, FAILED, ERROR, SKIPPED, XFAILED = "passed", "failed", "error", "skipped", "xfailed"
+
+
+@dataclass
+class Verdict:
+    """The outcome of one claim, ready for any report."""
+
+    spec: str
+    file: str
+    line: int | None
+    claim_id: str
+    measure: str
+    models: tuple[str, ...]
+    status: str
+    expected: dict
+    measured: object = None
+    message: str = ""
+    margin: float | None = None
+    seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.spec}::{self.claim_id}"
+
+
+class Skip(Exception):
+    """A claim that cannot run here for a stated, acceptable reason (an optional model)."""
+
+
+@dataclass
+class ClaimContext:
+    spec: Spec
+    claim: ClaimBase
+    session: Session
+
+    @property
+    def prepend_bos(self) -> bool:
+        own = self.claim.prepend_bos
+        return self.spec.defaults.prepend_bos if own is None else own
+
+    def model(self, name: str) -> LoadedModel:
+        try:
+            return self.session.model(self.spec, name)
+        except ModelUnavailable as exc:
+            if self.spec.models[name].optional:
+                raise Skip(f"optional model '{name}' is unavailable: {exc}") from None
+            raise
+
+    def batch(self, model: LoadedModel):
+        return self.session.batch(self.spec, self.spec.claim_prompts(self.claim), model,
+                                  self.prepend_bos)
+
+
+MEASURES: dict[str, Callable[[ClaimContext], Measurement]] = {}
+
+
+def measure(name: str):
+    def register(fn):
+        MEASURES[name] = fn
+        return fn
+    return register
+
+
+# ----------------------------------------------------------------------------- behavior
+
+@measure("logit_diff")
+def _logit_diff(ctx: ClaimContext) -> Measurement:
+    from harness.measure.logits import logit_diff
+
+    model = ctx.model(ctx.claim.model)
+    batch = ctx.batch(model)
+    per_prompt = logit_diff(model.bridge, batch)
+    return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()),
+                       {"prompts": batch.texts})
+
+
+@measure("top_k")
+def _top_k(ctx: ClaimContext) -> Measurement:
+    from harness.measure.logits import top_k_tokens
+
+    model = ctx.model(ctx.claim.model)
+    batch = ctx.batch(model)
+    tops = top_k_tokens(model.bridge, model.tokenizer, batch, ctx.claim.k)
+    per_prompt = tuple([tok for tok, _ in row] for row in tops)
+    return Measurement(TOKENS, per_prompt[0], per_prompt,
+                       {"prompts": batch.texts, "probabilities": [[p for _, p in row]
+                                                                  for row in tops]})
+
+
+@measure("generate")
+def _generate(ctx: ClaimContext) -> Measurement:
+    from harness.measure.logits import generate
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    texts = tuple(generate(model.bridge, model.tokenizer, batch.tokens[i, : int(f) + 1],
+                           claim.max_new_tokens, claim.temperature, claim.seed)
+                  for i, f in enumerate(batch.final_pos))
+    return Measurement(TEXT, texts[0], texts, {"prompts": batch.texts})
+
+
+# ----------------------------------------------------------------------------- localization
+
+def _per_model_grids(ctx: ClaimContext, compute) -> Measurement:
+    names = ctx.claim.model_names()
+    grids = [compute(m, ctx.batch(m)) for m in map(ctx.model, names)]
+    if len(grids) == 1:
+        return Measurement(GRID, grids[0])
+    a, b = grids
+    diff = Grid(a.axes, a.labels, b.values - a.values, method=a.method)
+    return Measurement(PAIR, diff, extras={"a": a, "b": b, "names": names})
+
+
+@measure("dla")
+def _dla(ctx: ClaimContext) -> Measurement:
+    from harness.measure.attribution import dla
+
+    return _per_model_grids(ctx, lambda m, batch: dla(m.bridge, batch, by=ctx.claim.by))
+
+
+@measure("logit_lens")
+def _logit_lens(ctx: ClaimContext) -> Measurement:
+    from harness.measure.attribution import logit_lens
+
+    return _per_model_grids(
+        ctx, lambda m, batch: logit_lens(m.bridge, batch, incl_mid=ctx.claim.incl_mid))
+
+
+def _runs(ctx: ClaimContext):
+    """The `from` and `into` runs of a patch claim, on one shared tokenization."""
+    from harness.measure.patching import Run
+
+    claim = ctx.claim
+    runs = []
+    for ref in (claim.from_, claim.into):
+        model = ctx.model(ref.model)
+        batch = ctx.batch(model)
+        corrupt = ref.input == "corrupt"
+        tokens = batch.corrupt_tokens if corrupt else batch.tokens
+        final = batch.corrupt_final_pos if corrupt else batch.final_pos
+        runs.append((Run(model.key, model.bridge, tokens, final), batch))
+    (from_run, from_batch), (into_run, into_batch) = runs
+    if not (torch.equal(from_batch.answer_ids, into_batch.answer_ids)
+            and torch.equal(from_batch.foil_ids, into_batch.foil_ids)):
+        raise MeasureError(f"models '{claim.from_.model}' and '{claim.into.model}' tokenize "
+                           "the answers differently; patching needs one shared tokenizer")
+    return from_run, into_run, into_batch
+
+
+def _site_kwargs(claim) -> dict:
+    return dict(site=claim.site, layers=claim.layers, heads=claim.head_pairs(),
+                positions=claim.positions, neurons=claim.neurons)
+
+
+def _patch_measurement(effect, metric: str) -> Measurement:
+    raw = float(effect.patched.mean())
+    value = raw if metric == "logit_diff" else float(effect.normalized)
+    extras = {"raw": raw, "from": float(effect.from_value.mean()),
+              "into": float(effect.into_value.mean()), "normalized": float(effect.normalized)}
+    return Measurement(PATCH if metric else SCALAR, value, tuple(effect.patched.tolist()),
+                       extras)
+
+
+@measure("patch")
+def _patch(ctx: ClaimContext) -> Measurement:
+    from_run, into_run, batch = _runs(ctx)
+    effect = ctx.session.engine.patch(from_run, into_run, batch.answer_ids, batch.foil_ids,
+                                      **_site_kwargs(ctx.claim))
+    return _patch_measurement(effect, ctx.claim.metric)
+
+
+@measure("patch_sweep")
+def _patch_sweep(ctx: ClaimContext) -> Measurement:
+    from_run, into_run, batch = _runs(ctx)
+    claim = ctx.claim
+    grid = ctx.session.engine.patch_sweep(from_run, into_run, batch.answer_ids, batch.foil_ids,
+                                          site=claim.site, over=tuple(claim.over),
+                                          method=claim.method)
+    if claim.metric == "logit_diff" and grid.raw is not None:
+        grid = Grid(grid.axes, grid.labels, grid.raw, grid.raw, grid.method, grid.extras)
+    return Measurement(GRID, grid, extras={"method": grid.method})
+
+
+@measure("ablate")
+def _ablate(ctx: ClaimContext) -> Measurement:
+    from harness.measure.patching import Run
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    run = Run(model.key, model.bridge, batch.tokens, batch.final_pos)
+    reference = None
+    if claim.reference:
+        ref_model = ctx.model(claim.reference)
+        ref_batch = ctx.batch(ref_model)
+        reference = ctx.session.engine.logit_diff(
+            Run(ref_model.key, ref_model.bridge, ref_batch.tokens, ref_batch.final_pos),
+            ref_batch.answer_ids, ref_batch.foil_ids)
+    effect = ctx.session.engine.ablate(run, batch.answer_ids, batch.foil_ids, kind=claim.kind,
+                                       reference=reference, **_site_kwargs(claim))
+    measurement = _patch_measurement(effect, claim.metric)
+    return Measurement(SCALAR, measurement.value, measurement.per_prompt, measurement.extras)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+def judge(claim, measurement: Measurement, defaults: dict) -> tuple[bool, str, float | None]:
+    """Apply the claim's expectation, per prompt where the claim asks for it."""
+    per_prompt = claim.per_prompt
+    if measurement.kind in (SCALAR, TEXT, TOKENS) and measurement.per_prompt and \
+            per_prompt != "mean":
+        return _judge_per_prompt(claim, measurement, defaults)
+    outcomes = evaluate(claim.expect, measurement, defaults)
+    return _combine(outcomes)
+
+
+def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:
+    margins = [o.margin for o in outcomes if o.margin is not None]
+    return (all(o.ok for o in outcomes), "; ".join(o.detail for o in outcomes),
+            min(margins) if margins else None)
+
+
+def _judge_per_prompt(claim, measurement: Measurement, defaults: dict):
+    prompts = measurement.extras.get("prompts", ())
+    results = []
+    for i, value in enumerate(measurement.per_prompt):
+        single = Measurement(measurement.kind, value, None, measurement.extras)
+        results.append(_combine(evaluate(claim.expect, single, defaults)))
+    held = [ok for ok, _, _ in results]
+    worst = min(range(len(results)), key=lambda i: (results[i][0], results[i][2] or 0.0))
+    worst_text = f"worst prompt {prompts[worst]!r}: {results[worst][1]}" if prompts else \
+        results[worst][1]
+    rule = claim.per_prompt
+    if rule == "all" or (rule == "mean" and measurement.kind != SCALAR):
+        ok = all(held)
+    elif rule == "any":
+        ok = any(held)
+    else:
+        op, bound = parse_comparison(rule["fraction"])
+        fraction = sum(held) / len(held)
+        from harness.expect import compare
+
+        outcome = compare(fraction, op, bound)
+        return outcome.ok, f"held for {sum(held)}/{len(held)} prompts ({outcome.detail}); " \
+                           f"{worst_text}", outcome.margin
+    margins = [m for _, _, m in results if m is not None]
+    margin = (min(margins) if rule == "all" else max(margins)) if margins else None
+    return ok, f"held for {sum(held)}/{len(held)} prompts ({rule}); {worst_text}", margin
+
+
+def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
+    """Measure one claim and apply its expectation. Never raises for claim-level problems."""
+    claim = spec.claims[index]
+    verdict = Verdict(spec.spec, spec.file, spec.line_of(("claims", index)), claim.id,
+                      claim.measure, claim.model_names(), ERROR, claim.expect)
+    if claim.skip:
+        verdict.status, verdict.message = SKIPPED, claim.skip
+        return verdict
+    start = time.perf_counter()
+    try:
+        measurement = MEASURES[claim.measure](ClaimContext(spec, claim, session))
+        defaults = spec.defaults.tolerance.model_dump()
+        if claim.tolerance:
+            defaults.update(claim.tolerance.model_dump())
+        ok, message, margin = judge(claim, measurement, defaults)
+        verdict.measured = to_jsonable(measurement)
+        verdict.extras = _extras(measurement)
+        verdict.status, verdict.message, verdict.margin = (PASSED if ok else FAILED), message, \
+            margin
+    except Skip as exc:
+        verdict.status, verdict.message = SKIPPED, str(exc)
+    except SpecError:
+        raise
+    except HarnessError as exc:
+        verdict.status, verdict.message = ERROR, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a bug or an unsupported model: report, keep going
+        verdict.status = ERROR
+        verdict.message = f"{type(exc).__name__}: {exc}"
+        verdict.extras["traceback"] = traceback.format_exc()
+    verdict.seconds = time.perf_counter() - start
+    return _apply_xfail(claim, verdict)
+
+
+def _apply_xfail(claim, verdict: Verdict) -> Verdict:
+    if not claim.xfail:
+        return verdict
+    if verdict.status == FAILED:
+        verdict.status = XFAILED
+        verdict.message = f"expected failure ({claim.xfail}): {verdict.message}"
+    elif verdict.status == PASSED:
+        verdict.status = FAILED
+        verdict.message = f"unexpectedly passed, but is marked xfail ({claim.xfail}); " \
+                          f"remove the mark: {verdict.message}"
+    return verdict
+
+
+def to_jsonable(measurement: Measurement):
+    value = measurement.value
+    if isinstance(value, Grid):
+        out = {"axes": list(value.axes), "labels": [list(lab) for lab in value.labels],
+               "values": value.values.tolist()}
+        if value.raw is not None:
+            out["raw"] = value.raw.tolist()
+        if value.method != "exact":
+            out["method"] = value.method
+        return out
+    if measurement.kind in (SCALAR, PATCH):
+        return float(value)
+    if measurement.per_prompt and len(measurement.per_prompt) > 1:
+        return list(measurement.per_prompt)
+    return value
+
+
+def _extras(measurement: Measurement) -> dict:
+    out = {}
+    if measurement.per_prompt is not None and measurement.kind in (SCALAR, PATCH):
+        out["per_prompt"] = list(measurement.per_prompt)
+    for key in ("raw", "from", "into", "normalized", "method", "probabilities", "prompts"):
+        if key in measurement.extras:
+            out[key] = measurement.extras[key]
+    if measurement.kind == PAIR:
+        out["models"] = {name: to_jsonable(Measurement(GRID, grid)) for name, grid in
+                         zip(measurement.extras["names"],
+                             (measurement.extras["a"], measurement.extras["b"]))}
+    return out
+
+
+def short_measured(verdict: Verdict) -> str:
+    """A one-cell summary of the measured value for tables."""
+    m = verdict.measured
+    if isinstance(m, dict) and "values" in m:
+        values = torch.tensor(m["values"])
+        return f"{'x'.join(map(str, values.shape))} grid, max {fmt(float(values.max()))}"
+    if isinstance(m, float):
+        return fmt(m)
+    if isinstance(m, list):
+        return f"{len(m)} items: {fmt(m[0]) if m else ''}"
+    return "" if m is None else str(m)
+
+
+__all__ = ["evaluate_claim", "Verdict", "MEASURES", "PASSED", "FAILED", "ERROR", "SKIPPED",
+           "XFAILED", "kind_of", "PAIR"]

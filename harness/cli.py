@@ -1,0 +1,121 @@
+"""The `harness` command: run, validate and train specs. A thin front end over runner."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError, SpecError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 2
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="evaluate every claim of the given specs")
+    run.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
+    run.add_argument("--report-json", type=Path, metavar="FILE")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    run.add_argument("--memory-budget-mb", type=int, default=2048,
+                     help="largest batch of patching variants, in MB (default 2048)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    run.set_defaults(func=_run)
+    validate = sub.add_parser("validate", help="check specs without loading model weights")
+    validate.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
+    validate.set_defaults(func=_validate)
+    train = sub.add_parser("train", help="build the models a spec trains or takes from the zoo")
+    train.add_argument("spec", type=Path)
+    train.add_argument("--model", action="append", help="only this model (repeatable)")
+    train.set_defaults(func=_train)
+    return parser
+
+
+def _spec_paths(paths: list[str]) -> list[Path]:
+    from harness.spec import find_specs
+
+    found = find_specs(paths)
+    missing = [p for p in found if not p.exists()]
+    if missing:
+        raise HarnessError(f"no such spec file or directory: {missing[0]}")
+    if not found:
+        raise HarnessError(f"no spec files (*.yaml, *.yml) under {', '.join(paths)}")
+    return found
+
+
+def _run(args) -> int:
+    from harness import report
+    from harness.runner import exit_code, run_spec_file
+    from harness.session import Session
+
+    session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
+                      verbose=not args.quiet)
+    results = []
+    for path in _spec_paths(args.paths):
+        result = run_spec_file(path, session)
+        if result.error:
+            print(f"spec error: {result.error}", file=sys.stderr)
+        results.append(result)
+    verdicts = [v for r in results for v in r.verdicts]
+    print(report.table(verdicts, [str(r.error) for r in results if r.error]))
+    details = report.failure_details(verdicts)
+    if details:
+        print("\n" + details)
+    if args.report_json:
+        report.write_json(report.json_report(results, args.device), args.report_json)
+    return exit_code(results)
+
+
+def _validate(args) -> int:
+    from harness.runner import load_and_check
+    from harness.session import Session
+
+    session = Session(verbose=False)
+    status = 0
+    for path in _spec_paths(args.paths):
+        try:
+            spec = load_and_check(path, session)
+            print(f"ok: {path} ({len(spec.claims)} claims, {len(spec.models)} models)")
+        except SpecError as exc:
+            print(f"spec error: {exc}", file=sys.stderr)
+            status = 2
+    return status
+
+
+def _train(args) -> int:
+    from harness.session import Session
+    from harness.spec import load_spec
+
+    spec = load_spec(args.spec)
+    names = args.model or [n for n, m in spec.models.items() if m.zoo or m.train]
+    unknown = [n for n in names if n not in spec.models]
+    if unknown:
+        from harness.errors import did_you_mean
+
+        raise HarnessError(f"unknown model '{unknown[0]}'" + did_you_mean(unknown[0],
+                                                                          spec.models))
+    session = Session()
+    for name in names:
+        source = spec.models[name]
+        if source.zoo and source.zoo.startswith("toy-"):
+            from harness.zoo import build_world
+
+            build_world(seed=0, progress=True)
+        print(f"{name}: {session.location(spec, name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Result types shared by measurements and expectations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A labelled vector or grid of numbers, e.g. DLA per component or a patching sweep.
+
+    `values` is what expectations read (for patching: the normalized effect, mean over prompts);
+    `raw` holds the raw metric (patched logit diff, mean over prompts) where one exists.
+    `labels[i]` names the entries of axis `axes[i]` (ints for layers/heads/neurons, token strings
+    for positions, component names such as "mlp3" or "L3H0" for components).
+    """
+
+    axes: tuple[str, ...]
+    labels: tuple[tuple, ...]
+    values: Float[Tensor, "..."]
+    raw: Float[Tensor, "..."] | None = None
+    method: str = "exact"  # "exact" or "attribution" (gradient approximation)
+    extras: dict = field(default_factory=dict)  # e.g. {"from": 2.01, "into": -0.09}
+
+    def __post_init__(self):
+        if tuple(self.values.shape) != tuple(len(lab) for lab in self.labels):
+            raise ValueError(f"values shape {tuple(self.values.shape)} does not match labels "
+                             f"{[len(lab) for lab in self.labels]}")
+
+
+@dataclass(frozen=True)
+class PatchEffect:
+    """One patch (or ablation) on a batch of prompts."""
+
+    normalized: float                    # mean over prompts of (patched - into) / (from - into)
+    patched: Float[Tensor, "batch"]      # raw patched logit diff per prompt
+    from_value: Float[Tensor, "batch"]   # logit diff of the `from` run per prompt
+    into_value: Float[Tensor, "batch"]   # logit diff of the unpatched `into` run per prompt
+
+
+def normalized_effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -> Tensor:
+    """(patched - into) / (from - into), computed on the means over prompts as the seed did."""
+    return (patched.mean(-1) - into_value.mean()) / (from_value.mean() - into_value.mean())
+
+
+__all__ = ["Grid", "PatchEffect", "normalized_effect", "torch"]

@@ -1,0 +1,191 @@
+"""Model sources -> TransformerLens bridges (compatibility mode), offline-first.
+
+Every source ends as a local directory or a hub id that `transformers` can read; RL checkpoints
+with a value head load as their base language model, like the seed's
+`trainer.model.base_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from harness.errors import HarnessError, ModelUnavailable
+from harness.spec import ModelSource
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VALUE_HEAD_PREFIXES = ("pretrained_model.", "base_model.")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for measurements: the bridge (HookedTransformer numerics) and tokenizer."""
+
+    key: str          # identifies weights + device + dtype; used to cache clean runs
+    bridge: object    # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: PreTrainedTokenizerBase
+    origin: str       # where it came from, for reports
+    device: str
+    dtype: str
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device(source: ModelSource, override: str | None) -> str:
+    """`--device` wins, then the spec's `device:`, then CUDA when available, else CPU."""
+    return override or source.device or default_device()
+
+
+def source_key(source: ModelSource, spec_dir: Path) -> str:
+    """A stable identity of the weights a source names (paths made absolute)."""
+    data = source.model_dump(exclude={"optional", "device"}, exclude_none=True)
+    if source.path:
+        data["path"] = str((spec_dir / source.path).resolve())
+    return json.dumps(data, sort_keys=True)
+
+
+def resolve_location(source: ModelSource, spec_dir: Path, build_base=None) -> str:
+    """A local directory or hub id for the source; builds `train:` models (cached)."""
+    if source.zoo:
+        from harness.zoo import zoo_checkpoint
+
+        return str(zoo_checkpoint(source.zoo))
+    if source.path:
+        path = (spec_dir / source.path).resolve()
+        if not path.is_dir():
+            raise ModelUnavailable(f"checkpoint directory {path} does not exist "
+                                   f"(`path:` is relative to the spec's folder, {spec_dir})")
+        return str(path)
+    if source.train:
+        from harness.train import train_from_spec
+
+        if build_base is None:
+            raise HarnessError("a `train:` model needs its base model resolved first")
+        return str(train_from_spec(source.train, build_base(source.train.base),
+                                   build_base(source.train.reward)
+                                   if source.train.reward != "toy-reviews-reward" else None))
+    return source.hf
+
+
+def load_tokenizer(location: str, source: ModelSource) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(location, revision=source.revision,
+                                             trust_remote_code=source.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(_unavailable(location, source, exc)) from None
+
+
+def load_model(name: str, source: ModelSource, location: str, device: str) -> LoadedModel:
+    """Load `location` into a TransformerBridge with compatibility mode on."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    tokenizer = load_tokenizer(location, source)
+    hf_model = load_hf_causal_lm(location, source)
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            location, hf_model=hf_model, tokenizer=tokenizer, device=device,
+            dtype=DTYPES[source.dtype], trust_remote_code=source.trust_remote_code)
+    except Exception as exc:  # TransformerLens raises many kinds for unsupported models
+        raise ModelUnavailable(f"TransformerLens could not wrap model '{name}' from {location}: "
+                               f"{type(exc).__name__}: {exc}") from None
+    bridge.enable_compatibility_mode()
+    bridge.eval()
+    key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
+    return LoadedModel(key, bridge, tokenizer, _origin(source, location), device, source.dtype)
+
+
+def load_hf_causal_lm(location: str, source: ModelSource):
+    """The HF language model, unwrapping RL value-head checkpoints in local directories."""
+    kwargs = dict(revision=source.revision, trust_remote_code=source.trust_remote_code,
+                  dtype=DTYPES[source.dtype])
+    directory = Path(location)
+    try:
+        if directory.is_dir() and _has_value_head_layout(directory):
+            return _load_value_head_checkpoint(directory, kwargs)
+        return AutoModelForCausalLM.from_pretrained(location, attn_implementation="eager",
+                                                    **kwargs).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(_unavailable(location, source, exc)) from None
+
+
+def _unavailable(location: str, source: ModelSource, exc: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    tried = f"tried {'the local directory' if Path(location).is_dir() else 'the hub id'} " \
+            f"'{location}'" + (f" at revision '{source.revision}'" if source.revision else "")
+    hint = " (HF_HUB_OFFLINE=1: only the local HF cache was searched)" if offline else \
+        " (no network, or not in the HF cache)" if source.hf else ""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{tried}{hint}: {first_line}"
+
+
+def _origin(source: ModelSource, location: str) -> str:
+    if source.hf:
+        return f"hf:{source.hf}" + (f"@{source.revision}" if source.revision else "")
+    return f"{source.kind}:{source.zoo or location}"
+
+
+# ----------------------------------------------------------------------------- value heads
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _has_value_head_layout(directory: Path) -> bool:
+    keys: list[str] = []
+    for path in _weight_files(directory):
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                keys += list(handle.keys())
+        else:
+            keys += list(_read_state(path))
+    return any(k.startswith("v_head.") or k.startswith(VALUE_HEAD_PREFIXES) for k in keys)
+
+
+def _load_value_head_checkpoint(directory: Path, kwargs: dict):
+    """Drop `v_head.*`, strip the wrapper prefix, load the rest as the base causal LM."""
+    config = AutoConfig.from_pretrained(str(directory),
+                                        trust_remote_code=kwargs["trust_remote_code"])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                             trust_remote_code=kwargs["trust_remote_code"])
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(directory):
+        for key, tensor in _read_state(path).items():
+            if key.startswith("v_head."):
+                continue
+            for prefix in VALUE_HEAD_PREFIXES:
+                key = key.removeprefix(prefix)
+            state[key] = tensor
+    expected = set(model.state_dict())
+    if not state.keys() & expected:  # a bare transformer saved without the LM wrapper
+        state = {f"{model.base_model_prefix}.{k}": v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise ModelUnavailable(f"value-head checkpoint {directory}: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.to(kwargs["dtype"]).eval()
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    if isinstance(tied, dict):
+        tied = list(tied)
+    return set(tied) | {"lm_head.weight"}

@@ -1,0 +1,226 @@
+"""pytest front end: spec files become collectors, claims become items. Hooks only.
+
+`pytest checks/` collects every spec under the `harness_specs` folder (default `specs`);
+`pytest specs/x.yaml` collects one spec. Heavy imports (torch, TransformerLens) are lazy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SESSION_KEY = pytest.StashKey[object]()
+VERDICTS_KEY = pytest.StashKey[list]()
+SPEC_ERRORS_KEY = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness", "interp-harness claims")
+    group.addoption("--harness-device", default=None,
+                    help="device for every model (default: CUDA when available, else CPU)")
+    group.addoption("--harness-memory-budget-mb", type=int, default=2048,
+                    help="largest batch of patching variants, in MB (default 2048)")
+    group.addoption("--harness-report-json", default=None, metavar="FILE",
+                    help="write the JSON report of every claim run")
+    parser.addini("harness_specs", "folder of spec files that `pytest <harness_checks>` runs",
+                  default="specs")
+    parser.addini("harness_checks", "folder whose collection runs every spec",
+                  default="checks")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[VERDICTS_KEY] = []
+    config.stash[SPEC_ERRORS_KEY] = []
+
+
+def _session(config: pytest.Config):
+    if SESSION_KEY not in config.stash:
+        from harness.session import Session
+
+        config.stash[SESSION_KEY] = Session(
+            device=config.getoption("harness_device"),
+            memory_budget_mb=config.getoption("harness_memory_budget_mb"),
+            verbose=config.getoption("verbose") > 0)
+    return config.stash[SESSION_KEY]
+
+
+def _is_spec_file(path: Path) -> bool:
+    return path.suffix in (".yaml", ".yml") and not path.name.endswith(".baseline.json")
+
+
+def pytest_collect_directory(path: Path, parent: pytest.Collector):
+    root = parent.config.rootpath
+    if path.resolve() == (root / parent.config.getini("harness_checks")).resolve():
+        return ChecksDirectory.from_parent(parent, path=path)
+    return None
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    if not _is_spec_file(file_path):
+        return None
+    specs_dir = (parent.config.rootpath / parent.config.getini("harness_specs")).resolve()
+    if parent.session.isinitpath(file_path) or specs_dir in file_path.resolve().parents:
+        return SpecFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ChecksDirectory(pytest.Directory):
+    """The checks folder: collects every spec file under the specs folder."""
+
+    def collect(self):
+        from harness.spec import find_specs
+
+        specs_dir = self.config.rootpath / self.config.getini("harness_specs")
+        for path in find_specs([specs_dir]) if specs_dir.is_dir() else []:
+            yield SpecFile.from_parent(self, path=path)
+
+
+class SpecFile(pytest.File):
+    """One spec file; its single child is named after the spec, so ids read `<spec>::<claim>`."""
+
+    def collect(self):
+        from harness.errors import SpecError
+        from harness.runner import load_and_check
+
+        try:
+            spec = load_and_check(self.path, _session(self.config))
+        except SpecError as exc:
+            self.config.stash[SPEC_ERRORS_KEY].append(str(exc))
+            yield SpecErrorItem.from_parent(self, name="spec-error", error=str(exc))
+            return
+        node = SpecNode.from_parent(self, name=spec.spec)
+        node.spec = spec
+        yield node
+
+
+class SpecNode(pytest.Collector):
+    spec = None
+
+    def collect(self):
+        for index, claim in enumerate(self.spec.claims):
+            yield ClaimItem.from_parent(self, name=claim.id, spec=self.spec, index=index)
+
+
+class ClaimError(Exception):
+    """The claim could not be measured (shown as a pytest error, not a failure)."""
+
+
+class ClaimFailed(AssertionError):
+    """The measurement did not meet the expectation."""
+
+
+class ClaimItem(pytest.Item):
+    def __init__(self, *, spec, index: int, **kwargs):
+        super().__init__(**kwargs)
+        self.spec, self.index = spec, index
+        self.verdict = None
+
+    def setup(self) -> None:
+        from harness.claims import ERROR, SKIPPED, evaluate_claim
+
+        self.verdict = verdict = evaluate_claim(self.spec, self.index, _session(self.config))
+        self.config.stash[VERDICTS_KEY].append(verdict)
+        self.user_properties += [("measure", verdict.measure),
+                                 ("measured", json.dumps(verdict.measured, default=str)),
+                                 ("expected", json.dumps(verdict.expected, default=str)),
+                                 ("status", verdict.status)]
+        if verdict.status == SKIPPED:
+            pytest.skip(verdict.message)
+        if verdict.status == ERROR:
+            raise ClaimError(verdict.message)
+
+    def runtest(self) -> None:
+        from harness.claims import FAILED, XFAILED
+
+        if self.verdict.status == XFAILED:
+            pytest.xfail(self.verdict.message)
+        if self.verdict.status == FAILED:
+            raise ClaimFailed(self.verdict.message)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ClaimFailed | ClaimError):
+            return _describe(self.verdict, excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, (self.spec.line_of(("claims", self.index)) or 1) - 1, \
+            f"{self.spec.spec}::{self.name}"
+
+
+def _describe(verdict, exc) -> str:
+    from harness.expect import fmt
+    from harness.report import expected_text
+
+    kind = "could not be measured" if isinstance(exc, ClaimError) else "does not hold"
+    lines = [f"claim {verdict.node_id} {kind} ({verdict.file}:{verdict.line})",
+             f"  expected: {expected_text(verdict.expected)}"]
+    if verdict.measured is not None:
+        lines.append(f"  measured: {_short(verdict.measured)}")
+    if verdict.margin is not None:
+        lines.append(f"  margin:   {fmt(verdict.margin)}")
+    lines.append(f"  {verdict.message}")
+    return "\n".join(lines)
+
+
+def _short(measured) -> str:
+    text = json.dumps(measured, default=str)
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+class SpecErrorItem(pytest.Item):
+    """A spec that could not be loaded: one erroring item, so other specs still run."""
+
+    def __init__(self, *, error: str, **kwargs):
+        super().__init__(**kwargs)
+        self.error = error
+
+    def setup(self) -> None:
+        raise ClaimError(self.error)
+
+    def runtest(self) -> None:  # pragma: no cover - setup always raises
+        pass
+
+    def repr_failure(self, excinfo, style=None):
+        return f"spec error: {self.error}"
+
+    def reportinfo(self):
+        return self.path, 0, f"spec error in {self.path.name}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    verdicts = config.stash.get(VERDICTS_KEY, [])
+    spec_errors = config.stash.get(SPEC_ERRORS_KEY, [])
+    if not verdicts and not spec_errors:
+        return
+    from harness.report import table
+
+    terminalreporter.write_sep("=", "interp-harness claims")
+    terminalreporter.write_line(table(verdicts, spec_errors))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    config = session.config
+    verdicts = config.stash.get(VERDICTS_KEY, [])
+    path = config.getoption("harness_report_json", None)
+    if path and verdicts:
+        from harness import report
+
+        report.write_json(_json_from_verdicts(verdicts, config), Path(path))
+    if config.stash.get(SPEC_ERRORS_KEY, []) and exitstatus in (0, 1):
+        session.exitstatus = 2  # the harness contract: a spec error exits 2
+
+
+def _json_from_verdicts(verdicts, config) -> dict:
+    from harness import report
+    from harness.runner import SpecResult
+
+    by_file: dict[str, SpecResult] = {}
+    for v in verdicts:
+        by_file.setdefault(v.file, SpecResult(v.file)).verdicts.append(v)
+    results = list(by_file.values())
+    out = report.json_report(results, config.getoption("harness_device"))
+    for entry, r in zip(out["specs"], results):
+        entry["spec"] = r.verdicts[0].spec
+    return out

@@ -1,0 +1,93 @@
+"""Spec files -> verdicts, for the CLI (pytest drives `evaluate_claim` itself, per item)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.claims import Verdict, evaluate_claim
+from harness.errors import HarnessError, ModelUnavailable, SpecError
+from harness.models import load_tokenizer
+from harness.prompts import single_token_id
+from harness.session import Session
+from harness.spec import Spec, load_spec
+
+
+@dataclass
+class SpecResult:
+    """One spec file's outcome: verdicts, or the spec error that stopped it."""
+
+    file: str
+    spec: Spec | None = None
+    error: SpecError | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+
+
+def check_tokens(spec: Spec, session: Session | None = None) -> list[SpecError]:
+    """Every answer and foil must be one token for each model that reads it (tokenizers only;
+    models that cannot be had are left for claim time, where they are errors or skips)."""
+    errors: list[SpecError] = []
+    tokenizers = {}
+    for claim in spec.claims:
+        for name in claim.model_names():
+            if name not in tokenizers:
+                tokenizers[name] = _tokenizer_or_none(spec, name, session)
+            tokenizer = tokenizers[name]
+            if tokenizer is None:
+                continue
+            for prompt in spec.claim_prompts(claim):
+                for field_name in ("answer", "foil"):
+                    text = getattr(prompt, field_name)
+                    pieces = single_token_id(tokenizer, text)
+                    if isinstance(pieces, list):
+                        errors.append(spec.error(
+                            prompt.loc + (field_name,),
+                            f"{field_name} {text!r} is {len(pieces)} tokens for model "
+                            f"'{name}': {pieces}; use a single token (often with a leading "
+                            "space)"))
+    unique = {str(e): e for e in errors}
+    return list(unique.values())
+
+
+def _tokenizer_or_none(spec: Spec, name: str, session: Session | None):
+    source = spec.models[name]
+    while source.train is not None:   # a trained model keeps its base model's tokenizer
+        name = source.train.base
+        source = spec.models[name]
+    try:
+        location = (session or Session(verbose=False)).location(spec, name)
+        return load_tokenizer(location, source)
+    except ModelUnavailable:
+        return None
+
+
+def load_and_check(path: Path, session: Session) -> Spec:
+    spec = load_spec(path)
+    errors = check_tokens(spec, session)
+    if errors:
+        errors[0].others = errors[1:]
+        raise errors[0]
+    return spec
+
+
+def run_spec_file(path: Path, session: Session) -> SpecResult:
+    result = SpecResult(str(path))
+    try:
+        result.spec = load_and_check(path, session)
+    except SpecError as exc:
+        result.error = exc
+        return result
+    except HarnessError as exc:
+        result.error = SpecError(str(exc), file=str(path))
+        return result
+    for index in range(len(result.spec.claims)):
+        result.verdicts.append(evaluate_claim(result.spec, index, session))
+    return result
+
+
+def exit_code(results: list[SpecResult]) -> int:
+    """0 all passed; 1 a claim failed or errored; 2 a spec could not be evaluated."""
+    if any(r.error for r in results):
+        return 2
+    bad = {"failed", "error"}
+    return 1 if any(v.status in bad for r in results for v in r.verdicts) else 0

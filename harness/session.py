@@ -1,0 +1,82 @@
+"""One evaluation session: models loaded once, prompt batches and clean runs shared by claims."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from harness.errors import HarnessError, ModelUnavailable
+from harness.models import LoadedModel, load_model, pick_device, resolve_location, source_key
+from harness.prompts import PromptBatch, build_batch
+from harness.spec import Spec
+from harness.yamlsource import format_loc
+
+
+@dataclass
+class Session:
+    """State shared by every claim of a run. Front ends create one and pass it along."""
+
+    device: str | None = None            # overrides every model's device when set
+    memory_budget_mb: int = 2048
+    verbose: bool = True
+    _models: dict[str, LoadedModel | HarnessError] = field(default_factory=dict)
+    _locations: dict[str, str] = field(default_factory=dict)
+    _batches: dict[tuple, PromptBatch] = field(default_factory=dict)
+    _engine: object = None
+
+    def model(self, spec: Spec, name: str) -> LoadedModel:
+        """The loaded model a spec calls `name`; loads once per session, failures included."""
+        source = spec.models[name]
+        device = pick_device(source, self.device)
+        key = f"{source_key(source, spec.directory)}|{device}"
+        if key not in self._models:
+            self._log(f"loading model '{name}' ({source.kind}) on {device}")
+            try:
+                location = self.location(spec, name)
+                self._models[key] = load_model(name, source, location, device)
+            except HarnessError as exc:
+                self._models[key] = exc
+        loaded = self._models[key]
+        if isinstance(loaded, HarnessError):
+            raise loaded
+        return loaded
+
+    def location(self, spec: Spec, name: str) -> str:
+        """Local directory or hub id of a model (builds `train:` models, cached on disk)."""
+        source = spec.models[name]
+        key = source_key(source, spec.directory)
+        if key not in self._locations:
+            self._locations[key] = resolve_location(
+                source, spec.directory, build_base=lambda base: self.location(spec, base))
+        return self._locations[key]
+
+    def batch(self, spec: Spec, prompts, model: LoadedModel, prepend_bos: bool) -> PromptBatch:
+        key = (model.key, tuple(p.model_dump_json() for p in prompts), prepend_bos)
+        if key not in self._batches:
+            def bad_token(prompt, field_name, pieces):
+                loc = prompt.loc + (field_name,)
+                return spec.error(loc, f"{field_name} {getattr(prompt, field_name)!r} is "
+                                       f"{len(pieces)} tokens for this model's tokenizer: "
+                                       f"{pieces}; use a single-token {field_name} "
+                                       f"(often with a leading space)")
+            self._batches[key] = build_batch(model.tokenizer, prompts, prepend_bos, bad_token)
+        return self._batches[key]
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from harness.measure.patching import PatchingEngine
+
+            self._engine = PatchingEngine(memory_budget_mb=self.memory_budget_mb)
+        return self._engine
+
+    def _log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[harness] {message}", file=sys.stderr, flush=True)
+
+
+def is_optional_unavailable(spec: Spec, names: tuple[str, ...], exc: Exception) -> bool:
+    return isinstance(exc, ModelUnavailable) and any(spec.models[n].optional for n in names)
+
+
+__all__ = ["Session", "format_loc"]

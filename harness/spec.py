@@ -1,0 +1,535 @@
+"""The spec format: frozen, typed objects and `load_spec`, which validates everything it can
+without loading weights. Every error names the file, the line and the field path."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import SpecError, did_you_mean
+from harness.yamlsource import SourcedYaml, format_loc, read_yaml
+
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
+         "pattern", "mlp_post")
+HEAD_SITES = ("z", "q", "k", "v", "pattern")
+HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------- models
+
+class TrainSource(Frozen):
+    """`train:` a model built by a recipe from another model of the spec."""
+
+    recipe: Literal["rlhf-sentiment"]
+    base: str
+    reward: str = "toy-reviews-reward"
+    target: Literal["negative", "positive"] = "negative"
+    unfrozen_layers: int = Field(2, ge=1)
+    steps: int = Field(200, ge=1)
+    seed: int = 0
+    beta: float = Field(0.05, gt=0)
+
+
+class ModelSource(Frozen):
+    """Where a model comes from: exactly one of hf / path / zoo / train."""
+
+    hf: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    zoo: str | None = None
+    train: TrainSource | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = None
+    trust_remote_code: bool = False
+    optional: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSource:
+        given = [k for k in ("hf", "path", "zoo", "train") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a model needs exactly one of hf / path / zoo / train, got "
+                             + (", ".join(given) or "none"))
+        if self.revision is not None and self.hf is None:
+            raise ValueError("`revision` applies only to `hf:` models")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hf", "path", "zoo", "train") if getattr(self, k) is not None)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+class PromptEntry(Frozen):
+    """A literal prompt (`text`) or a template family (`template` + `values`)."""
+
+    text: str | None = None
+    template: str | None = None
+    values: dict[str, list[str]] | None = None
+    answer: str
+    foil: str
+    corrupt: str | None = None
+
+    @model_validator(mode="after")
+    def _text_or_template(self) -> PromptEntry:
+        if (self.text is None) == (self.template is None):
+            raise ValueError("a prompt needs exactly one of `text` or `template`")
+        if self.template is None and self.values is not None:
+            raise ValueError("`values` needs a `template`")
+        if self.template is not None:
+            used = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
+            for text in (self.corrupt,) if self.corrupt else ():
+                used |= {f for _, f, _, _ in string.Formatter().parse(text) if f}
+            given = set(self.values or {})
+            if used - given:
+                missing = sorted(used - given)[0]
+                raise ValueError(f"template placeholder '{{{missing}}}' has no entry in `values`"
+                                 + did_you_mean(missing, given) if given else
+                                 f"template placeholder '{{{missing}}}' has no entry in `values`")
+            if given - used:
+                raise ValueError(f"`values.{sorted(given - used)[0]}` is not used by the template")
+            for name, options in (self.values or {}).items():
+                if not options:
+                    raise ValueError(f"`values.{name}` is empty")
+        return self
+
+
+class Prompt(Frozen):
+    """One concrete prompt after template expansion."""
+
+    text: str
+    answer: str
+    foil: str
+    corrupt: str | None = None
+    loc: tuple = ()   # where the prompt is written in the spec, for error messages
+
+
+def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",)) -> tuple[Prompt, ...]:
+    """Templates expand to the cross product of their values, in the order written."""
+    out = []
+    for i, entry in enumerate(entries):
+        if entry.text is not None:
+            out.append(Prompt(text=entry.text, answer=entry.answer, foil=entry.foil,
+                              corrupt=entry.corrupt, loc=loc + (i,)))
+            continue
+        names = list(entry.values or {})
+        for combo in itertools.product(*(entry.values[n] for n in names)):
+            fill = dict(zip(names, combo))
+            out.append(Prompt(text=entry.template.format(**fill), answer=entry.answer,
+                              foil=entry.foil, loc=loc + (i,),
+                              corrupt=entry.corrupt.format(**fill) if entry.corrupt else None))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- claims
+
+class Tolerance(Frozen):
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(0.0, ge=0)
+
+
+class Defaults(Frozen):
+    prepend_bos: bool = True
+    tolerance: Tolerance = Tolerance()
+
+
+PerPrompt = Union[Literal["all", "any", "mean"], dict[Literal["fraction"], str]]
+
+
+class ClaimBase(Frozen):
+    id: str = Field(min_length=1)
+    description: str | None = None
+    prompts: str | None = None          # a named prompt set; default: the spec's `prompts`
+    prompt: str | None = None           # one literal prompt text (answer/foil from the set)
+    expect: dict[str, Any]
+    per_prompt: PerPrompt = "mean"
+    prepend_bos: bool | None = None
+    tolerance: Tolerance | None = None
+    xfail: str | None = None
+    skip: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_chars(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
+            raise ValueError(f"claim id '{value}' may use only letters, digits, '_', '-', '.'")
+        return value
+
+    @field_validator("per_prompt")
+    @classmethod
+    def _fraction(cls, value):
+        if isinstance(value, dict):
+            parse_comparison(value["fraction"])
+        return value
+
+    def model_names(self) -> tuple[str, ...]:
+        return ()
+
+
+def parse_comparison(text: str) -> tuple[str, float]:
+    """">= 0.9" -> (">=", 0.9)."""
+    match = re.fullmatch(r"\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*", str(text))
+    if not match:
+        raise ValueError(f"'{text}' is not a comparison such as '>= 0.9'")
+    return match.group(1), float(match.group(2))
+
+
+class SingleModelClaim(ClaimBase):
+    model: str
+
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model,)
+
+
+class LogitDiffClaim(SingleModelClaim):
+    measure: Literal["logit_diff"]
+
+
+class TopKClaim(SingleModelClaim):
+    measure: Literal["top_k"]
+    k: int = Field(10, ge=1)
+    per_prompt: PerPrompt = "all"
+
+
+class GenerateClaim(SingleModelClaim):
+    measure: Literal["generate"]
+    max_new_tokens: int = Field(10, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0)
+    seed: int = 0
+    per_prompt: PerPrompt = "all"
+
+
+class OneOrTwoModels(ClaimBase):
+    model: str | None = None
+    models: tuple[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _one_or_two(self):
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give either `model: NAME` or `models: [A, B]`")
+        return self
+
+    def model_names(self) -> tuple[str, ...]:
+        return self.models if self.models else (self.model,)
+
+
+class LogitLensClaim(OneOrTwoModels):
+    measure: Literal["logit_lens"]
+    incl_mid: bool = False
+
+
+class DlaClaim(OneOrTwoModels):
+    measure: Literal["dla"]
+    by: Literal["layer", "component", "head"] = "component"
+
+
+class RunRef(Frozen):
+    """One side of a patch: a model on the clean or the corrupt prompts."""
+
+    model: str
+    input: Literal["clean", "corrupt"] = "clean"
+
+
+def _run_ref(value):
+    return RunRef(model=value) if isinstance(value, str) else value
+
+
+class SiteSelection(Frozen):
+    site: str
+    layers: tuple[int, ...] | None = None
+    heads: tuple[str, ...] | None = None
+    positions: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+
+    @field_validator("site")
+    @classmethod
+    def _known_site(cls, value: str) -> str:
+        if value not in SITES:
+            raise ValueError(f"unknown site '{value}'" + did_you_mean(value, SITES))
+        return value
+
+    @field_validator("heads")
+    @classmethod
+    def _head_names(cls, value):
+        for head in value or ():
+            if not HEAD_RE.match(head):
+                raise ValueError(f"'{head}' is not a head name; write heads as L{{layer}}H{{head}}"
+                                 ", e.g. L10H4")
+        return value
+
+    @model_validator(mode="after")
+    def _selection_fits_site(self):
+        if self.heads and self.site not in HEAD_SITES:
+            raise ValueError(f"`heads` needs a per-head site ({', '.join(HEAD_SITES)}), "
+                             f"not '{self.site}'")
+        if self.neurons and self.site != "mlp_post":
+            raise ValueError("`neurons` needs site 'mlp_post'")
+        return self
+
+    def head_pairs(self) -> tuple[tuple[int, int], ...] | None:
+        if self.heads is None:
+            return None
+        return tuple((int(m.group(1)), int(m.group(2)))
+                     for m in (HEAD_RE.match(h) for h in self.heads))
+
+
+class PatchClaim(ClaimBase, SiteSelection):
+    measure: Literal["patch"]
+    from_: RunRef = Field(alias="from")
+    into: RunRef
+    metric: Literal["normalized", "logit_diff"] = "normalized"
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("from_", "into", mode="before")
+    @classmethod
+    def _refs(cls, value):
+        return _run_ref(value)
+
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.from_.model, self.into.model)))
+
+
+SWEEP_AXES = {("layer", "pos"), ("layer",), ("layer", "head"), ("layer", "head", "pos")}
+
+
+class PatchSweepClaim(PatchClaim):
+    measure: Literal["patch_sweep"]
+    over: tuple[str, ...]
+    method: Literal["exact", "attribution"] = "exact"
+
+    @model_validator(mode="after")
+    def _axes_fit_site(self):
+        if tuple(self.over) not in SWEEP_AXES:
+            raise ValueError(f"`over: {list(self.over)}` is not a sweep; use one of "
+                             "[layer, pos], [layer], [layer, head], [layer, head, pos]")
+        if "head" in self.over and self.site not in HEAD_SITES:
+            raise ValueError(f"a sweep over heads needs a per-head site "
+                             f"({', '.join(HEAD_SITES)}), not '{self.site}'")
+        return self
+
+
+class AblateClaim(SingleModelClaim, SiteSelection):
+    measure: Literal["ablate"]
+    kind: Literal["zero", "mean"] = "zero"
+    reference: str | None = None   # another model whose logit diff counts as "fully ablated"
+    metric: Literal["normalized", "logit_diff"] = "normalized"
+
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model,) + ((self.reference,) if self.reference else ())
+
+
+Claim = Annotated[
+    Union[LogitDiffClaim, TopKClaim, GenerateClaim, LogitLensClaim, DlaClaim, PatchClaim,
+          PatchSweepClaim, AblateClaim],
+    Field(discriminator="measure"),
+]
+MEASURES = ("logit_diff", "top_k", "generate", "logit_lens", "dla", "patch", "patch_sweep",
+            "ablate")
+
+
+class Spec(Frozen):
+    spec: str
+    description: str | None = None
+    models: dict[str, ModelSource]
+    prompts: tuple[PromptEntry, ...] = ()
+    prompt_sets: dict[str, tuple[PromptEntry, ...]] = {}
+    defaults: Defaults = Defaults()
+    claims: tuple[Claim, ...]
+    file: str = "<spec>"
+    field_lines: dict[str, int] = {}   # formatted field path -> line, for later errors
+
+    def prompt_set(self, name: str | None) -> tuple[Prompt, ...]:
+        if name:
+            return expand(self.prompt_sets[name], ("prompt_sets", name))
+        return expand(self.prompts)
+
+    def line_of(self, loc: tuple) -> int | None:
+        for end in range(len(loc), -1, -1):
+            line = self.field_lines.get(format_loc(loc[:end]))
+            if line is not None:
+                return line
+        return None
+
+    def error(self, loc: tuple, message: str) -> SpecError:
+        return SpecError(message, file=self.file, line=self.line_of(loc), path=format_loc(loc))
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.file).parent
+
+    def claim_prompts(self, claim: ClaimBase) -> tuple[Prompt, ...]:
+        """The prompts a claim runs on; `prompt: TEXT` picks/creates one with the set's tokens."""
+        prompts = self.prompt_set(claim.prompts)
+        if claim.prompt is None:
+            return prompts
+        same = [p for p in prompts if p.text == claim.prompt]
+        if same:
+            return tuple(same[:1])
+        first = prompts[0]
+        return (Prompt(text=claim.prompt, answer=first.answer, foil=first.foil, loc=first.loc),)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_spec(path: str | Path) -> Spec:
+    """Read, parse and cross-check one spec file. Raises SpecError (possibly several)."""
+    source = read_yaml(Path(path))
+    data = source.data
+    if not isinstance(data, dict):
+        raise SpecError("a spec is a mapping with `models:`, `prompts:` and `claims:`",
+                        file=source.file, line=1)
+    unknown_measure = _check_measures(data, source)
+    if unknown_measure:
+        raise unknown_measure
+    payload = dict(data, file=source.file)
+    payload.setdefault("spec", Path(path).stem)
+    payload["field_lines"] = {format_loc(loc): line for loc, line in source.lines.items()}
+    try:
+        spec = Spec.model_validate(payload)
+    except ValidationError as exc:
+        raise _spec_errors(exc, source) from None
+    errors = cross_check(spec, source)
+    if errors:
+        raise _combine(errors)
+    return spec
+
+
+def _check_measures(data: dict, source: SourcedYaml) -> SpecError | None:
+    for i, claim in enumerate(data.get("claims") or []):
+        if isinstance(claim, dict) and "measure" in claim and claim["measure"] not in MEASURES:
+            loc = ("claims", i, "measure")
+            return SpecError(f"unknown measure '{claim['measure']}'"
+                             + did_you_mean(claim["measure"], MEASURES),
+                             file=source.file, line=source.line_of(loc), path=format_loc(loc))
+    return None
+
+
+def _spec_errors(exc: ValidationError, source: SourcedYaml) -> SpecError:
+    errors = []
+    order = {"extra_forbidden": 0, "missing": 2}
+    for err in sorted(exc.errors(), key=lambda e: order.get(e["type"], 1)):
+        loc = _clean_loc(err["loc"])
+        errors.append(SpecError(_message(err, loc), file=source.file, line=source.line_of(loc),
+                                path=format_loc(loc)))
+    return _combine(errors)
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-member names from a location; restore `from`."""
+    out = []
+    for part in loc:
+        if isinstance(part, str) and (part in MEASURES or part.startswith("function-")
+                                      or part in ("str", "dict[literal['fraction'],str]",
+                                                  "literal['all','any','mean']")):
+            continue
+        out.append("from" if part == "from_" else part)
+    return tuple(out)
+
+
+def _message(err: dict, loc: tuple) -> str:
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown field '{loc[-1]}'{_field_hint(err, loc)}"
+    if kind == "missing":
+        return f"missing required field '{loc[-1]}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error"):
+        return msg
+    shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return f"{msg} (got {shown})"
+
+
+def _field_hint(err: dict, loc: tuple) -> str:
+    """'did you mean' among the fields of the object that holds the unknown key."""
+    from harness import spec as module
+
+    candidates: set[str] = set()
+    for cls in (Spec, ModelSource, TrainSource, PromptEntry, Defaults, Tolerance,
+                *[getattr(module, n) for n in module.__dict__ if n.endswith("Claim")]):
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            candidates |= {f.alias or name for name, f in cls.model_fields.items()}
+    candidates -= {"file", "field_lines"}
+    return did_you_mean(loc[-1], candidates).replace("; valid choices", "; known fields")
+
+
+def _combine(errors: list[SpecError]) -> SpecError:
+    first = errors[0]
+    if len(errors) > 1:
+        first.others = errors[1:]
+    return first
+
+
+# ----------------------------------------------------------------------------- cross checks
+
+def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
+    """Checks that need the whole spec: names, references, expectations."""
+    from harness.expect import check_expectation_spec
+
+    errors: list[SpecError] = []
+
+    def add(loc: tuple, message: str) -> None:
+        errors.append(SpecError(message, file=source.file, line=source.line_of(loc),
+                                path=format_loc(loc)))
+
+    seen: dict[str, int] = {}
+    for i, claim in enumerate(spec.claims):
+        if claim.id in seen:
+            add(("claims", i, "id"), f"duplicate claim id '{claim.id}' (first used by "
+                                     f"claims[{seen[claim.id]}])")
+        seen.setdefault(claim.id, i)
+        for field, name in _model_refs(claim):
+            if name not in spec.models:
+                add(("claims", i, field), f"unknown model '{name}'"
+                    + did_you_mean(name, spec.models))
+        if claim.prompts is not None and claim.prompts not in spec.prompt_sets:
+            add(("claims", i, "prompts"), f"unknown prompt set '{claim.prompts}'"
+                + did_you_mean(claim.prompts, spec.prompt_sets or ["(none defined)"]))
+        elif not spec.prompt_set(claim.prompts) and claim.prompt is None:
+            add(("claims", i), "this claim has no prompts: add `prompts:` to the spec")
+        for loc, message in check_expectation_spec(claim):
+            add(("claims", i) + loc, message)
+        if _needs_corrupt(claim) and claim.prompts not in spec.prompt_sets and not any(
+                p.corrupt for p in spec.prompt_set(claim.prompts)):
+            add(("claims", i), "patching from/into `input: corrupt` needs prompts with "
+                               "`corrupt:` texts")
+    for name, model in spec.models.items():
+        if model.train is not None and model.train.base not in spec.models:
+            add(("models", name, "train", "base"), f"unknown base model '{model.train.base}'"
+                + did_you_mean(model.train.base, spec.models))
+    return errors
+
+
+def _model_refs(claim) -> list[tuple[str, str]]:
+    if isinstance(claim, PatchClaim):
+        return [("from", claim.from_.model), ("into", claim.into.model)]
+    refs = [("models" if getattr(claim, "models", None) else "model", n)
+            for n in claim.model_names()]
+    if isinstance(claim, AblateClaim) and claim.reference:
+        refs[-1] = ("reference", claim.reference)
+    return refs
+
+
+def _needs_corrupt(claim) -> bool:
+    return isinstance(claim, PatchClaim) and "corrupt" in (claim.from_.input, claim.into.input)
+
+
+def find_specs(paths: list[str | Path]) -> list[Path]:
+    """Spec files named directly or found (recursively, sorted) in directories."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*.y*ml") if q.suffix in (".yaml", ".yml")
+                            and not q.name.endswith(".baseline.yaml"))
+        else:
+            found.append(p)
+    return found
