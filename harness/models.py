@@ -7,10 +7,13 @@ with a value head load as their base language model, like the seed's
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -74,10 +77,31 @@ def resolve_location(source: ModelSource, spec_dir: Path, build_base=None) -> st
     return source.hf
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF hub answers at all; without it, loading tries only the local cache
+    (instead of minutes of retries)."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline(location: str) -> bool:
+    if Path(location).is_dir():
+        return False
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
+
+
 def load_tokenizer(location: str, source: ModelSource) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(location, revision=source.revision,
-                                             trust_remote_code=source.trust_remote_code)
+                                             trust_remote_code=source.trust_remote_code,
+                                             local_files_only=_offline(location))
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
 
@@ -104,7 +128,7 @@ def load_model(name: str, source: ModelSource, location: str, device: str) -> Lo
 def load_hf_causal_lm(location: str, source: ModelSource):
     """The HF language model, unwrapping RL value-head checkpoints in local directories."""
     kwargs = dict(revision=source.revision, trust_remote_code=source.trust_remote_code,
-                  dtype=DTYPES[source.dtype])
+                  dtype=DTYPES[source.dtype], local_files_only=_offline(location))
     directory = Path(location)
     try:
         if directory.is_dir() and _has_value_head_layout(directory):
@@ -116,11 +140,13 @@ def load_hf_causal_lm(location: str, source: ModelSource):
 
 
 def _unavailable(location: str, source: ModelSource, exc: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     tried = f"tried {'the local directory' if Path(location).is_dir() else 'the hub id'} " \
             f"'{location}'" + (f" at revision '{source.revision}'" if source.revision else "")
-    hint = " (HF_HUB_OFFLINE=1: only the local HF cache was searched)" if offline else \
-        " (no network, or not in the HF cache)" if source.hf else ""
+    hint = ""
+    if source.hf and os.environ.get("HF_HUB_OFFLINE") == "1":
+        hint = " (HF_HUB_OFFLINE=1: only the local HF cache was searched)"
+    elif source.hf and not hub_reachable():
+        hint = " (the hub is unreachable from here: only the local HF cache was searched)"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{tried}{hint}: {first_line}"
 
@@ -162,6 +188,7 @@ def _load_value_head_checkpoint(directory: Path, kwargs: dict):
     """Drop `v_head.*`, strip the wrapper prefix, load the rest as the base causal LM."""
     config = AutoConfig.from_pretrained(str(directory),
                                         trust_remote_code=kwargs["trust_remote_code"])
+    kwargs.pop("local_files_only", None)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                              trust_remote_code=kwargs["trust_remote_code"])
     state: dict[str, torch.Tensor] = {}

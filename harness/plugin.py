@@ -189,6 +189,16 @@ class SpecErrorItem(pytest.Item):
         return self.path, 0, f"spec error in {self.path.name}"
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Setup errors of claims (unmeasurable claims, spec errors) read as messages too."""
+    report = yield
+    if call.excinfo is not None and call.when == "setup" and \
+            isinstance(call.excinfo.value, ClaimError) and hasattr(item, "repr_failure"):
+        report.longrepr = item.repr_failure(call.excinfo)
+    return report
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     verdicts = config.stash.get(VERDICTS_KEY, [])
     spec_errors = config.stash.get(SPEC_ERRORS_KEY, [])
