@@ -14,8 +14,19 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.errors import HarnessError, MeasureError, ModelUnavailable, SpecError
-from harness.expect import (GRID, PAIR, PATCH, SCALAR, TEXT, TOKENS, Measurement, Outcome,
-                            evaluate, fmt, kind_of)
+from harness.expect import (
+    GRID,
+    PAIR,
+    PATCH,
+    SCALAR,
+    TEXT,
+    TOKENS,
+    Measurement,
+    Outcome,
+    evaluate,
+    fmt,
+    kind_of,
+)
 from harness.measure.results import Grid
 from harness.models import LoadedModel
 from harness.session import Session
@@ -248,7 +259,7 @@ def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:
 def _judge_per_prompt(claim, measurement: Measurement, defaults: dict):
     prompts = measurement.extras.get("prompts", ())
     results = []
-    for i, value in enumerate(measurement.per_prompt):
+    for value in measurement.per_prompt:
         single = Measurement(measurement.kind, value, None, measurement.extras)
         results.append(_combine(evaluate(claim.expect, single, defaults)))
     held = [ok for ok, _, _ in results]

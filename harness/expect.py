@@ -197,7 +197,7 @@ def _approx(value, arg, mods) -> Outcome:
 
 @operator("flips_sign", (PATCH,), _true)
 def _flips_sign(value, arg, mods) -> Outcome:
-    """Reads raw values: the patched run takes the sign of `from`, the unpatched `into` the other."""
+    """Reads raw values: the patched run has `from`'s sign, the unpatched `into` the other."""
     raw, src, dst = mods["raw"], mods["from"], mods["into"]
     ok = src * dst < 0 and raw * src > 0
     return Outcome(ok, f"patched {fmt(raw)} vs from {fmt(src)}, into {fmt(dst)}",

@@ -20,11 +20,11 @@ class PromptBatch:
 
     texts: tuple[str, ...]
     tokens: Int[Tensor, "batch pos"]
-    final_pos: Int[Tensor, "batch"]
-    answer_ids: Int[Tensor, "batch"]
-    foil_ids: Int[Tensor, "batch"]
+    final_pos: Int[Tensor, " batch"]
+    answer_ids: Int[Tensor, " batch"]
+    foil_ids: Int[Tensor, " batch"]
     corrupt_tokens: Int[Tensor, "batch pos"] | None = None
-    corrupt_final_pos: Int[Tensor, "batch"] | None = None
+    corrupt_final_pos: Int[Tensor, " batch"] | None = None
 
     @property
     def same_length(self) -> bool:

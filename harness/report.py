@@ -45,6 +45,11 @@ def failure_details(verdicts: list[Verdict]) -> str:
         if v.status in ("failed", "error"):
             where = f"{v.file}:{v.line}" if v.line else v.file
             lines.append(f"{v.status.upper()} {v.node_id} ({where}): {v.message}")
+    skips: dict[str, int] = {}
+    for v in verdicts:
+        if v.status == "skipped":
+            skips[v.message] = skips.get(v.message, 0) + 1
+    lines += [f"SKIPPED {n} claim{'s' * (n > 1)}: {reason}" for reason, n in skips.items()]
     return "\n".join(lines)
 
 

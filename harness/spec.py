@@ -142,7 +142,7 @@ class Defaults(Frozen):
     tolerance: Tolerance = Tolerance()
 
 
-PerPrompt = Union[Literal["all", "any", "mean"], dict[Literal["fraction"], str]]
+PerPrompt = Union[Literal["all", "any", "mean"], dict[Literal["fraction"], str]]  # noqa: UP007
 
 
 class ClaimBase(Frozen):
@@ -329,8 +329,8 @@ class AblateClaim(SingleModelClaim, SiteSelection):
 
 
 Claim = Annotated[
-    Union[LogitDiffClaim, TopKClaim, GenerateClaim, LogitLensClaim, DlaClaim, PatchClaim,
-          PatchSweepClaim, AblateClaim],
+    LogitDiffClaim | TopKClaim | GenerateClaim | LogitLensClaim | DlaClaim | PatchClaim
+    | PatchSweepClaim | AblateClaim,
     Field(discriminator="measure"),
 ]
 MEASURES = ("logit_diff", "top_k", "generate", "logit_lens", "dla", "patch", "patch_sweep",

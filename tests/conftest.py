@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 # Import the heavy libraries once in this process: pytester's in-process runs would otherwise
 # import them again, and pyarrow (via datasets) refuses to register its types twice.
 import datasets  # noqa: F401,E402
+import pytest
 import transformer_lens.model_bridge  # noqa: F401,E402
 
 pytest_plugins = ["pytester"]

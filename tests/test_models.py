@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-import pytest
 
 from harness.errors import ModelUnavailable
 from harness.models import load_model

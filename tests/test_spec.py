@@ -83,7 +83,8 @@ def test_corrupt_template_expands_with_the_same_values(tmp_path):
     entry = PromptEntry(template="The {n} was great", corrupt="The {n} was awful",
                         values={"n": ["movie", "plot"]}, answer=" bad", foil=" good")
     assert [(p.text, p.corrupt) for p in expand((entry,))] == [
-        ("The movie was great", "The movie was awful"), ("The plot was great", "The plot was awful")]
+        ("The movie was great", "The movie was awful"),
+        ("The plot was great", "The plot was awful")]
 
 
 @pytest.mark.parametrize("body, line, path, words", [
@@ -304,7 +305,9 @@ def test_several_errors_are_reported_together(tmp_path):
 
 def test_spec_objects_are_frozen():
     spec = load_spec(DATA / "spec_format_example.yaml")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         spec.claims[0].id = "other"
 
 

@@ -10,7 +10,7 @@ from harness.prompts import PromptBatch
 
 
 def final_logits(bridge, tokens: Int[Tensor, "batch pos"],
-                 final_pos: Int[Tensor, "batch"]) -> Float[Tensor, "batch vocab"]:
+                 final_pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
     """Logits at each prompt's own final token (right padding cannot reach it)."""
     with torch.inference_mode():
         logits = bridge(tokens.to(_device(bridge)), return_type="logits")
@@ -18,7 +18,7 @@ def final_logits(bridge, tokens: Int[Tensor, "batch pos"],
     return logits[rows, final_pos.to(logits.device)].float().cpu()
 
 
-def logit_diff(bridge, batch: PromptBatch) -> Float[Tensor, "batch"]:
+def logit_diff(bridge, batch: PromptBatch) -> Float[Tensor, " batch"]:
     """logit(answer) - logit(foil) at the final position, per prompt."""
     logits = final_logits(bridge, batch.tokens, batch.final_pos)
     rows = torch.arange(logits.shape[0])
@@ -33,7 +33,7 @@ def top_k_tokens(bridge, tokenizer, batch: PromptBatch, k: int) -> list[list[tup
             for ids, ps in zip(top.indices, top.values)]
 
 
-def generate(bridge, tokenizer, tokens: Int[Tensor, "pos"], max_new_tokens: int,
+def generate(bridge, tokenizer, tokens: Int[Tensor, " pos"], max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> str:
     """Greedy (temperature 0) or seeded sampling continuation of one prompt; returns the
     prompt text plus the continuation, without special tokens."""

@@ -37,9 +37,9 @@ class PatchEffect:
     """One patch (or ablation) on a batch of prompts."""
 
     normalized: float                    # mean over prompts of (patched - into) / (from - into)
-    patched: Float[Tensor, "batch"]      # raw patched logit diff per prompt
-    from_value: Float[Tensor, "batch"]   # logit diff of the `from` run per prompt
-    into_value: Float[Tensor, "batch"]   # logit diff of the unpatched `into` run per prompt
+    patched: Float[Tensor, " batch"]      # raw patched logit diff per prompt
+    from_value: Float[Tensor, " batch"]   # logit diff of the `from` run per prompt
+    into_value: Float[Tensor, " batch"]   # logit diff of the unpatched `into` run per prompt
 
 
 def normalized_effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -> Tensor:
