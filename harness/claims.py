@@ -240,14 +240,14 @@ def _ablate(ctx: ClaimContext) -> Measurement:
 
 # ----------------------------------------------------------------------------- verdicts
 
-def judge(claim, measurement: Measurement, defaults: dict) -> tuple[bool, str, float | None]:
-    """Apply the claim's expectation, per prompt where the claim asks for it."""
+def judge(claim, measurement: Measurement, defaults: dict,
+          expect: dict) -> tuple[bool, str, float | None]:
+    """Apply the expectation, per prompt where the claim asks for it."""
     per_prompt = claim.per_prompt
     if measurement.kind in (SCALAR, TEXT, TOKENS) and measurement.per_prompt and \
             per_prompt != "mean":
-        return _judge_per_prompt(claim, measurement, defaults)
-    outcomes = evaluate(claim.expect, measurement, defaults)
-    return _combine(outcomes)
+        return _judge_per_prompt(claim, measurement, defaults, expect)
+    return _combine(evaluate(expect, measurement, defaults))
 
 
 def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:
@@ -256,12 +256,12 @@ def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:
             min(margins) if margins else None)
 
 
-def _judge_per_prompt(claim, measurement: Measurement, defaults: dict):
+def _judge_per_prompt(claim, measurement: Measurement, defaults: dict, expect: dict):
     prompts = measurement.extras.get("prompts", ())
     results = []
     for value in measurement.per_prompt:
         single = Measurement(measurement.kind, value, None, measurement.extras)
-        results.append(_combine(evaluate(claim.expect, single, defaults)))
+        results.append(_combine(evaluate(expect, single, defaults)))
     held = [ok for ok, _, _ in results]
     worst = min(range(len(results)), key=lambda i: (results[i][0], results[i][2] or 0.0))
     worst_text = f"worst prompt {prompts[worst]!r}: {results[worst][1]}" if prompts else \
@@ -289,6 +289,9 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
     claim = spec.claims[index]
     verdict = Verdict(spec.spec, spec.file, spec.line_of(("claims", index)), claim.id,
                       claim.measure, claim.model_names(), ERROR, claim.expect)
+    verdict.extras["params"] = claim.model_dump(
+        mode="json", by_alias=True, exclude_none=True,
+        exclude={"id", "expect", "measure", "description", "model", "models"})
     if claim.skip:
         verdict.status, verdict.message = SKIPPED, claim.skip
         return verdict
@@ -298,9 +301,14 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         defaults = spec.defaults.tolerance.model_dump()
         if claim.tolerance:
             defaults.update(claim.tolerance.model_dump())
-        ok, message, margin = judge(claim, measurement, defaults)
         verdict.measured = to_jsonable(measurement)
-        verdict.extras = _extras(measurement)
+        verdict.extras.update(_extras(measurement))
+        expect = {k: v for k, v in claim.expect.items() if k != "baseline"}
+        ok, message, margin = judge(claim, measurement, defaults, expect) if expect else \
+            (True, "", None)
+        if claim.expect.get("baseline") or spec.defaults.baseline:
+            ok, message, margin = _with_baseline(spec, claim, session, verdict, defaults,
+                                                 (ok, message, margin))
         verdict.status, verdict.message, verdict.margin = (PASSED if ok else FAILED), message, \
             margin
     except Skip as exc:
@@ -315,6 +323,23 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         verdict.extras["traceback"] = traceback.format_exc()
     verdict.seconds = time.perf_counter() - start
     return _apply_xfail(claim, verdict)
+
+
+def _with_baseline(spec, claim, session, verdict, defaults, judged):
+    """Add the comparison with the stored baseline (or, when updating, with itself)."""
+    from harness.baselines import drift, stored_value
+    from harness.expect import OPERATORS
+
+    stored = verdict.measured if session.update_baselines else \
+        stored_value(spec.file, claim.id)
+    mods = {**defaults, **{k: v for k, v in claim.expect.items() if k in ("atol", "rtol")},
+            "stored": stored}
+    outcome = OPERATORS["baseline"].check(verdict.measured, True, mods)
+    verdict.extras["baseline"] = {"stored": stored, "drift": drift(verdict.measured, stored)}
+    ok, message, margin = judged
+    margins = [m for m in (margin, outcome.margin) if m is not None]
+    return (ok and outcome.ok, "; ".join(x for x in (message, outcome.detail) if x),
+            min(margins) if margins else None)
 
 
 def _apply_xfail(claim, verdict: Verdict) -> Verdict:
@@ -355,7 +380,7 @@ def _extras(measurement: Measurement) -> dict:
         if key in measurement.extras:
             out[key] = measurement.extras[key]
     if measurement.kind == PAIR:
-        out["models"] = {name: to_jsonable(Measurement(GRID, grid)) for name, grid in
+        out["models_measured"] = {name: to_jsonable(Measurement(GRID, grid)) for name, grid in
                          zip(measurement.extras["names"],
                              (measurement.extras["a"], measurement.extras["b"]))}
     return out

@@ -27,7 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate every claim of the given specs")
     run.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
-    run.add_argument("--report-json", type=Path, metavar="FILE")
+    run.add_argument("--report-json", type=Path, metavar="FILE", help="write the JSON report")
+    run.add_argument("--report-md", type=Path, metavar="FILE",
+                     help="write a Markdown report (CI job summary, PR comment)")
+    run.add_argument("--report-html", type=Path, metavar="DIR",
+                     help="write DIR/report.html, self-contained, with figures")
+    run.add_argument("--update-baselines", action="store_true",
+                     help="store every claim's measured values in <spec>.baseline.json")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     run.add_argument("--memory-budget-mb", type=int, default=2048,
                      help="largest batch of patching variants, in MB (default 2048)")
@@ -40,7 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("spec", type=Path)
     train.add_argument("--model", action="append", help="only this model (repeatable)")
     train.set_defaults(func=_train)
+    diff = sub.add_parser("diff", help="compare two JSON reports (e.g. before/after retraining)")
+    diff.add_argument("old", type=Path)
+    diff.add_argument("new", type=Path)
+    diff.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    diff.add_argument("--changed", action="store_true", help="only claims that changed")
+    diff.set_defaults(func=_diff)
     return parser
+
+
+def _diff(args) -> int:
+    from harness.drift import diff_table, load_report
+
+    print(diff_table(load_report(args.old), load_report(args.new), args.markdown, args.changed))
+    return 0
 
 
 def _spec_paths(paths: list[str]) -> list[Path]:
@@ -61,7 +80,7 @@ def _run(args) -> int:
     from harness.session import Session
 
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
-                      verbose=not args.quiet)
+                      verbose=not args.quiet, update_baselines=args.update_baselines)
     results = []
     for path in _spec_paths(args.paths):
         result = run_spec_file(path, session)
@@ -73,9 +92,21 @@ def _run(args) -> int:
     details = report.failure_details(verdicts)
     if details:
         print("\n" + details)
-    if args.report_json:
-        report.write_json(report.json_report(results, args.device), args.report_json)
+    if args.update_baselines:
+        _update_baselines(results, report.environment(args.device, session))
+    data = report.json_report(results, args.device, session)
+    for path in report.write_reports(data, args.report_json, args.report_md, args.report_html):
+        print(f"wrote {path}")
     return exit_code(results)
+
+
+def _update_baselines(results, environment: dict) -> None:
+    from harness.baselines import update_baseline
+
+    for result in results:
+        if result.spec is not None and result.verdicts:
+            path = update_baseline(result.spec.file, result.verdicts, environment)
+            print(f"updated baseline {path}")
 
 
 def _validate(args) -> int:

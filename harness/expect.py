@@ -365,6 +365,27 @@ def _same_below(grid: Grid, arg, mods) -> Outcome:
                                  f"atol {mods.get('atol', 1e-4):g})")
 
 
+# ----------------------------------------------------------------------------- baselines
+
+@operator("baseline", (SCALAR, PATCH, GRID, PAIR, TEXT, TOKENS), _true)
+def _baseline(measured_json, arg, mods) -> Outcome:
+    """Equal to the stored baseline: numbers within atol/rtol, text and tokens exactly.
+    Reads the JSON form of the measurement (claims.py passes it) and `mods["stored"]`."""
+    from harness.baselines import _numbers
+
+    stored = mods["stored"]
+    got, want = _numbers(measured_json), _numbers(stored)
+    if got is None or want is None:
+        return Outcome(measured_json == stored, f"baseline {stored!r} == {measured_json!r}")
+    if len(got) != len(want):
+        return Outcome(False, f"baseline has {len(want)} values, measured {len(got)}")
+    atol, rtol = mods.get("atol", 1e-4), mods.get("rtol", 0.0)
+    slack = min(atol + rtol * abs(w) - abs(g - w) for g, w in zip(got, want))
+    worst = max(abs(g - w) for g, w in zip(got, want))
+    return Outcome(slack >= 0, f"drift from baseline {fmt(worst)} (atol {atol:g}, rtol "
+                               f"{rtol:g})", slack)
+
+
 # ----------------------------------------------------------------------------- entry points
 
 def kind_of(claim) -> str:
@@ -386,9 +407,6 @@ def check_expectation_spec(claim) -> list[tuple[tuple, str]]:
         if name in MODIFIERS:
             if _number(arg) or arg < 0:
                 errors.append((loc, f"'{name}' needs a number >= 0, got {arg!r}"))
-            continue
-        if name == "baseline":
-            errors.append((loc, "baseline comparisons are not available yet in this version"))
             continue
         op = OPERATORS.get(name)
         if op is None:

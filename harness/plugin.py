@@ -24,6 +24,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="largest batch of patching variants, in MB (default 2048)")
     group.addoption("--harness-report-json", default=None, metavar="FILE",
                     help="write the JSON report of every claim run")
+    group.addoption("--harness-report-md", default=None, metavar="FILE",
+                    help="write a Markdown report (CI job summary, PR comment)")
+    group.addoption("--harness-report-html", default=None, metavar="DIR",
+                    help="write DIR/report.html, self-contained, with figures")
+    group.addoption("--harness-update-baselines", action="store_true",
+                    help="store every claim's measured values in <spec>.baseline.json")
     parser.addini("harness_specs", "folder of spec files that `pytest <harness_checks>` runs",
                   default="specs")
     parser.addini("harness_checks", "folder whose collection runs every spec",
@@ -42,7 +48,8 @@ def _session(config: pytest.Config):
         config.stash[SESSION_KEY] = Session(
             device=config.getoption("harness_device"),
             memory_budget_mb=config.getoption("harness_memory_budget_mb"),
-            verbose=config.getoption("verbose") > 0)
+            verbose=config.getoption("verbose") > 0,
+            update_baselines=config.getoption("harness_update_baselines"))
     return config.stash[SESSION_KEY]
 
 
@@ -213,16 +220,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     config = session.config
     verdicts = config.stash.get(VERDICTS_KEY, [])
-    path = config.getoption("harness_report_json", None)
-    if path and verdicts:
-        from harness import report
-
-        report.write_json(_json_from_verdicts(verdicts, config), Path(path))
+    if verdicts:
+        _write_outputs(config, verdicts)
     if config.stash.get(SPEC_ERRORS_KEY, []) and exitstatus in (0, 1):
         session.exitstatus = 2  # the harness contract: a spec error exits 2
 
 
-def _json_from_verdicts(verdicts, config) -> dict:
+def _write_outputs(config: pytest.Config, verdicts) -> None:
     from harness import report
     from harness.runner import SpecResult
 
@@ -230,7 +234,16 @@ def _json_from_verdicts(verdicts, config) -> dict:
     for v in verdicts:
         by_file.setdefault(v.file, SpecResult(v.file)).verdicts.append(v)
     results = list(by_file.values())
-    out = report.json_report(results, config.getoption("harness_device"))
-    for entry, r in zip(out["specs"], results):
+    device, harness_session = config.getoption("harness_device"), _session(config)
+    if config.getoption("harness_update_baselines"):
+        from harness.baselines import update_baseline
+
+        env = report.environment(device, harness_session)
+        for r in results:
+            update_baseline(r.file, r.verdicts, env)
+    data = report.json_report(results, device, harness_session)
+    for entry, r in zip(data["specs"], results):
         entry["spec"] = r.verdicts[0].spec
-    return out
+    report.write_reports(data, config.getoption("harness_report_json"),
+                         config.getoption("harness_report_md"),
+                         config.getoption("harness_report_html"))

@@ -57,15 +57,20 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def environment(device: str | None = None) -> dict:
-    import torch
-    import transformer_lens
-    import transformers
+def environment(device: str | None = None, session=None) -> dict:
+    """Library versions, device, and each loaded model's origin, device and dtype."""
+    from importlib.metadata import version
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
-            "device": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": version("transformers"), "transformer_lens": version("transformer-lens"),
+           "trl": version("trl"), "device": device or ("cuda" if torch.cuda.is_available()
+                                                       else "cpu"),
+           "torch_seed": torch.initial_seed()}
+    if session is not None:
+        env["models"] = session.loaded_models()
+    return env
 
 
 def verdict_json(v: Verdict) -> dict:
@@ -78,7 +83,7 @@ def verdict_json(v: Verdict) -> dict:
     return out
 
 
-def json_report(results, device: str | None = None) -> dict:
+def json_report(results, device: str | None = None, session=None) -> dict:
     """The JSON report of spec-format.md; `results` are runner.SpecResult objects."""
     specs = []
     for r in results:
@@ -87,15 +92,32 @@ def json_report(results, device: str | None = None) -> dict:
         if r.error:
             entry["error"] = str(r.error)
         specs.append(entry)
-    return {"harness_version": __version__, "environment": environment(device), "specs": specs}
+    return {"harness_version": __version__, "environment": environment(device, session),
+            "specs": specs}
+
+
+def write_reports(report: dict, json_path=None, md_path=None, html_dir=None) -> list[Path]:
+    """Write whichever reports were asked for; returns their paths."""
+    written = []
+    if json_path:
+        write_json(report, Path(json_path))
+        written.append(Path(json_path))
+    if md_path:
+        write_text(Path(md_path), markdown_report(report))
+        written.append(Path(md_path))
+    if html_dir:
+        from harness.report_html import html_report
+
+        path = Path(html_dir) / "report.html"
+        write_text(path, html_report(json.loads(json.dumps(report, default=_default))))
+        written.append(path)
+    return written
 
 
 def write_json(report: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from harness.baselines import write_atomic
+
+    write_atomic(Path(path), json.dumps(report, indent=2, default=_default) + "\n")
 
 
 def _default(obj):
@@ -105,3 +127,56 @@ def _default(obj):
 
 
 __all__ = ["table", "json_report", "write_json", "failure_details", "fmt"]
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+STATUS_ORDER = {"error": 0, "failed": 1, "xfailed": 2, "skipped": 3, "passed": 4}
+STATUS_ICON = {"passed": "✅", "failed": "❌", "error": "💥", "skipped": "⏭️", "xfailed": "⚠️"}
+
+
+def _measured_cell(claim: dict) -> str:
+    m = claim.get("measured")
+    if isinstance(m, dict) and "values" in m:
+        flat = _flatten(m["values"])
+        return f"{'x'.join(str(len(lab)) for lab in m['labels'])} grid, max {fmt(max(flat))}"
+    if isinstance(m, float):
+        return fmt(m)
+    return _cut(json.dumps(m, ensure_ascii=False) if not isinstance(m, str) else repr(m), 60)
+
+
+def _flatten(values) -> list[float]:
+    if isinstance(values, list):
+        return [x for v in values for x in _flatten(v)]
+    return [float(values)]
+
+
+def markdown_report(report: dict) -> str:
+    """One table per spec, failures first: fit for a CI job summary or a PR comment."""
+    env = report["environment"]
+    lines = ["# interp-harness report", "",
+             f"harness {report['harness_version']} · " + " · ".join(
+                 f"{k} {v}" for k, v in env.items() if isinstance(v, str)), ""]
+    for spec in report["specs"]:
+        claims = sorted(spec["claims"], key=lambda c: STATUS_ORDER.get(c["status"], 9))
+        counts = {}
+        for c in claims:
+            counts[c["status"]] = counts.get(c["status"], 0) + 1
+        lines += [f"## {spec['spec']} (`{spec['file']}`)", "",
+                  ", ".join(f"{n} {s}" for s, n in counts.items()) or "no claims", ""]
+        if spec.get("error"):
+            lines += ["**Spec error:**", "", "```", spec["error"], "```", ""]
+        rows_md = [[f"{STATUS_ICON.get(c['status'], '')} {c['status']}", f"`{c['id']}`",
+                    c["measure"], _measured_cell(c), _cut(expected_text(c["expected"]), 60),
+                    fmt(c["margin"]) if c.get("margin") is not None else "",
+                    _cut(c.get("message", ""), 120).replace("|", "\\|")] for c in claims]
+        if rows_md:
+            lines += [tabulate(rows_md, ["status", "claim", "measure", "measured", "expected",
+                                         "margin", "details"], tablefmt="github"), ""]
+    return "\n".join(lines)
+
+
+def write_text(path: Path, text: str) -> None:
+    from harness.baselines import write_atomic
+
+    write_atomic(Path(path), text)

@@ -19,6 +19,7 @@ class Session:
     device: str | None = None            # overrides every model's device when set
     memory_budget_mb: int = 2048
     verbose: bool = True
+    update_baselines: bool = False       # baseline comparisons read the new values
     _models: dict[str, LoadedModel | HarnessError] = field(default_factory=dict)
     _locations: dict[str, str] = field(default_factory=dict)
     _batches: dict[tuple, PromptBatch] = field(default_factory=dict)
@@ -61,6 +62,10 @@ class Session:
                                        f"(often with a leading space)")
             self._batches[key] = build_batch(model.tokenizer, prompts, prepend_bos, bad_token)
         return self._batches[key]
+
+    def loaded_models(self) -> list[dict]:
+        return [{"origin": m.origin, "device": m.device, "dtype": m.dtype}
+                for m in self._models.values() if isinstance(m, LoadedModel)]
 
     @property
     def engine(self):

@@ -140,6 +140,7 @@ class Tolerance(Frozen):
 class Defaults(Frozen):
     prepend_bos: bool = True
     tolerance: Tolerance = Tolerance()
+    baseline: bool = False   # every claim also compares against the stored baseline
 
 
 PerPrompt = Union[Literal["all", "any", "mean"], dict[Literal["fraction"], str]]  # noqa: UP007

@@ -1,0 +1,68 @@
+"""`harness diff OLD.json NEW.json`: which claims changed status and how far values moved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tabulate import tabulate
+
+from harness.baselines import drift
+from harness.errors import HarnessError
+from harness.report import _measured_cell, fmt
+
+HEADERS = ["spec", "claim", "old status", "new status", "old measured", "new measured", "moved"]
+
+
+def load_report(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"cannot read JSON report {path}: {exc}") from None
+    if "specs" not in data:
+        raise HarnessError(f"{path} is not a harness JSON report (no 'specs')")
+    return data
+
+
+def _claims(report: dict) -> dict[tuple[str, str], dict]:
+    return {(s["spec"], c["id"]): c for s in report["specs"] for c in s["claims"]}
+
+
+def diff_rows(old: dict, new: dict, changed_only: bool = False) -> list[list]:
+    """One row per claim in either report; status changes and the largest value movement."""
+    before, after = _claims(old), _claims(new)
+    rows = []
+    for key in sorted(before.keys() | after.keys()):
+        a, b = before.get(key), after.get(key)
+        moved = _moved(a, b)
+        same = a and b and a["status"] == b["status"] and moved in ("0", "same")
+        if changed_only and same:
+            continue
+        rows.append([key[0], key[1], a["status"] if a else "(absent)",
+                     b["status"] if b else "(absent)", _measured_cell(a) if a else "",
+                     _measured_cell(b) if b else "", moved])
+    # status changes first, then the largest movements
+    return sorted(rows, key=lambda r: (r[2] == r[3], -_as_number(r[6])))
+
+
+def _moved(a: dict | None, b: dict | None) -> str:
+    if not a or not b:
+        return ""
+    amount = drift(b.get("measured"), a.get("measured"))
+    if amount is None:
+        return "same" if a.get("measured") == b.get("measured") else "changed"
+    return fmt(amount)
+
+
+def _as_number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def diff_table(old: dict, new: dict, markdown: bool = False, changed_only: bool = False) -> str:
+    rows = diff_rows(old, new, changed_only)
+    if not rows:
+        return "no claims differ"
+    return tabulate(rows, HEADERS, tablefmt="github" if markdown else "simple")
