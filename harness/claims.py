@@ -67,6 +67,7 @@ class ClaimContext:
     spec: Spec
     claim: ClaimBase
     session: Session
+    prompts: tuple | None = None   # overrides the claim's prompts (counterexample search)
 
     @property
     def prepend_bos(self) -> bool:
@@ -82,8 +83,8 @@ class ClaimContext:
             raise
 
     def batch(self, model: LoadedModel):
-        return self.session.batch(self.spec, self.spec.claim_prompts(self.claim), model,
-                                  self.prepend_bos)
+        prompts = self.prompts or self.spec.claim_prompts(self.claim)
+        return self.session.batch(self.spec, prompts, model, self.prepend_bos)
 
 
 MEASURES: dict[str, Callable[[ClaimContext], Measurement]] = {}
@@ -105,8 +106,17 @@ def _logit_diff(ctx: ClaimContext) -> Measurement:
     model = ctx.model(ctx.claim.model)
     batch = ctx.batch(model)
     per_prompt = logit_diff(model.bridge, batch)
-    return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()),
-                       {"prompts": batch.texts})
+    extras = {"prompts": batch.texts}
+    if ctx.claim.ci:
+        from harness.stats import bootstrap_mean_ci
+
+        low, high = bootstrap_mean_ci(per_prompt, ctx.claim.ci)
+        order = per_prompt.argsort().tolist()
+        extras["stats"] = {"n": len(order), "mean": float(per_prompt.mean()), "ci": ctx.claim.ci,
+                           "low": low, "high": high,
+                           "lowest_prompts": [[batch.texts[i], float(per_prompt[i])]
+                                              for i in order[:3]]}
+    return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()), extras)
 
 
 @measure("top_k")
@@ -247,7 +257,22 @@ def judge(claim, measurement: Measurement, defaults: dict,
     if measurement.kind in (SCALAR, TEXT, TOKENS) and measurement.per_prompt and \
             per_prompt != "mean":
         return _judge_per_prompt(claim, measurement, defaults, expect)
+    if getattr(claim, "ci", None) and measurement.per_prompt:
+        return _judge_interval(measurement, defaults, expect)
     return _combine(evaluate(expect, measurement, defaults))
+
+
+def _judge_interval(measurement: Measurement, defaults: dict, expect: dict):
+    """Gate on the bootstrap interval: scalar expectations accept an interval of values, so
+    the whole confidence interval is inside it iff both of its ends are."""
+    stats = measurement.extras["stats"]
+    ends = [Measurement(SCALAR, stats[k]) for k in ("low", "high")]
+    low, high = (_combine(evaluate(expect, m, defaults)) for m in ends)
+    margins = [m for m in (low[2], high[2]) if m is not None]
+    detail = f"{stats['ci']:.0%} interval [{fmt(stats['low'])}, {fmt(stats['high'])}] of " \
+             f"the mean {fmt(stats['mean'])} over {stats['n']} prompts: " \
+             f"low end {low[1]}; high end {high[1]}"
+    return low[0] and high[0], detail, min(margins) if margins else None
 
 
 def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:
@@ -306,6 +331,8 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         expect = {k: v for k, v in claim.expect.items() if k != "baseline"}
         ok, message, margin = judge(claim, measurement, defaults, expect) if expect else \
             (True, "", None)
+        if claim.search is not None and ok:
+            ok, message = _search(spec, claim, session, defaults, expect, verdict, message)
         if claim.expect.get("baseline") or spec.defaults.baseline:
             ok, message, margin = _with_baseline(spec, claim, session, verdict, defaults,
                                                  (ok, message, margin))
@@ -323,6 +350,30 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         verdict.extras["traceback"] = traceback.format_exc()
     verdict.seconds = time.perf_counter() - start
     return _apply_xfail(claim, verdict)
+
+
+def _search(spec, claim, session, defaults, expect, verdict, message):
+    """Look for a prompt of the family that breaks the claim; record what was found."""
+    from harness.search import search
+
+    def holds(prompt) -> tuple[bool, str]:
+        ctx = ClaimContext(spec, claim, session, prompts=(prompt,))
+        single = MEASURES[claim.measure](ctx)
+        ok, detail, _ = _combine(evaluate(expect, Measurement(single.kind, single.per_prompt[0]),
+                                          defaults))
+        return ok, detail
+
+    entries = spec.prompt_sets[claim.prompts] if claim.prompts else spec.prompts
+    found = search(entries, claim.search.substitute, holds, claim.search.max_examples,
+                   spec.file, claim.id)
+    if found is None:
+        verdict.extras["search"] = {"max_examples": claim.search.max_examples, "found": None}
+        return True, f"{message}; search of {claim.search.max_examples} examples found no " \
+                     "counterexample"
+    verdict.extras["search"] = {"found": found.prompt.text, "choices": found.choices,
+                                "known": found.known, "detail": found.detail}
+    origin = "known counterexample still fails" if found.known else "counterexample found"
+    return False, f"{origin}: {found.prompt.text!r} ({found.detail}); {message}"
 
 
 def _with_baseline(spec, claim, session, verdict, defaults, judged):
@@ -376,7 +427,8 @@ def _extras(measurement: Measurement) -> dict:
     out = {}
     if measurement.per_prompt is not None and measurement.kind in (SCALAR, PATCH):
         out["per_prompt"] = list(measurement.per_prompt)
-    for key in ("raw", "from", "into", "normalized", "method", "probabilities", "prompts"):
+    for key in ("raw", "from", "into", "normalized", "method", "probabilities", "prompts",
+                "stats"):
         if key in measurement.extras:
             out[key] = measurement.extras[key]
     if measurement.kind == PAIR:

@@ -9,9 +9,17 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from harness.errors import SpecError, did_you_mean
+from harness.errors import HarnessError, SpecError, did_you_mean
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
@@ -69,20 +77,50 @@ class ModelSource(Frozen):
 
 # ----------------------------------------------------------------------------- prompts
 
+class DatasetSource(Frozen):
+    """`dataset:` prompts read through `datasets` (hub name, or json/csv/text + data_files)."""
+
+    name: str
+    split: str = "train"
+    field: str = "text"
+    data_files: str | list[str] | None = None
+
+
+class CorpusSource(Frozen):
+    """`corpus:` reviews from the toy world's grammar."""
+
+    name: Literal["toy-reviews"] = "toy-reviews"
+    n: int = Field(100, ge=1)
+    seed: int = 0
+
+
+PROMPT_SOURCES = ("text", "template", "file", "dataset", "corpus")
+
+
 class PromptEntry(Frozen):
-    """A literal prompt (`text`) or a template family (`template` + `values`)."""
+    """A literal prompt (`text`), a template family (`template` + `values`), or a family read
+    from a `file`, a `dataset` or the toy `corpus` (cut by `first_words`, `limit`)."""
 
     text: str | None = None
     template: str | None = None
     values: dict[str, list[str]] | None = None
+    file: str | None = None
+    dataset: DatasetSource | None = None
+    corpus: CorpusSource | None = None
+    field: str = "text"
+    first_words: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1)
     answer: str
     foil: str
     corrupt: str | None = None
 
     @model_validator(mode="after")
     def _text_or_template(self) -> PromptEntry:
-        if (self.text is None) == (self.template is None):
-            raise ValueError("a prompt needs exactly one of `text` or `template`")
+        given = [k for k in PROMPT_SOURCES if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a prompt needs exactly one of `text`, `template`, `file`, "
+                             "`dataset` or `corpus`" + (f", got {', '.join(given)}" if given
+                                                         else ""))
         if self.template is None and self.values is not None:
             raise ValueError("`values` needs a `template`")
         if self.template is not None:
@@ -113,10 +151,15 @@ class Prompt(Frozen):
     loc: tuple = ()   # where the prompt is written in the spec, for error messages
 
 
-def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",)) -> tuple[Prompt, ...]:
-    """Templates expand to the cross product of their values, in the order written."""
+def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
+           directory: Path = Path(".")) -> tuple[Prompt, ...]:
+    """Templates expand to the cross product of their values, in the order written; file,
+    dataset and corpus families are read (relative paths from the spec's folder)."""
     out = []
     for i, entry in enumerate(entries):
+        if entry.text is None and entry.template is None:
+            out += _read_family(entry, loc + (i,), directory)
+            continue
         if entry.text is not None:
             out.append(Prompt(text=entry.text, answer=entry.answer, foil=entry.foil,
                               corrupt=entry.corrupt, loc=loc + (i,)))
@@ -128,6 +171,30 @@ def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",)) -> tuple
                               foil=entry.foil, loc=loc + (i,),
                               corrupt=entry.corrupt.format(**fill) if entry.corrupt else None))
     return tuple(out)
+
+
+def _read_family(entry: PromptEntry, loc: tuple, directory: Path) -> list[Prompt]:
+    from harness import prompt_sources as sources
+
+    if entry.file is not None:
+        rows = sources.texts_from_file(directory / entry.file, entry.field)
+    elif entry.dataset is not None:
+        ds = entry.dataset
+        files = ds.data_files
+        if files is not None:
+            files = [str(directory / f) for f in ([files] if isinstance(files, str) else files)]
+        rows = sources.texts_from_dataset(ds.name, ds.split, ds.field, files, entry.limit)
+    else:
+        rows = sources.texts_from_corpus(entry.corpus.n, entry.corpus.seed)
+    rows = rows[: entry.limit] if entry.limit else rows
+    prompts = []
+    for row in rows:
+        text = sources.first_words(row["text"], entry.first_words)
+        if text:
+            prompts.append(Prompt(text=text, answer=row.get("answer", entry.answer),
+                                  foil=row.get("foil", entry.foil),
+                                  corrupt=row.get("corrupt", entry.corrupt), loc=loc))
+    return prompts
 
 
 # ----------------------------------------------------------------------------- claims
@@ -146,6 +213,13 @@ class Defaults(Frozen):
 PerPrompt = Union[Literal["all", "any", "mean"], dict[Literal["fraction"], str]]  # noqa: UP007
 
 
+class SearchSpec(Frozen):
+    """`search:` hunt for a prompt of the claim's family on which it fails (hypothesis)."""
+
+    max_examples: int = Field(50, ge=1, le=10_000)
+    substitute: dict[str, list[str]] = {}   # word -> alternatives tried in its place
+
+
 class ClaimBase(Frozen):
     id: str = Field(min_length=1)
     description: str | None = None
@@ -157,6 +231,8 @@ class ClaimBase(Frozen):
     tolerance: Tolerance | None = None
     xfail: str | None = None
     skip: str | None = None
+    ci: float | None = Field(None, gt=0, lt=1)   # bootstrap interval level, e.g. 0.95
+    search: SearchSpec | None = None
 
     @field_validator("id")
     @classmethod
@@ -348,11 +424,16 @@ class Spec(Frozen):
     claims: tuple[Claim, ...]
     file: str = "<spec>"
     field_lines: dict[str, int] = {}   # formatted field path -> line, for later errors
+    _expanded: dict = PrivateAttr(default_factory=dict)
 
     def prompt_set(self, name: str | None) -> tuple[Prompt, ...]:
-        if name:
-            return expand(self.prompt_sets[name], ("prompt_sets", name))
-        return expand(self.prompts)
+        """The expanded prompts of a set (read once: files and datasets are not re-read)."""
+        key = name or ""
+        if key not in self._expanded:
+            entries = self.prompt_sets[name] if name else self.prompts
+            loc = ("prompt_sets", name) if name else ("prompts",)
+            self._expanded[key] = expand(entries, loc, self.directory)
+        return self._expanded[key]
 
     def line_of(self, loc: tuple) -> int | None:
         for end in range(len(loc), -1, -1):
@@ -482,6 +563,14 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         errors.append(SpecError(message, file=source.file, line=source.line_of(loc),
                                 path=format_loc(loc)))
 
+    for name in [None, *spec.prompt_sets]:
+        try:
+            spec.prompt_set(name)
+        except HarnessError as exc:
+            add(("prompt_sets", name) if name else ("prompts",), str(exc))
+    if errors:
+        return errors
+
     seen: dict[str, int] = {}
     for i, claim in enumerate(spec.claims):
         if claim.id in seen:
@@ -499,6 +588,14 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i), "this claim has no prompts: add `prompts:` to the spec")
         for loc, message in check_expectation_spec(claim):
             add(("claims", i) + loc, message)
+        if claim.ci is not None and (claim.measure != "logit_diff"
+                                     or claim.per_prompt != "mean"):
+            add(("claims", i, "ci"), "`ci` applies to `logit_diff` claims over the mean of "
+                                     "their prompts (per_prompt: mean)")
+        if claim.search is not None and claim.measure not in ("logit_diff", "top_k",
+                                                              "generate"):
+            add(("claims", i, "search"), "`search` applies to logit_diff, top_k and generate "
+                                         f"claims, not '{claim.measure}'")
         if _needs_corrupt(claim) and claim.prompts not in spec.prompt_sets and not any(
                 p.corrupt for p in spec.prompt_set(claim.prompts)):
             add(("claims", i), "patching from/into `input: corrupt` needs prompts with "

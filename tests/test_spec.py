@@ -272,7 +272,7 @@ def test_template_errors(tmp_path):
             foil: " good"
         claims: []
         """)
-    assert "exactly one of `text` or `template`" in str(err)
+    assert "exactly one of `text`, `template`, `file`, `dataset` or `corpus`" in str(err)
 
 
 def test_yaml_errors(tmp_path):
