@@ -18,6 +18,7 @@ from harness.expect import (
     GRID,
     PAIR,
     PATCH,
+    SAMPLES,
     SCALAR,
     TEXT,
     TOKENS,
@@ -139,10 +140,31 @@ def _generate(ctx: ClaimContext) -> Measurement:
     claim = ctx.claim
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
+    hooks_for = _generation_patch(ctx, claim.patch) if claim.patch else None
     texts = tuple(generate(model.bridge, model.tokenizer, batch.tokens[i, : int(f) + 1],
-                           claim.max_new_tokens, claim.temperature, claim.seed)
-                  for i, f in enumerate(batch.final_pos))
-    return Measurement(TEXT, texts[0], texts, {"prompts": batch.texts})
+                           claim.max_new_tokens, claim.temperature, claim.seed + s,
+                           hooks_for=hooks_for)
+                  for i, f in enumerate(batch.final_pos) for s in range(claim.samples))
+    if not claim.sampled:
+        return Measurement(TEXT, texts[0], texts, {"prompts": batch.texts})
+    samples = {"texts": list(texts), "scores": None}
+    if claim.score_with:
+        samples["scores"] = _reward(ctx, claim.score_with).score(list(texts),
+                                                                  claim.score_target)
+    return Measurement(SAMPLES, samples, extras={"prompts": batch.texts})
+
+
+def _generation_patch(ctx: ClaimContext, patch):
+    from harness.measure.generation import patch_hooks
+
+    source = ctx.model(patch.from_)
+    return patch_hooks(source.bridge, patch.site, patch.layers, patch.head_pairs(),
+                       patch.neurons, patch.positions)
+
+
+def _reward(ctx: ClaimContext, name: str):
+    """A reward model of the spec, loaded once per session (transformers pipeline)."""
+    return ctx.session.reward_model(ctx.spec, name)
 
 
 # ----------------------------------------------------------------------------- localization
@@ -418,6 +440,8 @@ def to_jsonable(measurement: Measurement):
         return out
     if measurement.kind in (SCALAR, PATCH):
         return float(value)
+    if measurement.kind == SAMPLES:
+        return value
     if measurement.per_prompt and len(measurement.per_prompt) > 1:
         return list(measurement.per_prompt)
     return value

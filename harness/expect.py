@@ -16,6 +16,7 @@ from harness.errors import did_you_mean
 from harness.measure.results import Grid
 
 SCALAR, TEXT, TOKENS, GRID, PAIR, PATCH = "scalar", "text", "tokens", "grid", "pair", "patch"
+SAMPLES = "samples"   # several generations, optionally scored by a reward model
 MODIFIERS = ("atol", "rtol")
 
 
@@ -365,9 +366,46 @@ def _same_below(grid: Grid, arg, mods) -> Outcome:
                                  f"atol {mods.get('atol', 1e-4):g})")
 
 
+# ----------------------------------------------------------------------------- samples
+
+def _rate_arg(arg) -> str | None:
+    if not isinstance(arg, dict):
+        return f"needs {{contains: TEXT, '>=': 0.8}}, got {arg!r}"
+    tests = [k for k in arg if k in ("contains", "not_contains")]
+    if len(tests) != 1 or not isinstance(arg[tests[0]], str):
+        return "needs exactly one of `contains` / `not_contains` with a text"
+    rest = {k: v for k, v in arg.items() if k not in tests}
+    return _comparison_map(rest) if rest else "needs a comparison such as '>=': 0.8"
+
+
+@operator("rate", (SAMPLES,), _rate_arg)
+def _rate(samples, arg, mods) -> Outcome:
+    """The share of samples that contain (or do not contain) a text."""
+    word = "contains" if "contains" in arg else "not_contains"
+    needle = arg[word]
+    hits = [(needle in t) == (word == "contains") for t in samples["texts"]]
+    rate = sum(hits) / len(hits)
+    results = [between_or_compare(rate, op, b) for op, b in arg.items() if op != word]
+    return Outcome(all(r.ok for r in results),
+                   f"{sum(hits)}/{len(hits)} samples {word.replace('_', ' ')} {needle!r}: rate "
+                   + " and ".join(r.detail for r in results), min(r.margin for r in results))
+
+
+@operator("mean_score", (SAMPLES,), _comparison_map)
+def _mean_score(samples, arg, mods) -> Outcome:
+    """The mean reward-model score of the samples (`score_with`)."""
+    scores = samples.get("scores")
+    if scores is None:
+        return Outcome(False, "no scores: the claim needs `score_with: REWARD_MODEL`")
+    mean = sum(scores) / len(scores)
+    results = [between_or_compare(mean, op, b) for op, b in arg.items()]
+    return Outcome(all(r.ok for r in results), f"mean score over {len(scores)} samples "
+                   + " and ".join(r.detail for r in results), min(r.margin for r in results))
+
+
 # ----------------------------------------------------------------------------- baselines
 
-@operator("baseline", (SCALAR, PATCH, GRID, PAIR, TEXT, TOKENS), _true)
+@operator("baseline", (SCALAR, PATCH, GRID, PAIR, TEXT, TOKENS, SAMPLES), _true)
 def _baseline(measured_json, arg, mods) -> Outcome:
     """Equal to the stored baseline: numbers within atol/rtol, text and tokens exactly.
     Reads the JSON form of the measurement (claims.py passes it) and `mods["stored"]`."""
@@ -392,6 +430,8 @@ def kind_of(claim) -> str:
     measure = claim.measure
     if measure in ("logit_lens", "dla"):
         return PAIR if claim.models else GRID
+    if measure == "generate" and claim.sampled:
+        return SAMPLES
     return {"logit_diff": SCALAR, "top_k": TOKENS, "generate": TEXT, "patch": PATCH,
             "patch_sweep": GRID, "ablate": SCALAR}[measure]
 

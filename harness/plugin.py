@@ -28,6 +28,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write a Markdown report (CI job summary, PR comment)")
     group.addoption("--harness-report-html", default=None, metavar="DIR",
                     help="write DIR/report.html, self-contained, with figures")
+    group.addoption("--harness-devices", default=None, metavar="LIST",
+                    help="with pytest-xdist: devices assigned to workers round-robin, "
+                         "e.g. cuda:0,cuda:1")
     group.addoption("--harness-update-baselines", action="store_true",
                     help="store every claim's measured values in <spec>.baseline.json")
     parser.addini("harness_specs", "folder of spec files that `pytest <harness_checks>` runs",
@@ -39,6 +42,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[VERDICTS_KEY] = []
     config.stash[SPEC_ERRORS_KEY] = []
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(), "harness-xdist")
+
+
+def _worker_device(config: pytest.Config) -> str | None:
+    """`--harness-devices a,b`: worker gwN takes device N mod len; else --harness-device."""
+    devices = config.getoption("harness_devices")
+    if not devices:
+        return config.getoption("harness_device")
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    worker = getattr(config, "workerinput", {}).get("workerid", "gw0")
+    return names[int(worker.removeprefix("gw") or 0) % len(names)]
 
 
 def _session(config: pytest.Config):
@@ -46,7 +61,7 @@ def _session(config: pytest.Config):
         from harness.session import Session
 
         config.stash[SESSION_KEY] = Session(
-            device=config.getoption("harness_device"),
+            device=_worker_device(config),
             memory_budget_mb=config.getoption("harness_memory_budget_mb"),
             verbose=config.getoption("verbose") > 0,
             update_baselines=config.getoption("harness_update_baselines"))
@@ -217,9 +232,36 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     terminalreporter.write_line(table(verdicts, spec_errors))
 
 
+class XdistHooks:
+    """With pytest-xdist, workers measure and the controller reports: verdicts travel back
+    through `workeroutput`."""
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        from harness.claims import Verdict
+
+        data = json.loads(getattr(node, "workeroutput", {}).get("harness", "{}") or "{}")
+        config = node.config
+        config.stash[VERDICTS_KEY] += [Verdict(**v) for v in data.get("verdicts", [])]
+        errors = config.stash[SPEC_ERRORS_KEY]
+        errors += [e for e in data.get("spec_errors", []) if e not in errors]
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     config = session.config
     verdicts = config.stash.get(VERDICTS_KEY, [])
+    if _is_worker(config):
+        from dataclasses import asdict
+
+        config.workeroutput["harness"] = json.dumps(
+            {"verdicts": [asdict(v) for v in verdicts],
+             "spec_errors": config.stash.get(SPEC_ERRORS_KEY, [])}, default=str)
+        return
+    verdicts.sort(key=lambda v: (v.file, v.line or 0))
     if verdicts:
         _write_outputs(config, verdicts)
     if config.stash.get(SPEC_ERRORS_KEY, []) and exitstatus in (0, 1):
@@ -234,7 +276,7 @@ def _write_outputs(config: pytest.Config, verdicts) -> None:
     for v in verdicts:
         by_file.setdefault(v.file, SpecResult(v.file)).verdicts.append(v)
     results = list(by_file.values())
-    device, harness_session = config.getoption("harness_device"), _session(config)
+    device, harness_session = _worker_device(config), _session(config)
     if config.getoption("harness_update_baselines"):
         from harness.baselines import update_baseline
 

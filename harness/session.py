@@ -20,7 +20,7 @@ class Session:
     memory_budget_mb: int = 2048
     verbose: bool = True
     update_baselines: bool = False       # baseline comparisons read the new values
-    _models: dict[str, LoadedModel | HarnessError] = field(default_factory=dict)
+    _models: dict[str, object] = field(default_factory=dict)   # loaded, or why not
     _locations: dict[str, str] = field(default_factory=dict)
     _batches: dict[tuple, PromptBatch] = field(default_factory=dict)
     _engine: object = None
@@ -62,6 +62,23 @@ class Session:
                                        f"(often with a leading space)")
             self._batches[key] = build_batch(model.tokenizer, prompts, prepend_bos, bad_token)
         return self._batches[key]
+
+    def reward_model(self, spec: Spec, name: str):
+        """A sentiment reward model (NEGATIVE/POSITIVE classifier), loaded once."""
+        from harness.zoo.reward import SentimentReward
+
+        source = spec.models[name]
+        key = f"reward|{source_key(source, spec.directory)}"
+        if key not in self._models:
+            try:
+                device = pick_device(source, self.device)
+                self._models[key] = SentimentReward(self.location(spec, name), device=device)
+            except HarnessError as exc:
+                self._models[key] = exc
+        found = self._models[key]
+        if isinstance(found, HarnessError):
+            raise found
+        return found
 
     def loaded_models(self) -> list[dict]:
         return [{"origin": m.origin, "device": m.device, "dtype": m.dtype}

@@ -277,38 +277,6 @@ class TopKClaim(SingleModelClaim):
     per_prompt: PerPrompt = "all"
 
 
-class GenerateClaim(SingleModelClaim):
-    measure: Literal["generate"]
-    max_new_tokens: int = Field(10, ge=1, le=1024)
-    temperature: float = Field(0.0, ge=0)
-    seed: int = 0
-    per_prompt: PerPrompt = "all"
-
-
-class OneOrTwoModels(ClaimBase):
-    model: str | None = None
-    models: tuple[str, str] | None = None
-
-    @model_validator(mode="after")
-    def _one_or_two(self):
-        if (self.model is None) == (self.models is None):
-            raise ValueError("give either `model: NAME` or `models: [A, B]`")
-        return self
-
-    def model_names(self) -> tuple[str, ...]:
-        return self.models if self.models else (self.model,)
-
-
-class LogitLensClaim(OneOrTwoModels):
-    measure: Literal["logit_lens"]
-    incl_mid: bool = False
-
-
-class DlaClaim(OneOrTwoModels):
-    measure: Literal["dla"]
-    by: Literal["layer", "component", "head"] = "component"
-
-
 class RunRef(Frozen):
     """One side of a patch: a model on the clean or the corrupt prompts."""
 
@@ -357,6 +325,63 @@ class SiteSelection(Frozen):
             return None
         return tuple((int(m.group(1)), int(m.group(2)))
                      for m in (HEAD_RE.match(h) for h in self.heads))
+
+
+class GenerationPatch(SiteSelection):
+    """`patch:` of a generate claim: activations copied from `from` at every step."""
+
+    from_: str = Field(alias="from")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class GenerateClaim(SingleModelClaim):
+    measure: Literal["generate"]
+    max_new_tokens: int = Field(10, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0)
+    seed: int = 0
+    per_prompt: PerPrompt = "all"
+    samples: int = Field(1, ge=1, le=10_000)   # per prompt, seeds seed, seed+1, ...
+    score_with: str | None = None              # a reward model of the spec
+    score_target: Literal["negative", "positive"] = "negative"
+    patch: GenerationPatch | None = None       # generate while patching from another model
+
+    @model_validator(mode="after")
+    def _sampling_needs_temperature(self):
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("`samples` > 1 needs `temperature` > 0 (greedy samples are all "
+                             "the same)")
+        return self
+
+    @property
+    def sampled(self) -> bool:
+        return self.samples > 1 or self.score_with is not None
+
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model,) + ((self.patch.from_,) if self.patch else ())
+
+
+class OneOrTwoModels(ClaimBase):
+    model: str | None = None
+    models: tuple[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _one_or_two(self):
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give either `model: NAME` or `models: [A, B]`")
+        return self
+
+    def model_names(self) -> tuple[str, ...]:
+        return self.models if self.models else (self.model,)
+
+
+class LogitLensClaim(OneOrTwoModels):
+    measure: Literal["logit_lens"]
+    incl_mid: bool = False
+
+
+class DlaClaim(OneOrTwoModels):
+    measure: Literal["dla"]
+    by: Literal["layer", "component", "head"] = "component"
 
 
 class PatchClaim(ClaimBase, SiteSelection):
@@ -588,6 +613,9 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i), "this claim has no prompts: add `prompts:` to the spec")
         for loc, message in check_expectation_spec(claim):
             add(("claims", i) + loc, message)
+        if "mean_score" in claim.expect and not getattr(claim, "score_with", None):
+            add(("claims", i, "expect", "mean_score"), "`mean_score` needs `score_with: "
+                                                       "REWARD_MODEL` on the claim")
         if claim.ci is not None and (claim.measure != "logit_diff"
                                      or claim.per_prompt != "mean"):
             add(("claims", i, "ci"), "`ci` applies to `logit_diff` claims over the mean of "
@@ -610,6 +638,10 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
 def _model_refs(claim) -> list[tuple[str, str]]:
     if isinstance(claim, PatchClaim):
         return [("from", claim.from_.model), ("into", claim.into.model)]
+    if isinstance(claim, GenerateClaim):
+        refs = [("model", claim.model)]
+        refs += [("patch.from", claim.patch.from_)] if claim.patch else []
+        return refs + ([("score_with", claim.score_with)] if claim.score_with else [])
     refs = [("models" if getattr(claim, "models", None) else "model", n)
             for n in claim.model_names()]
     if isinstance(claim, AblateClaim) and claim.reference:

@@ -142,8 +142,36 @@ def test_same_below():
     assert not holds({"same_below": 2}, m)
 
 
+SAMPLES = Measurement("samples", {"texts": ["a bad film", "a bad plot", "a good film",
+                                           "a bad end"], "scores": [0.9, 0.8, 0.1, 0.7]})
+
+
+@pytest.mark.parametrize("expect, ok", [
+    ({"rate": {"contains": " bad", ">=": 0.75}}, True),
+    ({"rate": {"contains": " bad", ">": 0.75}}, False),
+    ({"rate": {"not_contains": " good", "between": [0.7, 0.8]}}, True),
+    ({"mean_score": {">": 0.6}}, True), ({"mean_score": {">": 0.7}}, False),
+])
+def test_sample_operators(expect, ok):
+    assert holds(expect, SAMPLES) is ok
+
+
+@pytest.mark.parametrize("measured, stored, ok", [
+    (2.0, 2.00001, True), (2.0, 2.1, False),
+    ({"axes": ["layer"], "labels": [[0, 1]], "values": [0.1, 0.2]},
+     {"axes": ["layer"], "labels": [[0, 1]], "values": [0.1, 0.2]}, True),
+    ({"axes": ["layer"], "labels": [[0, 1]], "values": [0.1, 0.2]},
+     {"axes": ["layer"], "labels": [[0, 1]], "values": [0.1, 0.3]}, False),
+    ("This movie was bad", "This movie was bad", True), ([" bad"], [" good"], False),
+])
+def test_baseline_operator(measured, stored, ok):
+    outcome = OPERATORS["baseline"].check(measured, True, {"atol": 1e-4, "stored": stored})
+    assert outcome.ok is ok
+
+
 def test_every_operator_is_tested():
     tested = {">", ">=", "<", "<=", "between", "approx", "sign", "flips_sign", "contains",
               "not_contains", "equals", "includes", "excludes", "argmax", "argmin", "top",
-              "only_above", "max", "min", "sum", "same_below"}
+              "only_above", "max", "min", "sum", "same_below", "rate", "mean_score",
+              "baseline"}
     assert set(OPERATORS) == tested

@@ -236,3 +236,56 @@ def test_family_options_are_validated(tmp_path, tiny_checkpoints, field, words):
         """)
     with pytest.raises(SpecError, match=words):
         load_spec(path)
+
+
+def test_sampled_generations_with_a_rate(tmp_path, tiny_checkpoints):
+    path = write_spec(tmp_path, tiny_checkpoints["a"], """\
+        - text: "This movie was"
+          answer: " bad"
+          foil: " good"
+        """, """\
+        - id: sampled
+          measure: generate
+          model: a
+          temperature: 1.0
+          samples: 6
+          seed: 7
+          max_new_tokens: 4
+          expect: {rate: {contains: "This movie", ">=": 1.0}}
+        - id: never
+          measure: generate
+          model: a
+          temperature: 1.0
+          samples: 6
+          max_new_tokens: 4
+          expect: {rate: {contains: "zzzz", ">": 0.5}}
+        """)
+    sampled, never = run_spec_file(path, Session(verbose=False)).verdicts
+    assert sampled.status == "passed" and len(sampled.measured["texts"]) == 6
+    assert len(set(sampled.measured["texts"])) > 1          # seeds differ per sample
+    assert never.status == "failed" and "0/6 samples contain" in never.message
+    (again, _) = run_spec_file(path, Session(verbose=False)).verdicts
+    assert again.measured == sampled.measured              # seeded: reproducible
+
+
+def test_generation_while_patching(tmp_path, tiny_checkpoints):
+    from harness.measure.generation import patch_hooks
+    from harness.measure.logits import generate
+    from harness.models import load_model
+    from harness.spec import ModelSource
+
+    a = load_model("a", ModelSource(path="a"), str(tiny_checkpoints["a"]), "cpu")
+    b = load_model("b", ModelSource(path="b"), str(tiny_checkpoints["b"]), "cpu")
+    texts = ["This movie was", "The acting was", "I thought the plot was"]
+    heads = tuple((layer, head) for layer in (0, 1) for head in range(4))
+    changed = 0
+    for text in texts:
+        tokens = a.bridge.to_tokens(text, prepend_bos=True)[0]
+        plain = generate(a.bridge, a.tokenizer, tokens, 10)
+        self_patched = generate(a.bridge, a.tokenizer, tokens, 10,
+                                hooks_for=patch_hooks(a.bridge, "z", heads=heads))
+        assert self_patched == plain          # patching a model with itself changes nothing
+        patched = generate(a.bridge, a.tokenizer, tokens, 10,
+                           hooks_for=patch_hooks(b.bridge, "z", heads=heads))
+        changed += patched != plain
+    assert changed >= 1

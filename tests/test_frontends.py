@@ -219,3 +219,28 @@ def test_cli_validate(tmp_path, tiny_checkpoints, capsys):
 def test_cli_missing_path(tmp_path, capsys):
     assert harness_main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "no such spec file" in capsys.readouterr().err
+
+
+def test_xdist_gives_the_same_verdicts_as_one_process(project, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    project.runpytest("checks", f"--harness-report-json={one}")
+    result = project.runpytest("checks", "-n", "2", f"--harness-report-json={two}")
+    result.assert_outcomes(passed=2, failed=1, skipped=1, xfailed=1)
+    assert "interp-harness claims" in result.stdout.str()   # the controller prints the table
+
+    def verdicts(path):
+        data = json.loads(path.read_text())
+        return {c["id"]: (c["status"], c["measured"]) for s in data["specs"]
+                for c in s["claims"]}
+
+    assert verdicts(one) == verdicts(two)
+    assert len(verdicts(two)) == 5
+
+
+def test_devices_are_assigned_round_robin(pytester):
+    from harness.plugin import _worker_device
+
+    config = pytester.parseconfig("--harness-devices", "cuda:0, cuda:1")
+    for worker, device in (("gw0", "cuda:0"), ("gw1", "cuda:1"), ("gw2", "cuda:0")):
+        config.workerinput = {"workerid": worker}
+        assert _worker_device(config) == device

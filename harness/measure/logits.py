@@ -34,16 +34,23 @@ def top_k_tokens(bridge, tokenizer, batch: PromptBatch, k: int) -> list[list[tup
 
 
 def generate(bridge, tokenizer, tokens: Int[Tensor, " pos"], max_new_tokens: int,
-             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> str:
+             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+             hooks_for=None) -> str:
     """Greedy (temperature 0) or seeded sampling continuation of one prompt; returns the
-    prompt text plus the continuation, without special tokens."""
+    prompt text plus the continuation, without special tokens. `hooks_for(tokens)` gives
+    forward hooks applied at every step (generation while patching)."""
     generator = torch.Generator().manual_seed(seed)
     ids = tokens.tolist()
     n_ctx = bridge.cfg.n_ctx
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             window = torch.tensor([ids[-n_ctx:]], device=_device(bridge))
-            logits = bridge(window, return_type="logits")[0, -1].float().cpu()
+            if hooks_for is None:
+                logits = bridge(window, return_type="logits")
+            else:
+                logits = bridge.run_with_hooks(window, fwd_hooks=hooks_for(window),
+                                               return_type="logits")
+            logits = logits[0, -1].float().cpu()
             if temperature > 0:
                 next_id = int(torch.multinomial((logits / temperature).softmax(-1), 1,
                                                 generator=generator))
