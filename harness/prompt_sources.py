@@ -6,6 +6,7 @@ All of them end as plain texts; `first_words` cuts each to its first N words (th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def texts_from_dataset(name: str, split: str, field: str, data_files=None,
     import datasets
 
     try:
-        data = datasets.load_dataset(name, split=split, data_files=data_files)
+        with _offline_unless_reachable():
+            data = datasets.load_dataset(name, split=split, data_files=data_files)
     except Exception as exc:  # datasets raises many kinds for missing data and no network
         raise HarnessError(f"cannot load dataset '{name}' (split {split}): "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
@@ -56,6 +58,25 @@ def texts_from_dataset(name: str, split: str, field: str, data_files=None,
     if limit:
         data = data.select(range(min(limit, len(data))))
     return [{"text": text} for text in data[field]]
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """Without a reachable hub, ask only the local cache (seconds, not retries for minutes)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from harness.models import hub_reachable
+
+    if hub_reachable():
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def texts_from_corpus(n: int, seed: int) -> list[dict]:
