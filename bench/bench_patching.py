@@ -1,0 +1,196 @@
+"""Patching sweeps on a GPT-2-small-sized model: TransformerLens's patching module vs the engine.
+
+Builds, offline, two random GPT-2-small-sized models (12 layers, d_model 768, 12 heads, vocabulary
+50257; a tiny trained BPE tokenizer) and patches the second model's activations into the first
+on one 8-token prompt (model -> model, as in the seed analysis). For each sweep it prints both
+times, their ratio, the largest absolute difference of the patched logit diffs and peak memory.
+
+    python bench/bench_patching.py [--device cuda] [--json out.json] [--sweeps z,resid_pre]
+
+Timing: the TransformerLens column is its patching function given a precomputed clean cache;
+the engine column is `patch_sweep` on an engine whose clean runs are already traced (as in a
+harness session, where all claims share them). Both one-off setups are printed separately, and
+"cold" adds each side's setup to each sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.testing import TINY_TEXTS  # noqa: E402
+from harness.zoo.tokenizer import save_tokenizer, train_bpe_tokenizer  # noqa: E402
+
+PROMPT = "This movie was really"  # 8 tokens with BOS under the tiny tokenizer
+SWEEPS = {  # name -> (TransformerLens function, engine site, engine over, TL axes -> ours)
+    "z": ("get_act_patch_attn_head_out_all_pos", "z", ("layer", "head")),
+    "resid_pre": ("get_act_patch_resid_pre", "resid_pre", ("layer", "pos")),
+    "attn_out": ("get_act_patch_attn_out", "attn_out", ("layer", "pos")),
+    "mlp_out": ("get_act_patch_mlp_out", "mlp_out", ("layer", "pos")),
+}
+
+
+def build_gpt2_small(directory: Path, seed: int) -> Path:
+    """Random GPT-2-small-sized checkpoint with a tiny tokenizer (vocab_size stays 50257)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = train_bpe_tokenizer(TINY_TEXTS, vocab_size=300)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).eval().save_pretrained(str(directory))
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+class PeakMemory:
+    """Peak extra memory of a section: CUDA allocator peak, or sampled process RSS on CPU."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        _release_freed_memory()
+        self.base = self.max_rss = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.max_rss = max(self.max_rss, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak_mb = (max(self.max_rss, _rss()) - self.base) / 2**20
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS so that RSS growth shows a section's own peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the peak is then a lower bound
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn, device: str):
+    with PeakMemory(device) as mem:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return out, seconds, mem.peak_mb
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--sweeps", default=",".join(SWEEPS))
+    args = parser.parse_args(argv)
+
+    import transformer_lens.patching as tl_patching
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from harness.measure.patching import PatchingEngine, Run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bridges = []
+        for name, seed in (("into", 0), ("from", 1)):
+            directory = build_gpt2_small(Path(tmp) / name, seed)
+            bridge = TransformerBridge.boot_transformers(str(directory), device=args.device)
+            bridge.enable_compatibility_mode()
+            bridges.append(bridge)
+    into_bridge, from_bridge = bridges
+    tokens = into_bridge.to_tokens(PROMPT).to(args.device)
+    final_pos = torch.tensor([tokens.shape[1] - 1])
+    answer, foil = torch.tensor([101]), torch.tensor([202])  # random weights: any two tokens
+    rows = torch.arange(1)
+
+    def metric(logits):
+        final = logits[rows, final_pos]
+        return (final[rows, answer] - final[rows, foil]).mean()
+
+    torch.set_grad_enabled(False)
+    (_, cache), tl_setup, _ = timed(lambda: from_bridge.run_with_cache(tokens), args.device)
+    engine = PatchingEngine()
+    from_run = Run("from", from_bridge, tokens, final_pos)
+    into_run = Run("into", into_bridge, tokens, final_pos)
+
+    def setup_engine():
+        engine.logit_diff(from_run, answer, foil)
+        engine.logit_diff(into_run, answer, foil)
+
+    _, engine_setup, _ = timed(setup_engine, args.device)
+    results = {"machine": _machine(args.device), "tokens": int(tokens.shape[1]),
+               "setup_s": {"transformer_lens": tl_setup, "engine": engine_setup}, "sweeps": {}}
+    print(f"device {results['machine']}; prompt {tokens.shape[1]} tokens; one-off setup: "
+          f"TransformerLens clean cache {tl_setup:.2f} s, engine clean traces {engine_setup:.2f} s")
+    header = (f"{'sweep':<22}{'cells':>6}{'TL s':>9}{'engine s':>10}{'ratio':>8}{'cold ratio':>11}"
+              f"{'max |diff|':>12}{'TL peak MB':>12}{'engine peak MB':>16}")
+    print(header)
+    for name in args.sweeps.split(","):
+        fn_name, site, over = SWEEPS[name]
+        fn = getattr(tl_patching, fn_name)
+        ref, tl_s, tl_mb = timed(partial(fn, into_bridge, tokens, cache, metric), args.device)
+        grid, eng_s, eng_mb = timed(partial(engine.patch_sweep, from_run, into_run, answer, foil,
+                                            site=site, over=over), args.device)
+        diff = (grid.raw - ref.float().cpu()).abs().max().item()
+        row = {"sweep": f"{site} over {list(over)}", "cells": grid.raw.numel(), "tl_s": tl_s,
+               "engine_s": eng_s, "ratio": tl_s / eng_s,
+               "cold_ratio": (tl_s + tl_setup) / (eng_s + engine_setup),
+               "max_abs_diff": diff, "tl_peak_mb": tl_mb, "engine_peak_mb": eng_mb}
+        results["sweeps"][name] = row
+        print(f"{row['sweep']:<22}{row['cells']:>6}{tl_s:>9.2f}{eng_s:>10.3f}"
+              f"{row['ratio']:>7.1f}x{row['cold_ratio']:>10.1f}x{diff:>12.2e}{tl_mb:>12.0f}"
+              f"{eng_mb:>16.0f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Tiny random GPT-2s for the measurement tests: LayerNorm weights randomized so folding matters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from harness.testing import build_tiny_gpt2
+
+
+def build_model_dir(directory: Path, *, n_layer: int = 3, seed: int = 0) -> Path:
+    """build_tiny_gpt2, then random LayerNorm weights/biases (deterministic in `seed`)."""
+    directory = build_tiny_gpt2(directory, n_layer=n_layer, seed=seed)
+    model = GPT2LMHeadModel.from_pretrained(str(directory))
+    gen = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or "ln_f" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def copy_with_new_last_block(src: Path, dst: Path, *, seed: int = 7, scale: float = 0.2,
+                             blocks: str = "last") -> Path:
+    """A copy of `src` with noise added to its last block (or to `blocks="all"`): a twin."""
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    model = GPT2LMHeadModel.from_pretrained(str(src))
+    chosen = model.transformer.h if blocks == "all" else model.transformer.h[-1:]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in chosen:
+            for name, p in block.named_parameters():
+                if "ln_" not in name:
+                    p.add_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(dst))
+    return dst
+
+
+def load_bridge(directory: Path):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
+    bridge.enable_compatibility_mode()
+    return bridge
