@@ -183,7 +183,8 @@ def _per_model_grids(ctx: ClaimContext, compute) -> Measurement:
 def _dla(ctx: ClaimContext) -> Measurement:
     from harness.measure.attribution import dla
 
-    return _per_model_grids(ctx, lambda m, batch: dla(m.bridge, batch, by=ctx.claim.by))
+    return _per_model_grids(ctx, lambda m, batch: dla(m.bridge, batch, by=ctx.claim.by,
+                                                      engine=ctx.session.engine, key=m.key))
 
 
 @measure("logit_lens")
@@ -191,7 +192,8 @@ def _logit_lens(ctx: ClaimContext) -> Measurement:
     from harness.measure.attribution import logit_lens
 
     return _per_model_grids(
-        ctx, lambda m, batch: logit_lens(m.bridge, batch, incl_mid=ctx.claim.incl_mid))
+        ctx, lambda m, batch: logit_lens(m.bridge, batch, incl_mid=ctx.claim.incl_mid,
+                                         engine=ctx.session.engine, key=m.key))
 
 
 def _runs(ctx: ClaimContext):
