@@ -1,0 +1,9 @@
+"""The toy world: a review grammar, a source LM, a reward classifier and an RLHF-tuned LM.
+
+`zoo_checkpoint(name)` gives the shipped checkpoint of a zoo model; `build_world(seed)`
+rebuilds all of them from scratch into a content-addressed cache.
+"""
+
+from harness.zoo.build import ZOO_NAMES, build_world, cache_root, zoo_checkpoint
+
+__all__ = ["ZOO_NAMES", "build_world", "cache_root", "zoo_checkpoint"]
