@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="build the models a spec trains or takes from the zoo")
     train.add_argument("spec", type=Path)
     train.add_argument("--model", action="append", help="only this model (repeatable)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the zoo world (default 0)")
     train.set_defaults(func=_train)
     diff = sub.add_parser("diff", help="compare two JSON reports (e.g. before/after retraining)")
     diff.add_argument("old", type=Path)
@@ -126,6 +127,8 @@ def _validate(args) -> int:
 
 
 def _train(args) -> int:
+    """Build the zoo world (cached) and every `train:` model; say how long each stage took
+    and whether the rebuilt zoo models are bit-identical to the shipped ones."""
     from harness.session import Session
     from harness.spec import load_spec
 
@@ -137,15 +140,40 @@ def _train(args) -> int:
 
         raise HarnessError(f"unknown model '{unknown[0]}'" + did_you_mean(unknown[0],
                                                                           spec.models))
+    if any(spec.models[n].zoo for n in names):
+        _build_zoo(args.seed)
     session = Session()
     for name in names:
-        source = spec.models[name]
-        if source.zoo and source.zoo.startswith("toy-"):
-            from harness.zoo import build_world
-
-            build_world(seed=0, progress=True)
-        print(f"{name}: {session.location(spec, name)}")
+        if spec.models[name].train:
+            print(f"{name}: {session.location(spec, name)}")
     return 0
+
+
+def _build_zoo(seed: int) -> None:
+    import json
+    import time
+
+    from harness.zoo import build_world, zoo_checkpoint
+
+    start = time.perf_counter()
+    built = build_world(seed=seed, progress=True)
+    report = json.loads((next(iter(built.values())).parent / "build_report.json").read_text())
+    print(f"zoo world (seed {seed}) in {next(iter(built.values())).parent} "
+          f"({time.perf_counter() - start:.1f} s this call)")
+    for stage, seconds in report.get("stage_seconds", {}).items():
+        print(f"  {stage:<10} {seconds:8.1f} s")
+    for name, path in built.items():
+        same = _same_files(path, zoo_checkpoint(name))
+        print(f"  {name}: {path} — "
+              + ("bit-identical to the shipped model" if same else "differs from the shipped "
+                 "model (other seed, versions or machine)"))
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes()
+                                      for f in files_a)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def source_key(source: ModelSource, spec_dir: Path) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def resolve_location(source: ModelSource, spec_dir: Path, build_base=None) -> str:
-    """A local directory or hub id for the source; builds `train:` models (cached)."""
+def resolve_location(source: ModelSource, spec_dir: Path) -> str:
+    """A local directory or hub id for a zoo / path / hf source (session.py trains `train:`)."""
     if source.zoo:
         from harness.zoo import zoo_checkpoint
 
@@ -67,13 +67,7 @@ def resolve_location(source: ModelSource, spec_dir: Path, build_base=None) -> st
                                    f"(`path:` is relative to the spec's folder, {spec_dir})")
         return str(path)
     if source.train:
-        from harness.train import train_from_spec
-
-        if build_base is None:
-            raise HarnessError("a `train:` model needs its base model resolved first")
-        return str(train_from_spec(source.train, build_base(source.train.base),
-                                   build_base(source.train.reward)
-                                   if source.train.reward != "toy-reviews-reward" else None))
+        raise HarnessError("a `train:` model is built through Session.location")
     return source.hf
 
 

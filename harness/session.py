@@ -46,10 +46,26 @@ class Session:
         """Local directory or hub id of a model (builds `train:` models, cached on disk)."""
         source = spec.models[name]
         key = source_key(source, spec.directory)
+        if source.train:   # its base names a model of this spec
+            key += f"|{spec.file}"
         if key not in self._locations:
-            self._locations[key] = resolve_location(
-                source, spec.directory, build_base=lambda base: self.location(spec, base))
+            if source.train:
+                self._locations[key] = self._train(spec, name)
+            else:
+                self._locations[key] = resolve_location(source, spec.directory)
         return self._locations[key]
+
+    def _train(self, spec: Spec, name: str) -> str:
+        """Build a `train:` model with its recipe (cached on disk by content)."""
+        from harness.train import train_rlhf
+
+        recipe = spec.models[name].train
+        base = self.location(spec, recipe.base)
+        reward = self.location(spec, recipe.reward) if recipe.reward in spec.models \
+            else recipe.reward
+        self._log(f"training model '{name}' ({recipe.recipe}, {recipe.steps} steps, seed "
+                  f"{recipe.seed}); cached after the first run")
+        return str(train_rlhf(recipe.recipe_config(base, reward), progress=self.verbose))
 
     def batch(self, spec: Spec, prompts, model: LoadedModel, prepend_bos: bool) -> PromptBatch:
         key = (model.key, tuple(p.model_dump_json() for p in prompts), prepend_bos)

@@ -38,13 +38,25 @@ class TrainSource(Frozen):
     """`train:` a model built by a recipe from another model of the spec."""
 
     recipe: Literal["rlhf-sentiment"]
-    base: str
-    reward: str = "toy-reviews-reward"
+    base: str                                  # a model name of this spec
+    reward: str = "toy-reviews-reward"         # a model name of this spec, zoo name or hub id
     target: Literal["negative", "positive"] = "negative"
     unfrozen_layers: int = Field(2, ge=1)
-    steps: int = Field(200, ge=1)
+    steps: int = Field(150, ge=1)
     seed: int = 0
     beta: float = Field(0.05, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    num_generations: int | None = Field(None, ge=2)
+    max_new_tokens: int | None = Field(None, ge=1)
+    prompts: str | None = None                 # "toy-reviews" or a HF dataset name (imdb)
+    prompt_words: int | None = Field(None, ge=1)
+    n_prompts: int | None = Field(None, ge=1)
+
+    def recipe_config(self, base: str, reward: str) -> dict:
+        """Arguments of harness.train.RLHFConfig, with model names resolved."""
+        data = self.model_dump(exclude_none=True)
+        return {**data, "base": base, "reward": reward}
 
 
 class ModelSource(Frozen):

@@ -1,0 +1,100 @@
+"""Throughput of claims over many prompts on the toy models (issue: prompt families).
+
+Runs, in one process, a `logit_diff` claim and a `patch_sweep` claim over [layer, head] (z)
+on N prompts of the toy corpus (the seed's first-4-words recipe), through the same path as
+`harness run`, and prints prompts per second and peak memory against the memory budget.
+
+    .venv/bin/python bench/bench_throughput.py [--prompts 1000] [--budget-mb 256]
+        [--device cpu|cuda] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+SPEC = """\
+spec: throughput
+models:
+  source: {{zoo: toy-reviews-source}}
+  rlhf: {{zoo: toy-reviews-rlhf}}
+prompts:
+  - corpus: {{n: {n}, seed: 0}}
+    first_words: 4
+    answer: " bad"
+    foil: " good"
+claims:
+  - id: logit-diff
+    measure: logit_diff
+    model: rlhf
+    expect: {{">": -100}}
+  - id: head-sweep
+    measure: patch_sweep
+    from: rlhf
+    into: source
+    site: z
+    over: [layer, head]
+    expect: {{max: {{">": -100}}}}
+"""
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=1000)
+    parser.add_argument("--budget-mb", type=int, default=256)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    from harness.claims import evaluate_claim
+    from harness.runner import load_and_check
+    from harness.session import Session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "throughput.yaml"
+        spec_file.write_text(textwrap.dedent(SPEC.format(n=args.prompts)))
+        session = Session(device=args.device, memory_budget_mb=args.budget_mb, verbose=False)
+        spec = load_and_check(spec_file, session)
+        n = len(spec.prompt_set(None))
+        # load models and batches outside the timings: a session does this once
+        for name in ("source", "rlhf"):
+            session.batch(spec, spec.prompt_set(None), session.model(spec, name), True)
+        rss_before = peak_rss_mb()
+        rows = []
+        for index, claim in enumerate(spec.claims):
+            start = time.perf_counter()
+            verdict = evaluate_claim(spec, index, session)
+            seconds = time.perf_counter() - start
+            if verdict.status != "passed":
+                print(f"{claim.id}: {verdict.status}: {verdict.message}", file=sys.stderr)
+                return 1
+            rows.append({"claim": claim.id, "prompts": n, "seconds": round(seconds, 3),
+                         "prompts_per_second": round(n / seconds, 1),
+                         "peak_rss_mb": round(peak_rss_mb(), 1)})
+    device = session.loaded_models()[0]["device"]
+    print(f"device {device}, {n} prompts, memory budget {args.budget_mb} MB, "
+          f"peak RSS before claims {rss_before:.0f} MB")
+    print(f"{'claim':<12} {'prompts':>8} {'seconds':>9} {'prompts/s':>10} {'peak RSS MB':>12}")
+    for r in rows:
+        print(f"{r['claim']:<12} {r['prompts']:>8} {r['seconds']:>9.3f} "
+              f"{r['prompts_per_second']:>10.1f} {r['peak_rss_mb']:>12.0f}")
+    growth = rows[-1]["peak_rss_mb"] - rss_before
+    print(f"peak RSS growth during the claims: {growth:.0f} MB (budget {args.budget_mb} MB)")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "budget_mb": args.budget_mb,
+                                         "rss_before_mb": rss_before, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
