@@ -17,7 +17,9 @@ docs/toy-world.md.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -334,6 +336,8 @@ def run_rlhf(cfg: RLHFConfig, out_dir: Path, progress: bool = True) -> dict:
         policy.eval()
         after = evaluate_policy(policy, ref.to(device), tokenizer, reward, eval_prompts, cfg,
                                 seed=cfg.seed) if cfg.eval_prompts else {}
+    if not is_main_process():   # under `accelerate launch`, one process writes
+        return {}
     policy = policy.to("cpu")
     policy.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
@@ -377,18 +381,66 @@ def train_rlhf(config: RLHFConfig | dict, out_dir: Path | None = None,
     if stamp.is_file() and stamp.read_text().strip() == key:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if is_distributed():   # every process trains; the main one writes, the others wait
+        work = target.parent / f".tmp-rlhf-{key}"
+        run_rlhf(cfg, work, progress=progress and is_main_process())
+        if is_main_process():
+            _finish(work, target, key)
+        _barrier()
+        return target
     work = Path(tempfile.mkdtemp(prefix=".tmp-rlhf-", dir=target.parent))
     try:
         run_rlhf(cfg, work, progress=progress)
-        (work / "recipe_key.txt").write_text(key + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
+        _finish(work, target, key)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return target
 
 
+def _finish(work: Path, target: Path, key: str) -> None:
+    (work / "recipe_key.txt").write_text(key + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    work.rename(target)
+
+
+# --- several processes (`accelerate launch -m harness.train CONFIG.json`) -------------------
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.train CONFIG.json`: one recipe run from a JSON RLHFConfig."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m harness.train", description=main.__doc__)
+    parser.add_argument("config", type=Path, help="JSON object of RLHFConfig fields")
+    parser.add_argument("--out", type=Path, help="checkpoint dir (default: the cache)")
+    args = parser.parse_args(argv)
+    try:
+        config = json.loads(args.config.read_text())
+        path = train_rlhf(RLHFConfig.from_dict(config), args.out)
+    except (OSError, json.JSONDecodeError, HarnessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if is_main_process():
+        print(path)
+    return 0
+
+
 __all__ = ["RLHFConfig", "train_rlhf", "run_rlhf", "freeze_all_but_last", "logit_diff",
            "greedy", "evaluate_policy", "RECIPES"]
+
+if __name__ == "__main__":
+    sys.exit(main())
