@@ -343,6 +343,7 @@ def run_rlhf(cfg: RLHFConfig, out_dir: Path, progress: bool = True) -> dict:
     tokenizer.save_pretrained(str(out_dir))
     report = {
         "recipe": cfg.recipe, "algorithm": "trl.RLOOTrainer", "config": asdict(cfg),
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "trainable_parameters": trainable, "seconds": round(time.time() - t0, 2),
         "before": before, "after": after, "history": history,
     }

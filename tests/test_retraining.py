@@ -130,3 +130,25 @@ claims:
     assert [v.status for v in verdicts] == ["passed", "passed"], [v.message for v in verdicts]
     built = list((tmp_path / "cache" / "rlhf").iterdir())
     assert len(built) == 1 and (built[0] / "recipe_key.txt").is_file()
+
+
+def test_recipe_runs_in_two_processes(tmp_path):
+    """TRL's multi-process path (what `accelerate launch --multi_gpu` starts), on two CPU
+    processes with gloo via torchrun: one checkpoint, written once."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "rlhf.json"
+    config.write_text(json.dumps({"steps": 2, "batch_size": 8, "num_generations": 4,
+                                  "eval_prompts": 0, "n_prompts": 64, "seed": 3,
+                                  "device": "cpu"}))
+    env = dict(os.environ, INTERP_HARNESS_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                          "2", "-m", "harness.train", str(config)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (built,) = (tmp_path / "cache" / "rlhf").iterdir()
+    assert run.stdout.strip().splitlines()[-1] == str(built)
+    report = json.loads((built / "rlhf_report.json").read_text())
+    assert report["processes"] == 2 and (built / "model.safetensors").is_file()
