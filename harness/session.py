@@ -30,17 +30,23 @@ class Session:
         source = spec.models[name]
         device = pick_device(source, self.device)
         key = f"{source_key(source, spec.directory)}|{device}"
-        if key not in self._models:
+
+        def load() -> LoadedModel:
             self._log(f"loading model '{name}' ({source.kind}) on {device}")
+            return load_model(name, source, self.location(spec, name), device)
+        return self._once(key, load)
+
+    def _once(self, key: str, load):
+        """Load under `key` once per session; a failure is remembered and raised again."""
+        if key not in self._models:
             try:
-                location = self.location(spec, name)
-                self._models[key] = load_model(name, source, location, device)
+                self._models[key] = load()
             except HarnessError as exc:
                 self._models[key] = exc
-        loaded = self._models[key]
-        if isinstance(loaded, HarnessError):
-            raise loaded
-        return loaded
+        found = self._models[key]
+        if isinstance(found, HarnessError):
+            raise found
+        return found
 
     def location(self, spec: Spec, name: str) -> str:
         """Local directory or hub id of a model (builds `train:` models, cached on disk)."""
@@ -84,17 +90,9 @@ class Session:
         from harness.zoo.reward import SentimentReward
 
         source = spec.models[name]
-        key = f"reward|{source_key(source, spec.directory)}"
-        if key not in self._models:
-            try:
-                device = pick_device(source, self.device)
-                self._models[key] = SentimentReward(self.location(spec, name), device=device)
-            except HarnessError as exc:
-                self._models[key] = exc
-        found = self._models[key]
-        if isinstance(found, HarnessError):
-            raise found
-        return found
+        device = pick_device(source, self.device)
+        return self._once(f"reward|{source_key(source, spec.directory)}|{device}",
+                          lambda: SentimentReward(self.location(spec, name), device=device))
 
     def loaded_models(self) -> list[dict]:
         return [{"origin": m.origin, "device": m.device, "dtype": m.dtype}
