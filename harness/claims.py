@@ -142,8 +142,8 @@ def _generate(ctx: ClaimContext) -> Measurement:
     batch = ctx.batch(model)
     hooks_for = _generation_patch(ctx, claim.patch) if claim.patch else None
     texts = tuple(generate(model.bridge, model.tokenizer, batch.tokens[i, : int(f) + 1],
-                           claim.max_new_tokens, claim.temperature, claim.seed + s,
-                           hooks_for=hooks_for)
+                           claim.max_new_tokens, claim.temperature,
+                           claim.seed + i * claim.samples + s, hooks_for=hooks_for)
                   for i, f in enumerate(batch.final_pos) for s in range(claim.samples))
     if not claim.sampled:
         return Measurement(TEXT, texts[0], texts, {"prompts": batch.texts})

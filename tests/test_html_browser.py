@@ -1,4 +1,5 @@
-"""The HTML report opened in a real headless Chromium: no console errors, figures rendered."""
+"""Reports of the toy spec in every format, and the HTML report opened in a real headless
+Chromium: no console errors, figures rendered."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium: install Debian's `chromium` (.ci/run does)")
+REPO = Path(__file__).parent.parent
 
 
 def grid(axes, labels, values):
@@ -47,10 +49,53 @@ def sample_report() -> dict:
             ]}]}
 
 
-def test_report_renders_in_chromium(tmp_path):
-    page = tmp_path / "report.html"
-    page.write_text(html_report(sample_report()))
-    shot = tmp_path / "report.png"
+@pytest.fixture(scope="module")
+def toy_reports(tmp_path_factory):
+    """`harness run` on the toy spec with all three reports (the toy claims all hold)."""
+    from harness.cli import main
+
+    out = tmp_path_factory.mktemp("toy-reports")
+    code = main(["run", str(REPO / "specs" / "toy_negative_reviews.yaml"), "-q",
+                 "--report-json", str(out / "r.json"), "--report-md", str(out / "r.md"),
+                 "--report-html", str(out / "html")])
+    assert code == 0
+    return out
+
+
+def test_toy_json_report_matches_the_schema(toy_reports):
+    import json
+
+    import jsonschema
+
+    data = json.loads((toy_reports / "r.json").read_text())
+    schema = json.loads((REPO / "docs" / "report.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    claims = {c["id"]: c for c in data["specs"][0]["claims"]}
+    sweep = claims["resid-hot-spot"]["measured"]
+    assert sweep["axes"] == ["layer", "pos"] and sweep["labels"][1][-1] == " really"
+    assert claims["no-single-head-carries-it-approx"]["measured"]["method"] == "attribution"
+    assert {m["dtype"] for m in data["environment"]["models"]} == {"float32"}
+
+
+def test_toy_markdown_report(toy_reports):
+    md = (toy_reports / "r.md").read_text()
+    assert "## toy-negative-reviews" in md and "| status" in md
+    assert md.count("✅ passed") == 27
+
+
+@needs_chromium
+def test_toy_html_report_renders_in_chromium(toy_reports, tmp_path):
+    page = toy_reports / "html" / "report.html"
+    dom, shot = render(page, tmp_path, "toy-report-screenshot.png", height=9000)
+    # 7 sweeps (6 heatmaps, 1 bar chart over layers) + 4 lens / DLA plots
+    assert dom.count('class="plot-container plotly"') == 11
+    assert dom.count('class="hm"') == 6
+    assert ">resid-hot-spot: patch_sweep" in dom or "resid-hot-spot: patch_sweep" in dom
+
+
+def render(page: Path, tmp_path: Path, name: str, height: int = 2400) -> tuple[str, Path]:
+    """The page's DOM after its scripts ran (no console errors) and a screenshot of it."""
+    shot = tmp_path / name
     common = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True,
                          text=True, timeout=120)
@@ -58,13 +103,21 @@ def test_report_renders_in_chromium(tmp_path):
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
     errors = [line for line in console if re.search(r"error|uncaught", line, re.I)]
     assert not errors, errors
-    # four figures drawn by plotly at load time (the page source holds only their data)
-    assert dom.stdout.count('class="plot-container plotly"') == 4
-    assert dom.stdout.count('class="hm"') == 2           # two heatmaps painted
-    assert dom.stdout.count('class="scatterlayer mlayer"') >= 1   # the lens lines
-    shot_run = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1400,2400",
+    shot_run = subprocess.run([*common, f"--screenshot={shot}", f"--window-size=1400,{height}",
                                page.as_uri()], capture_output=True, text=True, timeout=120)
     assert shot_run.returncode == 0 and shot.stat().st_size > 10_000
-    keep = Path(__file__).parent.parent / "reports"
+    keep = REPO / "reports"
     keep.mkdir(exist_ok=True)
-    shutil.copy(shot, keep / "report-screenshot.png")
+    shutil.copy(shot, keep / name)
+    return dom.stdout, shot
+
+
+@needs_chromium
+def test_report_renders_in_chromium(tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(html_report(sample_report()))
+    dom_text, _ = render(page, tmp_path, "report-screenshot.png")
+    assert dom_text.count('class="plot-container plotly"') == 4
+    assert dom_text.count('class="hm"') == 2           # two heatmaps painted
+    assert dom_text.count('class="scatterlayer mlayer"') >= 1   # the lens lines
+
