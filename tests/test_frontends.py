@@ -244,3 +244,26 @@ def test_devices_are_assigned_round_robin(pytester):
     for worker, device in (("gw0", "cuda:0"), ("gw1", "cuda:1"), ("gw2", "cuda:0")):
         config.workerinput = {"workerid": worker}
         assert _worker_device(config) == device
+
+
+@pytest.mark.slow
+def test_xdist_on_the_toy_suite_gives_the_same_report(pytester, tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\n")
+    pytester.mkdir("specs")
+    pytester.mkdir("checks")
+    text = (repo / "specs" / "toy_negative_reviews.yaml").read_text()
+    (pytester.path / "specs" / "toy_negative_reviews.yaml").write_text(text)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    pytester.runpytest("checks", f"--harness-report-json={one}").assert_outcomes(passed=27)
+    pytester.runpytest("checks", "-n", "2", f"--harness-report-json={two}").assert_outcomes(
+        passed=27)
+
+    def verdicts(path):
+        data = json.loads(path.read_text())
+        return {c["id"]: (c["status"], c["measured"]) for s in data["specs"]
+                for c in s["claims"]}
+
+    assert verdicts(one) == verdicts(two)
