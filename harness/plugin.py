@@ -179,7 +179,10 @@ def _describe(verdict, exc) -> str:
     lines = [f"claim {verdict.node_id} {kind} ({verdict.file}:{verdict.line})",
              f"  expected: {expected_text(verdict.expected)}"]
     if verdict.measured is not None:
-        lines.append(f"  measured: {_short(verdict.measured)}")
+        from harness.claims import short_measured
+
+        grid = isinstance(verdict.measured, dict) and "values" in verdict.measured
+        lines.append(f"  measured: {short_measured(verdict) if grid else _short(verdict.measured)}")
     if verdict.margin is not None:
         lines.append(f"  margin:   {fmt(verdict.margin)}")
     lines.append(f"  {verdict.message}")
