@@ -227,7 +227,7 @@ def _patch_measurement(effect, metric: str) -> Measurement:
     value = raw if metric == "logit_diff" else float(effect.normalized)
     extras = {"raw": raw, "from": float(effect.from_value.mean()),
               "into": float(effect.into_value.mean()), "normalized": float(effect.normalized)}
-    return Measurement(PATCH if metric else SCALAR, value, tuple(effect.patched.tolist()),
+    return Measurement(PATCH, value, tuple(effect.patched.tolist()),
                        extras)
 
 
