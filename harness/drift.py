@@ -9,7 +9,8 @@ from tabulate import tabulate
 
 from harness.baselines import drift
 from harness.errors import HarnessError
-from harness.report import _measured_cell, fmt
+from harness.expect import fmt
+from harness.report import _measured_cell
 
 HEADERS = ["spec", "claim", "old status", "new status", "old measured", "new measured", "moved"]
 

@@ -100,11 +100,12 @@ def load_tokenizer(location: str, source: ModelSource) -> PreTrainedTokenizerBas
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
 
 
-def load_model(name: str, source: ModelSource, location: str, device: str) -> LoadedModel:
+def load_model(name: str, source: ModelSource, location: str, device: str,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """Load `location` into a TransformerBridge with compatibility mode on."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    tokenizer = load_tokenizer(location, source)
+    tokenizer = tokenizer or load_tokenizer(location, source)
     hf_model = load_hf_causal_lm(location, source)
     try:
         bridge = TransformerBridge.boot_transformers(

@@ -126,7 +126,7 @@ def _default(obj):
     return str(obj)
 
 
-__all__ = ["table", "json_report", "write_json", "failure_details", "fmt"]
+__all__ = ["table", "json_report", "write_json", "write_reports", "failure_details"]
 
 
 # ----------------------------------------------------------------------------- Markdown

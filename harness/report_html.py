@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import html
 
-from harness.report import STATUS_ORDER, _measured_cell, expected_text, fmt
+from harness.expect import fmt
+from harness.report import STATUS_ORDER, _measured_cell, expected_text
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}

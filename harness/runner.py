@@ -7,7 +7,6 @@ from pathlib import Path
 
 from harness.claims import Verdict, evaluate_claim
 from harness.errors import HarnessError, ModelUnavailable, SpecError
-from harness.models import load_tokenizer
 from harness.prompts import single_token_id
 from harness.session import Session
 from harness.spec import Spec, load_spec
@@ -27,6 +26,7 @@ def check_tokens(spec: Spec, session: Session | None = None) -> list[SpecError]:
     """Every answer and foil must be one token for each model that reads it (tokenizers only;
     models that cannot be had are left for claim time, where they are errors or skips)."""
     errors: list[SpecError] = []
+    session = session or Session(verbose=False)
     tokenizers = {}
     for claim in spec.claims:
         for name in claim.model_names():
@@ -49,14 +49,9 @@ def check_tokens(spec: Spec, session: Session | None = None) -> list[SpecError]:
     return list(unique.values())
 
 
-def _tokenizer_or_none(spec: Spec, name: str, session: Session | None):
-    source = spec.models[name]
-    while source.train is not None:   # a trained model keeps its base model's tokenizer
-        name = source.train.base
-        source = spec.models[name]
+def _tokenizer_or_none(spec: Spec, name: str, session: Session):
     try:
-        location = (session or Session(verbose=False)).location(spec, name)
-        return load_tokenizer(location, source)
+        return session.tokenizer(spec, name)
     except ModelUnavailable:
         return None
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from harness.errors import HarnessError, ModelUnavailable
-from harness.models import LoadedModel, load_model, pick_device, resolve_location, source_key
+from harness.errors import HarnessError
+from harness.models import (
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_location,
+    source_key,
+)
 from harness.prompts import PromptBatch, build_batch
 from harness.spec import Spec
-from harness.yamlsource import format_loc
 
 
 @dataclass
@@ -33,8 +39,17 @@ class Session:
 
         def load() -> LoadedModel:
             self._log(f"loading model '{name}' ({source.kind}) on {device}")
-            return load_model(name, source, self.location(spec, name), device)
+            return load_model(name, source, self.location(spec, name), device,
+                              self.tokenizer(spec, name))
         return self._once(key, load)
+
+    def tokenizer(self, spec: Spec, name: str):
+        """A model's tokenizer, loaded once; a `train:` model has its base model's."""
+        while spec.models[name].train is not None:
+            name = spec.models[name].train.base
+        source = spec.models[name]
+        return self._once(f"tokenizer|{source_key(source, spec.directory)}",
+                          lambda: load_tokenizer(self.location(spec, name), source))
 
     def _once(self, key: str, load):
         """Load under `key` once per session; a failure is remembered and raised again."""
@@ -109,10 +124,3 @@ class Session:
     def _log(self, message: str) -> None:
         if self.verbose:
             print(f"[harness] {message}", file=sys.stderr, flush=True)
-
-
-def is_optional_unavailable(spec: Spec, names: tuple[str, ...], exc: Exception) -> bool:
-    return isinstance(exc, ModelUnavailable) and any(spec.models[n].optional for n in names)
-
-
-__all__ = ["Session", "format_loc"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -47,4 +46,4 @@ def normalized_effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -
     return (patched.mean(-1) - into_value.mean()) / (from_value.mean() - into_value.mean())
 
 
-__all__ = ["Grid", "PatchEffect", "normalized_effect", "torch"]
+__all__ = ["Grid", "PatchEffect", "normalized_effect"]
