@@ -47,3 +47,16 @@ def _rewrite_as_value_head_checkpoint(model: GPT2LMHeadModel, directory: Path) -
     state["v_head.summary.weight"] = torch.zeros(1, model.config.n_embd)
     state["v_head.summary.bias"] = torch.zeros(1)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_spec(directory: Path, model_dir: Path, prompts: str, claims: str,
+               name: str = "spec") -> Path:
+    """A spec file with one `path:` model named `a`, the given prompts and claims (YAML lists,
+    any indentation), for tests."""
+    import textwrap
+
+    path = Path(directory) / f"{name}.yaml"
+    path.write_text(f'spec: {name}\nmodels:\n  a: {{path: "{model_dir}"}}\nprompts:\n'
+                    + textwrap.indent(textwrap.dedent(prompts), "  ") + "claims:\n"
+                    + textwrap.indent(textwrap.dedent(claims), "  "))
+    return path

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import textwrap
 
 import pytest
 import torch
 
+from harness import testing
 from harness.cli import main as harness_main
 from harness.runner import run_spec_file
 from harness.session import Session
@@ -20,15 +20,7 @@ NOUNS = ["acting", "plot", "movie", "film", "story", "music", "ending", "script"
 
 
 def write_spec(tmp_path, model_dir, prompts: str, claims: str, name="family"):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        spec: {name}
-        models:
-          a: {{path: "{model_dir}"}}
-        prompts:
-        """) + textwrap.indent(textwrap.dedent(prompts), "  ") + "claims:\n"
-        + textwrap.indent(textwrap.dedent(claims), "  "))
-    return path
+    return testing.write_spec(tmp_path, model_dir, prompts, claims, name)
 
 
 def test_file_and_jsonl_prompts(tmp_path, tiny_checkpoints):

@@ -15,27 +15,24 @@ import pytest
 
 from harness.baselines import baseline_path, write_atomic
 from harness.cli import main as harness_main
+from harness.testing import write_spec
 
 REPO = Path(__file__).parent.parent
 SCHEMA = json.loads((REPO / "docs" / "report.schema.json").read_text())
 
 
+TWO_PROMPTS = """\
+- text: "This movie was really"
+  answer: " bad"
+  foil: " good"
+- text: "The acting was"
+  answer: " bad"
+  foil: " good"
+"""
+
+
 def make_spec(tmp_path: Path, model_dir: Path, claims: str, name="reports") -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        spec: {name}
-        models:
-          a: {{path: "{model_dir}"}}
-        prompts:
-          - text: "This movie was really"
-            answer: " bad"
-            foil: " good"
-          - text: "The acting was"
-            answer: " bad"
-            foil: " good"
-        claims:
-        """) + textwrap.indent(textwrap.dedent(claims), "  "))
-    return path
+    return write_spec(tmp_path, model_dir, TWO_PROMPTS, claims, name)
 
 
 CLAIMS = """\
