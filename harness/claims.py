@@ -106,7 +106,7 @@ def _logit_diff(ctx: ClaimContext) -> Measurement:
 
     model = ctx.model(ctx.claim.model)
     batch = ctx.batch(model)
-    per_prompt = logit_diff(model.bridge, batch)
+    per_prompt = logit_diff(model.bridge, batch, ctx.session.memory_budget_mb)
     extras = {"prompts": batch.texts}
     if ctx.claim.ci:
         from harness.stats import bootstrap_mean_ci
@@ -126,7 +126,8 @@ def _top_k(ctx: ClaimContext) -> Measurement:
 
     model = ctx.model(ctx.claim.model)
     batch = ctx.batch(model)
-    tops = top_k_tokens(model.bridge, model.tokenizer, batch, ctx.claim.k)
+    tops = top_k_tokens(model.bridge, model.tokenizer, batch, ctx.claim.k,
+                        ctx.session.memory_budget_mb)
     per_prompt = tuple([tok for tok, _ in row] for row in tops)
     return Measurement(TOKENS, per_prompt[0], per_prompt,
                        {"prompts": batch.texts, "probabilities": [[p for _, p in row]

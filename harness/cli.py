@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="store every claim's measured values in <spec>.baseline.json")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     run.add_argument("--memory-budget-mb", type=int, default=2048,
-                     help="largest batch of patching variants, in MB (default 2048)")
+                     help="MB for activations: traces, patched variants, forward passes "
+                          "(default 2048); larger prompt sets run in slices")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     run.set_defaults(func=_run)
     validate = sub.add_parser("validate", help="check specs without loading model weights")

@@ -21,7 +21,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--harness-device", default=None,
                     help="device for every model (default: CUDA when available, else CPU)")
     group.addoption("--harness-memory-budget-mb", type=int, default=2048,
-                    help="largest batch of patching variants, in MB (default 2048)")
+                    help="MB for activations: traces, patched variants, forward passes "
+                         "(default 2048); larger prompt sets run in slices")
     group.addoption("--harness-report-json", default=None, metavar="FILE",
                     help="write the JSON report of every claim run")
     group.addoption("--harness-report-md", default=None, metavar="FILE",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from transformers import GPT2LMHeadModel
 
 from harness.testing import build_tiny_gpt2
+
+# The measurement tests run on the CPU; HARNESS_TEST_DEVICE=cuda runs them on a GPU.
+TEST_DEVICE = os.environ.get("HARNESS_TEST_DEVICE", "cpu")
 
 
 def build_model_dir(directory: Path, *, n_layer: int = 3, seed: int = 0) -> Path:
@@ -45,6 +49,6 @@ def copy_with_new_last_block(src: Path, dst: Path, *, seed: int = 7, scale: floa
 def load_bridge(directory: Path):
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
+    bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
     bridge.enable_compatibility_mode()
     return bridge

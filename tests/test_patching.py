@@ -65,7 +65,7 @@ def _reference(setup, kind, fn):
     fb, ft, ib, it = _pairs(setup)[kind]
     with torch.no_grad():
         _, cache = fb.run_with_cache(ft)
-        return fn(ib, it, cache, _metric(setup)).float()
+        return fn(ib, it, cache, _metric(setup)).float().cpu()
 
 
 SWEEPS = [  # (TransformerLens function, site, over, permutation of TL's axes into ours)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
+from _tiny_models import TEST_DEVICE
 from test_patching import SWEEPS
 
 from harness.measure.patching import PatchingEngine, Run
@@ -19,7 +20,7 @@ CORRUPT = ["This movie was really good. The acting was", "This film was quite go
 
 @pytest.fixture(scope="module")
 def toy():
-    source, rlhf = (load_model(n, ModelSource(zoo=n), str(zoo_checkpoint(n)), "cpu").bridge
+    source, rlhf = (load_model(n, ModelSource(zoo=n), str(zoo_checkpoint(n)), TEST_DEVICE).bridge
                     for n in ("toy-reviews-source", "toy-reviews-rlhf"))
     tokens, corrupt = source.to_tokens(CLEAN), source.to_tokens(CORRUPT)
     assert tokens.shape == corrupt.shape
@@ -50,7 +51,7 @@ def test_engine_equals_transformer_lens_on_the_toy_models(toy, direction, fn_nam
 
     with torch.no_grad():
         _, cache = fb.run_with_cache(ft)
-        expected = getattr(tl_patching, fn_name)(ib, it, cache, metric).float()
+        expected = getattr(tl_patching, fn_name)(ib, it, cache, metric).float().cpu()
     if perm is not None:
         expected = expected.permute(*perm)
     grid = PatchingEngine().patch_sweep(Run(fk, fb, ft, toy["final_pos"]),

@@ -25,16 +25,14 @@ from harness.prompts import PromptBatch
 DLA_BY = ("component", "head", "layer")
 
 
-def _model_and_trace(bridge, batch: PromptBatch, engine=None, key: str | None = None):
-    """Weights and clean trace, shared with a PatchingEngine's cache when one is given."""
-    if engine is not None and key is not None:
-        from harness.measure.patching import Run
+def _slices(bridge, batch: PromptBatch, engine=None, key: str | None = None):
+    """The model's weights and its clean traces in prompt slices that fit the memory budget,
+    shared with a PatchingEngine's cache when one is given."""
+    from harness.measure.patching import PatchingEngine, Run
 
-        run = Run(key, bridge, batch.tokens, batch.final_pos)
-        return engine.model(run), engine.clean(run)
-    model = FoldedGPT2.from_bridge(bridge)
-    with torch.no_grad():
-        return model, fw.trace(model, batch.tokens)
+    engine = engine if engine is not None else PatchingEngine()
+    run = Run(key or "model", bridge, batch.tokens, batch.final_pos)
+    return engine.model(run), ((rows, sub, acts) for rows, (sub,), (acts,) in engine.slices(run))
 
 
 def _at_final(acts: Tensor, final_pos: Tensor) -> Float[Tensor, "batch ..."]:
@@ -52,28 +50,32 @@ def dla(bridge, batch: PromptBatch, by: str = "component", *, engine=None,
     """
     if by not in DLA_BY:
         raise MeasureError(f"unknown dla by={by!r}" + did_you_mean(by, DLA_BY))
-    model, acts = _model_and_trace(bridge, batch, engine, key)
+    model, slices = _slices(bridge, batch, engine, key)
+    per_prompt, scale = [], []
     with torch.no_grad():
-        labels, parts = _components(model, acts, batch, by)
-        direction, bias = model.logit_diff_direction(batch.answer_ids, batch.foil_ids)
-        scale = _ln_scale(_at_final(acts["final"], batch.final_pos), model.eps)
-        centered = parts - parts.mean(-1, keepdim=True)  # the final LayerNorm is linear
-        per_prompt = (centered * direction).sum(-1) / scale  # given its scale: [component, B]
-        if by == "head":
-            per_prompt[-1] += bias
-        else:
-            per_prompt = torch.cat([per_prompt, bias[None]])
-    per_prompt = per_prompt.cpu()
+        for rows, run, acts in slices:
+            labels, parts = _components(model, acts, run.tokens, run.final_pos, by)
+            direction, bias = model.logit_diff_direction(batch.answer_ids[rows],
+                                                         batch.foil_ids[rows])
+            scale.append(_ln_scale(_at_final(acts["final"], run.final_pos), model.eps))
+            centered = parts - parts.mean(-1, keepdim=True)  # the final LayerNorm is linear
+            rows_dla = (centered * direction).sum(-1) / scale[-1]  # given its scale: [comp, B]
+            if by == "head":
+                rows_dla[-1] += bias
+            else:
+                rows_dla = torch.cat([rows_dla, bias[None]])
+            per_prompt.append(rows_dla.cpu())
+    per_prompt = torch.cat(per_prompt, -1)
     return Grid(axes=("component",), labels=(tuple(labels),), values=per_prompt.mean(-1),
-                extras={"per_prompt": per_prompt, "final_ln_scale": scale.cpu(),
+                extras={"per_prompt": per_prompt, "final_ln_scale": torch.cat(scale).cpu(),
                         "logit_diff": per_prompt.sum(0), "by": by})
 
 
-def _components(model: FoldedGPT2, acts, batch: PromptBatch, by: str
+def _components(model: FoldedGPT2, acts, tokens: Tensor, final_pos: Tensor, by: str
                 ) -> tuple[list, Float[Tensor, "component batch d_model"]]:
     """Residual-stream pieces at the final position (bias handled by the caller)."""
-    fp = batch.final_pos.to(model.device)
-    tokens = batch.tokens.to(model.device)
+    fp = final_pos.to(model.device)
+    tokens = tokens.to(model.device)
     embed = model.W_E[_at_final(tokens, fp)]
     pos_embed = model.W_pos[fp]
     rows = torch.arange(tokens.shape[0], device=model.device)
@@ -110,20 +112,19 @@ def logit_lens(bridge, batch: PromptBatch, incl_mid: bool = False, *, engine=Non
     Labels: resid_pre0, [resid_mid0,] resid_pre1, ..., final (the residual after the last
     block). Each entry gets the final LayerNorm with its own scale, then the unembedding.
     """
-    model, acts = _model_and_trace(bridge, batch, engine, key)
-    labels, stack = [], []
-    for layer in range(model.n_layers):
-        labels.append(f"resid_pre{layer}")
-        stack.append(acts["resid_pre"][layer])
-        if incl_mid:
-            labels.append(f"resid_mid{layer}")
-            stack.append(acts["resid_mid"][layer])
-    labels.append("final")
-    stack.append(acts["final"])
+    model, slices = _slices(bridge, batch, engine, key)
+    sites = ("resid_pre", "resid_mid") if incl_mid else ("resid_pre",)
+    entries = [(site, layer) for layer in range(model.n_layers) for site in sites]
+    labels = [f"{site}{layer}" for site, layer in entries] + ["final"]
+    per_prompt = []
     with torch.no_grad():
-        resid = torch.stack([_at_final(s, batch.final_pos) for s in stack])  # [entry, B, d]
-        direction, bias = model.logit_diff_direction(batch.answer_ids, batch.foil_ids)
-        per_prompt = fw.read_logit_diff(model, resid, direction, bias).cpu()
+        for rows, run, acts in slices:
+            stack = [acts[site][layer] for site, layer in entries] + [acts["final"]]
+            resid = torch.stack([_at_final(s, run.final_pos) for s in stack])  # [entry, B, d]
+            direction, bias = model.logit_diff_direction(batch.answer_ids[rows],
+                                                         batch.foil_ids[rows])
+            per_prompt.append(fw.read_logit_diff(model, resid, direction, bias).cpu())
+    per_prompt = torch.cat(per_prompt, -1)
     return Grid(axes=("layer",), labels=(tuple(labels),), values=per_prompt.mean(-1),
                 extras={"per_prompt": per_prompt, "n_layers": model.n_layers})
 

@@ -236,6 +236,19 @@ def trace(model: FoldedGPT2, tokens: Int[Tensor, "batch pos"], hook: Hook = _no_
     return out
 
 
+def trace_nbytes(model: FoldedGPT2, batch: int, n_pos: int) -> int:
+    """Bytes of a clean trace as the patching engine keeps it (`trace` plus one fused qkv).
+
+    Per layer and row: five residual-width sites, z and the fused q/k/v (q, k and v are views
+    of it), the MLP's hidden activations and one attention row per head; plus the final residual.
+    """
+    d_model, d_mlp = model.W_O.shape[-1], model.W_in.shape[-1]
+    d_heads = model.n_heads * model.d_head
+    per_row = 5 * d_model + 4 * d_heads + d_mlp + model.n_heads * n_pos
+    rows = batch * n_pos
+    return (model.n_layers * per_row + d_model) * rows * model.W_E.element_size()
+
+
 def read_logit_diff(model: FoldedGPT2, resid: Float[Tensor, "n d_model"],
                     direction: Float[Tensor, "n d_model"], bias: Float[Tensor, " n"]
                     ) -> Float[Tensor, " n"]:

@@ -6,31 +6,62 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from harness.measure.budget import SLICE_SHARE, WORK_SHARE, budget_bytes
 from harness.prompts import PromptBatch
 
 
-def final_logits(bridge, tokens: Int[Tensor, "batch pos"],
-                 final_pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
-    """Logits at each prompt's own final token (right padding cannot reach it)."""
+def read_final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch"],
+                      read, memory_budget_mb: float = 2048) -> Tensor | tuple[Tensor, ...]:
+    """`read(logits, rows)` of the logits at each prompt's own final token, for all prompts.
+
+    Prompts go through the model in slices whose full logits and activations fit the budget;
+    `read` gets each slice's final-token logits [rows, vocab] (float32, on the CPU) and the slice,
+    and returns a tensor (or tuple of tensors) with the prompts first; the slices are joined.
+    """
+    step = prompts_per_forward(bridge.cfg, tokens.shape[1], memory_budget_mb)
+    parts = []
     with torch.inference_mode():
-        logits = bridge(tokens.to(_device(bridge)), return_type="logits")
-    rows = torch.arange(tokens.shape[0], device=logits.device)
-    return logits[rows, final_pos.to(logits.device)].float().cpu()
+        for start in range(0, tokens.shape[0], step):
+            rows = slice(start, start + step)
+            logits = bridge(tokens[rows].to(_device(bridge)), return_type="logits")
+            n = torch.arange(logits.shape[0], device=logits.device)
+            final = logits[n, final_pos[rows].to(logits.device)].float().cpu()
+            del logits
+            parts.append(read(final, rows))
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
 
 
-def logit_diff(bridge, batch: PromptBatch) -> Float[Tensor, " batch"]:
+def prompts_per_forward(cfg, n_pos: int, memory_budget_mb: float) -> int:
+    """Prompts per forward pass: a generous estimate of its live tensors (float32 logits twice,
+    the widest activations of one block) within the budget's working share."""
+    per_row = 2 * cfg.d_vocab + 4 * cfg.d_mlp + 8 * cfg.d_model + 2 * cfg.n_heads * n_pos
+    share = budget_bytes(memory_budget_mb, SLICE_SHARE + WORK_SHARE)
+    return max(1, share // (4 * n_pos * per_row))
+
+
+def logit_diff(bridge, batch: PromptBatch, memory_budget_mb: float = 2048
+               ) -> Float[Tensor, " batch"]:
     """logit(answer) - logit(foil) at the final position, per prompt."""
-    logits = final_logits(bridge, batch.tokens, batch.final_pos)
-    rows = torch.arange(logits.shape[0])
-    return logits[rows, batch.answer_ids] - logits[rows, batch.foil_ids]
+    def read(logits: Tensor, rows: slice) -> Tensor:
+        n = torch.arange(logits.shape[0])
+        return logits[n, batch.answer_ids[rows]] - logits[n, batch.foil_ids[rows]]
+
+    return read_final_logits(bridge, batch.tokens, batch.final_pos, read, memory_budget_mb)
 
 
-def top_k_tokens(bridge, tokenizer, batch: PromptBatch, k: int) -> list[list[tuple[str, float]]]:
+def top_k_tokens(bridge, tokenizer, batch: PromptBatch, k: int,
+                 memory_budget_mb: float = 2048) -> list[list[tuple[str, float]]]:
     """The k most likely next tokens per prompt, with their probabilities."""
-    probs = final_logits(bridge, batch.tokens, batch.final_pos).softmax(-1)
-    top = probs.topk(k, dim=-1)
+    def read(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        top = logits.softmax(-1).topk(k, dim=-1)
+        return top.values, top.indices
+
+    values, indices = read_final_logits(bridge, batch.tokens, batch.final_pos, read,
+                                        memory_budget_mb)
     return [[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(ids, ps)]
-            for ids, ps in zip(top.indices, top.values)]
+            for ids, ps in zip(indices, values)]
 
 
 def generate(bridge, tokenizer, tokens: Int[Tensor, " pos"], max_new_tokens: int,

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
 from harness.measure import gpt2_forward as fw
+from harness.measure.budget import CACHE_SHARE, SLICE_SHARE, WORK_SHARE, budget_bytes
 from harness.measure.gpt2_forward import HEAD_SITES, SITES, FoldedGPT2
 from harness.measure.results import Grid, PatchEffect, normalized_effect
 
@@ -61,6 +63,10 @@ class Run:
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)  # type: ignore[return-value]
 
+    def rows(self, rows: slice) -> Run:
+        """The same model on some of the prompts."""
+        return Run(self.key, self.bridge, self.tokens[rows], self.final_pos[rows])
+
 
 @dataclass(frozen=True)
 class _Variants:
@@ -78,7 +84,13 @@ class _Variants:
 
 
 class PatchingEngine:
-    """Shared clean runs and batched patching; one engine per evaluation session."""
+    """Shared clean runs and batched patching; one engine per evaluation session.
+
+    Memory: `memory_budget_mb` bounds the activations the engine holds at any time (weights are
+    not counted), shared as `harness.measure.budget` says: clean traces kept between claims
+    (least recently used dropped first), traces of prompt slices when a run's whole trace does
+    not fit the cache, and batches of variants. Results are the same whatever the budget.
+    """
 
     def __init__(self, memory_budget_mb: int = 2048, *, verify: bool = True):
         if memory_budget_mb <= 0:
@@ -86,7 +98,15 @@ class PatchingEngine:
         self.memory_budget_mb = memory_budget_mb
         self.verify = verify
         self._models: dict[str, tuple[Any, FoldedGPT2]] = {}
-        self._traces: dict[tuple[str, str], Acts] = {}
+        self._traces: OrderedDict[tuple[str, str], tuple[Acts, int]] = OrderedDict()
+        self._verified: set[str] = set()
+
+    def _bytes(self, share: float) -> int:
+        return budget_bytes(self.memory_budget_mb, share)
+
+    def cached_trace_bytes(self) -> int:
+        """Bytes of the clean traces kept for later claims (at most the budget's cache share)."""
+        return sum(size for _, size in self._traces.values())
 
     # ---- clean runs -------------------------------------------------------------------------
     def model(self, run: Run) -> FoldedGPT2:
@@ -100,28 +120,72 @@ class PatchingEngine:
         return model
 
     def clean(self, run: Run) -> Acts:
-        """Every activation of the unpatched run, traced once per (model key, tokens)."""
+        """Every activation of the unpatched run: kept for later claims if it fits the budget.
+
+        For runs of many prompts prefer `slices`, which bounds the memory of the traces.
+        """
         key = (run.key, _tokens_hash(run.tokens))
-        if key not in self._traces:
-            model = self.model(run)
-            with torch.no_grad():
-                acts = fw.trace(model, run.tokens)
-                acts["qkv"] = torch.stack([acts["q"], acts["k"], acts["v"]], 3)
-            if self.verify and not any(k[0] == run.key for k in self._traces):
-                fw.check_against_bridge(model, run.bridge, run.tokens, acts["final"])
-            self._traces[key] = acts
-        return self._traces[key]
+        if key in self._traces:
+            self._traces.move_to_end(key)
+            return self._traces[key][0]
+        size = fw.trace_nbytes(self.model(run), *run.shape)
+        if size > self._bytes(CACHE_SHARE):
+            return self._trace(run)
+        self._evict(self._bytes(CACHE_SHARE) - size, keep=())
+        self._traces[key] = (self._trace(run), size)
+        return self._traces[key][0]
+
+    def slices(self, *runs: Run) -> Iterator[tuple[slice, list[Run], list[Acts]]]:
+        """The runs (of one batch size) in prompt slices whose clean traces fit the budget.
+
+        Yields (prompts, runs restricted to them, their traces). One slice, with the traces
+        kept for later claims, when the runs' whole traces fit the budget's cache share.
+        """
+        batch = runs[0].shape[0]
+        sizes = {(r.key, _tokens_hash(r.tokens)): fw.trace_nbytes(self.model(r), *r.shape)
+                 for r in runs}
+        if sum(sizes.values()) <= self._bytes(CACHE_SHARE):
+            missing = sum(size for key, size in sizes.items() if key not in self._traces)
+            self._evict(self._bytes(CACHE_SHARE) - missing, keep=sizes.keys())
+            yield slice(0, batch), list(runs), [self.clean(r) for r in runs]
+            return
+        per_prompt = sum(sizes.values()) / batch
+        step = max(1, int(self._bytes(SLICE_SHARE) // per_prompt))
+        for start in range(0, batch, step):
+            rows = slice(start, min(start + step, batch))
+            subs = [r.rows(rows) for r in runs]
+            traces: dict[str, Acts] = {}
+            for run, sub in zip(runs, subs):
+                key = (run.key, _tokens_hash(run.tokens))
+                if key not in traces:
+                    cached = self._traces.get(key)
+                    traces[key] = (_rows_of(cached[0], rows) if cached else self._trace(sub))
+            yield rows, subs, [traces[(r.key, _tokens_hash(r.tokens))] for r in runs]
+
+    def _trace(self, run: Run) -> Acts:
+        model = self.model(run)
+        with torch.no_grad():
+            acts = fw.trace(model, run.tokens)
+            acts["qkv"] = torch.stack([acts.pop("q"), acts.pop("k"), acts.pop("v")], 3)
+            acts["q"], acts["k"], acts["v"] = acts["qkv"].unbind(3)  # views: no copies
+        if self.verify and run.key not in self._verified:
+            fw.check_against_bridge(model, run.bridge, run.tokens[:4], acts["final"][:4])
+            self._verified.add(run.key)
+        return acts
+
+    def _evict(self, limit: float, keep) -> None:
+        """Drop least recently used traces (not those in `keep`) until at most `limit` bytes."""
+        for key in list(self._traces):
+            if self.cached_trace_bytes() <= limit:
+                return
+            if key not in keep:
+                del self._traces[key]
 
     def logit_diff(self, run: Run, answer_ids: Tensor, foil_ids: Tensor) -> Float[Tensor, " batch"]:
         """The clean per-prompt logit difference (answer - foil) at each final position."""
-        return self._clean_logit_diff(run, answer_ids, foil_ids).cpu()
-
-    def _clean_logit_diff(self, run: Run, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
-        model = self.model(run)
-        direction, bias = model.logit_diff_direction(answer_ids, foil_ids)
-        resid = fw.final_rows(self.clean(run)["final"], run.final_pos)
-        with torch.no_grad():
-            return fw.read_logit_diff(model, resid, direction, bias)
+        return torch.cat([_read_clean(self.model(sub), acts, sub.final_pos, answer_ids[rows],
+                                      foil_ids[rows]).cpu()
+                          for rows, (sub,), (acts,) in self.slices(run)])
 
     # ---- public measurements ----------------------------------------------------------------
     def patch(self, from_run: Run, into_run: Run, answer_ids: Tensor, foil_ids: Tensor, *,
@@ -130,13 +194,14 @@ class PatchingEngine:
               ) -> PatchEffect:
         """Copy `site` activations of `from_run` into `into_run` at the selection, all at once."""
         _check_pair(from_run, into_run)
-        source = self.clean(from_run)
-        patched = self._patch_selection(source, into_run, answer_ids, foil_ids, site=site,
-                                        layers=layers, heads=heads, positions=positions,
-                                        neurons=neurons)
-        from_value = self._clean_logit_diff(from_run, answer_ids, foil_ids)
-        into_value = self._clean_logit_diff(into_run, answer_ids, foil_ids)
-        return _effect(patched, from_value, into_value)
+        parts = []
+        for rows, (fr, ir), (source, into) in self.slices(from_run, into_run):
+            a, f = answer_ids[rows], foil_ids[rows]
+            patched = self._patch_selection(source, ir, into, a, f, site=site, layers=layers,
+                                            heads=heads, positions=positions, neurons=neurons)
+            parts.append((patched, _read_clean(self.model(fr), source, fr.final_pos, a, f),
+                          _read_clean(self.model(ir), into, ir.final_pos, a, f)))
+        return _effect(*(torch.cat([p.cpu() for p in part], -1) for part in zip(*parts)))
 
     def ablate(self, run: Run, answer_ids: Tensor, foil_ids: Tensor, *, site: str,
                kind: str = "zero", layers: Sequence[int] | None = None,
@@ -149,13 +214,23 @@ class PatchingEngine:
         (non-padding) positions, per layer (attention patterns: mean over prompts only). With no
         `reference` the reference logit diff is 0, so 1 means the logit diff is fully destroyed.
         """
-        source = _ablation_source(self.clean(run), site, kind, run.final_pos)
-        patched = self._patch_selection(source, run, answer_ids, foil_ids, site=site,
-                                        layers=layers, heads=heads, positions=positions,
-                                        neurons=neurons)
-        clean = self._clean_logit_diff(run, answer_ids, foil_ids)
-        ref = torch.as_tensor(0.0 if reference is None else reference, dtype=clean.dtype)
-        return _effect(patched, ref.to(clean.device).expand_as(clean), clean)
+        if kind not in ("zero", "mean"):
+            raise MeasureError(f"unknown ablation kind {kind!r}"
+                               + did_you_mean(kind, ["zero", "mean"]))
+        _check_site(site)
+        mean = self._site_mean(run, site) if kind == "mean" else None
+        patched, clean = [], []
+        for rows, (sub,), (acts,) in self.slices(run):
+            a, f = answer_ids[rows], foil_ids[rows]
+            source = {site: (mean if mean is not None else acts[site].new_zeros(()))
+                      .expand_as(acts[site])}
+            patched.append(self._patch_selection(source, sub, acts, a, f, site=site,
+                                                 layers=layers, heads=heads,
+                                                 positions=positions, neurons=neurons).cpu())
+            clean.append(_read_clean(self.model(sub), acts, sub.final_pos, a, f).cpu())
+        clean_value = torch.cat(clean)
+        ref = torch.as_tensor(0.0 if reference is None else reference, dtype=clean_value.dtype)
+        return _effect(torch.cat(patched), ref.cpu().expand_as(clean_value), clean_value)
 
     def patch_sweep(self, from_run: Run, into_run: Run, answer_ids: Tensor, foil_ids: Tensor, *,
                     site: str, over: Sequence[str] = ("layer", "pos"), method: str = "exact",
@@ -168,28 +243,29 @@ class PatchingEngine:
         """
         over = _check_over(site, over)
         _check_pair(from_run, into_run)
-        model = self.model(into_run)
-        layer_list = _check_layers(layers, model.n_layers)
-        source, into = self.clean(from_run), self.clean(into_run)
-        shape = _grid_shape(over, len(layer_list), model.n_heads, into_run.shape[1])
-        if method == "exact":
-            variants = _sweep_variants(site, over, layer_list, model.n_heads, into_run.shape[1])
-            patched = self._run_variants(into_run, source, variants, answer_ids, foil_ids)
-        elif method == "attribution":
-            patched = self._attribution(into_run, source, into, site, over, layer_list,
-                                        answer_ids, foil_ids)
-        else:
+        if method not in ("exact", "attribution"):
             raise MeasureError(f"unknown method {method!r}"
                                + did_you_mean(method, ["exact", "attribution"]))
-        patched = patched.reshape(*shape, -1)
-        from_value = self._clean_logit_diff(from_run, answer_ids, foil_ids)
-        into_value = self._clean_logit_diff(into_run, answer_ids, foil_ids)
-        return _sweep_grid(over, layer_list, model.n_heads, into_run, patched, from_value,
-                           into_value, method, site)
+        model = self.model(into_run)
+        layer_list = _check_layers(layers, model.n_layers)
+        shape = _grid_shape(over, len(layer_list), model.n_heads, into_run.shape[1])
+        variants = _sweep_variants(site, over, layer_list, model.n_heads, into_run.shape[1])
+        parts = []
+        for rows, (fr, ir), (source, into) in self.slices(from_run, into_run):
+            a, f = answer_ids[rows], foil_ids[rows]
+            if method == "exact":
+                patched = self._run_variants(ir, into, source, variants, a, f)
+            else:
+                patched = self._attribution(ir, source, into, site, over, layer_list, a, f)
+            parts.append((patched, _read_clean(self.model(fr), source, fr.final_pos, a, f).cpu(),
+                          _read_clean(model, into, ir.final_pos, a, f).cpu()))
+        patched, from_value, into_value = (torch.cat(part, -1) for part in zip(*parts))
+        return _sweep_grid(over, layer_list, model.n_heads, into_run,
+                           patched.reshape(*shape, -1), from_value, into_value, method, site)
 
     # ---- the engine -------------------------------------------------------------------------
-    def _patch_selection(self, source: Acts, into_run: Run, answer_ids, foil_ids, *, site,
-                         layers, heads, positions, neurons) -> Tensor:
+    def _patch_selection(self, source: Acts, into_run: Run, into: Acts, answer_ids, foil_ids, *,
+                         site, layers, heads, positions, neurons) -> Tensor:
         """Patched logit diff per prompt for one selection (possibly spanning several layers)."""
         model = self.model(into_run)
         masks = selection_masks(site, model, into_run, layers=layers, heads=heads,
@@ -197,13 +273,23 @@ class PatchingEngine:
         if len(masks) == 1:
             (layer, mask), = masks.items()
             variants = _Variants(site, torch.tensor([layer]), mask[None])
-            return self._run_variants(into_run, source, variants, answer_ids, foil_ids)[0]
-        return _patch_with_bridge(into_run, site, masks, source, answer_ids, foil_ids)
+            return self._run_variants(into_run, into, source, variants, answer_ids, foil_ids)[0]
+        logits_bytes = 2 * into_run.shape[1] * model.W_U.shape[-1] * model.W_U.element_size()
+        step = max(1, int(self._bytes(WORK_SHARE) // logits_bytes))
+        return _patch_with_bridge(into_run, site, masks, source, answer_ids, foil_ids, step)
 
-    def _run_variants(self, into_run: Run, source: Acts, variants: _Variants,
+    def _site_mean(self, run: Run, site: str) -> Tensor:
+        """Mean of `site` over prompts and real positions (patterns: over prompts), per layer."""
+        total, count = None, 0.0
+        for _, (sub,), (acts,) in self.slices(run):
+            part, n = _site_sum(acts[site], site, sub.final_pos)
+            total, count = (part if total is None else total + part), count + n
+        return total / count
+
+    def _run_variants(self, into_run: Run, into: Acts, source: Acts, variants: _Variants,
                       answer_ids: Tensor, foil_ids: Tensor) -> Float[Tensor, "variant batch"]:
         """Patched logit diffs of every variant, in chunks that fit the memory budget."""
-        model, into = self.model(into_run), self.clean(into_run)
+        model = self.model(into_run)
         chunk = self._chunk_size(model, into_run)
         order = torch.argsort(variants.layers, stable=True)
         out = torch.empty(len(variants), into_run.shape[0], device=model.device)
@@ -220,8 +306,8 @@ class PatchingEngine:
         batch, n_pos = run.shape
         d_model, d_mlp = model.W_O.shape[-1], model.W_in.shape[-1]
         per_row = 8 * d_model + 3 * d_mlp + 4 * model.n_heads * n_pos
-        per_variant = 4 * batch * n_pos * per_row
-        return max(1, int(self.memory_budget_mb * 2**20 // per_variant))
+        per_variant = model.W_E.element_size() * batch * n_pos * per_row
+        return max(1, int(self._bytes(WORK_SHARE) // per_variant))
 
     def _attribution(self, into_run: Run, source: Acts, into: Acts, site: str, over, layer_list,
                      answer_ids, foil_ids) -> Float[Tensor, "cells batch"]:
@@ -232,8 +318,32 @@ class PatchingEngine:
             delta = (source[site] - into[site]) * grads
             cells = _reduce_cells(delta[layer_list], site, over)  # [layer, batch, ...]
             cells = cells.movedim(1, -1).flatten(0, -2)
-            base = self._clean_logit_diff(into_run, answer_ids, foil_ids)
+            base = _read_clean(model, into, into_run.final_pos, answer_ids, foil_ids)
         return (base + cells).cpu()
+
+
+def _read_clean(model: FoldedGPT2, acts: Acts, final_pos: Tensor, answer_ids: Tensor,
+                foil_ids: Tensor) -> Float[Tensor, " batch"]:
+    """The clean logit difference of a traced run at each prompt's final position."""
+    direction, bias = model.logit_diff_direction(answer_ids, foil_ids)
+    with torch.no_grad():
+        return fw.read_logit_diff(model, fw.final_rows(acts["final"], final_pos), direction, bias)
+
+
+def _rows_of(acts: Acts, rows: slice) -> Acts:
+    """A trace restricted to some prompts (views: every site but "final" is [layer, batch, ...])."""
+    return {name: t[rows] if name == "final" else t[:, rows] for name, t in acts.items()}
+
+
+def _site_sum(acts: Tensor, site: str, final_pos: Tensor) -> tuple[Tensor, float]:
+    """Sum of a site's activations over prompts and real positions, and how many were summed."""
+    if site == "pattern":
+        return acts.sum(1, keepdim=True), float(acts.shape[1])
+    pos = torch.arange(acts.shape[2], device=acts.device)
+    real = (pos[None] <= final_pos.to(acts.device)[:, None]).to(acts.dtype)  # [batch, pos]
+    count = float(real.sum())
+    real = real.reshape(1, *real.shape, *[1] * (acts.dim() - 3))
+    return (acts * real).sum((1, 2), keepdim=True), count
 
 
 # ---- staggered batched forward ------------------------------------------------------------------
@@ -505,40 +615,32 @@ def _sweep_variants(site: str, over, layer_list: list[int], n_heads: int, n_pos:
     return _Variants(site, layers, masks)
 
 
-def _ablation_source(clean: Acts, site: str, kind: str, final_pos: Tensor) -> Acts:
-    """Stand-in `from` activations: zeros, or the mean over prompts and real positions."""
-    if kind not in ("zero", "mean"):
-        raise MeasureError(f"unknown ablation kind {kind!r}" + did_you_mean(kind, ["zero", "mean"]))
-    _check_site(site)
-    acts = clean[site]
-    if kind == "zero":
-        return {site: torch.zeros_like(acts)}
-    if site == "pattern":
-        return {site: acts.mean(1, keepdim=True).expand_as(acts)}
-    pos = torch.arange(acts.shape[2], device=acts.device)
-    real = (pos[None] <= final_pos.to(acts.device)[:, None]).to(acts.dtype)  # [batch, pos]
-    real = real.reshape(1, *real.shape, *[1] * (acts.dim() - 3))
-    mean = (acts * real).sum((1, 2), keepdim=True) / real.sum((1, 2), keepdim=True)
-    return {site: mean.expand_as(acts)}
-
-
 # ---- multi-layer patches through the bridge -----------------------------------------------------
 def _patch_with_bridge(run: Run, site: str, masks: dict[int, Tensor], source: Acts,
-                       answer_ids: Tensor, foil_ids: Tensor) -> Float[Tensor, " batch"]:
-    """One hooked forward of the bridge for patches spanning several layers."""
-    def hook_for(layer: int):
-        def hook(act, hook):
-            new = source[site][layer].to(act.device, act.dtype)
-            return torch.where(masks[layer].to(act.device), new, act)
-        return hook
+                       answer_ids: Tensor, foil_ids: Tensor, step: int) -> Float[Tensor, " batch"]:
+    """Hooked forwards of the bridge for patches spanning several layers, `step` prompts each
+    (the bridge computes logits over the whole vocabulary)."""
+    out = []
+    for start in range(0, run.shape[0], step):
+        rows = slice(start, start + step)
 
-    hooks = [(f"blocks.{layer}.{BRIDGE_HOOKS[site]}", hook_for(layer)) for layer in masks]
-    with torch.no_grad():
-        logits = run.bridge.run_with_hooks(run.tokens, fwd_hooks=hooks, return_type="logits")
-    final = logits[torch.arange(logits.shape[0]), run.final_pos.to(logits.device)]
-    a, f = answer_ids.to(final.device), foil_ids.to(final.device)
-    rows = torch.arange(final.shape[0], device=final.device)
-    return (final[rows, a] - final[rows, f]).float().cpu()
+        def hook_for(layer: int, rows=rows):
+            mask = masks[layer] if masks[layer].shape[0] == 1 else masks[layer][rows]
+
+            def hook(act, hook):
+                new = source[site][layer][rows].to(act.device, act.dtype)
+                return torch.where(mask.to(act.device), new, act)
+            return hook
+
+        hooks = [(f"blocks.{layer}.{BRIDGE_HOOKS[site]}", hook_for(layer)) for layer in masks]
+        with torch.no_grad():
+            logits = run.bridge.run_with_hooks(run.tokens[rows], fwd_hooks=hooks,
+                                               return_type="logits")
+        n = torch.arange(logits.shape[0], device=logits.device)
+        final = logits[n, run.final_pos[rows].to(logits.device)]
+        a, f = answer_ids[rows].to(final.device), foil_ids[rows].to(final.device)
+        out.append((final[n, a] - final[n, f]).float().cpu())
+    return torch.cat(out)
 
 
 # ---- attribution patching -----------------------------------------------------------------------
