@@ -38,12 +38,15 @@ step checks-cuda-xdist 120 python3 -m pytest checks/ -q -n 2 --harness-devices c
   --harness-report-json "$OUT_DIR/checks-cuda-xdist.json"
 # 2. The engine against TransformerLens's patching functions, models on the GPU.
 step engine-tests-cuda 240 env HARNESS_TEST_DEVICE=cuda python3 -m pytest -q -x \
-  tests/test_patching.py tests/test_toy_patching.py
+  tests/test_patching.py tests/test_toy_patching.py tests/test_attribution.py \
+  tests/test_memory_budget.py
 # 3. Benchmarks.
 TAIL=8 step bench-patching-cuda 240 python3 bench/bench_patching.py --device cuda \
   --json "$OUT_DIR/bench_patching_cuda.json"
-TAIL=8 step bench-throughput-cuda 120 python3 bench/bench_throughput.py --device cuda \
-  --prompts 1000 --budget-mb 256 --json "$OUT_DIR/bench_throughput_cuda.json"
+for budget in 2048 256; do
+  TAIL=5 step bench-throughput-cuda-$budget 120 python3 bench/bench_throughput.py --device cuda \
+    --prompts 1000 --budget-mb $budget --json "$OUT_DIR/bench_throughput_cuda_$budget.json"
+done
 # 4. The toy RLHF recipe on the GPU through accelerate (one process), then two processes on
 #    the one GPU (NCCL may refuse two ranks on one device; the log says).
 echo '{"device": "cuda"}' >/tmp/rlhf-cuda.json
