@@ -106,7 +106,8 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
     from transformer_lens.model_bridge import TransformerBridge
 
     tokenizer = tokenizer or load_tokenizer(location, source)
-    hf_model = load_hf_causal_lm(location, source)
+    # TransformerLens leaves a preloaded model where it is: move it to the device ourselves.
+    hf_model = load_hf_causal_lm(location, source).to(device)
     try:
         bridge = TransformerBridge.boot_transformers(
             location, hf_model=hf_model, tokenizer=tokenizer, device=device,
@@ -116,8 +117,13 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
                                f"{type(exc).__name__}: {exc}") from None
     bridge.enable_compatibility_mode()
     bridge.eval()
+    placed = next(bridge.parameters()).device
+    if placed.type != torch.device(device).type:
+        raise ModelUnavailable(f"model '{name}' was asked for on {device} but its weights are "
+                               f"on {placed}")
     key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
-    return LoadedModel(key, bridge, tokenizer, _origin(source, location), device, source.dtype)
+    return LoadedModel(key, bridge, tokenizer, _origin(source, location), str(placed),
+                       source.dtype)
 
 
 def load_hf_causal_lm(location: str, source: ModelSource):

@@ -46,6 +46,13 @@ def copy_with_new_last_block(src: Path, dst: Path, *, seed: int = 7, scale: floa
     return dst
 
 
+def assert_close(actual, expected, **kw) -> None:
+    """torch.testing.assert_close on the CPU: engine results live there, bridge outputs on
+    the model's device."""
+    torch.testing.assert_close(torch.as_tensor(actual).cpu(), torch.as_tensor(expected).cpu(),
+                               **kw)
+
+
 def load_bridge(directory: Path):
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import build_model_dir, copy_with_new_last_block, load_bridge
+from _tiny_models import (
+    TEST_DEVICE,
+    assert_close,
+    build_model_dir,
+    copy_with_new_last_block,
+    load_bridge,
+)
 
 from harness.errors import MeasureError
 from harness.measure.attribution import (
@@ -37,7 +43,7 @@ def batch(twins):
     final_pos = torch.tensor([bridge.to_tokens(p).shape[1] - 1 for p in PROMPTS])
     assert len(set(final_pos.tolist())) == 3
     return PromptBatch(tuple(PROMPTS), tokens, final_pos, torch.tensor([11, 12, 13]),
-                       torch.tensor([40, 41, 42]))
+                       torch.tensor([40, 41, 42])).to(TEST_DEVICE)
 
 
 def _logit_diff(bridge, batch):
@@ -53,7 +59,7 @@ def test_dla_sums_to_logit_diff(twins, batch, by):
     for bridge in twins:
         grid = dla(bridge, batch, by=by)
         expected = _logit_diff(bridge, batch)
-        torch.testing.assert_close(grid.extras["per_prompt"].sum(0), expected, atol=1e-4, rtol=0)
+        assert_close(grid.extras["per_prompt"].sum(0), expected, atol=1e-4, rtol=0)
         assert abs(grid.values.sum().item() - expected.mean().item()) < 1e-4
 
 
@@ -85,7 +91,7 @@ def test_dla_uses_each_models_own_final_scale(twins, batch):
     raw_a = a.extras["per_prompt"] * a.extras["final_ln_scale"]
     raw_b = b.extras["per_prompt"] * b.extras["final_ln_scale"]
     frozen = slice(0, 2 + 2 * (N_LAYER - 1))  # embed, pos_embed, attn/mlp of layers 0..L-2
-    torch.testing.assert_close(raw_a[frozen], raw_b[frozen], atol=1e-5, rtol=1e-5)
+    assert_close(raw_a[frozen], raw_b[frozen], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a.extras["final_ln_scale"], b.extras["final_ln_scale"])
 
 
@@ -94,7 +100,7 @@ def test_logit_lens_final_entry_is_the_logit_diff(twins, batch):
         lens = logit_lens(bridge, batch, incl_mid=True)
         assert lens.labels[0][:3] == ("resid_pre0", "resid_mid0", "resid_pre1")
         assert lens.labels[0][-1] == "final" and len(lens.labels[0]) == 2 * N_LAYER + 1
-        torch.testing.assert_close(lens.extras["per_prompt"][-1], _logit_diff(bridge, batch),
+        assert_close(lens.extras["per_prompt"][-1], _logit_diff(bridge, batch),
                                    atol=1e-4, rtol=0)
 
 
@@ -110,7 +116,7 @@ def test_logit_lens_matches_bridge_cache(twins, batch):
             logits = torch.nn.functional.layer_norm(resid, resid.shape[-1:], eps=1e-5) \
                 @ bridge.W_U + bridge.b_U
             expected = logits[rows, batch.answer_ids] - logits[rows, batch.foil_ids]
-            torch.testing.assert_close(lens.extras["per_prompt"][layer], expected, atol=1e-4,
+            assert_close(lens.extras["per_prompt"][layer], expected, atol=1e-4,
                                        rtol=0)
 
 

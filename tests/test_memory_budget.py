@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import build_model_dir, load_bridge
+from _tiny_models import TEST_DEVICE, assert_close, build_model_dir, load_bridge
 
 from harness.measure import gpt2_forward as fw
 from harness.measure.attribution import dla, logit_lens
@@ -28,7 +28,8 @@ def family(tmp_path_factory):
     final_pos = torch.tensor([len(r) - 1 for r in rows])
     answer = torch.arange(10, 10 + len(rows))
     foil = torch.arange(40, 40 + len(rows))
-    return dict(a=a, b=b, tokens=tokens, final_pos=final_pos, answer=answer, foil=foil)
+    return dict(a=a, b=b, **{name: t.to(TEST_DEVICE) for name, t in dict(
+        tokens=tokens, final_pos=final_pos, answer=answer, foil=foil).items()})
 
 
 def _runs(f):
@@ -65,7 +66,7 @@ def test_small_budget_slices_prompts_and_gives_the_same_numbers(family):
     assert [s.stop - s.start for s, _, _ in small.slices(into_run)] == [2, 2, 2, 1]
 
     def same(x, y):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        assert_close(x, y, atol=1e-5, rtol=0)
 
     same(small.logit_diff(into_run, f["answer"], f["foil"]),
          big.logit_diff(into_run, f["answer"], f["foil"]))
@@ -123,7 +124,7 @@ def test_behavior_measurements_slice_prompts_within_the_budget(family):
     n_pos = f["tokens"].shape[1]
     tiny = 3.5 * prompts_per_forward(f["a"].cfg, n_pos, 1.0) ** -1  # MB: 3 prompts a forward
     assert prompts_per_forward(f["a"].cfg, n_pos, tiny) == 3
-    torch.testing.assert_close(logit_diff(f["a"], batch, tiny), logit_diff(f["a"], batch),
+    assert_close(logit_diff(f["a"], batch, tiny), logit_diff(f["a"], batch),
                                atol=1e-5, rtol=0)
     small, big = (top_k_tokens(f["a"], f["a"].tokenizer, batch, 3, mb) for mb in (tiny, 2048))
     assert [[t for t, _ in row] for row in small] == [[t for t, _ in row] for row in big]

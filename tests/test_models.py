@@ -28,6 +28,18 @@ def test_bridge_matches_hf_model(tiny_checkpoints):
     assert (ours - _hf_log_probs(tiny_checkpoints["a"], tokens)).abs().max() < 1e-5
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_lands_on_the_requested_device(tiny_checkpoints, device):
+    """TransformerLens keeps a preloaded HF model where it is; load_model must move it."""
+    source = ModelSource(path=str(tiny_checkpoints["a"]))
+    model = load_model("a", source, str(tiny_checkpoints["a"]), device)
+    assert {p.device.type for p in model.bridge.parameters()} == {device}
+    assert model.device.startswith(device)
+
+
 def test_value_head_checkpoint_loads_as_its_base_model(tiny_checkpoints):
     from safetensors import safe_open
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import build_model_dir, copy_with_new_last_block, load_bridge
+from _tiny_models import (
+    TEST_DEVICE,
+    assert_close,
+    build_model_dir,
+    copy_with_new_last_block,
+    load_bridge,
+)
 
 from harness.errors import MeasureError
 from harness.measure.patching import PatchingEngine, Run
@@ -28,12 +34,12 @@ def models(tmp_path_factory):
 def setup(models):
     """Model -> model runs (same tokens) and clean -> corrupt runs (same model, same length)."""
     a, b, near = models
-    tokens = a.to_tokens(PROMPTS)  # right-padded to one length
-    final_pos = torch.tensor([len(a.to_tokens(p)[0]) - 1 for p in PROMPTS])
+    tokens = a.to_tokens(PROMPTS).to(TEST_DEVICE)  # right-padded to one length
+    final_pos = torch.tensor([len(a.to_tokens(p)[0]) - 1 for p in PROMPTS], device=TEST_DEVICE)
     corrupt = tokens.clone()
     corrupt[:, 2] = tokens[:, 3]
     corrupt[:, 1] = 5
-    answer, foil = torch.tensor([10, 20]), torch.tensor([30, 40])
+    answer, foil = (torch.tensor(ids, device=TEST_DEVICE) for ids in ([10, 20], [30, 40]))
     return dict(a=a, b=b, near=near, tokens=tokens, final_pos=final_pos, corrupt=corrupt,
                 answer=answer, foil=foil)
 
@@ -96,7 +102,7 @@ def test_sweep_matches_transformer_lens(setup, kind, fn_name, site, over, perm):
     grid = PatchingEngine().patch_sweep(from_run, into_run, setup["answer"], setup["foil"],
                                         site=site, over=over)
     assert grid.axes == over
-    torch.testing.assert_close(grid.raw, expected, atol=ATOL, rtol=0)
+    assert_close(grid.raw, expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "resid_post", "attn_out", "mlp_out", "z",
@@ -188,7 +194,7 @@ def test_logit_diff_matches_bridge_and_is_cached(setup):
         logits = setup["a"](setup["tokens"])
     rows = torch.arange(2)
     final = logits[rows, setup["final_pos"]]
-    torch.testing.assert_close(ours, final[rows, setup["answer"]] - final[rows, setup["foil"]],
+    assert_close(ours, final[rows, setup["answer"]] - final[rows, setup["foil"]],
                                atol=ATOL, rtol=0)
     engine.logit_diff(into_run, setup["answer"], setup["foil"])
     assert len(engine._traces) == 1
@@ -201,7 +207,7 @@ def test_tiny_memory_budget_gives_identical_results(setup):
     engine = PatchingEngine(memory_budget_mb=1)
     engine._chunk_size = lambda model, run: 1  # one variant per chunk
     small = engine.patch_sweep(*args, site="resid_pre", over=("layer", "pos"))
-    torch.testing.assert_close(small.raw, big.raw, atol=1e-6, rtol=0)
+    assert_close(small.raw, big.raw, atol=1e-6, rtol=0)
 
 
 def test_attribution_approximates_exact_patching(setup):
@@ -228,18 +234,18 @@ def test_ablation_basics(setup):
     args = (run, setup["answer"], setup["foil"])
     clean = engine.logit_diff(*args)
     nothing = engine.ablate(*args, site="z", heads=[(0, 0)], positions=[], kind="zero")
-    torch.testing.assert_close(nothing.patched, clean, atol=1e-5, rtol=0)
+    assert_close(nothing.patched, clean, atol=1e-5, rtol=0)
     assert abs(nothing.normalized) < 1e-4
     resid = engine.ablate(*args, site="resid_post", layers=[2], kind="zero")
     # zeroed final residual stream: LayerNorm of zero is zero, only the unembed bias remains
     model = engine.model(run)
     bias = model.b_U[setup["answer"]] - model.b_U[setup["foil"]]
-    torch.testing.assert_close(resid.patched, bias, atol=1e-4, rtol=0)
+    assert_close(resid.patched, bias, atol=1e-4, rtol=0)
     ref = torch.full((2,), 5.0)
     mean = engine.ablate(*args, site="mlp_out", layers=[0, 2], kind="mean", reference=ref)
     expected = (mean.patched.mean() - clean.mean()) / (5.0 - clean.mean())
     assert abs(mean.normalized - expected.item()) < 1e-5
-    torch.testing.assert_close(mean.from_value, ref)
+    assert_close(mean.from_value, ref)
 
 
 def test_mean_ablation_matches_hook(setup):
@@ -266,13 +272,13 @@ def test_right_padded_prompts_of_different_lengths(setup):
     grid = engine.patch_sweep(from_run, into_run, setup["answer"], setup["foil"], site="z",
                               over=("layer", "head"))
     for i, prompt in enumerate(PROMPTS):
-        tokens = setup["a"].to_tokens(prompt)
+        tokens = setup["a"].to_tokens(prompt).to(TEST_DEVICE)
         fp = torch.tensor([tokens.shape[1] - 1])
         single = engine.patch_sweep(Run("b", setup["b"], tokens, fp),
                                     Run("a", setup["a"], tokens, fp),
                                     setup["answer"][i:i + 1], setup["foil"][i:i + 1], site="z",
                                     over=("layer", "head"))
-        torch.testing.assert_close(grid.extras["per_prompt"][..., i], single.raw, atol=ATOL,
+        assert_close(grid.extras["per_prompt"][..., i], single.raw, atol=ATOL,
                                    rtol=0)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
-from _tiny_models import TEST_DEVICE
+from _tiny_models import TEST_DEVICE, assert_close
 from test_patching import SWEEPS
 
 from harness.measure.patching import PatchingEngine, Run
@@ -22,12 +22,13 @@ CORRUPT = ["This movie was really good. The acting was", "This film was quite go
 def toy():
     source, rlhf = (load_model(n, ModelSource(zoo=n), str(zoo_checkpoint(n)), TEST_DEVICE).bridge
                     for n in ("toy-reviews-source", "toy-reviews-rlhf"))
-    tokens, corrupt = source.to_tokens(CLEAN), source.to_tokens(CORRUPT)
+    tokens, corrupt = (source.to_tokens(p).to(TEST_DEVICE) for p in (CLEAN, CORRUPT))
     assert tokens.shape == corrupt.shape
-    final_pos = torch.full((len(CLEAN),), tokens.shape[1] - 1)
+    final_pos = torch.full((len(CLEAN),), tokens.shape[1] - 1, device=TEST_DEVICE)
     ids = [source.to_single_token(t) for t in (" bad", " good")]
     return dict(source=source, rlhf=rlhf, tokens=tokens, corrupt=corrupt, final_pos=final_pos,
-                answer=torch.tensor([ids[0]] * 2), foil=torch.tensor([ids[1]] * 2))
+                answer=torch.tensor([ids[0]] * 2, device=TEST_DEVICE),
+                foil=torch.tensor([ids[1]] * 2, device=TEST_DEVICE))
 
 
 def pairs(t):
@@ -57,4 +58,4 @@ def test_engine_equals_transformer_lens_on_the_toy_models(toy, direction, fn_nam
     grid = PatchingEngine().patch_sweep(Run(fk, fb, ft, toy["final_pos"]),
                                         Run(ik, ib, it, toy["final_pos"]),
                                         toy["answer"], toy["foil"], site=site, over=over)
-    torch.testing.assert_close(grid.raw, expected, atol=1e-4, rtol=0)
+    assert_close(grid.raw, expected, atol=1e-4, rtol=0)

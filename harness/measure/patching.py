@@ -633,9 +633,9 @@ def _patch_with_bridge(run: Run, site: str, masks: dict[int, Tensor], source: Ac
             return hook
 
         hooks = [(f"blocks.{layer}.{BRIDGE_HOOKS[site]}", hook_for(layer)) for layer in masks]
+        tokens = run.tokens[rows].to(next(run.bridge.parameters()).device)
         with torch.no_grad():
-            logits = run.bridge.run_with_hooks(run.tokens[rows], fwd_hooks=hooks,
-                                               return_type="logits")
+            logits = run.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
         n = torch.arange(logits.shape[0], device=logits.device)
         final = logits[n, run.final_pos[rows].to(logits.device)]
         a, f = answer_ids[rows].to(final.device), foil_ids[rows].to(final.device)
