@@ -252,7 +252,8 @@ def test_mean_ablation_matches_hook(setup):
     _, run = _runs(setup, "model")
     engine = PatchingEngine()
     cache = setup["a"].run_with_cache(setup["tokens"])[1]
-    real = torch.arange(setup["tokens"].shape[1])[None] <= setup["final_pos"][:, None]
+    pos = torch.arange(setup["tokens"].shape[1], device=setup["final_pos"].device)
+    real = pos[None] <= setup["final_pos"][:, None]
     act = cache["blocks.1.hook_attn_out"]
     mean = (act * real[..., None]).sum((0, 1)) / real.sum()
     with torch.no_grad():

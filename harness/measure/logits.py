@@ -46,7 +46,7 @@ def logit_diff(bridge, batch: PromptBatch, memory_budget_mb: float = 2048
     """logit(answer) - logit(foil) at the final position, per prompt."""
     def read(logits: Tensor, rows: slice) -> Tensor:
         n = torch.arange(logits.shape[0])
-        return logits[n, batch.answer_ids[rows]] - logits[n, batch.foil_ids[rows]]
+        return logits[n, batch.answer_ids[rows].cpu()] - logits[n, batch.foil_ids[rows].cpu()]
 
     return read_final_logits(bridge, batch.tokens, batch.final_pos, read, memory_budget_mb)
 
