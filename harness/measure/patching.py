@@ -92,7 +92,7 @@ class PatchingEngine:
     not fit the cache, and batches of variants. Results are the same whatever the budget.
     """
 
-    def __init__(self, memory_budget_mb: int = 2048, *, verify: bool = True):
+    def __init__(self, memory_budget_mb: float = 2048, *, verify: bool = True):
         if memory_budget_mb <= 0:
             raise MeasureError(f"memory_budget_mb={memory_budget_mb} must be positive")
         self.memory_budget_mb = memory_budget_mb
@@ -142,8 +142,8 @@ class PatchingEngine:
         kept for later claims, when the runs' whole traces fit the budget's cache share.
         """
         batch = runs[0].shape[0]
-        sizes = {(r.key, _tokens_hash(r.tokens)): fw.trace_nbytes(self.model(r), *r.shape)
-                 for r in runs}
+        keys = [(r.key, _tokens_hash(r.tokens)) for r in runs]
+        sizes = {key: fw.trace_nbytes(self.model(r), *r.shape) for key, r in zip(keys, runs)}
         if sum(sizes.values()) <= self._bytes(CACHE_SHARE):
             missing = sum(size for key, size in sizes.items() if key not in self._traces)
             self._evict(self._bytes(CACHE_SHARE) - missing, keep=sizes.keys())
@@ -154,13 +154,12 @@ class PatchingEngine:
         for start in range(0, batch, step):
             rows = slice(start, min(start + step, batch))
             subs = [r.rows(rows) for r in runs]
-            traces: dict[str, Acts] = {}
-            for run, sub in zip(runs, subs):
-                key = (run.key, _tokens_hash(run.tokens))
-                if key not in traces:
+            traces: dict[tuple[str, str], Acts] = {}
+            for key, sub in zip(keys, subs):
+                if key not in traces:  # from and into may be one run (e.g. ablations)
                     cached = self._traces.get(key)
-                    traces[key] = (_rows_of(cached[0], rows) if cached else self._trace(sub))
-            yield rows, subs, [traces[(r.key, _tokens_hash(r.tokens))] for r in runs]
+                    traces[key] = _rows_of(cached[0], rows) if cached else self._trace(sub)
+            yield rows, subs, [traces[key] for key in keys]
 
     def _trace(self, run: Run) -> Acts:
         model = self.model(run)
