@@ -122,7 +122,9 @@ def test_behavior_measurements_slice_prompts_within_the_budget(family):
     batch = PromptBatch(texts=tuple(PROMPTS), tokens=f["tokens"], final_pos=f["final_pos"],
                         answer_ids=f["answer"], foil_ids=f["foil"])
     n_pos = f["tokens"].shape[1]
-    tiny = 3.5 * prompts_per_forward(f["a"].cfg, n_pos, 1.0) ** -1  # MB: 3 prompts a forward
+    # the smallest budget (in steps of 0.01 MB) that allows 3 prompts a forward pass
+    tiny = next(mb / 100 for mb in range(1, 10_000)
+                if prompts_per_forward(f["a"].cfg, n_pos, mb / 100) >= 3)
     assert prompts_per_forward(f["a"].cfg, n_pos, tiny) == 3
     assert_close(logit_diff(f["a"], batch, tiny), logit_diff(f["a"], batch),
                                atol=1e-5, rtol=0)
