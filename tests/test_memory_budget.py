@@ -79,6 +79,7 @@ def test_small_budget_slices_prompts_and_gives_the_same_numbers(family):
         same(s.values, b.values)
     for kw in [dict(site="z", heads=["L1H2"], positions=[-1]),
                dict(site="z", heads=["L0H1", "L2H3"]),  # two layers: through the bridge
+               dict(site="z", heads=["L0H1", "L2H3"], positions=[-1]),  # per-prompt masks
                dict(site="mlp_post", layers=[1], neurons=[3, 5])]:
         s, b = small.patch(*args, **kw), big.patch(*args, **kw)
         same(s.patched, b.patched)

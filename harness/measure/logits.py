@@ -11,19 +11,27 @@ from harness.prompts import PromptBatch
 
 
 def read_final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch"],
-                      read, memory_budget_mb: float = 2048) -> Tensor | tuple[Tensor, ...]:
+                      read, memory_budget_mb: float = 2048, *,
+                      share: float = SLICE_SHARE + WORK_SHARE, hooks_for=None
+                      ) -> Tensor | tuple[Tensor, ...]:
     """`read(logits, rows)` of the logits at each prompt's own final token, for all prompts.
 
-    Prompts go through the model in slices whose full logits and activations fit the budget;
-    `read` gets each slice's final-token logits [rows, vocab] (float32, on the CPU) and the slice,
-    and returns a tensor (or tuple of tensors) with the prompts first; the slices are joined.
+    Prompts go through the model in slices whose full logits and activations fit `share` of the
+    budget; `read` gets each slice's final-token logits [rows, vocab] (float32, on the CPU) and
+    the slice, and returns a tensor (or tuple of tensors) with the prompts first; the slices are
+    joined. `hooks_for(rows)` gives forward hooks for a slice (patching through the bridge).
     """
-    step = prompts_per_forward(bridge.cfg, tokens.shape[1], memory_budget_mb)
+    step = prompts_per_forward(bridge.cfg, tokens.shape[1], memory_budget_mb, share)
     parts = []
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], step):
             rows = slice(start, start + step)
-            logits = bridge(tokens[rows].to(_device(bridge)), return_type="logits")
+            slice_tokens = tokens[rows].to(_device(bridge))
+            if hooks_for is None:
+                logits = bridge(slice_tokens, return_type="logits")
+            else:
+                logits = bridge.run_with_hooks(slice_tokens, fwd_hooks=hooks_for(rows),
+                                               return_type="logits")
             n = torch.arange(logits.shape[0], device=logits.device)
             final = logits[n, final_pos[rows].to(logits.device)].float().cpu()
             del logits
@@ -33,22 +41,29 @@ def read_final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[T
     return torch.cat(parts)
 
 
-def prompts_per_forward(cfg, n_pos: int, memory_budget_mb: float) -> int:
+def prompts_per_forward(cfg, n_pos: int, memory_budget_mb: float,
+                        share: float = SLICE_SHARE + WORK_SHARE) -> int:
     """Prompts per forward pass: a generous estimate of its live tensors (float32 logits twice,
-    the widest activations of one block) within the budget's working share."""
+    the widest activations of one block) within `share` of the budget."""
     per_row = 2 * cfg.d_vocab + 4 * cfg.d_mlp + 8 * cfg.d_model + 2 * cfg.n_heads * n_pos
-    share = budget_bytes(memory_budget_mb, SLICE_SHARE + WORK_SHARE)
-    return max(1, share // (4 * n_pos * per_row))
+    return max(1, budget_bytes(memory_budget_mb, share) // (4 * n_pos * per_row))
+
+
+def logit_diff_reader(answer_ids: Tensor, foil_ids: Tensor):
+    """A `read` for `read_final_logits`: logit(answer) - logit(foil) per prompt."""
+    def read(logits: Tensor, rows: slice) -> Tensor:
+        n = torch.arange(logits.shape[0])
+        return logits[n, answer_ids[rows].cpu()] - logits[n, foil_ids[rows].cpu()]
+
+    return read
 
 
 def logit_diff(bridge, batch: PromptBatch, memory_budget_mb: float = 2048
                ) -> Float[Tensor, " batch"]:
     """logit(answer) - logit(foil) at the final position, per prompt."""
-    def read(logits: Tensor, rows: slice) -> Tensor:
-        n = torch.arange(logits.shape[0])
-        return logits[n, batch.answer_ids[rows].cpu()] - logits[n, batch.foil_ids[rows].cpu()]
-
-    return read_final_logits(bridge, batch.tokens, batch.final_pos, read, memory_budget_mb)
+    return read_final_logits(bridge, batch.tokens, batch.final_pos,
+                             logit_diff_reader(batch.answer_ids, batch.foil_ids),
+                             memory_budget_mb)
 
 
 def top_k_tokens(bridge, tokenizer, batch: PromptBatch, k: int,

@@ -39,6 +39,7 @@ from harness.errors import MeasureError, did_you_mean
 from harness.measure import gpt2_forward as fw
 from harness.measure.budget import CACHE_SHARE, SLICE_SHARE, WORK_SHARE, budget_bytes
 from harness.measure.gpt2_forward import HEAD_SITES, SITES, FoldedGPT2
+from harness.measure.logits import logit_diff_reader, read_final_logits
 from harness.measure.results import Grid, PatchEffect, normalized_effect
 
 OVERS = (("layer",), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"))
@@ -273,9 +274,8 @@ class PatchingEngine:
             (layer, mask), = masks.items()
             variants = _Variants(site, torch.tensor([layer]), mask[None])
             return self._run_variants(into_run, into, source, variants, answer_ids, foil_ids)[0]
-        logits_bytes = 2 * into_run.shape[1] * model.W_U.shape[-1] * model.W_U.element_size()
-        step = max(1, int(self._bytes(WORK_SHARE) // logits_bytes))
-        return _patch_with_bridge(into_run, site, masks, source, answer_ids, foil_ids, step)
+        return _patch_with_bridge(into_run, site, masks, source, answer_ids, foil_ids,
+                                  self.memory_budget_mb)
 
     def _site_mean(self, run: Run, site: str) -> Tensor:
         """Mean of `site` over prompts and real positions (patterns: over prompts), per layer."""
@@ -616,30 +616,24 @@ def _sweep_variants(site: str, over, layer_list: list[int], n_heads: int, n_pos:
 
 # ---- multi-layer patches through the bridge -----------------------------------------------------
 def _patch_with_bridge(run: Run, site: str, masks: dict[int, Tensor], source: Acts,
-                       answer_ids: Tensor, foil_ids: Tensor, step: int) -> Float[Tensor, " batch"]:
-    """Hooked forwards of the bridge for patches spanning several layers, `step` prompts each
-    (the bridge computes logits over the whole vocabulary)."""
-    out = []
-    for start in range(0, run.shape[0], step):
-        rows = slice(start, start + step)
-
-        def hook_for(layer: int, rows=rows):
+                       answer_ids: Tensor, foil_ids: Tensor, memory_budget_mb: float
+                       ) -> Float[Tensor, " batch"]:
+    """Hooked forwards of the bridge for patches spanning several layers, in prompt slices
+    within the budget's work share (the slice's traces hold the rest)."""
+    def hooks_for(rows: slice):
+        def hook_for(layer: int):
             mask = masks[layer] if masks[layer].shape[0] == 1 else masks[layer][rows]
+            new = source[site][layer][rows]
 
             def hook(act, hook):
-                new = source[site][layer][rows].to(act.device, act.dtype)
-                return torch.where(mask.to(act.device), new, act)
+                return torch.where(mask.to(act.device), new.to(act.device, act.dtype), act)
             return hook
 
-        hooks = [(f"blocks.{layer}.{BRIDGE_HOOKS[site]}", hook_for(layer)) for layer in masks]
-        tokens = run.tokens[rows].to(next(run.bridge.parameters()).device)
-        with torch.no_grad():
-            logits = run.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
-        n = torch.arange(logits.shape[0], device=logits.device)
-        final = logits[n, run.final_pos[rows].to(logits.device)]
-        a, f = answer_ids[rows].to(final.device), foil_ids[rows].to(final.device)
-        out.append((final[n, a] - final[n, f]).float().cpu())
-    return torch.cat(out)
+        return [(f"blocks.{layer}.{BRIDGE_HOOKS[site]}", hook_for(layer)) for layer in masks]
+
+    return read_final_logits(run.bridge, run.tokens, run.final_pos,
+                             logit_diff_reader(answer_ids, foil_ids), memory_budget_mb,
+                             share=WORK_SHARE, hooks_for=hooks_for)
 
 
 # ---- attribution patching -----------------------------------------------------------------------
