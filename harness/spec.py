@@ -20,12 +20,10 @@ from pydantic import (
 )
 
 from harness.errors import HarnessError, SpecError, did_you_mean
+from harness.sites import HEAD_SITES, SITES, parse_head
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml
 
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
-         "pattern", "mlp_post")
-HEAD_SITES = ("z", "q", "k", "v", "pattern")
-HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
+HEAD_RE = re.compile(r"^L(\d+)(?:H|KV)(\d+)$")  # query heads L3H7; key/value heads L3KV1
 
 
 class Frozen(BaseModel):
@@ -319,8 +317,9 @@ class SiteSelection(Frozen):
     def _head_names(cls, value):
         for head in value or ():
             if not HEAD_RE.match(head):
-                raise ValueError(f"'{head}' is not a head name; write heads as L{{layer}}H{{head}}"
-                                 ", e.g. L10H4")
+                raise ValueError(f"'{head}' is not a head name; write query heads as "
+                                 "L{layer}H{head} (e.g. L10H4) and key/value heads of sites k "
+                                 "and v as L{layer}KV{head} (e.g. L3KV1)")
         return value
 
     @model_validator(mode="after")
@@ -328,6 +327,8 @@ class SiteSelection(Frozen):
         if self.heads and self.site not in HEAD_SITES:
             raise ValueError(f"`heads` needs a per-head site ({', '.join(HEAD_SITES)}), "
                              f"not '{self.site}'")
+        for head in self.heads or ():
+            parse_head(head, self.site)  # query-head label on k/v (or back): say which to write
         if self.neurons and self.site != "mlp_post":
             raise ValueError("`neurons` needs site 'mlp_post'")
         return self
