@@ -173,11 +173,13 @@ def _reward(ctx: ClaimContext, name: str):
 def _per_model_grids(ctx: ClaimContext, compute) -> Measurement:
     names = ctx.claim.model_names()
     grids = [compute(m, ctx.batch(m)) for m in map(ctx.model, names)]
+    extras = {key: grids[0].extras[key] for key in ("path", "approximation")
+              if key in grids[0].extras}
     if len(grids) == 1:
-        return Measurement(GRID, grids[0])
+        return Measurement(GRID, grids[0], extras=extras)
     a, b = grids
     diff = Grid(a.axes, a.labels, b.values - a.values, method=a.method)
-    return Measurement(PAIR, diff, extras={"a": a, "b": b, "names": names})
+    return Measurement(PAIR, diff, extras={"a": a, "b": b, "names": names, **extras})
 
 
 @measure("dla")
@@ -223,11 +225,12 @@ def _site_kwargs(claim) -> dict:
                 positions=claim.positions, neurons=claim.neurons)
 
 
-def _patch_measurement(effect, metric: str) -> Measurement:
+def _patch_measurement(effect, metric: str, path: str) -> Measurement:
     raw = float(effect.patched.mean())
     value = raw if metric == "logit_diff" else float(effect.normalized)
     extras = {"raw": raw, "from": float(effect.from_value.mean()),
-              "into": float(effect.into_value.mean()), "normalized": float(effect.normalized)}
+              "into": float(effect.into_value.mean()), "normalized": float(effect.normalized),
+              "path": path}
     return Measurement(PATCH, value, tuple(effect.patched.tolist()),
                        extras)
 
@@ -235,9 +238,10 @@ def _patch_measurement(effect, metric: str) -> Measurement:
 @measure("patch")
 def _patch(ctx: ClaimContext) -> Measurement:
     from_run, into_run, batch = _runs(ctx)
-    effect = ctx.session.engine.patch(from_run, into_run, batch.answer_ids, batch.foil_ids,
-                                      **_site_kwargs(ctx.claim))
-    return _patch_measurement(effect, ctx.claim.metric)
+    engine = ctx.session.engine
+    effect = engine.patch(from_run, into_run, batch.answer_ids, batch.foil_ids,
+                          **_site_kwargs(ctx.claim))
+    return _patch_measurement(effect, ctx.claim.metric, engine.path_of(into_run))
 
 
 @measure("patch_sweep")
@@ -249,7 +253,7 @@ def _patch_sweep(ctx: ClaimContext) -> Measurement:
                                           method=claim.method)
     if claim.metric == "logit_diff" and grid.raw is not None:
         grid = Grid(grid.axes, grid.labels, grid.raw, grid.raw, grid.method, grid.extras)
-    return Measurement(GRID, grid, extras={"method": grid.method})
+    return Measurement(GRID, grid, extras={"method": grid.method, "path": grid.extras["path"]})
 
 
 @measure("ablate")
@@ -269,7 +273,7 @@ def _ablate(ctx: ClaimContext) -> Measurement:
             ref_batch.answer_ids, ref_batch.foil_ids)
     effect = ctx.session.engine.ablate(run, batch.answer_ids, batch.foil_ids, kind=claim.kind,
                                        reference=reference, **_site_kwargs(claim))
-    measurement = _patch_measurement(effect, claim.metric)
+    measurement = _patch_measurement(effect, claim.metric, ctx.session.engine.path_of(run))
     return Measurement(SCALAR, measurement.value, measurement.per_prompt, measurement.extras)
 
 
@@ -455,7 +459,7 @@ def _extras(measurement: Measurement) -> dict:
     if measurement.per_prompt is not None and measurement.kind in (SCALAR, PATCH):
         out["per_prompt"] = list(measurement.per_prompt)
     for key in ("raw", "from", "into", "normalized", "method", "probabilities", "prompts",
-                "stats"):
+                "stats", "path", "approximation"):
         if key in measurement.extras:
             out[key] = measurement.extras[key]
     if measurement.kind == PAIR:

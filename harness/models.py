@@ -106,8 +106,13 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
     from transformer_lens.model_bridge import TransformerBridge
 
     tokenizer = tokenizer or load_tokenizer(location, source)
-    # TransformerLens leaves a preloaded model where it is: move it to the device ourselves.
-    hf_model = load_hf_causal_lm(location, source).to(device)
+    # TransformerLens leaves a preloaded model where it is: move it to the device ourselves,
+    # unless `device_map` spreads its layers over several devices (accelerate places them).
+    hf_model = load_hf_causal_lm(location, source)
+    if source.device_map is None:
+        hf_model = hf_model.to(device)
+    else:
+        device = str(next(hf_model.parameters()).device)  # where the embeddings landed
     try:
         bridge = TransformerBridge.boot_transformers(
             location, hf_model=hf_model, tokenizer=tokenizer, device=device,
@@ -118,7 +123,7 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
     bridge.enable_compatibility_mode()
     bridge.eval()
     placed = next(bridge.parameters()).device
-    if placed.type != torch.device(device).type:
+    if source.device_map is None and placed.type != torch.device(device).type:
         raise ModelUnavailable(f"model '{name}' was asked for on {device} but its weights are "
                                f"on {placed}")
     key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
@@ -129,7 +134,8 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
 def load_hf_causal_lm(location: str, source: ModelSource):
     """The HF language model, unwrapping RL value-head checkpoints in local directories."""
     kwargs = dict(revision=source.revision, trust_remote_code=source.trust_remote_code,
-                  dtype=DTYPES[source.dtype], local_files_only=_offline(location))
+                  dtype=DTYPES[source.dtype], local_files_only=_offline(location),
+                  **device_map_kwargs(source.device_map))
     directory = Path(location)
     try:
         if directory.is_dir() and _has_value_head_layout(directory):
@@ -138,6 +144,32 @@ def load_hf_causal_lm(location: str, source: ModelSource):
                                                     **kwargs).eval()
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
+
+
+def device_map_kwargs(device_map) -> dict:
+    """`from_pretrained` arguments for a spec's device_map: a strategy name as is; a list of
+    devices as a balanced map over just those devices (accelerate's max_memory)."""
+    if device_map is None:
+        return {}
+    if isinstance(device_map, str):
+        return {"device_map": device_map}
+    max_memory = {}
+    for name in device_map:
+        dev = torch.device(name)
+        if dev.type == "cuda":
+            index = dev.index or 0
+            max_memory[index] = torch.cuda.mem_get_info(index)[0] if torch.cuda.is_available() \
+                else 0
+        else:
+            max_memory[dev.type] = _free_host_memory()
+    return {"device_map": "balanced", "max_memory": max_memory}
+
+
+def _free_host_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 2**30
 
 
 def _unavailable(location: str, source: ModelSource, exc: Exception) -> str:

@@ -57,6 +57,9 @@ class TrainSource(Frozen):
         return {**data, "base": base, "reward": reward}
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 class ModelSource(Frozen):
     """Where a model comes from: exactly one of hf / path / zoo / train."""
 
@@ -67,6 +70,7 @@ class ModelSource(Frozen):
     train: TrainSource | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = None
+    device_map: str | tuple[str, ...] | None = None  # "auto", or devices to spread layers over
     trust_remote_code: bool = False
     optional: bool = False
 
@@ -78,6 +82,13 @@ class ModelSource(Frozen):
                              + (", ".join(given) or "none"))
         if self.revision is not None and self.hf is None:
             raise ValueError("`revision` applies only to `hf:` models")
+        if self.device_map is not None and self.device is not None:
+            raise ValueError("give either `device` (one device) or `device_map` (several), "
+                             "not both")
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"device_map {self.device_map!r} must be one of "
+                             f"{', '.join(DEVICE_MAPS)} or a list of devices such as "
+                             "[cuda:0, cuda:1]")
         return self
 
     @property

@@ -60,3 +60,55 @@ def write_spec(directory: Path, model_dir: Path, prompts: str, claims: str,
                     + textwrap.indent(textwrap.dedent(prompts), "  ") + "claims:\n"
                     + textwrap.indent(textwrap.dedent(claims), "  "))
     return path
+
+
+# Tiny configs of the decoder families the TransformerBridge loads: every architecture the
+# harness is tested on. Sizes are small enough that a checkpoint builds in well under a second.
+_ATTN = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64)
+TINY_ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "pythia": ("gpt_neox", dict(_ATTN, rotary_pct=0.25, use_parallel_residual=True)),
+    "llama": ("llama", dict(_ATTN, num_key_value_heads=4)),
+    "llama-gqa": ("llama", dict(_ATTN, num_key_value_heads=2)),
+    "mistral": ("mistral", dict(_ATTN, num_key_value_heads=2)),
+    "qwen2": ("qwen2", dict(_ATTN, num_key_value_heads=2)),
+    "gemma": ("gemma", dict(_ATTN, num_key_value_heads=1, head_dim=8)),
+    "gemma2": ("gemma2", dict(_ATTN, num_key_value_heads=2, head_dim=8,
+                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                              sliding_window=16)),
+    "phi3": ("phi3", dict(_ATTN, num_key_value_heads=4, pad_token_id=0)),
+    "opt": ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                        max_position_embeddings=64, word_embed_proj_dim=32)),
+}
+
+
+def build_tiny_checkpoint(architecture: str, directory: Path, *, seed: int = 0,
+                          dtype: torch.dtype = torch.float32) -> Path:
+    """Save a seeded random model of `architecture` (a key of TINY_ARCHITECTURES) and the toy
+    tokenizer to `directory`, as `save_pretrained` would for a hub checkpoint.
+
+    Norm weights and biases are randomized so that folding them matters (fresh HF norms are
+    all ones, which would hide a missing scale).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, sizes = TINY_ARCHITECTURES[architecture]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_bpe_tokenizer(TINY_TEXTS, vocab_size=400)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer),
+                                  bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, **sizes)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name.split(".")[-2]:
+                base = 1.0 if name.endswith("weight") and model_type != "gemma" \
+                    and model_type != "gemma2" else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=gen))
+    model.to(dtype).save_pretrained(str(directory))
+    save_tokenizer(tokenizer, directory)
+    return directory

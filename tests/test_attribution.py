@@ -135,7 +135,7 @@ def test_lens_shares_the_engine_cache(twins, batch):
     engine = PatchingEngine()
     lens = logit_lens(twins[0], batch, engine=engine, key="base")
     again = dla(twins[0], batch, engine=engine, key="base")
-    assert len(engine._traces) == 1
+    assert len(engine.traces.entries) == 1
     assert abs(lens.values[-1].item() - again.values.sum().item()) < 1e-4
 
 

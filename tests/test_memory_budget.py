@@ -6,7 +6,6 @@ import pytest
 import torch
 from _tiny_models import TEST_DEVICE, assert_close, build_model_dir, load_bridge
 
-from harness.measure import gpt2_forward as fw
 from harness.measure.attribution import dla, logit_lens
 from harness.measure.budget import CACHE_SHARE, SLICE_SHARE
 from harness.measure.patching import PatchingEngine, Run
@@ -40,8 +39,7 @@ def _runs(f):
 def _tiny_budget_mb(f, prompts_per_slice: int = 2) -> float:
     """A budget whose slice share holds the traces of `prompts_per_slice` prompts of one run."""
     probe = PatchingEngine()
-    model = probe.model(_runs(f)[1])
-    per_prompt = fw.trace_nbytes(model, 1, f["tokens"].shape[1])
+    per_prompt = probe.forward(_runs(f)[1]).trace_nbytes(1, f["tokens"].shape[1])
     return prompts_per_slice * per_prompt / SLICE_SHARE / 2**20
 
 
@@ -51,7 +49,7 @@ def test_trace_nbytes_is_what_the_engine_keeps(family):
     acts = engine.clean(run)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in acts.values()}
-    assert sum(storages.values()) == fw.trace_nbytes(engine.model(run), *run.shape)
+    assert sum(storages.values()) == engine.forward(run).trace_nbytes(*run.shape)
     assert engine.cached_trace_bytes() == sum(storages.values())
 
 
@@ -103,8 +101,7 @@ def test_small_budget_slices_prompts_and_gives_the_same_numbers(family):
 def test_trace_cache_stays_within_half_the_budget(family):
     """Room for two traces: a third evicts the least recently used one, which is retraced."""
     f = family
-    model = PatchingEngine().model(_runs(f)[1])
-    one = fw.trace_nbytes(model, *f["tokens"].shape)
+    one = PatchingEngine().forward(_runs(f)[1]).trace_nbytes(*f["tokens"].shape)
     engine = PatchingEngine(memory_budget_mb=2.5 * one / CACHE_SHARE / 2**20)
     runs = [Run("a", f["a"], f["tokens"].roll(i, 1), f["final_pos"]) for i in range(3)]
     first, second = engine.clean(runs[0]), engine.clean(runs[1])

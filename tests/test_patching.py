@@ -197,7 +197,7 @@ def test_logit_diff_matches_bridge_and_is_cached(setup):
     assert_close(ours, final[rows, setup["answer"]] - final[rows, setup["foil"]],
                                atol=ATOL, rtol=0)
     engine.logit_diff(into_run, setup["answer"], setup["foil"])
-    assert len(engine._traces) == 1
+    assert len(engine.traces.entries) == 1
 
 
 def test_tiny_memory_budget_gives_identical_results(setup):
@@ -205,7 +205,7 @@ def test_tiny_memory_budget_gives_identical_results(setup):
     args = (from_run, into_run, setup["answer"], setup["foil"])
     big = PatchingEngine().patch_sweep(*args, site="resid_pre", over=("layer", "pos"))
     engine = PatchingEngine(memory_budget_mb=1)
-    engine._chunk_size = lambda model, run: 1  # one variant per chunk
+    engine._bytes = lambda share: 1  # one variant per chunk
     small = engine.patch_sweep(*args, site="resid_pre", over=("layer", "pos"))
     assert_close(small.raw, big.raw, atol=1e-6, rtol=0)
 
@@ -238,8 +238,8 @@ def test_ablation_basics(setup):
     assert abs(nothing.normalized) < 1e-4
     resid = engine.ablate(*args, site="resid_post", layers=[2], kind="zero")
     # zeroed final residual stream: LayerNorm of zero is zero, only the unembed bias remains
-    model = engine.model(run)
-    bias = model.b_U[setup["answer"]] - model.b_U[setup["foil"]]
+    readout = engine.forward(run).readout
+    bias = readout.b_U[setup["answer"]] - readout.b_U[setup["foil"]]
     assert_close(resid.patched, bias, atol=1e-4, rtol=0)
     ref = torch.full((2,), 5.0)
     mean = engine.ablate(*args, site="mlp_out", layers=[0, 2], kind="mean", reference=ref)
@@ -302,5 +302,5 @@ def test_grid_labels_and_errors(setup):
     with pytest.raises(MeasureError, match="two different models"):
         engine.logit_diff(Run("a", setup["b"], setup["tokens"], setup["final_pos"]),
                           setup["answer"], setup["foil"])
-    with pytest.raises(MeasureError, match="'L3H0'"):
+    with pytest.raises(MeasureError, match="not a head name"):
         engine.patch(*args, site="z", heads=["layer3"])

@@ -1,10 +1,11 @@
 """Direct logit attribution and the logit lens of the logit difference (answer - foil).
 
 Both read each prompt's final position of a right-padded batch. Each model is measured on its
-own run: DLA divides every component by the final LayerNorm scale of the same model's run (the
+own run: DLA divides every component by the final norm's scale of the same model's run (the
 seed analysis used the RLHF model's scale for both models; that is the bug not to repeat), and
-the lens applies the final LayerNorm to each accumulated residual with that residual's own
-scale, so models sharing their first blocks give bit-identical lens values for those layers.
+the lens applies the final norm to each accumulated residual with that residual's own scale,
+so models sharing their first blocks give bit-identical lens values for those layers. Both work
+on every architecture through `harness.measure.readout` (LayerNorm or RMSNorm, soft-caps).
 Values are means over prompts; `extras["per_prompt"]` keeps [entry, batch].
 """
 
@@ -17,8 +18,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
-from harness.measure import gpt2_forward as fw
-from harness.measure.gpt2_forward import FoldedGPT2
 from harness.measure.results import Grid
 from harness.prompts import PromptBatch
 
@@ -26,13 +25,13 @@ DLA_BY = ("component", "head", "layer")
 
 
 def _slices(bridge, batch: PromptBatch, engine=None, key: str | None = None):
-    """The model's weights and its clean traces in prompt slices that fit the memory budget,
+    """The model's Forward and its clean traces in prompt slices that fit the memory budget,
     shared with a PatchingEngine's cache when one is given."""
     from harness.measure.patching import PatchingEngine, Run
 
     engine = engine if engine is not None else PatchingEngine()
     run = Run(key or "model", bridge, batch.tokens, batch.final_pos)
-    return engine.model(run), ((rows, sub, acts) for rows, (sub,), (acts,) in engine.slices(run))
+    return engine.forward(run), ((rows, sub, acts) for rows, (sub,), (acts,) in engine.slices(run))
 
 
 def _at_final(acts: Tensor, final_pos: Tensor) -> Float[Tensor, "batch ..."]:
@@ -44,65 +43,90 @@ def dla(bridge, batch: PromptBatch, by: str = "component", *, engine=None,
         key: str | None = None) -> Grid:
     """Direct logit attribution of the logit diff; the entries sum to the model's logit diff.
 
-    by="component": embed, pos_embed, attn0, mlp0, ..., bias (the unembedding bias).
-    by="head": L0H0, ..., then "rest" (embeddings, attention output biases, MLPs, unembed bias).
+    by="component": embed, [pos_embed,] attn0, mlp0, ..., bias (unembedding and norm biases).
+    by="head": L0H0, ..., then "rest" (embeddings, attention output biases, MLPs, biases).
     by="layer": "embed" (token + position), 0 .. n_layers-1 (attention + MLP), "bias".
+    Each piece goes through the model's own final norm (LayerNorm: centred; RMSNorm: not)
+    with the scale of the model's own run. Where the logits are soft-capped (Gemma 2) the
+    pieces decompose the raw logit difference and are scaled to sum to the capped one: a linear
+    approximation, said in `extras["approximation"]`.
     """
     if by not in DLA_BY:
         raise MeasureError(f"unknown dla by={by!r}" + did_you_mean(by, DLA_BY))
-    model, slices = _slices(bridge, batch, engine, key)
+    forward, slices = _slices(bridge, batch, engine, key)
     per_prompt, scale = [], []
     with torch.no_grad():
         for rows, run, acts in slices:
-            labels, parts = _components(model, acts, run.tokens, run.final_pos, by)
-            direction, bias = model.logit_diff_direction(batch.answer_ids[rows],
-                                                         batch.foil_ids[rows])
-            scale.append(_ln_scale(_at_final(acts["final"], run.final_pos), model.eps))
-            centered = parts - parts.mean(-1, keepdim=True)  # the final LayerNorm is linear
-            rows_dla = (centered * direction).sum(-1) / scale[-1]  # given its scale: [comp, B]
+            readout = forward.readout
+            labels, parts = _components(forward, acts, run.final_pos, by)
+            final = _at_final(acts["final"], run.final_pos).float()
+            ids = torch.stack([batch.answer_ids[rows], batch.foil_ids[rows]], -1)
+            directions = readout.directions(ids)
+            offsets = readout.offsets(ids)
+            direction, bias = directions[:, 0] - directions[:, 1], offsets[:, 0] - offsets[:, 1]
+            scale.append(readout.scale(final)[:, 0])
+            rows_dla = (readout.centered(parts) * direction).sum(-1) / scale[-1]  # [comp, B]
             if by == "head":
                 rows_dla[-1] += bias
             else:
                 rows_dla = torch.cat([rows_dla, bias[None]])
+            if readout.softcap is not None:
+                measured = readout.logit_diff(final, ids[:, 0], ids[:, 1])
+                rows_dla = rows_dla * (measured / rows_dla.sum(0))
             per_prompt.append(rows_dla.cpu())
     per_prompt = torch.cat(per_prompt, -1)
+    extras = {"per_prompt": per_prompt, "final_ln_scale": torch.cat(scale).cpu(),
+              "logit_diff": per_prompt.sum(0), "by": by, "path": forward.path}
+    if forward.readout.softcap is not None:
+        extras["approximation"] = (f"linear: the logits are soft-capped at "
+                                   f"{forward.readout.softcap:g}; pieces of the raw logit "
+                                   "difference are scaled to sum to the capped one")
     return Grid(axes=("component",), labels=(tuple(labels),), values=per_prompt.mean(-1),
-                extras={"per_prompt": per_prompt, "final_ln_scale": torch.cat(scale).cpu(),
-                        "logit_diff": per_prompt.sum(0), "by": by})
+                extras=extras)
 
 
-def _components(model: FoldedGPT2, acts, tokens: Tensor, final_pos: Tensor, by: str
+def _components(forward, acts, final_pos: Tensor, by: str
                 ) -> tuple[list, Float[Tensor, "component batch d_model"]]:
-    """Residual-stream pieces at the final position (bias handled by the caller)."""
-    fp = final_pos.to(model.device)
-    tokens = tokens.to(model.device)
-    embed = model.W_E[_at_final(tokens, fp)]
-    pos_embed = model.W_pos[fp]
-    rows = torch.arange(tokens.shape[0], device=model.device)
-    attn, mlp = acts["attn_out"][:, rows, fp], acts["mlp_out"][:, rows, fp]  # [L, B, d]
-    n_layers = model.n_layers
+    """Residual-stream pieces at the final position (biases handled by the caller); checked
+    to add up to the final residual, so no decomposition is silently wrong."""
+    at = lambda t: _at_final(t, final_pos).float()  # noqa: E731
+    final = at(acts["final"])
+    pos_embed = at(acts["pos_embed"]) if "pos_embed" in acts else None
+    embed = at(acts["resid_pre"][0]) - (pos_embed if pos_embed is not None else 0)
+    n_layers = acts["resid_pre"].shape[0]
+    attn = torch.stack([at(acts["attn_out"][layer]) for layer in range(n_layers)])
+    mlp = torch.stack([at(acts["mlp_out"][layer]) for layer in range(n_layers)]) \
+        if "mlp_out" in acts else torch.zeros_like(attn)
+    _check_sum(final, embed + (0 if pos_embed is None else pos_embed) + attn.sum(0) + mlp.sum(0),
+               "the residual stream is not the sum of the embeddings and the attention and MLP "
+               "outputs")
     if by == "component":
-        labels = ["embed", "pos_embed"]
-        pieces = [embed, pos_embed]
+        labels, pieces = ["embed"], [embed]
+        if pos_embed is not None:
+            labels, pieces = labels + ["pos_embed"], pieces + [pos_embed]
         for layer in range(n_layers):
-            labels += [f"attn{layer}", f"mlp{layer}"]
-            pieces += [attn[layer], mlp[layer]]
+            labels += [f"attn{layer}"] + ([f"mlp{layer}"] if "mlp_out" in acts else [])
+            pieces += [attn[layer]] + ([mlp[layer]] if "mlp_out" in acts else [])
         return labels + ["bias"], torch.stack(pieces)
     if by == "layer":
-        layers = attn + mlp
-        return (["embed", *range(n_layers), "bias"],
-                torch.cat([(embed + pos_embed)[None], layers]))
-    z = acts["z"][:, rows, fp]  # [L, B, H, dh]
-    w_o = model.W_O.unflatten(1, (model.n_heads, model.d_head))  # [L, H, dh, d]
-    heads = torch.einsum("lbhe,lhed->lhbd", z, w_o).flatten(0, 1)
-    rest = embed + pos_embed + model.b_O.sum(0) + mlp.sum(0)
-    labels = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(model.n_heads)]
-    return labels + ["rest"], torch.cat([heads, rest[None]])
+        first = embed + (0 if pos_embed is None else pos_embed)
+        return ["embed", *range(n_layers), "bias"], torch.cat([first[None], attn + mlp])
+    W_O, b_O = forward.head_weights()
+    z = torch.stack([at(acts["z"][layer]) for layer in range(n_layers)])  # [L, B, H, dh]
+    heads = torch.einsum("lbhe,lhed->lhbd", z, W_O.float())  # [L, H, B, d]
+    _check_sum(attn, heads.sum(1) + b_O.float()[:, None],
+               "attention outputs are not the sum of per-head outputs (e.g. a norm after "
+               "attention, as in Gemma 2): use by: component or by: layer")
+    labels = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(heads.shape[1])]
+    heads = heads.flatten(0, 1)
+    return labels + ["rest"], torch.cat([heads, (final - heads.sum(0))[None]])
 
 
-def _ln_scale(resid: Float[Tensor, "batch d_model"], eps: float) -> Float[Tensor, " batch"]:
-    centered = resid - resid.mean(-1, keepdim=True)
-    return (centered.pow(2).mean(-1) + eps).sqrt()
+def _check_sum(whole: Tensor, parts: Tensor, why: str, rtol: float = 1e-3) -> None:
+    err = (whole - parts).abs().max().item()
+    if err > rtol * max(1.0, whole.abs().max().item()):
+        raise MeasureError(f"direct logit attribution refused: {why} on this model (off by "
+                           f"{err:.3g})")
 
 
 def logit_lens(bridge, batch: PromptBatch, incl_mid: bool = False, *, engine=None,
@@ -110,23 +134,30 @@ def logit_lens(bridge, batch: PromptBatch, incl_mid: bool = False, *, engine=Non
     """Logit diff read from the accumulated residual stream before each layer, and at the end.
 
     Labels: resid_pre0, [resid_mid0,] resid_pre1, ..., final (the residual after the last
-    block). Each entry gets the final LayerNorm with its own scale, then the unembedding.
+    block). Each entry gets the model's final norm with its own scale, then the unembedding
+    (and the soft-cap, where the model has one).
     """
-    model, slices = _slices(bridge, batch, engine, key)
+    forward, slices = _slices(bridge, batch, engine, key)
+    if incl_mid and "resid_mid" not in forward.dims.sites:
+        raise MeasureError("incl_mid needs site resid_mid, which this model (parallel "
+                           "attention and MLP) does not have")
     sites = ("resid_pre", "resid_mid") if incl_mid else ("resid_pre",)
-    entries = [(site, layer) for layer in range(model.n_layers) for site in sites]
+    entries = [(site, layer) for layer in range(forward.dims.n_layers) for site in sites]
     labels = [f"{site}{layer}" for site, layer in entries] + ["final"]
     per_prompt = []
     with torch.no_grad():
         for rows, run, acts in slices:
             stack = [acts[site][layer] for site, layer in entries] + [acts["final"]]
             resid = torch.stack([_at_final(s, run.final_pos) for s in stack])  # [entry, B, d]
-            direction, bias = model.logit_diff_direction(batch.answer_ids[rows],
-                                                         batch.foil_ids[rows])
-            per_prompt.append(fw.read_logit_diff(model, resid, direction, bias).cpu())
+            a, f = batch.answer_ids[rows], batch.foil_ids[rows]
+            n_entries = resid.shape[0]
+            diff = forward.readout.logit_diff(resid.flatten(0, 1), a.repeat(n_entries),
+                                              f.repeat(n_entries))
+            per_prompt.append(diff.reshape(n_entries, -1).cpu())
     per_prompt = torch.cat(per_prompt, -1)
     return Grid(axes=("layer",), labels=(tuple(labels),), values=per_prompt.mean(-1),
-                extras={"per_prompt": per_prompt, "n_layers": model.n_layers})
+                extras={"per_prompt": per_prompt, "n_layers": forward.dims.n_layers,
+                        "path": forward.path})
 
 
 def logit_lens_difference(bridge_a, bridge_b, batch: PromptBatch, incl_mid: bool = False,

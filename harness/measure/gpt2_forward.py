@@ -20,10 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
-
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-         "q", "k", "v", "z", "pattern", "mlp_post")
-HEAD_SITES = ("q", "k", "v", "z", "pattern")
+from harness.sites import SITES
 
 Hook = Callable[[str, int, Tensor], Tensor]
 
@@ -107,6 +104,14 @@ class FoldedGPT2:
 
 
 def _check_supported(bridge) -> None:
+    problems = unsupported_features(bridge)
+    if problems:
+        raise MeasureError("the GPT-2 fast path runs GPT-2-style models only; this model has: "
+                           + "; ".join(problems))
+
+
+def unsupported_features(bridge) -> list[str]:
+    """What keeps this model off the GPT-2 fast path (empty: it can run here)."""
     cfg = bridge.cfg
     problems = []
     if not getattr(bridge, "compatibility_mode", False):
@@ -123,9 +128,9 @@ def _check_supported(bridge) -> None:
                  "gated_mlp"):
         if getattr(cfg, flag, False):
             problems.append(flag)
-    if problems:
-        raise MeasureError("the patching engine runs GPT-2-style models only; this model has: "
-                           + "; ".join(problems))
+    if float(getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0:
+        problems.append("logit soft-capping")
+    return problems
 
 
 def layer_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
