@@ -44,6 +44,10 @@ TAIL=4 step checks-cuda-xdist 180 python3 -m pytest checks/ -q -n 2 --harness-de
 TAIL=30 step engine-tests-cuda 240 env HARNESS_TEST_DEVICE=cuda python3 -m pytest -q \
   tests/test_patching.py tests/test_toy_patching.py tests/test_attribution.py \
   tests/test_memory_budget.py "tests/test_models.py::test_model_lands_on_the_requested_device"
+# 2b. Every architecture on the GPU (general path against TransformerLens, DLA sums, GQA heads,
+#     every claim kind through a spec) and half precision with a device map.
+TAIL=20 step architectures-cuda 300 env HARNESS_TEST_DEVICE=cuda python3 -m pytest -q \
+  tests/test_architectures.py tests/test_dtypes.py
 # 3. Benchmarks.
 TAIL=7 step bench-patching 240 python3 bench/bench_patching.py --device cuda \
   --json "$OUT_DIR/bench_patching_cuda.json"

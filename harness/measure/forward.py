@@ -18,7 +18,7 @@ from torch import Tensor
 
 from harness.sites import SITE_TABLE
 
-Acts = dict[str, Tensor]  # site -> [layer, batch, ...]; "final", "embed", "pos_embed": [batch, ...]
+Acts = dict[str, Tensor]  # site -> [layer, batch, ...]; "final", "pos_embed": [batch, ...]
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,9 @@ class GeneralForward:
 
     def trace(self, tokens: Int[Tensor, "batch pos"]) -> Acts:
         """Every site of every layer, stacked: site -> [layer, batch, ...]; plus "final" (the
-        residual entering the final norm), "embed" and, where the model has one, "pos_embed"."""
+        residual entering the final norm) and, where the model has one, "pos_embed"."""
         hooks = self._site_hooks()
-        extra = {"final": self._final_hook, "embed": "hook_embed", "pos_embed": "hook_pos_embed"}
+        extra = {"final": self._final_hook, "pos_embed": "hook_pos_embed"}
         wanted = {n for names in hooks.values() for n in names}
         wanted |= {h for h in extra.values() if h in self.bridge.hook_dict}
         with torch.no_grad():
@@ -70,7 +70,7 @@ class GeneralForward:
             for axis in axes:
                 size *= sizes[axis]
             per_row += size * d.n_layers
-        per_row += 3 * d.d_model  # final, embed, pos_embed
+        per_row += 2 * d.d_model  # final, pos_embed
         return per_row * batch * n_pos * d.element_size
 
     def read_clean(self, acts: Acts, final_pos: Tensor, answer_ids: Tensor, foil_ids: Tensor

@@ -51,8 +51,8 @@ class GPT2Forward:
             acts = fw.trace(self.model, tokens)
             acts["qkv"] = torch.stack([acts.pop("q"), acts.pop("k"), acts.pop("v")], 3)
             acts["q"], acts["k"], acts["v"] = acts["qkv"].unbind(3)  # views: no copies
-            acts["embed"] = self.model.W_E[tokens]
-            acts["pos_embed"] = self.model.W_pos[: tokens.shape[1]].expand(len(tokens), -1, -1)
+            acts["pos_embed"] = self.model.W_pos[: tokens.shape[1]].expand(len(tokens), -1,
+                                                                            -1).clone()
         return acts
 
     def trace_nbytes(self, batch: int, n_pos: int) -> int:

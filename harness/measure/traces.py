@@ -101,7 +101,7 @@ class TraceCache:
                 del self.entries[key]
 
 
-PER_PROMPT_FIRST = ("final", "embed", "pos_embed")  # [batch, ...]; every other site [layer, batch]
+PER_PROMPT_FIRST = ("final", "pos_embed")  # [batch, ...]; every other site [layer, batch]
 
 
 def rows_of(acts: Acts, rows: slice) -> Acts:
