@@ -281,6 +281,7 @@ def test_every_claim_kind_passes(tmp_path, arch):
     matrix = claim_matrix(arch, tmp_path)
     failed = {cid: msg for cid, (status, _, msg) in matrix.items() if status != "passed"}
     assert not failed, failed
-    expected_path = "gpt2-fast" if arch == "gpt2" else "general"
+    # OPT is GPT-2-shaped (learned positions, pre-LayerNorm, plain MLP): the fast path takes it
+    expected_path = "gpt2-fast" if arch in ("gpt2", "opt") else "general"
     for cid in ("restore_resid", "head_sweep", "two_heads", "ablate_zero", "dla"):
         assert matrix[cid][1] == expected_path, (cid, matrix[cid])
