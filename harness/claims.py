@@ -213,6 +213,15 @@ def _runs(ctx: ClaimContext):
         final = batch.corrupt_final_pos if corrupt else batch.final_pos
         runs.append((Run(model.key, model.bridge, tokens, final), batch))
     (from_run, from_batch), (into_run, into_batch) = runs
+    if from_run.tokens.shape != into_run.tokens.shape or not torch.equal(
+            from_run.final_pos.cpu(), into_run.final_pos.cpu()):
+        from harness.prompts import corrupt_length_mismatches
+
+        problems = corrupt_length_mismatches(ctx.model(claim.into.model).tokenizer,
+                                             ctx.spec.claim_prompts(claim), ctx.prepend_bos)
+        raise MeasureError("; ".join(problems) or (
+            f"models '{claim.from_.model}' and '{claim.into.model}' tokenize the prompts to "
+            "different lengths; patching pairs positions one to one and needs one tokenizer"))
     if not (torch.equal(from_batch.answer_ids, into_batch.answer_ids)
             and torch.equal(from_batch.foil_ids, into_batch.foil_ids)):
         raise MeasureError(f"models '{claim.from_.model}' and '{claim.into.model}' tokenize "

@@ -47,6 +47,24 @@ def single_token_id(tokenizer, text: str) -> int | list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
+def corrupt_length_mismatches(tokenizer, prompts, prepend_bos: bool) -> list[str]:
+    """Why clean/corrupt patching cannot pair these prompts: for each prompt whose clean and
+    corrupt texts tokenize to different lengths, which prompt, both counts, both tokenizations.
+    (Patching copies activations position by position, so the lengths must agree.)"""
+    problems = []
+    for i, prompt in enumerate(prompts):
+        if prompt.corrupt is None:
+            continue
+        clean, corrupt = (encode(tokenizer, t, prepend_bos) for t in (prompt.text, prompt.corrupt))
+        if len(clean) != len(corrupt):
+            show = [tokenizer.decode([t]) for t in clean], [tokenizer.decode([t]) for t in corrupt]
+            problems.append(f"prompt {i} {prompt.text!r} is {len(clean)} tokens {show[0]} but its "
+                            f"corrupt text {prompt.corrupt!r} is {len(corrupt)} tokens {show[1]}; "
+                            "clean/corrupt patching pairs positions one to one, so write texts "
+                            "of equal token length (leading spaces count)")
+    return problems
+
+
 def encode(tokenizer, text: str, prepend_bos: bool) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ([tokenizer.bos_token_id] if prepend_bos else []) + list(ids)

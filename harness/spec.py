@@ -130,9 +130,10 @@ class PromptEntry(Frozen):
     corpus: CorpusSource | None = None
     field: str = "text"
     first_words: int | None = Field(None, ge=1)
+    strip: bool = False      # strip surrounding whitespace of `text` and `corrupt` alike
     limit: int | None = Field(None, ge=1)
-    answer: str
-    foil: str
+    answer: str | None = None   # families: the default for rows without their own
+    foil: str | None = None
     corrupt: str | None = None
 
     @model_validator(mode="after")
@@ -142,6 +143,11 @@ class PromptEntry(Frozen):
             raise ValueError("a prompt needs exactly one of `text`, `template`, `file`, "
                              "`dataset` or `corpus`" + (f", got {', '.join(given)}" if given
                                                          else ""))
+        if given[0] in ("text", "template"):
+            for name in ("answer", "foil"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"missing required field '{name}': a `{given[0]}` prompt "
+                                     f"needs `{name}: TOKEN` (one token, e.g. \" bad\")")
         if self.template is None and self.values is not None:
             raise ValueError("`values` needs a `template`")
         if self.template is not None:
@@ -176,21 +182,26 @@ def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
            directory: Path = Path(".")) -> tuple[Prompt, ...]:
     """Templates expand to the cross product of their values, in the order written; file,
     dataset and corpus families are read (relative paths from the spec's folder)."""
+    from harness.prompt_sources import normalize_row
+
     out = []
     for i, entry in enumerate(entries):
         if entry.text is None and entry.template is None:
             out += _read_family(entry, loc + (i,), directory)
             continue
         if entry.text is not None:
-            out.append(Prompt(text=entry.text, answer=entry.answer, foil=entry.foil,
-                              corrupt=entry.corrupt, loc=loc + (i,)))
-            continue
-        names = list(entry.values or {})
-        for combo in itertools.product(*(entry.values[n] for n in names)):
-            fill = dict(zip(names, combo))
-            out.append(Prompt(text=entry.template.format(**fill), answer=entry.answer,
-                              foil=entry.foil, loc=loc + (i,),
-                              corrupt=entry.corrupt.format(**fill) if entry.corrupt else None))
+            rows = [{"text": entry.text, "corrupt": entry.corrupt}]
+        else:
+            names = list(entry.values or {})
+            fills = [dict(zip(names, combo))
+                     for combo in itertools.product(*(entry.values[n] for n in names))]
+            rows = [{"text": entry.template.format(**fill),
+                     "corrupt": entry.corrupt.format(**fill) if entry.corrupt else None}
+                    for fill in fills]
+        for row in rows:
+            row = normalize_row(row, entry.first_words, entry.strip)
+            out.append(Prompt(text=row["text"], answer=entry.answer, foil=entry.foil,
+                              corrupt=row["corrupt"], loc=loc + (i,)))
     return tuple(out)
 
 
@@ -209,13 +220,31 @@ def _read_family(entry: PromptEntry, loc: tuple, directory: Path) -> list[Prompt
         rows = sources.texts_from_corpus(entry.corpus.n, entry.corpus.seed)
     rows = rows[: entry.limit] if entry.limit else rows
     prompts = []
-    for row in rows:
-        text = sources.first_words(row["text"], entry.first_words)
-        if text:
-            prompts.append(Prompt(text=text, answer=row.get("answer", entry.answer),
-                                  foil=row.get("foil", entry.foil),
-                                  corrupt=row.get("corrupt", entry.corrupt), loc=loc))
+    for number, row in enumerate(rows, 1):
+        row = {"corrupt": entry.corrupt, "answer": entry.answer, "foil": entry.foil,
+               **{k: v for k, v in row.items() if v is not None}}
+        row = sources.normalize_row(row, entry.first_words, entry.strip)
+        if not row["text"]:
+            continue
+        for name in ("text", "answer", "foil", "corrupt"):
+            if row[name] is None and name != "corrupt":
+                raise HarnessError(f"{_row_origin(entry, row, number)} has no `{name}` and the "
+                                   f"entry gives no default: add `{name}` to every row or "
+                                   f"`{name}: TOKEN` to the entry")
+            if row[name] is not None and not isinstance(row[name], str):
+                raise HarnessError(f"{_row_origin(entry, row, number)}: `{name}` must be a "
+                                   f"string, got {row[name]!r}")
+        prompts.append(Prompt(text=row["text"], answer=row["answer"], foil=row["foil"],
+                              corrupt=row["corrupt"], loc=loc))
     return prompts
+
+
+def _row_origin(entry: PromptEntry, row: dict, number: int) -> str:
+    if "line" in row:
+        return f"{entry.file}:{row['line']}: this row"
+    source = f"dataset '{entry.dataset.name}'" if entry.dataset else (
+        f"file {entry.file}" if entry.file else "the corpus")
+    return f"row {number} of {source}"
 
 
 # ----------------------------------------------------------------------------- claims
