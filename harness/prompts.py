@@ -39,6 +39,9 @@ class PromptBatch:
                            move(self.corrupt_tokens), move(self.corrupt_final_pos))
 
 
+NO_TOKEN = -1   # the id of an answer or foil that a prompt does not give
+
+
 def single_token_id(tokenizer, text: str) -> int | list[str]:
     """The id of `text` if it is exactly one token, else how the tokenizer splits it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -81,10 +84,13 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def build_batch(tokenizer, prompts, prepend_bos: bool, on_bad_token) -> PromptBatch:
     """Tokenize prompts for one model. `on_bad_token(prompt, field, pieces)` returns the error
-    to raise when an answer or foil is not a single token."""
+    to raise when an answer or foil is not a single token. Missing ones get id NO_TOKEN."""
     answers, foils = [], []
     for prompt in prompts:
         for field, text, out in (("answer", prompt.answer, answers), ("foil", prompt.foil, foils)):
+            if text is None:   # a claim that reads none (checked by the spec's cross checks)
+                out.append(NO_TOKEN)
+                continue
             token = single_token_id(tokenizer, text)
             if isinstance(token, list):
                 raise on_bad_token(prompt, field, token)

@@ -38,6 +38,8 @@ def check_tokens(spec: Spec, session: Session | None = None) -> list[SpecError]:
             for prompt in spec.claim_prompts(claim):
                 for field_name in ("answer", "foil"):
                     text = getattr(prompt, field_name)
+                    if text is None:
+                        continue
                     pieces = single_token_id(tokenizer, text)
                     if isinstance(pieces, list):
                         errors.append(spec.error(
@@ -45,6 +47,12 @@ def check_tokens(spec: Spec, session: Session | None = None) -> list[SpecError]:
                             f"{field_name} {text!r} is {len(pieces)} tokens for model "
                             f"'{name}': {pieces}; use a single token (often with a leading "
                             "space)"))
+            marker = getattr(getattr(claim, "span", None), "after", None)
+            if marker is not None and isinstance(single_token_id(tokenizer, marker), list):
+                pieces = single_token_id(tokenizer, marker)
+                errors.append(spec.error(("claims", index, "span", "after"),
+                                         f"span marker {marker!r} is {len(pieces)} tokens for "
+                                         f"model '{name}': {pieces}; use a single token"))
             if _pairs_clean_with_corrupt(claim):
                 for problem in corrupt_length_mismatches(tokenizer, spec.claim_prompts(claim),
                                                          _prepend_bos(spec, claim)):

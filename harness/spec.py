@@ -132,8 +132,8 @@ class PromptEntry(Frozen):
     first_words: int | None = Field(None, ge=1)
     strip: bool = False      # strip surrounding whitespace of `text` and `corrupt` alike
     limit: int | None = Field(None, ge=1)
-    answer: str | None = None   # families: the default for rows without their own
-    foil: str | None = None
+    answer: str | None = None   # families: the default for rows without their own; loss and
+    foil: str | None = None     # accuracy claims need neither
     corrupt: str | None = None
 
     @model_validator(mode="after")
@@ -143,11 +143,6 @@ class PromptEntry(Frozen):
             raise ValueError("a prompt needs exactly one of `text`, `template`, `file`, "
                              "`dataset` or `corpus`" + (f", got {', '.join(given)}" if given
                                                          else ""))
-        if given[0] in ("text", "template"):
-            for name in ("answer", "foil"):
-                if getattr(self, name) is None:
-                    raise ValueError(f"missing required field '{name}': a `{given[0]}` prompt "
-                                     f"needs `{name}: TOKEN` (one token, e.g. \" bad\")")
         if self.template is None and self.values is not None:
             raise ValueError("`values` needs a `template`")
         if self.template is not None:
@@ -169,13 +164,14 @@ class PromptEntry(Frozen):
 
 
 class Prompt(Frozen):
-    """One concrete prompt after template expansion."""
+    """One concrete prompt after template expansion (answer/foil: None where not given)."""
 
     text: str
-    answer: str
-    foil: str
+    answer: str | None = None
+    foil: str | None = None
     corrupt: str | None = None
     loc: tuple = ()   # where the prompt is written in the spec, for error messages
+    row: str | None = None   # a family's row: "p.jsonl:3: this row", "row 3 of dataset 'x'"
 
 
 def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
@@ -227,21 +223,17 @@ def _read_family(entry: PromptEntry, loc: tuple, directory: Path) -> list[Prompt
         if not row["text"]:
             continue
         for name in ("text", "answer", "foil", "corrupt"):
-            if row[name] is None and name != "corrupt":
-                raise HarnessError(f"{_row_origin(entry, row, number)} has no `{name}` and the "
-                                   f"entry gives no default: add `{name}` to every row or "
-                                   f"`{name}: TOKEN` to the entry")
             if row[name] is not None and not isinstance(row[name], str):
                 raise HarnessError(f"{_row_origin(entry, row, number)}: `{name}` must be a "
                                    f"string, got {row[name]!r}")
         prompts.append(Prompt(text=row["text"], answer=row["answer"], foil=row["foil"],
-                              corrupt=row["corrupt"], loc=loc))
+                              corrupt=row["corrupt"], loc=loc, row=_row_origin(entry, row, number)))
     return prompts
 
 
 def _row_origin(entry: PromptEntry, row: dict, number: int) -> str:
     if "line" in row:
-        return f"{entry.file}:{row['line']}: this row"
+        return f"{entry.file}:{row['line']}"
     source = f"dataset '{entry.dataset.name}'" if entry.dataset else (
         f"file {entry.file}" if entry.file else "the corpus")
     return f"row {number} of {source}"
@@ -325,6 +317,39 @@ class TopKClaim(SingleModelClaim):
     measure: Literal["top_k"]
     k: int = Field(10, ge=1)
     per_prompt: PerPrompt = "all"
+
+
+class SpanRange(Frozen):
+    """`span: {start: a, stop: b}`: text tokens a..b-1 of each prompt (negatives from its end)."""
+
+    start: int | None = None
+    stop: int | None = None
+
+
+class SpanAfter(Frozen):
+    """`span: {after: TOKEN}`: the tokens after the first occurrence of a marker token."""
+
+    after: str
+
+
+SpanSpec = Union[Literal["all", "second_half"], SpanRange, SpanAfter]  # noqa: UP007
+SEQUENCE_METRICS = ("loss", "accuracy")
+
+
+class SequenceClaim(SingleModelClaim):
+    span: SpanSpec = "all"
+
+
+class LossClaim(SequenceClaim):
+    """Mean next-token cross-entropy (nats) over a span, per prompt."""
+
+    measure: Literal["loss"]
+
+
+class AccuracyClaim(SequenceClaim):
+    """Share of a span's tokens that are the previous position's argmax, per prompt."""
+
+    measure: Literal["accuracy"]
 
 
 class RunRef(Frozen):
@@ -441,7 +466,8 @@ class PatchClaim(ClaimBase, SiteSelection):
     measure: Literal["patch"]
     from_: RunRef = Field(alias="from")
     into: RunRef
-    metric: Literal["normalized", "logit_diff"] = "normalized"
+    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
+    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -477,7 +503,8 @@ class AblateClaim(SingleModelClaim, SiteSelection):
     measure: Literal["ablate"]
     kind: Literal["zero", "mean"] = "zero"
     reference: str | None = None   # another model whose logit diff counts as "fully ablated"
-    metric: Literal["normalized", "logit_diff"] = "normalized"
+    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
+    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
 
     def model_names(self) -> tuple[str, ...]:
         return (self.model,) + ((self.reference,) if self.reference else ())
@@ -485,11 +512,11 @@ class AblateClaim(SingleModelClaim, SiteSelection):
 
 Claim = Annotated[
     LogitDiffClaim | TopKClaim | GenerateClaim | LogitLensClaim | DlaClaim | PatchClaim
-    | PatchSweepClaim | AblateClaim,
+    | PatchSweepClaim | AblateClaim | LossClaim | AccuracyClaim,
     Field(discriminator="measure"),
 ]
 MEASURES = ("logit_diff", "top_k", "generate", "logit_lens", "dla", "patch", "patch_sweep",
-            "ablate")
+            "ablate", "loss", "accuracy")
 
 
 class Spec(Frozen):
@@ -535,6 +562,8 @@ class Spec(Frozen):
         same = [p for p in prompts if p.text == claim.prompt]
         if same:
             return tuple(same[:1])
+        if not prompts:
+            return (Prompt(text=claim.prompt, loc=("claims",)),)
         first = prompts[0]
         return (Prompt(text=claim.prompt, answer=first.answer, foil=first.foil, loc=first.loc),)
 
@@ -669,10 +698,24 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         if "mean_score" in claim.expect and not getattr(claim, "score_with", None):
             add(("claims", i, "expect", "mean_score"), "`mean_score` needs `score_with: "
                                                        "REWARD_MODEL` on the claim")
-        if claim.ci is not None and (claim.measure != "logit_diff"
+        if claim.ci is not None and (claim.measure not in ("logit_diff", "loss", "accuracy")
                                      or claim.per_prompt != "mean"):
-            add(("claims", i, "ci"), "`ci` applies to `logit_diff` claims over the mean of "
-                                     "their prompts (per_prompt: mean)")
+            add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss` and `accuracy` "
+                                     "claims over the mean of their prompts (per_prompt: mean)")
+        if getattr(claim, "span", "all") != "all" and claim.measure not in SEQUENCE_METRICS \
+                and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
+            add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "
+                                       "`metric: loss | accuracy`")
+        if reads_answers(claim) and claim.prompts in (None, *spec.prompt_sets):
+            for prompt in spec.claim_prompts(claim):
+                missing = [n for n in ("answer", "foil") if getattr(prompt, n) is None]
+                if missing:
+                    where = f"{prompt.row}: " if prompt.row else ""
+                    add(prompt.loc, f"{where}this prompt has no `{missing[0]}`, but claim "
+                                    f"'{claim.id}' ({claim.measure}) reads each prompt's "
+                                    f"answer and foil: add `{missing[0]}: TOKEN` (one token, "
+                                    "e.g. \" bad\") to the prompt, its rows or its entry")
+                    break
         if claim.search is not None and claim.measure not in ("logit_diff", "top_k",
                                                               "generate"):
             add(("claims", i, "search"), "`search` applies to logit_diff, top_k and generate "
@@ -686,6 +729,18 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("models", name, "train", "base"), f"unknown base model '{model.train.base}'"
                 + did_you_mean(model.train.base, spec.models))
     return errors
+
+
+def reads_answers(claim) -> bool:
+    """Whether a claim reads each prompt's answer and foil (sequence metrics read neither;
+    generate and top_k only for the answer expectations)."""
+    from harness.expect import ANSWER_OPERATORS
+
+    if claim.measure in SEQUENCE_METRICS or getattr(claim, "metric", None) in SEQUENCE_METRICS:
+        return False
+    if claim.measure in ("generate", "top_k"):
+        return bool(set(claim.expect) & set(ANSWER_OPERATORS))
+    return True
 
 
 def _model_refs(claim) -> list[tuple[str, str]]:
