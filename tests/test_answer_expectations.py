@@ -69,7 +69,8 @@ def test_answer_expectation_needs_answers(tmp_path, model_dir):
     path.write_text(f'models:\n  m: {{path: "{model_dir}"}}\nprompts:\n  - text: " red blue"\n'
                     "claims:\n  - {id: top1, measure: top_k, model: m, k: 1, "
                     "expect: {answer_is_top: true}}\n"
-                    "  - {id: fine, measure: top_k, model: m, k: 1, expect: {equals: [' green']}}\n")
+                    "  - {id: fine, measure: top_k, model: m, k: 1, "
+                    "expect: {equals: [' green']}}\n")
     with pytest.raises(SpecError) as err:
         load_and_check(path, Session(verbose=False, device="cpu"))
     assert "no `answer`" in str(err.value) and "top1" in str(err.value)

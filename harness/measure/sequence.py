@@ -81,34 +81,23 @@ def describe(span: Span) -> str:
     return span.kind
 
 
-def token_losses(logits: Float[Tensor, "batch pos vocab"], targets: Int[Tensor, "batch pos"]
-                 ) -> Float[Tensor, "batch pos"]:
-    """Cross-entropy of each position's token given the logits one position earlier (0 at t=0)."""
-    logprobs = logits[:, :-1].float().log_softmax(-1)
-    nll = -logprobs.gather(-1, targets[:, 1:, None].to(logits.device))[..., 0]
-    return torch.cat([nll.new_zeros(nll.shape[0], 1), nll], 1)
-
-
-def token_correct(logits: Float[Tensor, "batch pos vocab"], targets: Int[Tensor, "batch pos"]
-                  ) -> Float[Tensor, "batch pos"]:
-    """1 where the previous position's argmax is this position's token (0 at t=0)."""
-    hit = (logits[:, :-1].argmax(-1) == targets[:, 1:].to(logits.device)).float()
-    return torch.cat([hit.new_zeros(hit.shape[0], 1), hit], 1)
-
-
-def span_mean(values: Float[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]
-              ) -> Float[Tensor, " batch"]:
-    mask = mask.to(values.device)
-    return (values * mask).sum(1) / mask.sum(1)
-
-
 def metric_of_logits(logits: Float[Tensor, "batch pos vocab"], targets: Int[Tensor, "batch pos"],
                      mask: Bool[Tensor, "batch pos"], metric: str) -> Float[Tensor, " batch"]:
-    """Per-prompt mean loss (nats) or accuracy over the span."""
+    """Per-prompt mean loss (nats) or argmax accuracy over the span; reads only the scored
+    positions' logits."""
     if metric not in METRICS:
         raise MeasureError(f"unknown sequence metric {metric!r}; use loss or accuracy")
-    per_token = token_losses if metric == "loss" else token_correct
-    return span_mean(per_token(logits, targets), mask).float().cpu()
+    # only the scored positions: logits at t - 1 predict token t
+    rows, cols = mask[:, 1:].to(logits.device).nonzero(as_tuple=True)
+    scored = logits[rows, cols].float()
+    wanted = targets.to(logits.device)[rows, cols + 1]
+    if metric == "loss":
+        values = -scored.log_softmax(-1).gather(-1, wanted[:, None])[:, 0]
+    else:
+        values = (scored.argmax(-1) == wanted).float()
+    total = values.new_zeros(logits.shape[0]).index_add_(0, rows, values)
+    count = values.new_zeros(logits.shape[0]).index_add_(0, rows, torch.ones_like(values))
+    return (total / count).cpu()
 
 
 def sequence_metric(bridge, tokens: Int[Tensor, "batch pos"], targets: Int[Tensor, "batch pos"],
