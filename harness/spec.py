@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -332,8 +333,35 @@ class SpanAfter(Frozen):
     after: str
 
 
-SpanSpec = Union[Literal["all", "second_half"], SpanRange, SpanAfter]  # noqa: UP007
 SEQUENCE_METRICS = ("loss", "accuracy")
+SPAN_HELP = "a span is all, second_half, {start: A, stop: B} or {after: TOKEN}"
+
+
+def _parse_span(value):
+    """One clear error for a bad span instead of one per member of the union."""
+    if isinstance(value, SpanRange | SpanAfter):
+        return value
+    if isinstance(value, str):
+        if value in ("all", "second_half"):
+            return value
+        hint = did_you_mean(value, ["all", "second_half"])
+        raise ValueError(f"unknown span '{value}'" + (hint if "did you" in hint else "")
+                         + f"; {SPAN_HELP}")
+    if isinstance(value, dict) and set(value) == {"after"}:
+        if not isinstance(value["after"], str):
+            raise ValueError(f"`span.after` needs a token text such as \" |\", got "
+                             f"{value['after']!r}")
+        return SpanAfter(after=value["after"])
+    if isinstance(value, dict) and value and set(value) <= {"start", "stop"}:
+        if any(v is not None and (not isinstance(v, int) or isinstance(v, bool))
+               for v in value.values()):
+            raise ValueError(f"`span.start` / `span.stop` need integers, got {value}")
+        return SpanRange(**value)
+    raise ValueError(f"{SPAN_HELP}; got {value!r}")
+
+
+SpanSpec = Annotated[Union[Literal["all", "second_half"], SpanRange, SpanAfter],  # noqa: UP007
+                     BeforeValidator(_parse_span)]
 
 
 class SequenceClaim(SingleModelClaim):
