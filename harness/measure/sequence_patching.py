@@ -26,12 +26,8 @@ from harness.errors import MeasureError
 from harness.measure.logits import _device, prompts_per_forward
 from harness.measure.results import Grid, PatchEffect, normalized_effect
 from harness.measure.sequence import metric_of_logits, sequence_metric
+from harness.sites import HEAD_SITES, SITE_TABLE, n_heads_of
 
-HOOKS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
-         "resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
-         "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z",
-         "pattern": "attn.hook_pattern", "mlp_post": "mlp.hook_post"}
-HEAD_SITES = ("q", "k", "v", "z", "pattern")
 Variant = dict[int, Bool[Tensor, "batch_or_1 ..."]]   # layer -> mask of the site's activation
 
 
@@ -39,7 +35,7 @@ Variant = dict[int, Bool[Tensor, "batch_or_1 ..."]]   # layer -> mask of the sit
 def _mask_dims(site: str, cfg, n_pos: int) -> tuple[int, ...]:
     """A layer's activation mask without the batch axis (1 = broadcast)."""
     if site in ("q", "k", "v", "z"):
-        return (n_pos, cfg.n_heads, 1)
+        return (n_pos, n_heads_of(site, cfg), 1)   # k, v: key/value heads
     if site == "pattern":
         return (cfg.n_heads, n_pos, 1)
     if site == "mlp_post":
@@ -64,13 +60,13 @@ def position_mask(positions, final_pos: Int[Tensor, " batch"], n_pos: int
 def selection(site: str, cfg, final_pos: Tensor, n_pos: int, *, layers=None, heads=None,
               positions=None, neurons=None) -> Variant:
     """layer -> mask of the activations one patch (or ablation) replaces."""
-    if site not in HOOKS:
+    if site not in SITE_TABLE:
         raise MeasureError(f"unknown site {site!r}")
     by_layer: dict[int, list[int] | None] = {}
     if heads is not None:
         for layer, head in heads:
             _in_range("layer", layer, cfg.n_layers)
-            _in_range("head", head, cfg.n_heads)
+            _in_range("head", head, n_heads_of(site, cfg))
             by_layer.setdefault(int(layer), []).append(int(head))
     else:
         if not layers:
@@ -88,7 +84,7 @@ def selection(site: str, cfg, final_pos: Tensor, n_pos: int, *, layers=None, hea
         else:
             mask = mask & pos.reshape(pos.shape[0], n_pos, *[1] * (len(dims) - 1))
         if head_list is not None:
-            chosen = torch.zeros(cfg.n_heads, dtype=torch.bool)
+            chosen = torch.zeros(n_heads_of(site, cfg), dtype=torch.bool)
             chosen[head_list] = True
             mask = mask & (chosen[:, None, None] if site == "pattern" else chosen[:, None])
         if neurons is not None:
@@ -106,7 +102,7 @@ def sweep_variants(site: str, cfg, over: Sequence[str], n_pos: int) -> list[Vari
     dims = _mask_dims(site, cfg, n_pos)
     variants = []
     for layer in range(cfg.n_layers):
-        for cell in _cells(over, cfg.n_heads, n_pos):
+        for cell in _cells(over, n_heads_of(site, cfg), n_pos):
             mask = torch.zeros((1, *dims), dtype=torch.bool)
             head, pos = cell.get("head", slice(None)), cell.get("pos", slice(None))
             if site == "pattern":
@@ -130,7 +126,7 @@ def _cells(over, n_heads: int, n_pos: int) -> list[dict]:
 # ---- runs --------------------------------------------------------------------------------------
 def site_acts(bridge, tokens: Tensor, site: str, layers: Sequence[int]) -> dict[int, Tensor]:
     """The site's activations of a clean run at the given layers."""
-    names = {f"blocks.{layer}.{HOOKS[site]}": layer for layer in layers}
+    names = {SITE_TABLE[site].hook_name(layer): layer for layer in layers}
     with torch.inference_mode():
         _, cache = bridge.run_with_cache(tokens.to(_device(bridge)),
                                          names_filter=lambda n: n in names)
@@ -149,7 +145,8 @@ def run_variants(bridge, tokens: Tensor, targets: Tensor, score: Tensor, site: s
     for start in range(0, len(variants), chunk):
         part = variants[start:start + chunk]
         n = len(part)
-        hooks = [(f"blocks.{layer}.{HOOKS[site]}", _stacked_hook(part, layer, source[layer], batch))
+        hooks = [(SITE_TABLE[site].hook_name(layer),
+                  _stacked_hook(part, layer, source[layer], batch))
                  for layer in sorted({lay for v in part for lay in v})]
         with torch.inference_mode():
             logits = bridge.run_with_hooks(tokens.to(device).repeat(n, 1), fwd_hooks=hooks,
@@ -211,8 +208,9 @@ def patch_sweep(from_bridge, from_tokens: Tensor, into_bridge, into_tokens: Tens
                            site, variants, metric, memory_budget_mb)
     from_value, into_value = _clean(from_bridge, from_tokens, into_bridge, into_tokens, targets,
                                     score, metric, memory_budget_mb)
-    sizes = {"layer": cfg.n_layers, "head": cfg.n_heads, "pos": n_pos}
-    labels = {"layer": tuple(range(cfg.n_layers)), "head": tuple(range(cfg.n_heads)),
+    n_heads = n_heads_of(site, cfg)
+    sizes = {"layer": cfg.n_layers, "head": n_heads, "pos": n_pos}
+    labels = {"layer": tuple(range(cfg.n_layers)), "head": tuple(range(n_heads)),
               "pos": _pos_labels(into_bridge, into_tokens)}
     patched = patched.reshape(*(sizes[a] for a in over), -1)
     return Grid(axes=over, labels=tuple(labels[a] for a in over),
