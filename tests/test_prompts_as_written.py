@@ -110,7 +110,7 @@ def test_row_without_answer_and_no_default_names_the_line(tmp_path, tiny_checkpo
         load_spec(testing.write_spec(tmp_path, tiny_checkpoints["a"], "- file: p.jsonl\n",
                                      CLAIM))
     assert "p.jsonl:2" in str(err.value) and "`answer`" in str(err.value)
-    with pytest.raises(SpecError, match="missing required field 'answer'"):
+    with pytest.raises(SpecError, match="this prompt has no `answer`"):
         load_spec(testing.write_spec(tmp_path, tiny_checkpoints["a"],
                                      "- text: hello\n  foil: ' good'\n", CLAIM))
 
