@@ -138,3 +138,32 @@ def test_corrupt_of_another_length_is_a_spec_error_before_models_load(tmp_path,
     assert "prompt 0 'This movie was really'" in message and "corrupt text" in message
     assert "' movie'" in message and "pad the prompts" not in message
     assert not session.loaded_models()   # tokenizers only
+
+
+def test_cli_reports_mismatch_and_multi_token_marker_with_exit_2(tmp_path, tiny_checkpoints,
+                                                                 capsys):
+    from harness.cli import main as harness_main
+
+    path = testing.write_spec(tmp_path, tiny_checkpoints["a"], """\
+        - text: "This movie was really"
+          corrupt: "  This movie was really"
+        """, """\
+        - id: trace
+          measure: patch_sweep
+          from: {model: a, input: clean}
+          into: {model: a, input: corrupt}
+          site: resid_pre
+          over: [layer]
+          metric: loss
+          expect: {max: {">": 0}}
+        - id: marked
+          measure: loss
+          model: a
+          span: {after: " qqzx"}
+          expect: {"<": 9}
+        """)
+    assert harness_main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "claims[0]" in err and "corrupt text '  This movie was really'" in err
+    assert "claims[1].span.after" in err and "span marker ' qqzx'" in err
+    assert "Traceback" not in err
