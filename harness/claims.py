@@ -309,6 +309,7 @@ def _patch_measurement(effect, metric: str, path: str) -> Measurement:
 
 
 SEQUENCE = ("loss", "accuracy")
+SEQUENCE_PATH = "sequence-hooks"   # the engine path that computed a loss/accuracy patch
 
 
 def _sequence_runs(ctx: ClaimContext):
@@ -327,7 +328,7 @@ def _patch(ctx: ClaimContext) -> Measurement:
         effect = sp.patch(fr.bridge, fr.tokens, ir.bridge, ir.tokens, ir.final_pos, targets,
                           score, ctx.claim.metric, memory_budget_mb=ctx.session.memory_budget_mb,
                           **_site_kwargs(ctx.claim))
-        return _patch_measurement(effect, "normalized")
+        return _patch_measurement(effect, "normalized", SEQUENCE_PATH)
     from_run, into_run, batch = _runs(ctx)
     engine = ctx.session.engine
     effect = engine.patch(from_run, into_run, batch.answer_ids, batch.foil_ids,
@@ -348,7 +349,7 @@ def _patch_sweep(ctx: ClaimContext) -> Measurement:
         grid = sp.patch_sweep(fr.bridge, fr.tokens, ir.bridge, ir.tokens, targets, score,
                               claim.metric, site=claim.site, over=tuple(claim.over),
                               memory_budget_mb=ctx.session.memory_budget_mb)
-        return Measurement(GRID, grid, extras={"method": grid.method})
+        return Measurement(GRID, grid, extras={"method": grid.method, "path": SEQUENCE_PATH})
     from_run, into_run, batch = _runs(ctx)
     grid = ctx.session.engine.patch_sweep(from_run, into_run, batch.answer_ids, batch.foil_ids,
                                           site=claim.site, over=tuple(claim.over),
@@ -396,7 +397,7 @@ def _ablate_sequence(ctx: ClaimContext, model: LoadedModel, batch) -> Measuremen
     effect = sp.ablate(model.bridge, batch.tokens, batch.final_pos, batch.tokens, score,
                        claim.metric, kind=claim.kind, reference=reference,
                        memory_budget_mb=budget, **_site_kwargs(claim))
-    measurement = _patch_measurement(effect, "normalized")
+    measurement = _patch_measurement(effect, "normalized", SEQUENCE_PATH)
     return Measurement(SCALAR, measurement.value, measurement.per_prompt, measurement.extras)
 
 

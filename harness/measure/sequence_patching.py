@@ -19,108 +19,44 @@ import math
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from harness.errors import MeasureError
 from harness.measure.logits import _device, prompts_per_forward
 from harness.measure.results import Grid, PatchEffect, normalized_effect
 from harness.measure.sequence import metric_of_logits, sequence_metric
-from harness.sites import HEAD_SITES, SITE_TABLE, n_heads_of
+from harness.sites import SITE_TABLE, n_heads_of
 
 Variant = dict[int, Bool[Tensor, "batch_or_1 ..."]]   # layer -> mask of the site's activation
 
 
-# ---- selections -------------------------------------------------------------------------------
-def _mask_dims(site: str, cfg, n_pos: int) -> tuple[int, ...]:
-    """A layer's activation mask without the batch axis (1 = broadcast)."""
-    if site in ("q", "k", "v", "z"):
-        return (n_pos, n_heads_of(site, cfg), 1)   # k, v: key/value heads
-    if site == "pattern":
-        return (cfg.n_heads, n_pos, 1)
-    if site == "mlp_post":
-        return (n_pos, cfg.d_mlp)
-    return (n_pos, 1)
+# ---- selections (the engine's masks, from the site table) ------------------------------------
+def dims_of(bridge):
+    """Sizes and sites of a bridge, probed as the general patching path does."""
+    from harness.measure.general_forward import _probe_dims
+
+    return _probe_dims(bridge)
 
 
-def position_mask(positions, final_pos: Int[Tensor, " batch"], n_pos: int
-                  ) -> Bool[Tensor, "batch_or_1 pos"]:
-    if positions is None:
-        return torch.ones(1, n_pos, dtype=torch.bool)
-    batch, final = len(final_pos), final_pos.cpu()
-    mask = torch.zeros(batch, n_pos, dtype=torch.bool)
-    for p in positions:
-        cols = final + 1 + int(p) if p < 0 else torch.full((batch,), int(p))
-        if (cols < 0).any() or (cols >= n_pos).any():
-            raise MeasureError(f"position {p} is outside the prompts (length {n_pos})")
-        mask[torch.arange(batch), cols] = True
-    return mask
-
-
-def selection(site: str, cfg, final_pos: Tensor, n_pos: int, *, layers=None, heads=None,
+def selection(site: str, bridge, final_pos: Tensor, n_pos: int, *, layers=None, heads=None,
               positions=None, neurons=None) -> Variant:
     """layer -> mask of the activations one patch (or ablation) replaces."""
-    if site not in SITE_TABLE:
-        raise MeasureError(f"unknown site {site!r}")
-    by_layer: dict[int, list[int] | None] = {}
-    if heads is not None:
-        for layer, head in heads:
-            _in_range("layer", layer, cfg.n_layers)
-            _in_range("head", head, n_heads_of(site, cfg))
-            by_layer.setdefault(int(layer), []).append(int(head))
-    else:
-        if not layers:
-            raise MeasureError("a patch needs layers= (or heads=) to say where to patch")
-        for layer in layers:
-            _in_range("layer", layer, cfg.n_layers)
-            by_layer[int(layer)] = None
-    pos = position_mask(positions, final_pos, n_pos)
-    dims = _mask_dims(site, cfg, n_pos)
-    out = {}
-    for layer, head_list in by_layer.items():
-        mask = torch.ones((1, *dims), dtype=torch.bool)
-        if site == "pattern":
-            mask = mask & pos[:, None, :, None]
-        else:
-            mask = mask & pos.reshape(pos.shape[0], n_pos, *[1] * (len(dims) - 1))
-        if head_list is not None:
-            chosen = torch.zeros(n_heads_of(site, cfg), dtype=torch.bool)
-            chosen[head_list] = True
-            mask = mask & (chosen[:, None, None] if site == "pattern" else chosen[:, None])
-        if neurons is not None:
-            for n in neurons:
-                _in_range("neuron", n, dims[-1])
-            chosen = torch.zeros(dims[-1], dtype=torch.bool)
-            chosen[list(neurons)] = True
-            mask = mask & chosen
-        out[layer] = mask
-    return out
+    from harness.measure.selection import selection_masks
+
+    return selection_masks(site, dims_of(bridge), final_pos, n_pos, layers=layers, heads=heads,
+                           positions=positions, neurons=neurons)
 
 
-def sweep_variants(site: str, cfg, over: Sequence[str], n_pos: int) -> list[Variant]:
+def sweep_variants(site: str, bridge, over: Sequence[str], n_pos: int) -> list[Variant]:
     """One single-layer variant per grid cell, in the grid's row-major order."""
-    dims = _mask_dims(site, cfg, n_pos)
-    variants = []
-    for layer in range(cfg.n_layers):
-        for cell in _cells(over, n_heads_of(site, cfg), n_pos):
-            mask = torch.zeros((1, *dims), dtype=torch.bool)
-            head, pos = cell.get("head", slice(None)), cell.get("pos", slice(None))
-            if site == "pattern":
-                mask[0, head, pos] = True
-            elif site in HEAD_SITES:
-                mask[0, pos, head] = True
-            else:
-                mask[0, pos] = True
-            variants.append({layer: mask})
-    return variants
+    from harness.measure.selection import check_over
+    from harness.measure.selection import sweep_variants as engine_variants
 
-
-def _cells(over, n_heads: int, n_pos: int) -> list[dict]:
-    axes = {"head": range(n_heads), "pos": range(n_pos)}
-    cells = [{}]
-    for axis in over[1:]:
-        cells = [{**c, axis: i} for c in cells for i in axes[axis]]
-    return cells
+    dims = dims_of(bridge)
+    over = check_over(site, over, dims)
+    variants = engine_variants(site, over, list(range(dims.n_layers)), dims, n_pos)
+    return [{int(layer): mask} for layer, mask in zip(variants.layers, variants.masks)]
 
 
 # ---- runs --------------------------------------------------------------------------------------
@@ -163,7 +99,7 @@ def _stacked_hook(part: list[Variant], layer: int, new: Tensor, batch: int):
     for variant in part:
         mask = variant.get(layer)
         if mask is None:
-            mask = torch.zeros((1, *next(iter(variant.values())).shape[1:]), dtype=torch.bool)
+            mask = torch.zeros_like(next(iter(variant.values()))[:1])
         masks.append(mask.expand(batch, *mask.shape[1:]))
     stacked = torch.cat(masks)
 
@@ -186,7 +122,7 @@ def patch(from_bridge, from_tokens: Tensor, into_bridge, into_tokens: Tensor,
     """Copy `site` activations of the from run into the into run at the selection, all at once;
     the metric of the patched, from and into runs per prompt."""
     _check_pair(from_tokens, into_tokens)
-    variant = selection(site, into_bridge.cfg, final_pos, into_tokens.shape[1], layers=layers,
+    variant = selection(site, into_bridge, final_pos, into_tokens.shape[1], layers=layers,
                         heads=heads, positions=positions, neurons=neurons)
     patched = _over_slices(from_bridge, from_tokens, into_bridge, into_tokens, targets, score,
                            site, [variant], metric, memory_budget_mb)[0]
@@ -201,9 +137,7 @@ def patch_sweep(from_bridge, from_tokens: Tensor, into_bridge, into_tokens: Tens
     _check_pair(from_tokens, into_tokens)
     over = tuple(over)
     cfg, n_pos = into_bridge.cfg, into_tokens.shape[1]
-    if "head" in over and site not in HEAD_SITES:
-        raise MeasureError(f"over={list(over)} needs a head site, not {site!r}")
-    variants = sweep_variants(site, cfg, over, n_pos)
+    variants = sweep_variants(site, into_bridge, over, n_pos)
     patched = _over_slices(from_bridge, from_tokens, into_bridge, into_tokens, targets, score,
                            site, variants, metric, memory_budget_mb)
     from_value, into_value = _clean(from_bridge, from_tokens, into_bridge, into_tokens, targets,
@@ -231,7 +165,7 @@ def ablate(bridge, tokens: Tensor, final_pos: Tensor, targets: Tensor, score: Te
     """
     if kind not in ("zero", "mean"):
         raise MeasureError(f"unknown ablation kind {kind!r}; use zero or mean")
-    variant = selection(site, bridge.cfg, final_pos, tokens.shape[1], layers=layers,
+    variant = selection(site, bridge, final_pos, tokens.shape[1], layers=layers,
                         heads=heads, positions=positions, neurons=neurons)
     if kind == "mean":
         source = _site_means(bridge, tokens, final_pos, site, list(variant), memory_budget_mb)
@@ -319,7 +253,3 @@ def _check_pair(from_tokens: Tensor, into_tokens: Tensor) -> None:
                            f"{tuple(from_tokens.shape)} and {tuple(into_tokens.shape)}")
 
 
-def _in_range(what: str, value: int, size: int) -> None:
-    if not 0 <= int(value) < size:
-        raise MeasureError(f"{what} {value} is out of range: the model has {size} ({what}s "
-                           f"0..{size - 1})")
