@@ -109,15 +109,58 @@ def _logit_diff(ctx: ClaimContext) -> Measurement:
     per_prompt = logit_diff(model.bridge, batch, ctx.session.memory_budget_mb)
     extras = {"prompts": batch.texts}
     if ctx.claim.ci:
-        from harness.stats import bootstrap_mean_ci
-
-        low, high = bootstrap_mean_ci(per_prompt, ctx.claim.ci)
-        order = per_prompt.argsort().tolist()
-        extras["stats"] = {"n": len(order), "mean": float(per_prompt.mean()), "ci": ctx.claim.ci,
-                           "low": low, "high": high,
-                           "lowest_prompts": [[batch.texts[i], float(per_prompt[i])]
-                                              for i in order[:3]]}
+        extras["stats"] = _interval(per_prompt, ctx.claim.ci, batch.texts)
     return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()), extras)
+
+
+# ----------------------------------------------------------------------------- sequences
+
+def _span_mask(ctx: ClaimContext, model: LoadedModel, batch):
+    """The positions a sequence metric scores, per prompt, on the clean tokens."""
+    from harness.measure.sequence import Span, check_spans, span_mask
+    from harness.prompts import single_token_id
+
+    span = ctx.claim.span
+    if isinstance(span, str):
+        chosen = Span(span)
+    elif hasattr(span, "after"):
+        marker = single_token_id(model.tokenizer, span.after)
+        if isinstance(marker, list):
+            raise MeasureError(f"span marker {span.after!r} is {len(marker)} tokens: {marker}; "
+                               "use a single token")
+        chosen = Span("after", marker_id=marker)
+    else:
+        chosen = Span("range", start=span.start, stop=span.stop)
+    mask = span_mask(batch.tokens, batch.final_pos, chosen, prefix=int(ctx.prepend_bos))
+    check_spans(mask, batch.texts, chosen)
+    return mask
+
+
+def _sequence(ctx: ClaimContext) -> Measurement:
+    from harness.measure.sequence import sequence_metric
+
+    model = ctx.model(ctx.claim.model)
+    batch = ctx.batch(model)
+    mask = _span_mask(ctx, model, batch)
+    per_prompt = sequence_metric(model.bridge, batch.tokens, batch.tokens, mask,
+                                 ctx.claim.measure, ctx.session.memory_budget_mb)
+    extras = {"prompts": batch.texts, "positions": [int(n) for n in mask.sum(1)]}
+    if ctx.claim.ci:
+        extras["stats"] = _interval(per_prompt, ctx.claim.ci, batch.texts)
+    return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()), extras)
+
+
+measure("loss")(_sequence)
+measure("accuracy")(_sequence)
+
+
+def _interval(per_prompt, level: float, texts) -> dict:
+    from harness.stats import bootstrap_mean_ci
+
+    low, high = bootstrap_mean_ci(per_prompt, level)
+    order = per_prompt.argsort().tolist()
+    return {"n": len(order), "mean": float(per_prompt.mean()), "ci": level, "low": low,
+            "high": high, "lowest_prompts": [[texts[i], float(per_prompt[i])] for i in order[:3]]}
 
 
 @measure("top_k")
@@ -131,7 +174,15 @@ def _top_k(ctx: ClaimContext) -> Measurement:
     per_prompt = tuple([tok for tok, _ in row] for row in tops)
     return Measurement(TOKENS, per_prompt[0], per_prompt,
                        {"prompts": batch.texts, "probabilities": [[p for _, p in row]
-                                                                  for row in tops]})
+                                                                  for row in tops],
+                        "each": _answers(ctx)})
+
+
+def _answers(ctx: ClaimContext, **more) -> list[dict]:
+    """Per-prompt values that expectations read beside the measured value (their answer)."""
+    prompts = ctx.prompts or ctx.spec.claim_prompts(ctx.claim)
+    return [{"answer": p.answer, **{k: v[i] for k, v in more.items()}}
+            for i, p in enumerate(prompts)]
 
 
 @measure("generate")
@@ -147,12 +198,25 @@ def _generate(ctx: ClaimContext) -> Measurement:
                            claim.seed + i * claim.samples + s, hooks_for=hooks_for)
                   for i, f in enumerate(batch.final_pos) for s in range(claim.samples))
     if not claim.sampled:
-        return Measurement(TEXT, texts[0], texts, {"prompts": batch.texts})
+        continuations = [_continuation(model.tokenizer, batch.tokens[i, : int(f) + 1], text)
+                         for i, (f, text) in enumerate(zip(batch.final_pos, texts))]
+        return Measurement(TEXT, texts[0], texts, {
+            "prompts": batch.texts, "each": _answers(
+                ctx, continuation=[c for c, _ in continuations],
+                next_token=[n for _, n in continuations])})
     samples = {"texts": list(texts), "scores": None}
     if claim.score_with:
         samples["scores"] = _reward(ctx, claim.score_with).score(list(texts),
                                                                   claim.score_target)
     return Measurement(SAMPLES, samples, extras={"prompts": batch.texts})
+
+
+def _continuation(tokenizer, prompt_ids, text: str) -> tuple[str, str | None]:
+    """The generated part of `text` and its first token (as the tokenizer splits it)."""
+    prompt = tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=True)
+    rest = text[len(prompt):] if text.startswith(prompt) else text
+    ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
+    return rest, tokenizer.decode(ids[:1]) if ids else None
 
 
 def _generation_patch(ctx: ClaimContext, patch):
@@ -213,6 +277,15 @@ def _runs(ctx: ClaimContext):
         final = batch.corrupt_final_pos if corrupt else batch.final_pos
         runs.append((Run(model.key, model.bridge, tokens, final), batch))
     (from_run, from_batch), (into_run, into_batch) = runs
+    if from_run.tokens.shape != into_run.tokens.shape or not torch.equal(
+            from_run.final_pos.cpu(), into_run.final_pos.cpu()):
+        from harness.prompts import corrupt_length_mismatches
+
+        problems = corrupt_length_mismatches(ctx.model(claim.into.model).tokenizer,
+                                             ctx.spec.claim_prompts(claim), ctx.prepend_bos)
+        raise MeasureError("; ".join(problems) or (
+            f"models '{claim.from_.model}' and '{claim.into.model}' tokenize the prompts to "
+            "different lengths; patching pairs positions one to one and needs one tokenizer"))
     if not (torch.equal(from_batch.answer_ids, into_batch.answer_ids)
             and torch.equal(from_batch.foil_ids, into_batch.foil_ids)):
         raise MeasureError(f"models '{claim.from_.model}' and '{claim.into.model}' tokenize "
@@ -235,8 +308,27 @@ def _patch_measurement(effect, metric: str, path: str) -> Measurement:
                        extras)
 
 
+SEQUENCE = ("loss", "accuracy")
+SEQUENCE_PATH = "sequence-hooks"   # the engine path that computed a loss/accuracy patch
+
+
+def _sequence_runs(ctx: ClaimContext):
+    """from/into runs for a sequence metric: scored on the clean tokens' span."""
+    from_run, into_run, into_batch = _runs(ctx)
+    model = ctx.model(ctx.claim.into.model)
+    return from_run, into_run, into_batch.tokens, _span_mask(ctx, model, into_batch)
+
+
 @measure("patch")
 def _patch(ctx: ClaimContext) -> Measurement:
+    if ctx.claim.metric in SEQUENCE:
+        from harness.measure import sequence_patching as sp
+
+        fr, ir, targets, score = _sequence_runs(ctx)
+        effect = sp.patch(fr.bridge, fr.tokens, ir.bridge, ir.tokens, ir.final_pos, targets,
+                          score, ctx.claim.metric, memory_budget_mb=ctx.session.memory_budget_mb,
+                          **_site_kwargs(ctx.claim))
+        return _patch_measurement(effect, "normalized", SEQUENCE_PATH)
     from_run, into_run, batch = _runs(ctx)
     engine = ctx.session.engine
     effect = engine.patch(from_run, into_run, batch.answer_ids, batch.foil_ids,
@@ -246,8 +338,19 @@ def _patch(ctx: ClaimContext) -> Measurement:
 
 @measure("patch_sweep")
 def _patch_sweep(ctx: ClaimContext) -> Measurement:
-    from_run, into_run, batch = _runs(ctx)
     claim = ctx.claim
+    if claim.metric in SEQUENCE:
+        from harness.measure import sequence_patching as sp
+
+        if claim.method != "exact":
+            raise MeasureError("`method: attribution` reads the logit difference; use "
+                               "`method: exact` with metric loss / accuracy")
+        fr, ir, targets, score = _sequence_runs(ctx)
+        grid = sp.patch_sweep(fr.bridge, fr.tokens, ir.bridge, ir.tokens, targets, score,
+                              claim.metric, site=claim.site, over=tuple(claim.over),
+                              memory_budget_mb=ctx.session.memory_budget_mb)
+        return Measurement(GRID, grid, extras={"method": grid.method, "path": SEQUENCE_PATH})
+    from_run, into_run, batch = _runs(ctx)
     grid = ctx.session.engine.patch_sweep(from_run, into_run, batch.answer_ids, batch.foil_ids,
                                           site=claim.site, over=tuple(claim.over),
                                           method=claim.method)
@@ -263,6 +366,8 @@ def _ablate(ctx: ClaimContext) -> Measurement:
     claim = ctx.claim
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
+    if claim.metric in SEQUENCE:
+        return _ablate_sequence(ctx, model, batch)
     run = Run(model.key, model.bridge, batch.tokens, batch.final_pos)
     reference = None
     if claim.reference:
@@ -274,6 +379,25 @@ def _ablate(ctx: ClaimContext) -> Measurement:
     effect = ctx.session.engine.ablate(run, batch.answer_ids, batch.foil_ids, kind=claim.kind,
                                        reference=reference, **_site_kwargs(claim))
     measurement = _patch_measurement(effect, claim.metric, ctx.session.engine.path_of(run))
+    return Measurement(SCALAR, measurement.value, measurement.per_prompt, measurement.extras)
+
+
+def _ablate_sequence(ctx: ClaimContext, model: LoadedModel, batch) -> Measurement:
+    from harness.measure import sequence_patching as sp
+    from harness.measure.sequence import sequence_metric
+
+    claim, budget = ctx.claim, ctx.session.memory_budget_mb
+    score = _span_mask(ctx, model, batch)
+    reference = None
+    if claim.reference:
+        ref_model = ctx.model(claim.reference)
+        ref_batch = ctx.batch(ref_model)
+        reference = sequence_metric(ref_model.bridge, ref_batch.tokens, batch.tokens, score,
+                                    claim.metric, budget)
+    effect = sp.ablate(model.bridge, batch.tokens, batch.final_pos, batch.tokens, score,
+                       claim.metric, kind=claim.kind, reference=reference,
+                       memory_budget_mb=budget, **_site_kwargs(claim))
+    measurement = _patch_measurement(effect, "normalized", SEQUENCE_PATH)
     return Measurement(SCALAR, measurement.value, measurement.per_prompt, measurement.extras)
 
 
@@ -313,8 +437,9 @@ def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:
 def _judge_per_prompt(claim, measurement: Measurement, defaults: dict, expect: dict):
     prompts = measurement.extras.get("prompts", ())
     results = []
-    for value in measurement.per_prompt:
-        single = Measurement(measurement.kind, value, None, measurement.extras)
+    each = measurement.extras.get("each") or [{}] * len(measurement.per_prompt)
+    for value, own in zip(measurement.per_prompt, each):
+        single = Measurement(measurement.kind, value, None, {**measurement.extras, **own})
         results.append(_combine(evaluate(expect, single, defaults)))
     held = [ok for ok, _, _ in results]
     worst = min(range(len(results)), key=lambda i: (results[i][0], results[i][2] or 0.0))

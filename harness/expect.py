@@ -236,6 +236,38 @@ def _excludes(value, arg, mods) -> Outcome:
                    + (f" (present {present!r})" if present else ""))
 
 
+# ----------------------------------------------------------------------------- per-prompt answers
+# These read the prompt's own answer (claims.py puts it in the modifiers, per prompt).
+ANSWER_OPERATORS = ("answer_is_top", "includes_answer", "next_is_answer", "contains_answer")
+
+
+@operator("answer_is_top", (TOKENS,), _true)
+def _answer_is_top(value, arg, mods) -> Outcome:
+    answer = mods["answer"]
+    return Outcome(bool(value) and value[0] == answer,
+                   f"top token {value[0] if value else None!r} is the answer {answer!r}")
+
+
+@operator("includes_answer", (TOKENS,), _true)
+def _includes_answer(value, arg, mods) -> Outcome:
+    answer = mods["answer"]
+    rank = value.index(answer) + 1 if answer in value else None
+    where = f"rank {rank}" if rank else f"not in the top {len(value)}"
+    return Outcome(rank is not None, f"answer {answer!r} is {where} of {value!r}")
+
+
+@operator("next_is_answer", (TEXT,), _true)
+def _next_is_answer(value, arg, mods) -> Outcome:
+    answer, got = mods["answer"], mods.get("next_token")
+    return Outcome(got == answer, f"next token {got!r} is the answer {answer!r}")
+
+
+@operator("contains_answer", (TEXT,), _true)
+def _contains_answer(value, arg, mods) -> Outcome:
+    answer, text = mods["answer"], mods.get("continuation", value)
+    return Outcome(answer in text, f"continuation {text!r} contains the answer {answer!r}")
+
+
 # ----------------------------------------------------------------------------- grid checks
 
 def resolve_cell(grid: Grid, cell) -> tuple[int, ...]:
@@ -433,7 +465,7 @@ def kind_of(claim) -> str:
     if measure == "generate" and claim.sampled:
         return SAMPLES
     return {"logit_diff": SCALAR, "top_k": TOKENS, "generate": TEXT, "patch": PATCH,
-            "patch_sweep": GRID, "ablate": SCALAR}[measure]
+            "patch_sweep": GRID, "ablate": SCALAR, "loss": SCALAR, "accuracy": SCALAR}[measure]
 
 
 def check_expectation_spec(claim) -> list[tuple[tuple, str]]:

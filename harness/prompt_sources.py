@@ -1,25 +1,45 @@
 """Prompt families beyond literal texts and templates: files, HF datasets, the toy corpus.
 
-All of them end as plain texts; `first_words` cuts each to its first N words (the seed's
-"first 4 words of each IMDB review" recipe) and `limit` keeps the first N texts.
+All of them end as rows (`text`, and where the source has them `answer`, `foil`, `corrupt`).
+Texts reach the tokenizer exactly as written: `first_words` cuts a text after its Nth word
+(keeping everything before, leading spaces included), `strip` (off by default) removes
+surrounding whitespace; both apply to `text` and `corrupt` alike. `limit` keeps the first N rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 from harness.errors import HarnessError
 
+ROW_FIELDS = ("answer", "foil", "corrupt")   # per-row values a source may carry
+
 
 def first_words(text: str, n: int | None) -> str:
-    return " ".join(text.split()[:n]) if n else text.strip()
+    """`text` up to the end of its nth whitespace-separated word, as written (the whole text
+    when it has fewer words, or when n is None)."""
+    if not n:
+        return text
+    match = re.match(r"\s*(?:\S+\s+){%d}\S+" % (n - 1), text)
+    return match.group(0) if match else text
+
+
+def normalize_row(row: dict, words: int | None, strip: bool) -> dict:
+    """Apply the entry's explicit text options to every text field of a row alike."""
+    out = dict(row)
+    for name in ("text", "corrupt"):
+        if isinstance(out.get(name), str):
+            out[name] = first_words(out[name], words)
+            out[name] = out[name].strip() if strip else out[name]
+    return out
 
 
 def texts_from_file(path: Path, field: str = "text") -> list[dict]:
     """A .txt file (one prompt per non-empty line) or .jsonl (one object per line, with
-    `field` and optionally `answer`, `foil`, `corrupt`)."""
+    `field` and optionally `answer`, `foil`, `corrupt`; `line` records where)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -36,7 +56,10 @@ def texts_from_file(path: Path, field: str = "text") -> list[dict]:
             raise HarnessError(f"{path}:{number}: not JSON ({exc.msg})") from None
         if field not in row:
             raise HarnessError(f"{path}:{number}: no field '{field}' (set `field:`)")
-        rows.append({**row, "text": row[field]})
+        if not isinstance(row, dict):
+            raise HarnessError(f"{path}:{number}: a row must be a JSON object")
+        rows.append({**{k: row[k] for k in ROW_FIELDS if k in row}, "text": row[field],
+                     "line": number})
     return rows
 
 
@@ -57,7 +80,8 @@ def texts_from_dataset(name: str, split: str, field: str, data_files=None,
                            f"{', '.join(data.column_names)}")
     if limit:
         data = data.select(range(min(limit, len(data))))
-    return [{"text": text} for text in data[field]]
+    extra = [name for name in ROW_FIELDS if name in data.column_names]
+    return [{"text": row[field], **{name: row[name] for name in extra}} for row in data]
 
 
 @contextlib.contextmanager

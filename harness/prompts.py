@@ -39,12 +39,33 @@ class PromptBatch:
                            move(self.corrupt_tokens), move(self.corrupt_final_pos))
 
 
+NO_TOKEN = -1   # the id of an answer or foil that a prompt does not give
+
+
 def single_token_id(tokenizer, text: str) -> int | list[str]:
     """The id of `text` if it is exactly one token, else how the tokenizer splits it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) == 1:
         return ids[0]
     return [tokenizer.decode([i]) for i in ids]
+
+
+def corrupt_length_mismatches(tokenizer, prompts, prepend_bos: bool) -> list[str]:
+    """Why clean/corrupt patching cannot pair these prompts: for each prompt whose clean and
+    corrupt texts tokenize to different lengths, which prompt, both counts, both tokenizations.
+    (Patching copies activations position by position, so the lengths must agree.)"""
+    problems = []
+    for i, prompt in enumerate(prompts):
+        if prompt.corrupt is None:
+            continue
+        clean, corrupt = (encode(tokenizer, t, prepend_bos) for t in (prompt.text, prompt.corrupt))
+        if len(clean) != len(corrupt):
+            show = [tokenizer.decode([t]) for t in clean], [tokenizer.decode([t]) for t in corrupt]
+            problems.append(f"prompt {i} {prompt.text!r} is {len(clean)} tokens {show[0]} but its "
+                            f"corrupt text {prompt.corrupt!r} is {len(corrupt)} tokens {show[1]}; "
+                            "clean/corrupt patching pairs positions one to one, so write texts "
+                            "of equal token length (leading spaces count)")
+    return problems
 
 
 def encode(tokenizer, text: str, prepend_bos: bool) -> list[int]:
@@ -63,10 +84,13 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def build_batch(tokenizer, prompts, prepend_bos: bool, on_bad_token) -> PromptBatch:
     """Tokenize prompts for one model. `on_bad_token(prompt, field, pieces)` returns the error
-    to raise when an answer or foil is not a single token."""
+    to raise when an answer or foil is not a single token. Missing ones get id NO_TOKEN."""
     answers, foils = [], []
     for prompt in prompts:
         for field, text, out in (("answer", prompt.answer, answers), ("foil", prompt.foil, foils)):
+            if text is None:   # a claim that reads none (checked by the spec's cross checks)
+                out.append(NO_TOKEN)
+                continue
             token = single_token_id(tokenizer, text)
             if isinstance(token, list):
                 raise on_bad_token(prompt, field, token)

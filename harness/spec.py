@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -130,9 +131,10 @@ class PromptEntry(Frozen):
     corpus: CorpusSource | None = None
     field: str = "text"
     first_words: int | None = Field(None, ge=1)
+    strip: bool = False      # strip surrounding whitespace of `text` and `corrupt` alike
     limit: int | None = Field(None, ge=1)
-    answer: str
-    foil: str
+    answer: str | None = None   # families: the default for rows without their own; loss and
+    foil: str | None = None     # accuracy claims need neither
     corrupt: str | None = None
 
     @model_validator(mode="after")
@@ -163,34 +165,40 @@ class PromptEntry(Frozen):
 
 
 class Prompt(Frozen):
-    """One concrete prompt after template expansion."""
+    """One concrete prompt after template expansion (answer/foil: None where not given)."""
 
     text: str
-    answer: str
-    foil: str
+    answer: str | None = None
+    foil: str | None = None
     corrupt: str | None = None
     loc: tuple = ()   # where the prompt is written in the spec, for error messages
+    row: str | None = None   # a family's row: "p.jsonl:3: this row", "row 3 of dataset 'x'"
 
 
 def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
            directory: Path = Path(".")) -> tuple[Prompt, ...]:
     """Templates expand to the cross product of their values, in the order written; file,
     dataset and corpus families are read (relative paths from the spec's folder)."""
+    from harness.prompt_sources import normalize_row
+
     out = []
     for i, entry in enumerate(entries):
         if entry.text is None and entry.template is None:
             out += _read_family(entry, loc + (i,), directory)
             continue
         if entry.text is not None:
-            out.append(Prompt(text=entry.text, answer=entry.answer, foil=entry.foil,
-                              corrupt=entry.corrupt, loc=loc + (i,)))
-            continue
-        names = list(entry.values or {})
-        for combo in itertools.product(*(entry.values[n] for n in names)):
-            fill = dict(zip(names, combo))
-            out.append(Prompt(text=entry.template.format(**fill), answer=entry.answer,
-                              foil=entry.foil, loc=loc + (i,),
-                              corrupt=entry.corrupt.format(**fill) if entry.corrupt else None))
+            rows = [{"text": entry.text, "corrupt": entry.corrupt}]
+        else:
+            names = list(entry.values or {})
+            fills = [dict(zip(names, combo))
+                     for combo in itertools.product(*(entry.values[n] for n in names))]
+            rows = [{"text": entry.template.format(**fill),
+                     "corrupt": entry.corrupt.format(**fill) if entry.corrupt else None}
+                    for fill in fills]
+        for row in rows:
+            row = normalize_row(row, entry.first_words, entry.strip)
+            out.append(Prompt(text=row["text"], answer=entry.answer, foil=entry.foil,
+                              corrupt=row["corrupt"], loc=loc + (i,)))
     return tuple(out)
 
 
@@ -209,13 +217,27 @@ def _read_family(entry: PromptEntry, loc: tuple, directory: Path) -> list[Prompt
         rows = sources.texts_from_corpus(entry.corpus.n, entry.corpus.seed)
     rows = rows[: entry.limit] if entry.limit else rows
     prompts = []
-    for row in rows:
-        text = sources.first_words(row["text"], entry.first_words)
-        if text:
-            prompts.append(Prompt(text=text, answer=row.get("answer", entry.answer),
-                                  foil=row.get("foil", entry.foil),
-                                  corrupt=row.get("corrupt", entry.corrupt), loc=loc))
+    for number, row in enumerate(rows, 1):
+        row = {"corrupt": entry.corrupt, "answer": entry.answer, "foil": entry.foil,
+               **{k: v for k, v in row.items() if v is not None}}
+        row = sources.normalize_row(row, entry.first_words, entry.strip)
+        if not row["text"]:
+            continue
+        for name in ("text", "answer", "foil", "corrupt"):
+            if row[name] is not None and not isinstance(row[name], str):
+                raise HarnessError(f"{_row_origin(entry, row, number)}: `{name}` must be a "
+                                   f"string, got {row[name]!r}")
+        prompts.append(Prompt(text=row["text"], answer=row["answer"], foil=row["foil"],
+                              corrupt=row["corrupt"], loc=loc, row=_row_origin(entry, row, number)))
     return prompts
+
+
+def _row_origin(entry: PromptEntry, row: dict, number: int) -> str:
+    if "line" in row:
+        return f"{entry.file}:{row['line']}"
+    source = f"dataset '{entry.dataset.name}'" if entry.dataset else (
+        f"file {entry.file}" if entry.file else "the corpus")
+    return f"row {number} of {source}"
 
 
 # ----------------------------------------------------------------------------- claims
@@ -296,6 +318,66 @@ class TopKClaim(SingleModelClaim):
     measure: Literal["top_k"]
     k: int = Field(10, ge=1)
     per_prompt: PerPrompt = "all"
+
+
+class SpanRange(Frozen):
+    """`span: {start: a, stop: b}`: text tokens a..b-1 of each prompt (negatives from its end)."""
+
+    start: int | None = None
+    stop: int | None = None
+
+
+class SpanAfter(Frozen):
+    """`span: {after: TOKEN}`: the tokens after the first occurrence of a marker token."""
+
+    after: str
+
+
+SEQUENCE_METRICS = ("loss", "accuracy")
+SPAN_HELP = "a span is all, second_half, {start: A, stop: B} or {after: TOKEN}"
+
+
+def _parse_span(value):
+    """One clear error for a bad span instead of one per member of the union."""
+    if isinstance(value, SpanRange | SpanAfter):
+        return value
+    if isinstance(value, str):
+        if value in ("all", "second_half"):
+            return value
+        hint = did_you_mean(value, ["all", "second_half"])
+        raise ValueError(f"unknown span '{value}'" + (hint if "did you" in hint else "")
+                         + f"; {SPAN_HELP}")
+    if isinstance(value, dict) and set(value) == {"after"}:
+        if not isinstance(value["after"], str):
+            raise ValueError(f"`span.after` needs a token text such as \" |\", got "
+                             f"{value['after']!r}")
+        return SpanAfter(after=value["after"])
+    if isinstance(value, dict) and value and set(value) <= {"start", "stop"}:
+        if any(v is not None and (not isinstance(v, int) or isinstance(v, bool))
+               for v in value.values()):
+            raise ValueError(f"`span.start` / `span.stop` need integers, got {value}")
+        return SpanRange(**value)
+    raise ValueError(f"{SPAN_HELP}; got {value!r}")
+
+
+SpanSpec = Annotated[Union[Literal["all", "second_half"], SpanRange, SpanAfter],  # noqa: UP007
+                     BeforeValidator(_parse_span)]
+
+
+class SequenceClaim(SingleModelClaim):
+    span: SpanSpec = "all"
+
+
+class LossClaim(SequenceClaim):
+    """Mean next-token cross-entropy (nats) over a span, per prompt."""
+
+    measure: Literal["loss"]
+
+
+class AccuracyClaim(SequenceClaim):
+    """Share of a span's tokens that are the previous position's argmax, per prompt."""
+
+    measure: Literal["accuracy"]
 
 
 class RunRef(Frozen):
@@ -412,7 +494,8 @@ class PatchClaim(ClaimBase, SiteSelection):
     measure: Literal["patch"]
     from_: RunRef = Field(alias="from")
     into: RunRef
-    metric: Literal["normalized", "logit_diff"] = "normalized"
+    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
+    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -448,7 +531,8 @@ class AblateClaim(SingleModelClaim, SiteSelection):
     measure: Literal["ablate"]
     kind: Literal["zero", "mean"] = "zero"
     reference: str | None = None   # another model whose logit diff counts as "fully ablated"
-    metric: Literal["normalized", "logit_diff"] = "normalized"
+    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
+    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
 
     def model_names(self) -> tuple[str, ...]:
         return (self.model,) + ((self.reference,) if self.reference else ())
@@ -456,11 +540,11 @@ class AblateClaim(SingleModelClaim, SiteSelection):
 
 Claim = Annotated[
     LogitDiffClaim | TopKClaim | GenerateClaim | LogitLensClaim | DlaClaim | PatchClaim
-    | PatchSweepClaim | AblateClaim,
+    | PatchSweepClaim | AblateClaim | LossClaim | AccuracyClaim,
     Field(discriminator="measure"),
 ]
 MEASURES = ("logit_diff", "top_k", "generate", "logit_lens", "dla", "patch", "patch_sweep",
-            "ablate")
+            "ablate", "loss", "accuracy")
 
 
 class Spec(Frozen):
@@ -506,6 +590,8 @@ class Spec(Frozen):
         same = [p for p in prompts if p.text == claim.prompt]
         if same:
             return tuple(same[:1])
+        if not prompts:
+            return (Prompt(text=claim.prompt, loc=("claims",)),)
         first = prompts[0]
         return (Prompt(text=claim.prompt, answer=first.answer, foil=first.foil, loc=first.loc),)
 
@@ -640,10 +726,24 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         if "mean_score" in claim.expect and not getattr(claim, "score_with", None):
             add(("claims", i, "expect", "mean_score"), "`mean_score` needs `score_with: "
                                                        "REWARD_MODEL` on the claim")
-        if claim.ci is not None and (claim.measure != "logit_diff"
+        if claim.ci is not None and (claim.measure not in ("logit_diff", "loss", "accuracy")
                                      or claim.per_prompt != "mean"):
-            add(("claims", i, "ci"), "`ci` applies to `logit_diff` claims over the mean of "
-                                     "their prompts (per_prompt: mean)")
+            add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss` and `accuracy` "
+                                     "claims over the mean of their prompts (per_prompt: mean)")
+        if getattr(claim, "span", "all") != "all" and claim.measure not in SEQUENCE_METRICS \
+                and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
+            add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "
+                                       "`metric: loss | accuracy`")
+        if reads_answers(claim) and claim.prompts in (None, *spec.prompt_sets):
+            for prompt in spec.claim_prompts(claim):
+                missing = [n for n in ("answer", "foil") if getattr(prompt, n) is None]
+                if missing:
+                    where = f"{prompt.row}: " if prompt.row else ""
+                    add(prompt.loc, f"{where}this prompt has no `{missing[0]}`, but claim "
+                                    f"'{claim.id}' ({claim.measure}) reads each prompt's "
+                                    f"answer and foil: add `{missing[0]}: TOKEN` (one token, "
+                                    "e.g. \" bad\") to the prompt, its rows or its entry")
+                    break
         if claim.search is not None and claim.measure not in ("logit_diff", "top_k",
                                                               "generate"):
             add(("claims", i, "search"), "`search` applies to logit_diff, top_k and generate "
@@ -657,6 +757,18 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("models", name, "train", "base"), f"unknown base model '{model.train.base}'"
                 + did_you_mean(model.train.base, spec.models))
     return errors
+
+
+def reads_answers(claim) -> bool:
+    """Whether a claim reads each prompt's answer and foil (sequence metrics read neither;
+    generate and top_k only for the answer expectations)."""
+    from harness.expect import ANSWER_OPERATORS
+
+    if claim.measure in SEQUENCE_METRICS or getattr(claim, "metric", None) in SEQUENCE_METRICS:
+        return False
+    if claim.measure in ("generate", "top_k"):
+        return bool(set(claim.expect) & set(ANSWER_OPERATORS))
+    return True
 
 
 def _model_refs(claim) -> list[tuple[str, str]]:

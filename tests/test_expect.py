@@ -169,9 +169,28 @@ def test_baseline_operator(measured, stored, ok):
     assert outcome.ok is ok
 
 
+@pytest.mark.parametrize("expect, kind, value, own, ok", [
+    ({"answer_is_top": True}, "tokens", [" bad", " good"], {"answer": " bad"}, True),
+    ({"answer_is_top": True}, "tokens", [" good", " bad"], {"answer": " bad"}, False),
+    ({"includes_answer": True}, "tokens", [" good", " bad"], {"answer": " bad"}, True),
+    ({"includes_answer": True}, "tokens", [" good", " fun"], {"answer": " bad"}, False),
+    ({"next_is_answer": True}, "text", "It was bad", {"answer": " bad", "next_token": " bad"},
+     True),
+    ({"next_is_answer": True}, "text", "It was good", {"answer": " bad", "next_token": " good"},
+     False),
+    ({"contains_answer": True}, "text", "It was", {"answer": " bad",
+                                                   "continuation": " so bad"}, True),
+    ({"contains_answer": True}, "text", "It was bad", {"answer": " bad",
+                                                       "continuation": " good"}, False),
+])
+def test_answer_operators_read_the_prompts_own_answer(expect, kind, value, own, ok):
+    assert holds(expect, Measurement(kind, value, extras=own)) is ok
+
+
 def test_every_operator_is_tested():
     tested = {">", ">=", "<", "<=", "between", "approx", "sign", "flips_sign", "contains",
               "not_contains", "equals", "includes", "excludes", "argmax", "argmin", "top",
               "only_above", "max", "min", "sum", "same_below", "rate", "mean_score",
-              "baseline"}
+              "baseline", "answer_is_top", "includes_answer", "next_is_answer",
+              "contains_answer"}
     assert set(OPERATORS) == tested

@@ -57,6 +57,7 @@ def test_doc_examples_parse(tmp_path):
     assert len(specs) >= 5
     for name in ("prompts.jsonl", "imdb.jsonl"):   # files the examples read
         (tmp_path / name).write_text('{"text": "This movie was really bad, I think"}\n')
+    (tmp_path / "rows.jsonl").write_text('{"text": " The movie was", "answer": " bad"}\n')
     for i, block in enumerate(specs):
         load_spec(write(tmp_path, block, f"doc{i}.yaml"))
 
