@@ -10,6 +10,7 @@ from tabulate import tabulate
 
 from harness import __version__
 from harness.claims import Verdict, short_measured
+from harness.errors import safe_text
 from harness.expect import fmt
 
 HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "status", "seconds"]
@@ -36,7 +37,7 @@ def table(verdicts: list[Verdict], spec_errors: list[str] = ()) -> str:
     parts = [f"{n} {s}" for s, n in sorted(counts.items())]
     if spec_errors:
         parts.append(f"{len(spec_errors)} spec error{'s' if len(spec_errors) > 1 else ''}")
-    return f"{out}\n{', '.join(parts)}"
+    return safe_text(f"{out}\n{', '.join(parts)}")
 
 
 def failure_details(verdicts: list[Verdict]) -> str:
@@ -50,7 +51,7 @@ def failure_details(verdicts: list[Verdict]) -> str:
         if v.status == "skipped":
             skips[v.message] = skips.get(v.message, 0) + 1
     lines += [f"SKIPPED {n} claim{'s' * (n > 1)}: {reason}" for reason, n in skips.items()]
-    return "\n".join(lines)
+    return safe_text("\n".join(lines))
 
 
 def _cut(text: str, width: int) -> str:

@@ -3,6 +3,8 @@ file, line and field before any weights load; nothing lost; nothing run unasked.
 
 from __future__ import annotations
 
+import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -111,3 +113,186 @@ def test_parsing_a_large_spec_is_fast(tmp_path):
     start = time.perf_counter()
     assert len(load_spec(path).prompts) == 15_001
     assert time.perf_counter() - start < 8
+
+
+# ----------------------------------------------------------------------------- static checks
+
+def tiny_spec(directory: Path, model_dir: Path, claims: str, prompts: str | None = None,
+              name: str = "spec", model_extra: str = "") -> Path:
+    prompts = prompts or ('- text: "This movie was really"\n  answer: " bad"\n'
+                          '  foil: " good"\n')
+    path = directory / f"{name}.yaml"
+    path.write_text(f'spec: {name}\nmodels:\n  a: {{path: "{model_dir}"{model_extra}}}\n'
+                    "prompts:\n" + textwrap.indent(textwrap.dedent(prompts), "  ")
+                    + "claims:\n" + textwrap.indent(textwrap.dedent(claims), "  "))
+    return path
+
+
+def validate(capsys, *args) -> tuple[int, str]:
+    from harness.cli import main
+
+    code = main(["validate", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+PATCH = """\
+- id: c
+  measure: patch
+  from: a
+  into: a
+  site: {site}
+  {sel}
+  metric: logit_diff
+  expect: {{">": 0}}
+"""
+LONG = '- text: "' + "This movie was really bad. " * 20 + '"\n  answer: " bad"\n  foil: " good"\n'
+
+STATIC_CASES = {   # id: (claims, prompts, message, line)
+    "layer": (PATCH.format(site="resid_pre", sel="layers: [0, 5]"), None,
+              "claims[0].layers[1]: layer 5 is out of range: model 'a' has 2 layers (0..1)", 14),
+    "head": (PATCH.format(site="z", sel="heads: [L1H4]"), None,
+             "claims[0].heads[0]: head 4 is out of range: model 'a' has 4 heads (0..3)", 14),
+    "head-layer": (PATCH.format(site="z", sel="heads: [L2H0]"), None,
+                   "claims[0].heads[0]: layer 2 is out of range", 14),
+    "neuron": (PATCH.format(site="mlp_post", sel="layers: [0]\n  neurons: [3, 128]"), None,
+               "claims[0].neurons[1]: neuron 128 is out of range: model 'a' has 128 neurons",
+               15),
+    "position": (PATCH.format(site="resid_pre", sel="layers: [0]\n  positions: [-9]"), None,
+                 "claims[0].positions[0]: position -9 is outside the shortest prompt", 15),
+    "top-k": ("- {id: c, measure: top_k, model: a, k: 100000, expect: {includes: [' bad']}}\n",
+              None, "claims[0].k: k = 100000 is more than model 'a' has tokens", 9),
+    "too-long": ("- {id: c, measure: logit_diff, model: a, expect: {'>': 0}}\n", LONG,
+                 "claims[0]: the longest prompt is 122 tokens, more than model 'a' reads (64",
+                 9),
+    "generate-too-long": ("- {id: c, measure: generate, model: a, max_new_tokens: 60, "
+                          "expect: {contains: x}}\n", None,
+                          "claims[0].max_new_tokens: the longest prompt is 5 tokens + "
+                          "max_new_tokens 60", 9),
+    "empty-prompt": ("- {id: c, measure: logit_diff, model: a, prepend_bos: false, "
+                     "expect: {'>': 0}}\n",
+                     '- {text: "", answer: " bad", foil: " good"}\n',
+                     "claims[0]: prompt '' (prompts[0]) has no tokens", 7),
+}
+
+
+@pytest.mark.parametrize("case", STATIC_CASES)
+def test_static_checks_before_weights(tmp_path, tiny_checkpoints, capsys, monkeypatch, case):
+    """Found by `validate` from config.json and tokenizer.json, without loading weights."""
+    import harness.models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+    monkeypatch.setattr(harness.models, "load_hf_causal_lm", no_weights)
+    claims, prompts, message, line = STATIC_CASES[case]
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], claims, prompts)
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:{line}: {message}" in out, out
+    assert "Traceback" not in out
+
+
+def broken_copy(tmp_path: Path, src: Path, name: str) -> Path:
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_and_corrupt_model_dirs(tmp_path, tiny_checkpoints, capsys):
+    claim = "- {id: c, measure: logit_diff, model: a, expect: {'>': 0}}\n"
+    path = tiny_spec(tmp_path, tmp_path / "nowhere", claim)
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:3: models.a.path: checkpoint directory" in out
+    bad_config = broken_copy(tmp_path, tiny_checkpoints["a"], "bad_config")
+    (bad_config / "config.json").write_text("{not json")
+    code, out = validate(capsys, tiny_spec(tmp_path, bad_config, claim))
+    assert code == 2 and "models.a: cannot read" in out and "config.json" in out
+    torn = broken_copy(tmp_path, tiny_checkpoints["a"], "torn")
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    code, out = validate(capsys, tiny_spec(tmp_path, torn, claim))
+    assert code == 2 and f"models.a: {weights} is truncated" in out
+
+
+def test_truncated_weights_of_an_optional_model_skip(tmp_path, tiny_checkpoints, capsys):
+    from harness.cli import main
+
+    torn = broken_copy(tmp_path, tiny_checkpoints["a"], "torn")
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    path = tiny_spec(tmp_path, torn, "- {id: c, measure: logit_diff, model: a, "
+                                     "expect: {'>': 0}}\n", model_extra=", optional: true")
+    report = tmp_path / "r.json"
+    assert main(["run", str(path), "-q", "--report-json", str(report)]) == 0
+    claim = json.loads(report.read_text())["specs"][0]["claims"][0]
+    assert claim["status"] == "skipped" and "model.safetensors" in claim["message"]
+
+
+def test_torn_weights_at_load_time_name_the_file(tmp_path, tiny_checkpoints):
+    """Past the static check (file torn after it), loading names the path, not a raw
+    SafetensorError."""
+    from harness.errors import ModelUnavailable
+    from harness.models import load_hf_causal_lm
+    from harness.spec import ModelSource
+
+    torn = broken_copy(tmp_path, tiny_checkpoints["a"], "torn")
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ModelUnavailable, match="torn"):
+        load_hf_causal_lm(str(torn), ModelSource(path=str(torn)))
+
+
+def test_unknown_zoo_name(tmp_path, capsys):
+    path = tmp_path / "zoo.yaml"
+    path.write_bytes(GOOD.replace(b"toy-reviews-source", b"toy-review-source"))
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:2: models.source.zoo: unknown zoo model 'toy-review-source'" \
+        in out and "did you mean 'toy-reviews-source'" in out
+
+
+# ----------------------------------------------------------------------------- remote code
+
+def test_remote_code_needs_the_users_flag(tmp_path, tiny_checkpoints, capsys, monkeypatch):
+    import harness.models
+    from harness.cli import main
+
+    seen = []
+    real = harness.models.AutoTokenizer
+
+    class Spy:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            seen.append(kwargs["trust_remote_code"])
+            return real.from_pretrained(*args, **kwargs)
+    monkeypatch.setattr(harness.models, "AutoTokenizer", Spy)
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], "- {id: c, measure: logit_diff, "
+                     "model: a, expect: {'<': 1000}}\n", model_extra=", trust_remote_code: true")
+    code, out = validate(capsys, path)
+    assert code == 2 and "models.a.trust_remote_code" in out and "--allow-remote-code" in out
+    assert main(["run", str(path), "-q"]) == 2
+    assert seen == []                                   # refused before any loading
+    code, out = validate(capsys, path, "--allow-remote-code")
+    assert code == 0 and seen == [False]                # validate never runs model code
+    assert main(["run", str(path), "-q", "--allow-remote-code"]) == 0
+    assert seen[-1] is True
+
+
+# ----------------------------------------------------------------------------- usage
+
+def test_memory_budget_must_be_positive(capsys):
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["run", "specs", "--memory-budget-mb", "0"])
+    assert info.value.code == 2 and "must be above 0" in capsys.readouterr().err
+
+
+def test_escape_codes_are_shown_not_obeyed():
+    from harness.claims import Verdict
+    from harness.report import failure_details, table
+
+    v = Verdict("s", "s.yaml", 3, "c", "generate", ("a",), "failed", {"contains": "x"},
+                measured="\x1b[2J\x1b[31mred", message="worst prompt '\x1b[31m'")
+    text = table([v]) + failure_details([v])
+    assert "\x1b" not in text and "\\x1b[31mred" in text
