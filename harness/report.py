@@ -12,6 +12,7 @@ from harness import __version__
 from harness.claims import Verdict, short_measured
 from harness.errors import safe_text
 from harness.expect import fmt
+from harness.jsonfiles import dumps, finite
 
 HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "status", "seconds"]
 
@@ -110,7 +111,7 @@ def write_reports(report: dict, json_path=None, md_path=None, html_dir=None) -> 
         from harness.report_html import html_report
 
         path = Path(html_dir) / "report.html"
-        write_text(path, html_report(json.loads(json.dumps(report, default=_default))))
+        write_text(path, html_report(json.loads(dumps(report, default=_default))))
         written.append(path)
     return written
 
@@ -118,12 +119,12 @@ def write_reports(report: dict, json_path=None, md_path=None, html_dir=None) -> 
 def write_json(report: dict, path: Path) -> None:
     from harness.baselines import write_atomic
 
-    write_atomic(Path(path), json.dumps(report, indent=2, default=_default) + "\n")
+    write_atomic(Path(path), dumps(report, indent=2, default=_default) + "\n")
 
 
 def _default(obj):
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return finite(obj.tolist())
     return str(obj)
 
 

@@ -296,3 +296,116 @@ def test_escape_codes_are_shown_not_obeyed():
                 measured="\x1b[2J\x1b[31mred", message="worst prompt '\x1b[31m'")
     text = table([v]) + failure_details([v])
     assert "\x1b" not in text and "\\x1b[31mred" in text
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+def strict_json(path: Path):
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def run_cli(*args) -> int:
+    from harness.cli import main
+
+    return main(["run", *map(str, args), "-q"])
+
+
+LOGIT = "- {id: c, measure: logit_diff, model: a, expect: {'<': 1000}}\n"
+
+
+@pytest.mark.parametrize("content", ['{"claims": null}', "{torn", "[1, 2]",
+                                     '{"claims": {"c": 3}}', "\xff"])
+def test_corrupt_baseline_is_named_and_repaired(tmp_path, tiny_checkpoints, capsys, content):
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"],
+                     LOGIT.replace("expect: {", "expect: {baseline: true, "))
+    baseline = tmp_path / "spec.baseline.json"
+    baseline.write_text(content, encoding="latin-1")
+    report = tmp_path / "r.json"
+    assert run_cli(path, "--report-json", report) == 1
+    claim = strict_json(report)["specs"][0]["claims"][0]
+    assert claim["status"] == "error" and str(baseline) in claim["message"]
+    assert "--update-baselines" in claim["message"] and "Traceback" not in claim["message"]
+    assert run_cli(path, "--update-baselines") == 0
+    assert "kept it as" in capsys.readouterr().err
+    assert (tmp_path / "spec.baseline.json.bak").read_bytes() == content.encode("latin-1")
+    assert "c" in strict_json(baseline)["claims"]
+    assert run_cli(path) == 0
+
+
+def _update(spec_file: str, ids: list[str]) -> None:
+    from harness.baselines import update_baseline
+    from harness.claims import Verdict
+
+    for claim_id in ids:
+        update_baseline(spec_file, [Verdict("s", spec_file, 1, claim_id, "logit_diff", ("a",),
+                                            "passed", {}, measured=1.0)], {})
+
+
+def test_concurrent_baseline_updates_keep_every_entry(tmp_path):
+    import multiprocessing
+
+    spec_file = str(tmp_path / "spec.yaml")
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_update, args=(spec_file, [f"w{w}-{i}" for i in range(15)]))
+               for w in range(6)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    claims = strict_json(tmp_path / "spec.baseline.json")["claims"]
+    assert len(claims) == 6 * 15
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_killed_write_leaves_no_temp_file_behind(tmp_path):
+    from harness.jsonfiles import write_atomic
+
+    target = tmp_path / "report.json"
+    stale = tmp_path / ".report.json.abc123.tmp"   # what a SIGKILL mid-write leaves
+    stale.write_text("{half")
+    write_atomic(target, "{}\n")
+    assert target.read_text() == "{}\n" and not stale.exists()
+
+
+@pytest.mark.parametrize("content", ["{torn", '{"c": 5}', '{"c": [{"values": 3}]}', "[]"])
+def test_corrupt_counterexample_store_is_named_not_overwritten(tmp_path, content):
+    from harness.jsonfiles import CorruptFile
+    from harness.search import _read_store, _remember
+
+    spec_file = str(tmp_path / "spec.yaml")
+    store = tmp_path / "spec.counterexamples.json"
+    store.write_text(content)
+    with pytest.raises(CorruptFile, match=str(store)):
+        _read_store(spec_file)
+    with pytest.raises(CorruptFile):
+        _remember(spec_file, "other", {"entry": 0, "values": {}, "swap": {}})
+    assert store.read_text() == content
+
+
+def test_counterexamples_of_other_claims_are_kept(tmp_path):
+    from harness.search import _read_store, _remember
+
+    spec_file = str(tmp_path / "spec.yaml")
+    _remember(spec_file, "a", {"entry": 0, "values": {}, "swap": {}})
+    _remember(spec_file, "b", {"entry": 1, "values": {}, "swap": {}})
+    assert set(_read_store(spec_file)) == {"a", "b"}
+
+
+# ----------------------------------------------------------------------------- no NaN
+
+def test_nan_measurement_is_an_error_and_reports_stay_json(tmp_path, tiny_checkpoints):
+    """Patching a run into itself: the normalized effect is 0/0."""
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], PATCH.format(
+        site="resid_pre", sel="layers: [0]").replace("metric: logit_diff", "metric: normalized")
+        + LOGIT.replace("id: c", "id: d"))
+    report, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert run_cli(path, "--report-json", report, "--report-md", md, "--report-html",
+                   tmp_path / "html", "--update-baselines") == 1
+    claims = {c["id"]: c for c in strict_json(report)["specs"][0]["claims"]}
+    assert claims["c"]["status"] == "error" and "not a finite number" in claims["c"]["message"]
+    assert claims["d"]["status"] == "passed"
+    baseline = strict_json(tmp_path / "spec.baseline.json")["claims"]
+    assert set(baseline) == {"d"}
+    assert (tmp_path / "html" / "report.html").stat().st_size > 0
