@@ -409,3 +409,113 @@ def test_nan_measurement_is_an_error_and_reports_stay_json(tmp_path, tiny_checkp
     baseline = strict_json(tmp_path / "spec.baseline.json")["claims"]
     assert set(baseline) == {"d"}
     assert (tmp_path / "html" / "report.html").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- a directory
+
+GOOD_CLAIMS = """\
+- {id: g1, measure: logit_diff, model: a, expect: {'<': 1000}}
+- {id: g2, measure: logit_diff, model: a, per_prompt: all, expect: {'>': -1000}}
+- {id: g3, measure: generate, model: a, max_new_tokens: 2, expect: {contains: This}}
+"""
+
+
+def broken_specs(directory: Path, model_dir: Path) -> dict[str, str]:
+    """One broken spec of each kind beside nothing else; name -> words its error must hold."""
+    def spec(name, claims=LOGIT, prompts=None, model=model_dir, extra=""):
+        return tiny_spec(directory, model, claims, prompts, name=name, model_extra=extra)
+
+    rows = ["a0: &a0 [" + ", ".join(["x"] * 9) + "]"]
+    rows += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    torn = broken_copy(directory.parent, model_dir, "torn")
+    (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:999])
+    expected = {
+        "not_utf8": "not UTF-8", "deep": "nests deeper", "bomb": "expands to more than",
+        "same_tokens": "answer and foil are both", "layer": "layer 9 is out of range",
+        "zoo": "did you mean 'toy-reviews-source'", "no_dir": "does not exist",
+        "torn": "is truncated", "remote": "--allow-remote-code", "long": "longest prompt",
+        "empty": "has no tokens", "top_k": "more than model 'a' has tokens",
+        "nan": "`.nan`", "merge": "merge keys", "yaml": "invalid YAML",
+        "multi_token": "tokens for model 'a'",
+    }
+    spec("not_utf8").write_bytes(spec("x").read_bytes().replace(b"really", b"r\xe9ally"))
+    spec("deep").write_text(spec("x").read_text() + "description: " + "[" * 1000 + "]" * 1000)
+    spec("bomb").write_text(spec("x").read_text() + "\n".join(rows) + "\n")
+    spec("same_tokens", prompts='- {text: "This movie was", answer: " bad", foil: " bad"}\n')
+    spec("layer", PATCH.format(site="resid_pre", sel="layers: [9]"))
+    (directory / "zoo.yaml").write_bytes(GOOD.replace(b"toy-reviews-source",
+                                                      b"toy-review-source"))
+    spec("no_dir", model=directory / "nowhere")
+    spec("torn", model=torn)
+    spec("remote", extra=", trust_remote_code: true")
+    spec("long", prompts=LONG)
+    spec("empty", LOGIT.replace("model: a,", "model: a, prepend_bos: false,"),
+         prompts='- {text: "", answer: " bad", foil: " good"}\n')
+    spec("top_k", "- {id: c, measure: top_k, model: a, k: 99999, expect: {includes: [' bad']}}\n")
+    spec("nan", LOGIT.replace("'<': 1000", "'<': .nan"))
+    spec("merge").write_text(spec("x").read_text() + "b: &b {x: 1}\no:\n  <<: *b\n")
+    spec("yaml").write_text("models: {a: 1\nclaims: [")
+    spec("multi_token", prompts='- {text: "x", answer: " badly awful", foil: " good"}\n')
+    (directory / "x.yaml").unlink()
+    return expected
+
+
+def test_directory_of_broken_specs_beside_a_good_one(tmp_path, tiny_checkpoints, capsys):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    expected = broken_specs(specs, tiny_checkpoints["a"])
+    tiny_spec(specs, tiny_checkpoints["a"], GOOD_CLAIMS, name="a_good")
+    report = tmp_path / "report.json"
+    assert run_cli(specs, "--report-json", report) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for name, words in expected.items():
+        line = next((x for x in err.splitlines() if f"/{name}.yaml" in x), "")
+        assert words in line, (name, line)
+    data = strict_json(report)
+    good = [c for s in data["specs"] for c in s["claims"] if s["spec"] == "a_good"]
+    assert [c["status"] for c in good] == ["passed"] * 3
+
+
+def test_directory_under_pytest(pytester, tiny_checkpoints):
+    pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\n")
+    specs = pytester.mkdir("specs")
+    pytester.mkdir("checks")
+    expected = broken_specs(specs, tiny_checkpoints["a"])
+    tiny_spec(specs, tiny_checkpoints["a"], GOOD_CLAIMS, name="a_good")
+    result = pytester.runpytest("checks", "-p", "no:randomly")
+    result.assert_outcomes(passed=3, errors=len(expected))
+    assert result.ret == 2
+    out = result.stdout.str()
+    for name, words in expected.items():
+        assert any(f"/{name}.yaml" in x and words in x for x in out.splitlines()), name
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+def test_ctrl_c_exits_130_and_keeps_the_previous_report(tmp_path, tiny_checkpoints):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    claims = "".join(f"- {{id: g{i}, measure: generate, model: a, max_new_tokens: 40, "
+                     f"seed: {i}, temperature: 1.0, expect: {{contains: This}}}}\n"
+                     for i in range(400))
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], claims)
+    report = tmp_path / "report.json"
+    report.write_text('{"previous": true}\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path),
+                             "--report-json", str(report), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:   # wait until claims are being measured
+        if "loading model" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: " in err and "claims finished" in err and "Traceback" not in err
+    assert report.read_text() == '{"previous": true}\n'
+    assert not list(tmp_path.glob(".*.tmp"))
