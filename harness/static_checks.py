@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError, SpecError
+from harness.sites import KV_SITES
 
 REMOTE_CODE_FLAGS = "--allow-remote-code (harness) or --harness-allow-remote-code (pytest)"
 
@@ -233,11 +234,11 @@ def _check_selection(sel, where: tuple, name: str, facts: ModelFacts, add) -> No
 
     for i, layer in enumerate(sel.layers or ()):
         out_of_range("layers", i, layer, facts.n_layers, "layer")
-    heads = facts.n_kv_heads if sel.site in ("k", "v") else facts.n_heads
+    kv = sel.site in KV_SITES
+    heads = facts.n_kv_heads if kv else facts.n_heads
     for i, (layer, head) in enumerate(sel.head_pairs() or ()):
         out_of_range("heads", i, layer, facts.n_layers, "layer")
-        kind = "key/value head" if heads != facts.n_heads else "head"
-        out_of_range("heads", i, head, heads, kind)
+        out_of_range("heads", i, head, heads, "key/value head" if kv else "head")
     for i, neuron in enumerate(sel.neurons or ()):
         out_of_range("neurons", i, neuron, facts.d_mlp, "neuron")
 

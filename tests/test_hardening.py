@@ -155,6 +155,9 @@ STATIC_CASES = {   # id: (claims, prompts, message, line)
              "claims[0].heads[0]: head 4 is out of range: model 'a' has 4 heads (0..3)", 14),
     "head-layer": (PATCH.format(site="z", sel="heads: [L2H0]"), None,
                    "claims[0].heads[0]: layer 2 is out of range", 14),
+    "kv-head": (PATCH.format(site="v", sel="heads: [L0KV4]"), None,
+                "claims[0].heads[0]: key/value head 4 is out of range: model 'a' has 4 key/value "
+                "heads (0..3)", 14),
     "neuron": (PATCH.format(site="mlp_post", sel="layers: [0]\n  neurons: [3, 128]"), None,
                "claims[0].neurons[1]: neuron 128 is out of range: model 'a' has 128 neurons",
                15),
