@@ -522,3 +522,29 @@ def test_ctrl_c_exits_130_and_keeps_the_previous_report(tmp_path, tiny_checkpoin
     assert "interrupted: " in err and "claims finished" in err and "Traceback" not in err
     assert report.read_text() == '{"previous": true}\n'
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_empty_rows_never_read_padding():
+    """The measuring side refuses too (static checks cannot see uncached hub tokenizers)."""
+    from harness.errors import MeasureError
+    from harness.prompts import right_pad
+
+    with pytest.raises(MeasureError, match="no tokens"):
+        right_pad([[5, 6, 7], []], 0)
+
+
+def test_interrupted_pytest_session_writes_no_report(pytester, tiny_checkpoints):
+    pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\n")
+    specs = pytester.mkdir("specs")
+    pytester.mkdir("checks")
+    tiny_spec(specs, tiny_checkpoints["a"], GOOD_CLAIMS, name="a_good")
+    pytester.makepyfile(interrupter="def pytest_runtest_teardown(item):\n"
+                                    "    if item.name == 'g2':\n"
+                                    "        raise KeyboardInterrupt\n")
+    pytester.syspathinsert()
+    report = pytester.path / "report.json"
+    report.write_text('{"previous": true}\n')
+    with pytest.raises(KeyboardInterrupt):   # pytester passes the interrupt on
+        pytester.runpytest("checks", "-p", "no:randomly", "-p", "interrupter",
+                           f"--harness-report-json={report}")
+    assert report.read_text() == '{"previous": true}\n'
