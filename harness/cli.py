@@ -161,8 +161,9 @@ def _interrupted_line(results, n_specs: int) -> str:
     done = [v for r in results for v in r.verdicts]
     per_spec = ", ".join(f"{Path(r.file).name}: {len(r.verdicts)}"
                          + (f"/{len(r.spec.claims)}" if r.spec else "") for r in results)
-    return (f"interrupted: {len(done)} claims finished in {len(results)} of {n_specs} specs "
-            f"({per_spec}); no report or baseline was written, earlier ones are unchanged")
+    return (f"interrupted: {len(done)} claims finished in {len(results)} of {n_specs} specs"
+            + (f" ({per_spec})" if results else "")
+            + "; no report or baseline was written, earlier ones are unchanged")
 
 
 def _update_baselines(results, environment: dict) -> None:
