@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError, SpecError
@@ -30,6 +30,15 @@ class ModelFacts:
     n_ctx: int | None = None
     vocab: int | None = None
     tokenizer: object = None          # tokenizers.Tokenizer, when tokenizer.json exists
+    lengths: dict = field(default_factory=dict, compare=False)   # text -> tokens, memoized
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` (no special tokens); without a tokenizer only empty-or-not."""
+        if self.tokenizer is None:
+            return len(text)
+        if text not in self.lengths:
+            self.lengths[text] = len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self.lengths[text]
 
 
 def check_spec(spec, allow_remote_code: bool = False) -> list[SpecError]:
@@ -227,9 +236,9 @@ def _selections(claim) -> list[tuple[tuple, object]]:
 
 
 def _check_selection(sel, where: tuple, name: str, facts: ModelFacts, add) -> None:
-    def out_of_range(field: str, i: int, value: int, size: int | None, what: str) -> None:
+    def out_of_range(key: str, i: int, value: int, size: int | None, what: str) -> None:
         if size is not None and not 0 <= value < size:
-            add(where + (field, i), f"{what} {value} is out of range: model '{name}' has "
+            add(where + (key, i), f"{what} {value} is out of range: model '{name}' has "
                                     f"{size} {what}s (0..{size - 1})")
 
     for i, layer in enumerate(sel.layers or ()):
@@ -250,7 +259,7 @@ def _check_prompts(spec, claim, name: str, facts: ModelFacts, add) -> None:
     lengths = []
     for prompt in prompts:
         for text in (prompt.text, prompt.corrupt) if prompt.corrupt else (prompt.text,):
-            n = _count(facts.tokenizer, text) + bool(bos)
+            n = facts.count(text) + bool(bos)
             lengths.append(n)
             if n == 0:
                 add((), f"prompt {text!r} ({_where(prompt)}) has no tokens and "
@@ -277,12 +286,6 @@ def _check_prompts(spec, claim, name: str, facts: ModelFacts, add) -> None:
 def _positions(claim) -> list[tuple[tuple, int, int]]:
     return [(where, i, p) for where, sel in _selections(claim)
             for i, p in enumerate(sel.positions or ())]
-
-
-def _count(tokenizer, text: str) -> int:
-    if tokenizer is None:
-        return len(text)   # without a tokenizer, only "empty or not" is known
-    return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def _where(prompt) -> str:
