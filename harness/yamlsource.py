@@ -28,6 +28,20 @@ MAX_NODES = 500_000       # values after alias expansion; a 10,000-prompt spec h
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     """The safe loader (libyaml's C parser where installed) with YAML 1.2 floats."""
 
+    _plain_tags: dict[str, str] = {}
+
+    def resolve(self, kind, value, implicit):
+        """Memoized for plain scalars: their tag depends on the text alone, and specs repeat
+        the same keys thousands of times (pure-Python resolution dominated parsing)."""
+        if kind is yaml.ScalarNode and implicit[0]:
+            tag = self._plain_tags.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(self._plain_tags) < 50_000:
+                    self._plain_tags[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -127,6 +141,7 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
+STR_TAG = "tag:yaml.org,2002:str"
 STANDARD_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
 
 
@@ -184,4 +199,6 @@ class _Builder:
         return key
 
     def scalar(self, node: yaml.ScalarNode) -> object:
+        if node.tag == STR_TAG:   # most values: skip the constructor's bookkeeping
+            return node.value
         return self.constructor.construct_object(node, deep=True)

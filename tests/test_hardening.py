@@ -104,15 +104,23 @@ def test_top_level_key_named_like_a_measure(tmp_path):
     assert "unknown field 'logit_diff'" in str(spec_error(tmp_path, GOOD + b"logit_diff: 1\n"))
 
 
-def test_parsing_a_large_spec_is_fast(tmp_path):
-    """~1 MB of prompts parses in well under the old ~10 s."""
+@pytest.mark.skipif(not __import__("yaml").__with_libyaml__, reason="needs libyaml")
+def test_parsing_is_faster_than_the_pure_python_loader():
+    """The old reader composed with PyYAML's pure-Python loader (~10 s per MB); ours (libyaml,
+    memoized tag resolution) must take well under half its time on the same ~0.3 MB (a ratio,
+    so a loaded CI machine slows both alike)."""
+    import yaml
+
+    from harness.yamlsource import parse_yaml
+
     row = b'  - {text: "This movie was really", answer: " bad", foil: " good"}\n'
-    raw = GOOD.replace(b"claims:", b"".join([row] * 15_000) + b"claims:")
-    path = tmp_path / "big.yaml"
-    path.write_bytes(raw)
+    raw = GOOD.replace(b"claims:", b"".join([row] * 5_000) + b"claims:")
     start = time.perf_counter()
-    assert len(load_spec(path).prompts) == 15_001
-    assert time.perf_counter() - start < 8
+    yaml.compose(raw.decode(), Loader=yaml.SafeLoader)
+    old = time.perf_counter() - start
+    start = time.perf_counter()
+    assert len(parse_yaml(raw).data["prompts"]) == 5_001
+    assert time.perf_counter() - start < 0.5 * old
 
 
 # ----------------------------------------------------------------------------- static checks
