@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import sys
 from pathlib import Path
 
 from harness import __version__
 from harness.errors import MeasureError
+from harness.jsonfiles import CorruptFile, dumps, keep_backup, locked, not_finite, read_object
+from harness.jsonfiles import write_atomic as write_atomic  # re-exported for report, search
 
 
 def baseline_path(spec_file: str | Path) -> Path:
@@ -18,15 +18,17 @@ def baseline_path(spec_file: str | Path) -> Path:
 
 
 def read_baseline(spec_file: str | Path) -> dict:
-    """The stored claims of a spec's baseline, {} when there is none."""
+    """The stored claims of a spec's baseline, {} when there is none; CorruptFile (naming the
+    file and the command that rewrites it) when it is not what the harness wrote."""
     path = baseline_path(spec_file)
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("claims", {})
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise MeasureError(f"baseline {path} is not valid JSON ({exc}); regenerate it with "
-                           f"`harness run {spec_file} --update-baselines`") from None
+    fix = (f"rewrite it with `harness run {spec_file} --update-baselines` (the old file is "
+           "kept as .bak)")
+    claims = read_object(path, fix).get("claims", {})
+    if not isinstance(claims, dict) or not all(isinstance(v, dict) and "measured" in v
+                                               for v in claims.values()):
+        raise CorruptFile(f"{path}: `claims` is not a mapping of claim id -> {{measured: ...}}"
+                          f"; {fix}")
+    return claims
 
 
 def stored_value(spec_file: str, claim_id: str):
@@ -42,36 +44,25 @@ def stored_value(spec_file: str, claim_id: str):
 
 
 def update_baseline(spec_file: str | Path, verdicts, environment: dict) -> Path:
-    """Write the measured values of `verdicts` into the spec's baseline; other entries stay."""
+    """Write the measured values of `verdicts` into the spec's baseline; other entries stay.
+    Read and write happen under one lock, so concurrent updates keep each other's entries;
+    a corrupt old file is kept as `<file>.bak` and replaced."""
     path = baseline_path(spec_file)
-    claims = read_baseline(spec_file)
-    for v in verdicts:
-        if v.measured is not None:
-            claims[v.claim_id] = {"measured": v.measured, "measure": v.measure}
-    data = {"harness_version": __version__, "environment": environment,
-            "claims": dict(sorted(claims.items()))}
-    write_atomic(path, json.dumps(data, indent=1) + "\n")
+    with locked(path):
+        try:
+            claims = read_baseline(spec_file)
+        except CorruptFile as exc:
+            backup = keep_backup(path)
+            print(f"{exc.args[0].split(';')[0]}; kept it as {backup} and wrote a new one",
+                  file=sys.stderr)
+            claims = {}
+        for v in verdicts:
+            if v.measured is not None and not not_finite(v.measured):
+                claims[v.claim_id] = {"measured": v.measured, "measure": v.measure}
+        data = {"harness_version": __version__, "environment": environment,
+                "claims": dict(sorted(claims.items()))}
+        write_atomic(path, dumps(data, indent=1) + "\n")
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over the
-    target: an interrupted write leaves the old file or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; reports are for sharing
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def drift(measured, stored) -> float | None:

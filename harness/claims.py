@@ -482,6 +482,7 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
             defaults.update(claim.tolerance.model_dump())
         verdict.measured = to_jsonable(measurement)
         verdict.extras.update(_extras(measurement))
+        _refuse_nan(verdict, measurement)
         expect = {k: v for k, v in claim.expect.items() if k != "baseline"}
         ok, message, margin = judge(claim, measurement, defaults, expect) if expect else \
             (True, "", None)
@@ -504,6 +505,19 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         verdict.extras["traceback"] = traceback.format_exc()
     verdict.seconds = time.perf_counter() - start
     return _apply_xfail(claim, verdict)
+
+
+def _refuse_nan(verdict: Verdict, measurement: Measurement) -> None:
+    """A NaN (or the inf of a division by zero) is not a value any expectation can judge: the
+    claim is an error that says why, and reports hold null instead (strict JSON)."""
+    from harness.jsonfiles import finite, not_finite
+
+    if not_finite(verdict.measured) or not_finite(list(measurement.per_prompt or ())):
+        verdict.measured = finite(verdict.measured)
+        verdict.extras = finite(verdict.extras)
+        raise MeasureError("the measurement is not a finite number (NaN or inf), e.g. a "
+                           "normalized effect whose `from` and `into` runs have the same "
+                           "logit difference; use `metric: logit_diff` or runs that differ")
 
 
 def _search(spec, claim, session, defaults, expect, verdict, message):

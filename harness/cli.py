@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError, SpecError
+from harness.errors import HarnessError, SpecError, safe_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,11 +15,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 2
+        print("interrupted; nothing was written", file=sys.stderr)
+        return INTERRUPTED
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+INTERRUPTED = 130   # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,13 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--update-baselines", action="store_true",
                      help="store every claim's measured values in <spec>.baseline.json")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    run.add_argument("--memory-budget-mb", type=int, default=2048,
+    run.add_argument("--allow-remote-code", action="store_true",
+                     help="let models whose spec sets trust_remote_code run the Python code "
+                          "in their folder (a spec alone cannot)")
+    run.add_argument("--memory-budget-mb", type=positive_int, default=2048,
                      help="MB for activations: traces, patched variants, forward passes "
                           "(default 2048); larger prompt sets run in slices")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     run.set_defaults(func=_run)
     validate = sub.add_parser("validate", help="check specs without loading model weights")
     validate.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
+    validate.add_argument("--allow-remote-code", action="store_true",
+                          help="accept specs that set trust_remote_code (validate itself "
+                               "never runs model code)")
     validate.set_defaults(func=_validate)
     train = sub.add_parser("train", help="build the models a spec trains or takes from the zoo")
     train.add_argument("spec", type=Path)
@@ -78,17 +98,24 @@ def _spec_paths(paths: list[str]) -> list[Path]:
 
 def _run(args) -> int:
     from harness import report
-    from harness.runner import exit_code, run_spec_file
+    from harness.runner import SpecResult, exit_code, run_spec_file
     from harness.session import Session
 
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
-                      verbose=not args.quiet, update_baselines=args.update_baselines)
-    results = []
-    for path in _spec_paths(args.paths):
-        result = run_spec_file(path, session)
-        if result.error:
-            print(f"spec error: {result.error}", file=sys.stderr)
-        results.append(result)
+                      verbose=not args.quiet, update_baselines=args.update_baselines,
+                      allow_remote_code=args.allow_remote_code)
+    paths = _spec_paths(args.paths)
+    results: list[SpecResult] = []
+    with interrupt_flag() as interrupted:
+        try:
+            for path in paths:
+                results.append(SpecResult(str(path)))
+                run_spec_file(path, session, results[-1], stop=lambda: interrupted)
+                if results[-1].error:
+                    print(f"spec error: {safe_text(str(results[-1].error))}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(_interrupted_line(results, len(paths)), file=sys.stderr)
+            return INTERRUPTED
     verdicts = [v for r in results for v in r.verdicts]
     print(report.table(verdicts, [str(r.error) for r in results if r.error]))
     details = report.failure_details(verdicts)
@@ -100,6 +127,43 @@ def _run(args) -> int:
     for path in report.write_reports(data, args.report_json, args.report_md, args.report_html):
         print(f"wrote {path}")
     return exit_code(results)
+
+
+class interrupt_flag:
+    """While active, Ctrl-C raises KeyboardInterrupt and also sets a flag that the run loop
+    checks between claims, so an interrupt that a library swallows still stops the run."""
+
+    def __enter__(self):
+        import signal
+
+        self.flag = _Flag()
+
+        def handler(signum, frame):
+            self.flag.value = True
+            raise KeyboardInterrupt
+        self.previous = signal.signal(signal.SIGINT, handler)
+        return self.flag
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class _Flag:
+    value = False
+
+    def __bool__(self) -> bool:
+        return self.value
+
+
+def _interrupted_line(results, n_specs: int) -> str:
+    done = [v for r in results for v in r.verdicts]
+    per_spec = ", ".join(f"{Path(r.file).name}: {len(r.verdicts)}"
+                         + (f"/{len(r.spec.claims)}" if r.spec else "") for r in results)
+    return (f"interrupted: {len(done)} claims finished in {len(results)} of {n_specs} specs"
+            + (f" ({per_spec})" if results else "")
+            + "; no report or baseline was written, earlier ones are unchanged")
 
 
 def _update_baselines(results, environment: dict) -> None:
@@ -119,10 +183,13 @@ def _validate(args) -> int:
     status = 0
     for path in _spec_paths(args.paths):
         try:
-            spec = load_and_check(path, session)
+            spec = load_and_check(path, session, allow_remote_code=args.allow_remote_code)
             print(f"ok: {path} ({len(spec.claims)} claims, {len(spec.models)} models)")
         except SpecError as exc:
-            print(f"spec error: {exc}", file=sys.stderr)
+            print(f"spec error: {safe_text(str(exc))}", file=sys.stderr)
+            status = 2
+        except HarnessError as exc:
+            print(f"spec error: {path}: {safe_text(str(exc))}", file=sys.stderr)
             status = 2
     return status
 

@@ -45,3 +45,8 @@ def did_you_mean(value: object, choices: Iterable[str]) -> str:
     if close:
         return f"; did you mean '{close[0]}'?"
     return f"; valid choices: {', '.join(choices)}"
+
+
+def safe_text(text: str) -> str:
+    """Terminal control characters (escape codes in prompt texts) shown escaped, not obeyed."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)

@@ -144,6 +144,13 @@ def load_hf_causal_lm(location: str, source: ModelSource):
                                                     **kwargs).eval()
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
+    except Exception as exc:  # safetensors raises its own SafetensorError for torn files
+        if not type(exc).__module__.startswith("safetensors"):
+            raise
+        from harness.static_checks import weights_problem
+
+        problem = weights_problem(directory) if directory.is_dir() else None
+        raise ModelUnavailable(problem or _unavailable(location, source, exc)) from None
 
 
 def device_map_kwargs(device_map) -> dict:

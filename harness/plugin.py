@@ -20,7 +20,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "interp-harness claims")
     group.addoption("--harness-device", default=None,
                     help="device for every model (default: CUDA when available, else CPU)")
-    group.addoption("--harness-memory-budget-mb", type=int, default=2048,
+    group.addoption("--harness-allow-remote-code", action="store_true",
+                    help="let models whose spec sets trust_remote_code run the Python code in "
+                         "their folder (a spec alone cannot)")
+    group.addoption("--harness-memory-budget-mb", type=_positive_int, default=2048,
                     help="MB for activations: traces, patched variants, forward passes "
                          "(default 2048); larger prompt sets run in slices")
     group.addoption("--harness-report-json", default=None, metavar="FILE",
@@ -38,6 +41,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   default="specs")
     parser.addini("harness_checks", "folder whose collection runs every spec",
                   default="checks")
+
+
+def _positive_int(text: str) -> int:
+    from harness.cli import positive_int
+
+    return positive_int(text)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -65,7 +74,8 @@ def _session(config: pytest.Config):
             device=_worker_device(config),
             memory_budget_mb=config.getoption("harness_memory_budget_mb"),
             verbose=config.getoption("verbose") > 0,
-            update_baselines=config.getoption("harness_update_baselines"))
+            update_baselines=config.getoption("harness_update_baselines"),
+            allow_remote_code=config.getoption("harness_allow_remote_code"))
     return config.stash[SESSION_KEY]
 
 
@@ -104,14 +114,15 @@ class SpecFile(pytest.File):
     """One spec file; its single child is named after the spec, so ids read `<spec>::<claim>`."""
 
     def collect(self):
-        from harness.errors import SpecError
+        from harness.errors import HarnessError, SpecError, safe_text
         from harness.runner import load_and_check
 
         try:
             spec = load_and_check(self.path, _session(self.config))
-        except SpecError as exc:
-            self.config.stash[SPEC_ERRORS_KEY].append(str(exc))
-            yield SpecErrorItem.from_parent(self, name="spec-error", error=str(exc))
+        except HarnessError as exc:
+            text = safe_text(str(exc) if isinstance(exc, SpecError) else f"{self.path}: {exc}")
+            self.config.stash[SPEC_ERRORS_KEY].append(text)
+            yield SpecErrorItem.from_parent(self, name="spec-error", error=text)
             return
         node = SpecNode.from_parent(self, name=spec.spec)
         node.spec = spec
@@ -266,6 +277,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
              "spec_errors": config.stash.get(SPEC_ERRORS_KEY, [])}, default=str)
         return
     verdicts.sort(key=lambda v: (v.file, v.line or 0))
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        if verdicts:  # a partial run must not replace the last full report or baseline
+            print(f"\ninterp-harness: interrupted after {len(verdicts)} claims; no report or "
+                  "baseline was written, earlier ones are unchanged")
+        return
     if verdicts:
         _write_outputs(config, verdicts)
     if config.stash.get(SPEC_ERRORS_KEY, []) and exitstatus in (0, 1):

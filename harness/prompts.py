@@ -75,6 +75,12 @@ def encode(tokenizer, text: str, prepend_bos: bool) -> list[int]:
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Rows of token ids -> (tokens [batch, pos] right-padded, final_pos [batch])."""
+    if not rows or not all(rows):
+        from harness.errors import MeasureError
+
+        raise MeasureError("a prompt has no tokens (empty text with `prepend_bos: false`), "
+                           "so it has no final token to read; write some text or set "
+                           "`prepend_bos: true`")
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):

@@ -10,7 +10,9 @@ from tabulate import tabulate
 
 from harness import __version__
 from harness.claims import Verdict, short_measured
+from harness.errors import safe_text
 from harness.expect import fmt
+from harness.jsonfiles import dumps, finite
 
 HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "status", "seconds"]
 
@@ -36,7 +38,7 @@ def table(verdicts: list[Verdict], spec_errors: list[str] = ()) -> str:
     parts = [f"{n} {s}" for s, n in sorted(counts.items())]
     if spec_errors:
         parts.append(f"{len(spec_errors)} spec error{'s' if len(spec_errors) > 1 else ''}")
-    return f"{out}\n{', '.join(parts)}"
+    return safe_text(f"{out}\n{', '.join(parts)}")
 
 
 def failure_details(verdicts: list[Verdict]) -> str:
@@ -50,7 +52,7 @@ def failure_details(verdicts: list[Verdict]) -> str:
         if v.status == "skipped":
             skips[v.message] = skips.get(v.message, 0) + 1
     lines += [f"SKIPPED {n} claim{'s' * (n > 1)}: {reason}" for reason, n in skips.items()]
-    return "\n".join(lines)
+    return safe_text("\n".join(lines))
 
 
 def _cut(text: str, width: int) -> str:
@@ -109,7 +111,7 @@ def write_reports(report: dict, json_path=None, md_path=None, html_dir=None) -> 
         from harness.report_html import html_report
 
         path = Path(html_dir) / "report.html"
-        write_text(path, html_report(json.loads(json.dumps(report, default=_default))))
+        write_text(path, html_report(json.loads(dumps(report, default=_default))))
         written.append(path)
     return written
 
@@ -117,12 +119,12 @@ def write_reports(report: dict, json_path=None, md_path=None, html_dir=None) -> 
 def write_json(report: dict, path: Path) -> None:
     from harness.baselines import write_atomic
 
-    write_atomic(Path(path), json.dumps(report, indent=2, default=_default) + "\n")
+    write_atomic(Path(path), dumps(report, indent=2, default=_default) + "\n")
 
 
 def _default(obj):
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return finite(obj.tolist())
     return str(obj)
 
 

@@ -78,17 +78,25 @@ def _tokenizer_or_none(spec: Spec, name: str, session: Session):
         return None
 
 
-def load_and_check(path: Path, session: Session) -> Spec:
+def load_and_check(path: Path, session: Session, allow_remote_code: bool | None = None) -> Spec:
+    """Read the spec, then check it against the models' config and tokenizer files, then
+    (tokenizers loaded) that answers and foils are single tokens: all before any weights."""
+    from harness.static_checks import check_spec
+
     spec = load_spec(path)
-    errors = check_tokens(spec, session)
+    allow = session.allow_remote_code if allow_remote_code is None else allow_remote_code
+    errors = check_spec(spec, allow) or check_tokens(spec, session)
     if errors:
         errors[0].others = errors[1:]
         raise errors[0]
     return spec
 
 
-def run_spec_file(path: Path, session: Session) -> SpecResult:
-    result = SpecResult(str(path))
+def run_spec_file(path: Path, session: Session, result: SpecResult | None = None,
+                  stop=None) -> SpecResult:
+    """Load, check and evaluate one spec into `result` (filled as claims finish, so an
+    interrupted run still knows what it did); `stop()` true stops between claims."""
+    result = result or SpecResult(str(path))
     try:
         result.spec = load_and_check(path, session)
     except SpecError as exc:
@@ -98,6 +106,8 @@ def run_spec_file(path: Path, session: Session) -> SpecResult:
         result.error = SpecError(str(exc), file=str(path))
         return result
     for index in range(len(result.spec.claims)):
+        if stop is not None and stop():
+            raise KeyboardInterrupt
         result.verdicts.append(evaluate_claim(result.spec, index, session))
     return result
 

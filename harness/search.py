@@ -9,7 +9,6 @@ every CI run) and every counterexample found is stored beside the spec
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, Phase, find, settings
 from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 
-from harness.baselines import write_atomic
+from harness.jsonfiles import CorruptFile, dumps, locked, read_object, write_atomic
 from harness.spec import Prompt, PromptEntry
 
 
@@ -51,9 +50,9 @@ def family_strategy(entries: tuple[PromptEntry, ...], substitute: dict[str, list
 
 
 def build_prompt(entries: tuple[PromptEntry, ...], choices: dict) -> Prompt:
-    entry = entries[choices["entry"]]
-    text = entry.template.format(**choices["values"]) if entry.template else entry.text
-    for word, replacement in choices["swap"].items():
+    entry = entries[choices.get("entry", 0)]
+    text = entry.template.format(**choices.get("values", {})) if entry.template else entry.text
+    for word, replacement in choices.get("swap", {}).items():
         text = re.sub(rf"\b{re.escape(word)}\b", replacement, text)
     return Prompt(text=text, answer=entry.answer, foil=entry.foil, loc=("prompts",))
 
@@ -67,7 +66,7 @@ def search(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
         return None
     store = _read_store(spec_file)
     for choices in store.get(claim_id, []):
-        if choices.get("entry", 0) < len(entries):
+        if _still_fits(entries, choices):
             prompt = build_prompt(entries, choices)
             ok, detail = holds(prompt)
             if not ok:
@@ -82,20 +81,41 @@ def search(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
     except NoSuchExample:
         return None
     prompt = build_prompt(entries, choices)
-    _remember(spec_file, claim_id, choices, store)
+    _remember(spec_file, claim_id, choices)
     return Counterexample(prompt, choices, holds(prompt)[1], known=False)
 
 
+def _still_fits(entries: tuple[PromptEntry, ...], choices: dict) -> bool:
+    """A stored counterexample still names an entry and its template's values (the spec may
+    have changed since)."""
+    entry = choices.get("entry", 0)
+    return entry < len(entries) and \
+        set(choices.get("values", {})) == set(entries[entry].values or {})
+
+
 def _read_store(spec_file: str) -> dict:
+    """Stored counterexamples {claim id: [choices, ...]}; CorruptFile naming the file when it
+    is not what the harness wrote (never silently replaced: it holds other claims' finds)."""
     path = store_path(spec_file)
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}
+    store = read_object(path, "fix it or delete it (it holds the counterexamples earlier runs "
+                              "found; deleting forgets them)")
+    for claim_id, found in store.items():
+        if not isinstance(found, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("entry", 0), int)
+                and isinstance(c.get("values", {}), dict) and isinstance(c.get("swap", {}), dict)
+                for c in found):
+            raise CorruptFile(f"{path}: the entry of claim '{claim_id}' is not a list of "
+                              "{entry, values, swap} choices; fix it or delete the file")
+    return store
 
 
-def _remember(spec_file: str, claim_id: str, choices: dict, store: dict) -> None:
-    known = store.setdefault(claim_id, [])
-    if choices not in known:
-        known.insert(0, choices)
-    write_atomic(store_path(spec_file), json.dumps(store, indent=1, sort_keys=True) + "\n")
+def _remember(spec_file: str, claim_id: str, choices: dict) -> None:
+    """Add a counterexample to the store: read again under the lock so that finds of other
+    runs since this one read it are kept."""
+    path = store_path(spec_file)
+    with locked(path):
+        store = _read_store(spec_file)
+        known = store.setdefault(claim_id, [])
+        if choices not in known:
+            known.insert(0, choices)
+        write_atomic(path, dumps(store, indent=1, sort_keys=True) + "\n")

@@ -26,6 +26,7 @@ class Session:
     memory_budget_mb: int = 2048
     verbose: bool = True
     update_baselines: bool = False       # baseline comparisons read the new values
+    allow_remote_code: bool = False      # a spec's trust_remote_code needs the user's flag too
     _models: dict[str, object] = field(default_factory=dict)   # loaded, or why not
     _locations: dict[str, str] = field(default_factory=dict)
     _batches: dict[tuple, PromptBatch] = field(default_factory=dict)
@@ -33,7 +34,7 @@ class Session:
 
     def model(self, spec: Spec, name: str) -> LoadedModel:
         """The loaded model a spec calls `name`; loads once per session, failures included."""
-        source = spec.models[name]
+        source = self._source(spec, name)
         device = pick_device(source, self.device)
         key = f"{source_key(source, spec.directory)}|{device}"
 
@@ -47,9 +48,16 @@ class Session:
         """A model's tokenizer, loaded once; a `train:` model has its base model's."""
         while spec.models[name].train is not None:
             name = spec.models[name].train.base
-        source = spec.models[name]
+        source = self._source(spec, name)
         return self._once(f"tokenizer|{source_key(source, spec.directory)}",
                           lambda: load_tokenizer(self.location(spec, name), source))
+
+    def _source(self, spec: Spec, name: str):
+        """The spec's source of a model; its code runs only when the user allowed it."""
+        source = spec.models[name]
+        if source.trust_remote_code and not self.allow_remote_code:
+            source = source.model_copy(update={"trust_remote_code": False})
+        return source
 
     def _once(self, key: str, load):
         """Load under `key` once per session; a failure is remembered and raised again."""

@@ -161,6 +161,12 @@ class PromptEntry(Frozen):
             for name, options in (self.values or {}).items():
                 if not options:
                     raise ValueError(f"`values.{name}` is empty")
+            for text in (self.template, self.corrupt or ""):
+                try:
+                    text.format(**{k: v[0] for k, v in (self.values or {}).items()})
+                except (ValueError, KeyError, IndexError, AttributeError) as exc:
+                    raise ValueError(f"template {text!r} cannot be filled in ({exc}); write "
+                                     "placeholders as {name}") from None
         return self
 
 
@@ -288,6 +294,8 @@ class ClaimBase(Frozen):
     @classmethod
     def _fraction(cls, value):
         if isinstance(value, dict):
+            if "fraction" not in value:
+                raise ValueError("`per_prompt` is all, any, mean or {fraction: '>= 0.9'}")
             parse_comparison(value["fraction"])
         return value
 
@@ -298,9 +306,10 @@ class ClaimBase(Frozen):
 def parse_comparison(text: str) -> tuple[str, float]:
     """">= 0.9" -> (">=", 0.9)."""
     match = re.fullmatch(r"\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*", str(text))
-    if not match:
-        raise ValueError(f"'{text}' is not a comparison such as '>= 0.9'")
-    return match.group(1), float(match.group(2))
+    try:
+        return match.group(1), float(match.group(2))
+    except (AttributeError, ValueError):
+        raise ValueError(f"'{text}' is not a comparison such as '>= 0.9'") from None
 
 
 class SingleModelClaim(ClaimBase):
@@ -643,9 +652,10 @@ def _spec_errors(exc: ValidationError, source: SourcedYaml) -> SpecError:
 
 def _clean_loc(loc: tuple) -> tuple:
     """Drop pydantic's union-member names from a location; restore `from`."""
-    out = []
+    out: list = []
     for part in loc:
-        if isinstance(part, str) and (part in MEASURES or part.startswith("function-")
+        tag = part in MEASURES and bool(out) and isinstance(out[-1], int)  # union member
+        if isinstance(part, str) and (tag or part.startswith("function-")
                                       or part in ("str", "dict[literal['fraction'],str]",
                                                   "literal['all','any','mean']")):
             continue
@@ -705,6 +715,13 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("prompt_sets", name) if name else ("prompts",), str(exc))
     if errors:
         return errors
+    for name in [None, *spec.prompt_sets]:
+        for prompt in spec.prompt_set(name):
+            if prompt.answer == prompt.foil:
+                add(prompt.loc + ("foil",), f"answer and foil are both {prompt.answer!r}: the "
+                    "logit difference of a token with itself is always 0; give two different "
+                    "tokens")
+                break
 
     seen: dict[str, int] = {}
     for i, claim in enumerate(spec.claims):

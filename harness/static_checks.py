@@ -1,0 +1,294 @@
+"""Static checks: a spec against each model's config.json and tokenizer.json, before any weights
+load. Reads JSON files and tokenizers only: no torch, no model code, so `harness validate` can
+promise both. Every problem is a SpecError naming the file, line, field and the valid range.
+
+Optional models whose files are missing are left alone here (their claims become skips);
+hub models not in the local cache are left for load time.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import HarnessError, SpecError
+from harness.sites import KV_SITES
+
+REMOTE_CODE_FLAGS = "--allow-remote-code (harness) or --harness-allow-remote-code (pytest)"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a spec may ask of one model, read from its files."""
+
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_mlp: int | None = None
+    n_ctx: int | None = None
+    vocab: int | None = None
+    tokenizer: object = None          # tokenizers.Tokenizer, when tokenizer.json exists
+    lengths: dict = field(default_factory=dict, compare=False)   # text -> tokens, memoized
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` (no special tokens); without a tokenizer only empty-or-not."""
+        if self.tokenizer is None:
+            return len(text)
+        if text not in self.lengths:
+            self.lengths[text] = len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self.lengths[text]
+
+
+def check_spec(spec, allow_remote_code: bool = False) -> list[SpecError]:
+    """Every static problem of `spec` (resolved prompts) against its models' files."""
+    errors: list[SpecError] = []
+    facts: dict[str, ModelFacts | None] = {}
+    for name, source in spec.models.items():
+        if source.trust_remote_code and not allow_remote_code:
+            errors.append(spec.error(("models", name, "trust_remote_code"),
+                                     "`trust_remote_code: true` would run Python code from the "
+                                     "model's folder; a spec alone cannot allow that: pass "
+                                     + REMOTE_CODE_FLAGS))
+        try:
+            facts[name] = _facts_of(spec, name)
+        except SpecError as exc:
+            facts[name] = None
+            if not source.optional:
+                errors.append(exc)
+    if errors:
+        return errors
+    for index, claim in enumerate(spec.claims):
+        if claim.skip:
+            continue
+        for name in dict.fromkeys(_checked_models(claim)):
+            if name in facts and facts[name] is not None:
+                errors += _check_claim(spec, index, claim, name, facts[name])
+    return list({str(e): e for e in errors}.values())
+
+
+def _checked_models(claim) -> list[str]:
+    """Models whose shapes a claim's selection must fit (not a reward model)."""
+    names = list(claim.model_names())
+    reward = getattr(claim, "score_with", None)
+    return [n for n in names if n != reward]
+
+
+# ----------------------------------------------------------------------------- model files
+
+def _facts_of(spec, name: str) -> ModelFacts | None:
+    source = spec.models[name]
+    seen = {name}
+    while source.train is not None:   # a trained model has its base model's shapes
+        name = source.train.base
+        if name in seen or name not in spec.models:
+            return None
+        seen.add(name)
+        source = spec.models[name]
+    directory = _directory(spec, name)
+    if directory is None:
+        return None
+    return _read_facts(spec, name, directory)
+
+
+def _directory(spec, name: str) -> Path | None:
+    source = spec.models[name]
+    if source.zoo is not None:
+        from harness.zoo.build import zoo_checkpoint
+
+        try:
+            return zoo_checkpoint(source.zoo)
+        except HarnessError as exc:
+            raise spec.error(("models", name, "zoo"), str(exc)) from None
+    if source.path is not None:
+        path = (spec.directory / source.path).resolve()
+        if not path.is_dir():
+            raise spec.error(("models", name, "path"),
+                             f"checkpoint directory {path} does not exist (`path:` is relative "
+                             f"to the spec's folder, {spec.directory})")
+        return path
+    if source.hf is not None:
+        return _cached_hub_dir(source.hf, source.revision)
+    return None
+
+
+def _cached_hub_dir(repo: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub model whose config.json is cached, else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an odd hub id: leave it for load time
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
+    loc = ("models", name)
+    config_file = directory / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise spec.error(loc, f"{directory} has no config.json; a model folder is what "
+                              "`save_pretrained` writes") from None
+    except (OSError, ValueError) as exc:
+        raise spec.error(loc, f"cannot read {config_file}: {exc}") from None
+    problem = weights_problem(directory)
+    if problem:
+        raise spec.error(loc, problem)
+    n_heads = _first(config, "n_head", "num_attention_heads")
+    n_embd = _first(config, "n_embd", "hidden_size", "d_model")
+    d_mlp = _first(config, "n_inner", "intermediate_size", "ffn_dim", "d_mlp")
+    if d_mlp is None and config.get("model_type") == "gpt2" and n_embd:
+        d_mlp = 4 * n_embd
+    return ModelFacts(
+        n_layers=_first(config, "n_layer", "num_hidden_layers", "num_layers"),
+        n_heads=n_heads, n_kv_heads=_first(config, "num_key_value_heads") or n_heads,
+        d_mlp=d_mlp, n_ctx=_first(config, "n_positions", "max_position_embeddings", "n_ctx"),
+        vocab=_first(config, "vocab_size"), tokenizer=_read_tokenizer(spec, loc, directory))
+
+
+def _first(config: dict, *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _read_tokenizer(spec, loc: tuple, directory: Path):
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None   # a slow-only tokenizer: transformers checks tokens later
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the Rust library raises its own kinds
+        raise spec.error(loc, f"cannot read {path}: {exc}") from None
+
+
+def weights_problem(directory: Path) -> str | None:
+    """Why the weight files of a folder cannot be complete (safetensors headers only)."""
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if not safetensors and not any(directory.glob("*.bin")) and \
+            not any(directory.glob("*.safetensors.index.json")):
+        return f"{directory} holds no weights (*.safetensors or *.bin)"
+    for path in safetensors:
+        problem = _safetensors_problem(path)
+        if problem:
+            return f"{path} is {problem}; rebuild or re-download it"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header size, a JSON header and the tensor bytes: the
+    largest end offset in the header must be where the file ends."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "truncated (no header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                return "truncated or not a safetensors file (header larger than the file)"
+            header = json.loads(handle.read(n))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    except ValueError:
+        return "corrupt (its header is not JSON)"
+    ends = [t["data_offsets"][1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    if 8 + n + max(ends, default=0) > size:
+        return f"truncated ({size} bytes, its header needs {8 + n + max(ends)})"
+    return None
+
+
+# ----------------------------------------------------------------------------- claims
+
+def _check_claim(spec, index: int, claim, name: str, facts: ModelFacts) -> list[SpecError]:
+    errors: list[SpecError] = []
+
+    def add(loc: tuple, message: str) -> None:
+        errors.append(spec.error(("claims", index) + loc, message))
+
+    for where, selection in _selections(claim):
+        _check_selection(selection, where, name, facts, add)
+    k = getattr(claim, "k", None)
+    if k is not None and facts.vocab and k > facts.vocab:
+        add(("k",), f"k = {k} is more than model '{name}' has tokens ({facts.vocab})")
+    _check_prompts(spec, claim, name, facts, add)
+    return errors
+
+
+def _selections(claim) -> list[tuple[tuple, object]]:
+    out = []
+    if getattr(claim, "site", None) is not None:
+        out.append(((), claim))
+    patch = getattr(claim, "patch", None)
+    if patch is not None:
+        out.append((("patch",), patch))
+    return out
+
+
+def _check_selection(sel, where: tuple, name: str, facts: ModelFacts, add) -> None:
+    def out_of_range(key: str, i: int, value: int, size: int | None, what: str) -> None:
+        if size is not None and not 0 <= value < size:
+            add(where + (key, i), f"{what} {value} is out of range: model '{name}' has "
+                                    f"{size} {what}s (0..{size - 1})")
+
+    for i, layer in enumerate(sel.layers or ()):
+        out_of_range("layers", i, layer, facts.n_layers, "layer")
+    kv = sel.site in KV_SITES
+    heads = facts.n_kv_heads if kv else facts.n_heads
+    for i, (layer, head) in enumerate(sel.head_pairs() or ()):
+        out_of_range("heads", i, layer, facts.n_layers, "layer")
+        out_of_range("heads", i, head, heads, "key/value head" if kv else "head")
+    for i, neuron in enumerate(sel.neurons or ()):
+        out_of_range("neurons", i, neuron, facts.d_mlp, "neuron")
+
+
+def _check_prompts(spec, claim, name: str, facts: ModelFacts, add) -> None:
+    """Empty prompts, prompts longer than the context, positions outside the prompts."""
+    prompts = spec.claim_prompts(claim)
+    bos = claim.prepend_bos if claim.prepend_bos is not None else spec.defaults.prepend_bos
+    lengths = []
+    for prompt in prompts:
+        for text in (prompt.text, prompt.corrupt) if prompt.corrupt else (prompt.text,):
+            n = facts.count(text) + bool(bos)
+            lengths.append(n)
+            if n == 0:
+                add((), f"prompt {text!r} ({_where(prompt)}) has no tokens and "
+                    "`prepend_bos: false`, so it has no final token to read; write some text "
+                    "or set `prepend_bos: true`")
+                return
+    extra = getattr(claim, "max_new_tokens", 0) if claim.measure == "generate" else 0
+    longest = max(lengths, default=0)
+    if facts.tokenizer is not None and facts.n_ctx and longest + extra > facts.n_ctx:
+        what = f"{longest} tokens" + (f" + max_new_tokens {extra}" if extra else "")
+        add(("max_new_tokens",) if extra and longest <= facts.n_ctx else (),
+            f"the longest prompt is {what}, more than model '{name}' reads ({facts.n_ctx} "
+            "positions); shorten the prompts (e.g. `first_words:`)"
+            + (" or `max_new_tokens`" if extra else ""))
+    positions = _positions(claim)
+    if facts.tokenizer is not None and positions and lengths:
+        shortest = min(lengths)
+        for where, i, p in positions:
+            if not -shortest <= p < shortest:
+                add(where + ("positions", i), f"position {p} is outside the shortest prompt "
+                    f"({shortest} tokens for model '{name}'): use -{shortest}..{shortest - 1}")
+
+
+def _positions(claim) -> list[tuple[tuple, int, int]]:
+    return [(where, i, p) for where, sel in _selections(claim)
+            for i, p in enumerate(sel.positions or ())]
+
+
+def _where(prompt) -> str:
+    from harness.yamlsource import format_loc
+
+    return format_loc(prompt.loc) or "the spec"
