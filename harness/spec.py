@@ -717,7 +717,7 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         return errors
     for name in [None, *spec.prompt_sets]:
         for prompt in spec.prompt_set(name):
-            if prompt.answer == prompt.foil:
+            if prompt.answer is not None and prompt.answer == prompt.foil:
                 add(prompt.loc + ("foil",), f"answer and foil are both {prompt.answer!r}: the "
                     "logit difference of a token with itself is always 0; give two different "
                     "tokens")
