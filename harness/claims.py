@@ -364,14 +364,16 @@ def _ablate(ctx: ClaimContext) -> Measurement:
     from harness.measure.patching import Run
 
     claim = ctx.claim
+    if claim.reference_prompts:
+        return _ablate_from_reference(ctx)
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
     if claim.metric in SEQUENCE:
         return _ablate_sequence(ctx, model, batch)
     run = Run(model.key, model.bridge, batch.tokens, batch.final_pos)
     reference = None
-    if claim.reference:
-        ref_model = ctx.model(claim.reference)
+    if claim.reference_model:
+        ref_model = ctx.model(claim.reference_model)
         ref_batch = ctx.batch(ref_model)
         reference = ctx.session.engine.logit_diff(
             Run(ref_model.key, ref_model.bridge, ref_batch.tokens, ref_batch.final_pos),
@@ -389,8 +391,8 @@ def _ablate_sequence(ctx: ClaimContext, model: LoadedModel, batch) -> Measuremen
     claim, budget = ctx.claim, ctx.session.memory_budget_mb
     score = _span_mask(ctx, model, batch)
     reference = None
-    if claim.reference:
-        ref_model = ctx.model(claim.reference)
+    if claim.reference_model:
+        ref_model = ctx.model(claim.reference_model)
         ref_batch = ctx.batch(ref_model)
         reference = sequence_metric(ref_model.bridge, ref_batch.tokens, batch.tokens, score,
                                     claim.metric, budget)
@@ -399,6 +401,222 @@ def _ablate_sequence(ctx: ClaimContext, model: LoadedModel, batch) -> Measuremen
                        memory_budget_mb=budget, **_site_kwargs(claim))
     measurement = _patch_measurement(effect, "normalized", SEQUENCE_PATH)
     return Measurement(SCALAR, measurement.value, measurement.per_prompt, measurement.extras)
+
+
+# ----------------------------------------------------------------------------- circuits
+
+def _reference(ctx: ClaimContext, model: LoadedModel, batch, kind: str, names, seed: int):
+    """Ablation values for `kind` and what the report says about the reference prompts."""
+    from harness.measure.circuits import ablation_values, resample_draw
+
+    claim = ctx.claim
+    if kind == "zero":
+        return ablation_values(model.bridge, "zero", names, batch.tokens, batch.final_pos), {}
+    ref_name = claim.reference_prompts
+    ref_batch = ctx.session.batch(ctx.spec, ctx.spec.prompt_set(ref_name), model,
+                                  ctx.prepend_bos)
+    draw = resample_draw(len(batch.texts), len(ref_batch.texts), seed) \
+        if kind == "resample" else None
+    values = ablation_values(model.bridge, kind, names, batch.tokens, batch.final_pos,
+                             ref_batch.tokens, ref_batch.final_pos, draw)
+    used = [ref_batch.texts[i] for i in draw] if draw is not None else list(ref_batch.texts)
+    return values, {"reference": {"prompt_set": ref_name, "kind": kind, "seed": seed,
+                                  "prompts": used}}
+
+
+def _ablate_from_reference(ctx: ClaimContext) -> Measurement:
+    """`ablate` with `reference: {prompts: SET}`: the selection replaced by the reference
+    prompts' mean (kind mean) or by a seeded draw of them (kind resample)."""
+    from harness.measure.circuits import logit_diffs, site_replacement_hooks
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    names = [_site_hook(claim.site, layer) for layer in _selected_layers(claim, model)]
+    values, extras = _reference(ctx, model, batch, claim.kind, names, claim.seed)
+    hooks = site_replacement_hooks(model.bridge.cfg, claim.site, values, batch.final_pos,
+                                   heads=claim.head_pairs(), positions=claim.positions,
+                                   neurons=claim.neurons)
+    args = (batch.tokens, batch.final_pos, batch.answer_ids, batch.foil_ids)
+    clean = logit_diffs(model.bridge, *args)
+    ablated = logit_diffs(model.bridge, *args, hooks=hooks)
+    effect = float((ablated.mean() - clean.mean()) / (0 - clean.mean()))
+    value = float(ablated.mean()) if claim.metric == "logit_diff" else effect
+    extras.update({"raw": float(ablated.mean()), "into": float(clean.mean()), "from": 0.0,
+                   "normalized": effect, "prompts": batch.texts})
+    return Measurement(SCALAR, value, tuple(ablated.tolist()), extras)
+
+
+def _site_hook(site_name: str, layer: int) -> str:
+    from harness.sites import site
+
+    return site(site_name).hook_name(layer)
+
+
+def _selected_layers(claim, model: LoadedModel) -> list[int]:
+    pairs = claim.head_pairs()
+    layers = sorted({layer for layer, _ in pairs}) if pairs else claim.layers
+    if not layers:
+        raise MeasureError("an ablation needs `layers:` (or `heads:`) to say what to ablate")
+    bad = [layer for layer in layers if not 0 <= layer < model.bridge.cfg.n_layers]
+    if bad:
+        raise MeasureError(f"layer {bad[0]} is out of range: the model has "
+                           f"{model.bridge.cfg.n_layers} layers")
+    return list(layers)
+
+
+@measure("attention")
+def _attention(ctx: ClaimContext) -> Measurement:
+    from harness.measure.attention import attention_scores
+    from harness.prompts import single_token_id
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    rule, token_id = claim.source, None
+    if isinstance(rule, dict):
+        if "token" in rule:
+            token_id = single_token_id(model.tokenizer, rule["token"])
+            if isinstance(token_id, list):
+                raise MeasureError(f"source token {rule['token']!r} is {len(token_id)} tokens "
+                                   f"({token_id}); name a single token")
+        rule = rule.get("position", "token")
+    pairs = [_query_head(h, model) for h in claim.heads] if claim.heads else None
+    layers = sorted({layer for layer, _ in pairs}) if pairs else claim.layers
+    scores = attention_scores(model.bridge, batch.tokens, batch.final_pos, rule, token_id,
+                              layers, ctx.session.memory_budget_mb, batch.texts)
+    layer_list = list(layers) if layers is not None else list(range(model.bridge.cfg.n_layers))
+    if pairs:
+        per_prompt = torch.stack([scores[layer_list.index(layer), head]
+                                  for layer, head in pairs]).mean(0)
+        return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()),
+                           {"prompts": batch.texts})
+    return Measurement(GRID, _head_grid(scores.mean(-1), layer_list), extras={"prompts":
+                                                                              batch.texts})
+
+
+def _query_head(label: str, model: LoadedModel) -> tuple[int, int]:
+    from harness.sites import parse_head
+
+    layer, head = parse_head(label, "pattern")
+    cfg = model.bridge.cfg
+    if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+        raise MeasureError(f"head {label} is not in this model ({cfg.n_layers} layers of "
+                           f"{cfg.n_heads} heads)")
+    return layer, head
+
+
+def _head_grid(values: torch.Tensor, layers: list[int]) -> Grid:
+    return Grid(("layer", "head"), (tuple(layers), tuple(range(values.shape[1]))), values)
+
+
+@measure("head_scores")
+def _head_scores(ctx: ClaimContext) -> Measurement:
+    from harness.measure.attention import head_detector_scores, repeated_random_tokens
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    tokenizer, gen = model.tokenizer, claim.random_tokens
+    special = set(tokenizer.all_special_ids)
+    if gen.vocab == "prompts":
+        batch = ctx.batch(model)
+        real = torch.arange(batch.tokens.shape[1])[None] <= batch.final_pos[:, None]
+        candidates = batch.tokens[real].unique().tolist()
+    else:
+        candidates = range(min(len(tokenizer), model.bridge.cfg.d_vocab))
+    vocab = torch.tensor([i for i in candidates if i not in special])
+    if len(vocab) < 2:
+        raise MeasureError("too few tokens to draw random sequences from; use "
+                           "`random_tokens: {vocab: all}` or longer prompts")
+    bos = tokenizer.bos_token_id if ctx.prepend_bos else None
+    tokens = repeated_random_tokens(vocab, gen.length, gen.count, gen.seed, bos)
+    if tokens.shape[1] > model.bridge.cfg.n_ctx:
+        raise MeasureError(f"random_tokens.length {gen.length} makes sequences of "
+                           f"{tokens.shape[1]} tokens; the model's context is "
+                           f"{model.bridge.cfg.n_ctx}: use length <= "
+                           f"{(model.bridge.cfg.n_ctx - (bos is not None)) // 2}")
+    scores = head_detector_scores(model.bridge, tokens, claim.role,
+                                  exclude_bos=claim.exclude_bos,
+                                  exclude_current_token=claim.exclude_current_token,
+                                  memory_budget_mb=ctx.session.memory_budget_mb)
+    grid = _head_grid(scores.mean(-1), list(range(model.bridge.cfg.n_layers)))
+    return Measurement(GRID, grid, extras={"inputs": {"sequences": gen.count,
+                                                      "length": gen.length, "seed": gen.seed,
+                                                      "vocab_size": len(vocab)}})
+
+
+@measure("path_patch")
+def _path_patch(ctx: ClaimContext) -> Measurement:
+    from harness.measure.circuits import Component, logit_diffs, parse_component, path_patch
+
+    claim = ctx.claim
+    from_run, into_run, batch = _runs(ctx)
+    bridge, cfg = into_run.bridge, into_run.bridge.cfg
+    if claim.senders:
+        sender_sets = [[parse_component(s, cfg) for s in claim.senders]]
+    else:
+        sender_sets = [[Component(layer, h)] for layer in range(cfg.n_layers)
+                       for h in range(cfg.n_heads)]
+    args = (batch.answer_ids, batch.foil_ids)
+    patched = path_patch(bridge, from_run.tokens, into_run.tokens, into_run.final_pos, *args,
+                         sender_sets, claim.path, claim.receivers,
+                         ctx.session.memory_budget_mb)                 # [variant, batch]
+    from_value = logit_diffs(bridge, from_run.tokens, from_run.final_pos, *args)
+    into_value = logit_diffs(bridge, into_run.tokens, into_run.final_pos, *args)
+    normalized = (patched.mean(-1) - into_value.mean()) / (from_value.mean() - into_value.mean())
+    extras = {"from": float(from_value.mean()), "into": float(into_value.mean())}
+    if claim.senders:
+        raw = float(patched[0].mean())
+        value = raw if claim.metric == "logit_diff" else float(normalized[0])
+        return Measurement(PATCH, value, tuple(patched[0].tolist()),
+                           {**extras, "raw": raw, "normalized": float(normalized[0])})
+    values = patched.mean(-1) if claim.metric == "logit_diff" else normalized
+    grid = Grid(("layer", "head"), (tuple(range(cfg.n_layers)), tuple(range(cfg.n_heads))),
+                values.view(cfg.n_layers, cfg.n_heads),
+                raw=patched.mean(-1).view(cfg.n_layers, cfg.n_heads), extras=extras)
+    return Measurement(GRID, grid, extras=extras)
+
+
+@measure("circuit")
+def _circuit(ctx: ClaimContext) -> Measurement:
+    from harness.measure.circuits import (
+        all_components,
+        circuit_scores,
+        component_hooks,
+        parse_component,
+    )
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    cfg = model.bridge.cfg
+    members = [parse_component(m, cfg) for m in claim.members]
+    values, extras = _reference(ctx, model, batch, claim.kind, component_hooks(cfg), claim.seed)
+    scores = circuit_scores(model.bridge, batch.tokens, batch.final_pos, batch.answer_ids,
+                            batch.foil_ids, members, values, all_components(cfg),
+                            ctx.session.memory_budget_mb)
+    extras.update({"prompts": batch.texts, "logit_diffs": {
+        "model": float(scores.model.mean()), "all_ablated": float(scores.ablated.mean()),
+        "circuit": float(scores.circuit.mean())}})
+    if claim.metric == "faithfulness":
+        per_prompt = scores.faithfulness()
+        gap = scores.model.mean() - scores.ablated.mean()
+        extras["ratio_of_means"] = float((scores.circuit.mean() - scores.ablated.mean()) / gap)
+        if claim.ci:
+            from harness.stats import bootstrap_mean_ci
+
+            low, high = bootstrap_mean_ci(per_prompt, claim.ci)
+            extras["stats"] = {"n": len(per_prompt), "mean": float(per_prompt.mean()),
+                               "ci": claim.ci, "low": low, "high": high}
+        return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()), extras)
+    if claim.metric == "minimality":
+        values_ = scores.minimality()
+        labels = tuple(claim.members)
+    else:
+        values_ = scores.completeness()
+        labels = tuple(claim.members) + ("circuit",)
+    grid = Grid(("component",), (labels,), values_, extras=extras)
+    return Measurement(GRID, grid, extras=extras)
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -598,7 +816,8 @@ def _extras(measurement: Measurement) -> dict:
     if measurement.per_prompt is not None and measurement.kind in (SCALAR, PATCH):
         out["per_prompt"] = list(measurement.per_prompt)
     for key in ("raw", "from", "into", "normalized", "method", "probabilities", "prompts",
-                "stats", "path", "approximation"):
+                "stats", "path", "approximation", "reference", "inputs", "logit_diffs",
+                "ratio_of_means"):
         if key in measurement.extras:
             out[key] = measurement.extras[key]
     if measurement.kind == PAIR:

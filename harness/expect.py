@@ -464,8 +464,15 @@ def kind_of(claim) -> str:
         return PAIR if claim.models else GRID
     if measure == "generate" and claim.sampled:
         return SAMPLES
+    if measure == "attention":
+        return SCALAR if claim.heads else GRID
+    if measure == "path_patch":
+        return PATCH if claim.senders else GRID
+    if measure == "circuit":
+        return SCALAR if claim.metric == "faithfulness" else GRID
     return {"logit_diff": SCALAR, "top_k": TOKENS, "generate": TEXT, "patch": PATCH,
-            "patch_sweep": GRID, "ablate": SCALAR, "loss": SCALAR, "accuracy": SCALAR}[measure]
+            "patch_sweep": GRID, "ablate": SCALAR, "loss": SCALAR, "accuracy": SCALAR,
+            "head_scores": GRID}[measure]
 
 
 def check_expectation_spec(claim) -> list[tuple[tuple, str]]:

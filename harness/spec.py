@@ -536,24 +536,197 @@ class PatchSweepClaim(PatchClaim):
         return self
 
 
+class ReferencePrompts(Frozen):
+    """`reference: {prompts: SET}`: the prompt set a mean or resample ablation draws from."""
+
+    prompts: str
+
+
 class AblateClaim(SingleModelClaim, SiteSelection):
     measure: Literal["ablate"]
-    kind: Literal["zero", "mean"] = "zero"
-    reference: str | None = None   # another model whose logit diff counts as "fully ablated"
+    kind: Literal["zero", "mean", "resample"] = "zero"
+    # a model name: its logit diff counts as "fully ablated"; {prompts: SET}: the prompts
+    # whose mean (kind mean) or activations (kind resample) replace the selection
+    reference: str | ReferencePrompts | None = None
+    seed: int = 0                  # resample: which reference prompt each prompt draws
     metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
     span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
 
+    @model_validator(mode="after")
+    def _resample_needs_prompts(self):
+        if self.kind == "resample" and not isinstance(self.reference, ReferencePrompts):
+            raise ValueError("`kind: resample` needs `reference: {prompts: SET}`, the prompt "
+                             "set whose activations replace the selection")
+        if isinstance(self.reference, ReferencePrompts) and self.metric in ("loss", "accuracy"):
+            raise ValueError("`reference: {prompts: SET}` ablations read the logit difference; "
+                             "use `metric: normalized` or `metric: logit_diff`")
+        return self
+
+    @property
+    def reference_model(self) -> str | None:
+        return self.reference if isinstance(self.reference, str) else None
+
+    @property
+    def reference_prompts(self) -> str | None:
+        return self.reference.prompts if isinstance(self.reference, ReferencePrompts) else None
+
     def model_names(self) -> tuple[str, ...]:
-        return (self.model,) + ((self.reference,) if self.reference else ())
+        return (self.model,) + ((self.reference_model,) if self.reference_model else ())
+
+
+ATTENTION_RULES = ("previous", "first", "bos", "self", "duplicate", "induction")
+
+
+class AttentionClaim(SingleModelClaim):
+    """How much heads attend from each destination to the sources a rule picks."""
+
+    measure: Literal["attention"]
+    source: str | dict[Literal["position", "token"], int | str]
+    heads: tuple[str, ...] | None = None     # named query heads -> a value (their mean)
+    layers: tuple[int, ...] | None = None    # grid rows (default: every layer)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value):
+        if isinstance(value, str) and value not in ATTENTION_RULES:
+            raise ValueError(f"unknown attention source '{value}'"
+                             + did_you_mean(value, ATTENTION_RULES)
+                             + "; or write {position: N} or {token: ' word'}")
+        if isinstance(value, dict):
+            if len(value) != 1:
+                raise ValueError("`source` takes one of {position: N} or {token: ' word'}")
+            if "position" in value and (not isinstance(value["position"], int)
+                                        or value["position"] < 0):
+                raise ValueError("`source.position` needs a token column >= 0")
+            if "token" in value and not isinstance(value["token"], str):
+                raise ValueError("`source.token` needs a token string such as ' river'")
+        return value
+
+    @field_validator("heads")
+    @classmethod
+    def _query_heads(cls, value):
+        for head in value or ():
+            try:
+                parse_head(head, "pattern")
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _heads_or_layers(self):
+        if self.heads and self.layers:
+            raise ValueError("give `heads` (a value) or `layers` (a grid), not both")
+        return self
+
+
+class RandomTokens(Frozen):
+    """Generated inputs: BOS, `length` seeded random tokens, the same tokens again."""
+
+    length: int = Field(20, ge=2, le=4096)
+    count: int = Field(16, ge=1, le=10_000)
+    seed: int = 0
+    vocab: Literal["all", "prompts"] = "all"   # any token, or tokens of the claim's prompts
+
+
+class HeadScoresClaim(SingleModelClaim):
+    """TransformerLens head-detector scores of every head, as a [layer, head] grid."""
+
+    measure: Literal["head_scores"]
+    role: Literal["induction", "previous_token", "duplicate_token"]
+    random_tokens: RandomTokens = RandomTokens()
+    exclude_bos: bool = False
+    exclude_current_token: bool = False
+
+
+COMPONENT_RE = re.compile(r"^(?:L(\d+)H(\d+)|mlp(\d+))$")
+
+
+def _components(value):
+    for label in value or ():
+        if not COMPONENT_RE.match(label):
+            raise ValueError(f"'{label}' is not a component; write heads as L{{layer}}H{{head}} "
+                             "(e.g. L1H0) and MLP layers as mlp{layer} (e.g. mlp0)")
+    return value
+
+
+class PathPatchClaim(ClaimBase):
+    """IOI path patching: the senders' effect that reaches the receivers' q/k/v (or the final
+    residual) directly, every other component frozen at its `into` value."""
+
+    measure: Literal["path_patch"]
+    from_: RunRef = Field(alias="from")
+    into: RunRef
+    senders: tuple[str, ...] | None = None   # components; omitted: one cell per head (a grid)
+    path: Literal["q", "k", "v", "resid"]
+    receivers: tuple[str, ...] = ()          # heads (L1H0; L1KV0 for k and v on GQA models)
+    metric: Literal["normalized", "logit_diff"] = "normalized"
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("from_", "into", mode="before")
+    @classmethod
+    def _refs(cls, value):
+        return _run_ref(value)
+
+    @field_validator("senders")
+    @classmethod
+    def _sender_names(cls, value):
+        return _components(value)
+
+    @model_validator(mode="after")
+    def _receivers_fit_path(self):
+        if self.from_.model != self.into.model:
+            raise ValueError("path patching runs one model on two inputs: give `from` and "
+                             "`into` the same model (e.g. input: clean / input: corrupt)")
+        if self.path == "resid" and self.receivers:
+            raise ValueError("path `resid` is the final residual stream; drop `receivers`")
+        if self.path != "resid" and not self.receivers:
+            raise ValueError(f"path '{self.path}' needs `receivers:`, the heads whose "
+                             f"{self.path} input the effect must pass through")
+        for label in self.receivers:
+            parse_head(label, self.path)
+        return self
+
+    def model_names(self) -> tuple[str, ...]:
+        return (self.into.model,)
+
+
+class CircuitClaim(SingleModelClaim):
+    """A set of components compared with the full model, everything outside it ablated."""
+
+    measure: Literal["circuit"]
+    members: tuple[str, ...] = Field(min_length=1)
+    kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
+    reference: str | ReferencePrompts | None = None   # prompt set for mean / resample
+    seed: int = 0
+    metric: Literal["faithfulness", "minimality", "completeness"] = "faithfulness"
+
+    @field_validator("members")
+    @classmethod
+    def _member_names(cls, value):
+        return _components(value)
+
+    @model_validator(mode="after")
+    def _reference_for_kind(self):
+        if self.kind != "zero" and self.reference is None:
+            raise ValueError(f"`kind: {self.kind}` needs `reference:`, the prompt set to take "
+                             "the ablated activations from")
+        return self
+
+    @property
+    def reference_prompts(self) -> str | None:
+        ref = self.reference
+        return ref.prompts if isinstance(ref, ReferencePrompts) else ref
 
 
 Claim = Annotated[
     LogitDiffClaim | TopKClaim | GenerateClaim | LogitLensClaim | DlaClaim | PatchClaim
-    | PatchSweepClaim | AblateClaim | LossClaim | AccuracyClaim,
+    | PatchSweepClaim | AblateClaim | LossClaim | AccuracyClaim | AttentionClaim
+    | HeadScoresClaim | PathPatchClaim | CircuitClaim,
     Field(discriminator="measure"),
 ]
 MEASURES = ("logit_diff", "top_k", "generate", "logit_lens", "dla", "patch", "patch_sweep",
-            "ablate", "loss", "accuracy")
+            "ablate", "loss", "accuracy", "attention", "head_scores", "path_patch", "circuit")
 
 
 class Spec(Frozen):
@@ -657,7 +830,8 @@ def _clean_loc(loc: tuple) -> tuple:
         tag = part in MEASURES and bool(out) and isinstance(out[-1], int)  # union member
         if isinstance(part, str) and (tag or part.startswith("function-")
                                       or part in ("str", "dict[literal['fraction'],str]",
-                                                  "literal['all','any','mean']")):
+                                                  "literal['all','any','mean']",
+                                                  "ReferencePrompts")):
             continue
         out.append("from" if part == "from_" else part)
     return tuple(out)
@@ -736,17 +910,23 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         if claim.prompts is not None and claim.prompts not in spec.prompt_sets:
             add(("claims", i, "prompts"), f"unknown prompt set '{claim.prompts}'"
                 + did_you_mean(claim.prompts, spec.prompt_sets or ["(none defined)"]))
-        elif not spec.prompt_set(claim.prompts) and claim.prompt is None:
+        elif not spec.prompt_set(claim.prompts) and claim.prompt is None \
+                and not _generates_inputs(claim):
             add(("claims", i), "this claim has no prompts: add `prompts:` to the spec")
+        reference = getattr(claim, "reference_prompts", None)
+        if reference is not None and reference not in spec.prompt_sets:
+            add(("claims", i, "reference"), f"unknown prompt set '{reference}' (reference "
+                "prompts are a named set under `prompt_sets:`)"
+                + did_you_mean(reference, spec.prompt_sets or ["(none defined)"]))
         for loc, message in check_expectation_spec(claim):
             add(("claims", i) + loc, message)
         if "mean_score" in claim.expect and not getattr(claim, "score_with", None):
             add(("claims", i, "expect", "mean_score"), "`mean_score` needs `score_with: "
                                                        "REWARD_MODEL` on the claim")
-        if claim.ci is not None and (claim.measure not in ("logit_diff", "loss", "accuracy")
-                                     or claim.per_prompt != "mean"):
-            add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss` and `accuracy` "
-                                     "claims over the mean of their prompts (per_prompt: mean)")
+        if claim.ci is not None and (not _has_intervals(claim) or claim.per_prompt != "mean"):
+            add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss`, `accuracy` and "
+                                     "`circuit` faithfulness claims over the mean of their "
+                                     "prompts (per_prompt: mean)")
         if getattr(claim, "span", "all") != "all" and claim.measure not in SEQUENCE_METRICS \
                 and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
             add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "
@@ -783,13 +963,25 @@ def reads_answers(claim) -> bool:
 
     if claim.measure in SEQUENCE_METRICS or getattr(claim, "metric", None) in SEQUENCE_METRICS:
         return False
+    if claim.measure in ("attention", "head_scores"):
+        return False
     if claim.measure in ("generate", "top_k"):
         return bool(set(claim.expect) & set(ANSWER_OPERATORS))
     return True
 
 
+def _generates_inputs(claim) -> bool:
+    """head_scores claims make their own inputs unless they draw tokens from the prompts."""
+    return isinstance(claim, HeadScoresClaim) and claim.random_tokens.vocab == "all"
+
+
+def _has_intervals(claim) -> bool:
+    return claim.measure in ("logit_diff", "loss", "accuracy") or (
+        isinstance(claim, CircuitClaim) and claim.metric == "faithfulness")
+
+
 def _model_refs(claim) -> list[tuple[str, str]]:
-    if isinstance(claim, PatchClaim):
+    if isinstance(claim, PatchClaim | PathPatchClaim):
         return [("from", claim.from_.model), ("into", claim.into.model)]
     if isinstance(claim, GenerateClaim):
         refs = [("model", claim.model)]
@@ -797,13 +989,14 @@ def _model_refs(claim) -> list[tuple[str, str]]:
         return refs + ([("score_with", claim.score_with)] if claim.score_with else [])
     refs = [("models" if getattr(claim, "models", None) else "model", n)
             for n in claim.model_names()]
-    if isinstance(claim, AblateClaim) and claim.reference:
-        refs[-1] = ("reference", claim.reference)
+    if isinstance(claim, AblateClaim) and claim.reference_model:
+        refs[-1] = ("reference", claim.reference_model)
     return refs
 
 
 def _needs_corrupt(claim) -> bool:
-    return isinstance(claim, PatchClaim) and "corrupt" in (claim.from_.input, claim.into.input)
+    return isinstance(claim, PatchClaim | PathPatchClaim) and \
+        "corrupt" in (claim.from_.input, claim.into.input)
 
 
 def find_specs(paths: list[str | Path]) -> list[Path]:
