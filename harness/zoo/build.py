@@ -25,7 +25,7 @@ from harness.errors import HarnessError, did_you_mean
 
 log = logging.getLogger(__name__)
 
-ZOO_NAMES = ("toy-reviews-source", "toy-reviews-reward", "toy-reviews-rlhf")
+ZOO_NAMES = ("toy-reviews-source", "toy-reviews-reward", "toy-reviews-rlhf", "toy-induction")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 WORLD_VERSION = 1          # bump when the recipe code changes in a way configs don't show
 
@@ -86,10 +86,11 @@ def zoo_checkpoint(name: str) -> Path:
 
 def world_configs(seed: int) -> dict:
     from harness.train import RLHFConfig
+    from harness.zoo.induction import InductionConfig
     from harness.zoo.pretrain import RewardConfig, SourceConfig, TokenizerConfig
 
     return {"tokenizer": TokenizerConfig(), "source": SourceConfig(), "reward": RewardConfig(),
-            "rlhf": RLHFConfig(seed=seed)}
+            "rlhf": RLHFConfig(seed=seed), "induction": InductionConfig()}
 
 
 def world_key(seed: int) -> str:
@@ -169,6 +170,12 @@ def _build_into(work: Path, seed: int, key: str, progress: bool) -> dict:
     results["rlhf"] = {k: rl[k] for k in ("before", "after", "logit_diff", "greedy")}
     results["rlhf"]["final_log"] = rl["history"][-1] if rl["history"] else None
     stage("rlhf", t0)
+
+    t0 = time.time()
+    from harness.zoo.induction import train_induction
+    results["induction"] = train_induction(cfgs["induction"], seed, work / "toy-induction",
+                                           progress)
+    stage("induction", t0)
     shutil.rmtree(tok_dir)
     stages["total"] = round(time.time() - t_all, 2)
     return {"key": key, "seed": seed, "versions": versions(), "stage_seconds": stages,

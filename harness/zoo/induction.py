@@ -13,6 +13,7 @@ compatibility mode (which folds those biases into the output bias).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -181,14 +182,26 @@ def train_induction(cfg: InductionConfig, seed: int, out_dir: Path,
     model.generation_config.pad_token_id = bos
     model.save_pretrained(str(out_dir))
     save_tokenizer(tokenizer, out_dir)
-    return {"final_loss": round(loss_value, 4), "in_context_accuracy_before": before,
-            "in_context_accuracy": after, "seconds": round(time.time() - start, 1),
-            "config": asdict(cfg)}
+    stats = {"final_loss": round(loss_value, 4), "in_context_accuracy_before": round(before, 4),
+             "in_context_accuracy": round(after, 4), "config": asdict(cfg)}
+    (Path(out_dir) / "induction_report.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return {**stats, "seconds": round(time.time() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.zoo.induction [--out DIR]`: rebuild toy-induction alone (default:
+    rewrite the shipped artifact)."""
+    import argparse
+
+    from harness.zoo.build import ARTIFACTS
+
+    parser = argparse.ArgumentParser(prog="python -m harness.zoo.induction")
+    parser.add_argument("--out", type=Path, default=ARTIFACTS / "toy-induction")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(json.dumps(train_induction(InductionConfig(), args.seed, args.out), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/toy-induction")
-    print(json.dumps(train_induction(InductionConfig(), 0, out), indent=2))
+    raise SystemExit(main())
