@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_models import build_model_dir, load_bridge
 from transformers import GPT2LMHeadModel
 
-from _tiny_models import build_model_dir, load_bridge
 from harness.errors import MeasureError, SpecError
 from harness.measure import attention as A
 from harness.measure import circuits as C
@@ -354,18 +354,25 @@ prompts:
     foil: " feather"
 prompt_sets:
   random:
-    - {text: "jacket spider planet sugar sponge meadow tiger needle quartz pencil window", answer: " a", foil: " b"}
+    - text: "jacket spider planet sugar sponge meadow tiger needle quartz pencil window"
+      answer: " apple"
+      foil: " river"
 claims:
-  - {id: wrong-previous-head, measure: attention, model: induct, source: previous, expect: {argmax: L0H1}}
-  - {id: wrong-induction-head, measure: head_scores, model: induct, role: induction, expect: {argmax: L1H3}}
-  - {id: through-queries, measure: path_patch, from: {model: induct}, into: {model: induct, input: corrupt}, senders: [L0H0], path: q, receivers: [L1H0], expect: {">": 0.5}}
-  - {id: wrong-circuit, measure: circuit, model: induct, members: [L0H1, L1H2], kind: resample, reference: random, expect: {">": 0.5}}
+  - {id: wrong-previous-head, measure: attention, model: induct, source: previous,
+     expect: {argmax: L0H1}}
+  - {id: wrong-induction-head, measure: head_scores, model: induct, role: induction,
+     expect: {argmax: L1H3}}
+  - {id: through-queries, measure: path_patch, from: {model: induct},
+     into: {model: induct, input: corrupt}, senders: [L0H0], path: q, receivers: [L1H0],
+     expect: {">": 0.5}}
+  - {id: wrong-circuit, measure: circuit, model: induct, members: [L0H1, L1H2],
+     kind: resample, reference: random, expect: {">": 0.5}}
 """
 
 
 def test_false_claims_fail(tmp_path):
     path = tmp_path / "false.yaml"
-    path.write_text(FALSE_CLAIMS.replace(" a\"", " apple\"").replace(" b\"", " river\""))
+    path.write_text(FALSE_CLAIMS)
     verdicts = run_spec_file(path, Session(verbose=False)).verdicts
     assert {v.claim_id: v.status for v in verdicts} == {
         "wrong-previous-head": "failed", "wrong-induction-head": "failed",
