@@ -24,9 +24,30 @@ ATOL = 1e-4
 TEXTS = ["This movie was really good. This movie was", "The acting was bad. The acting was"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    bridge = load_bridge(build_model_dir(tmp_path_factory.mktemp("circ") / "m", n_layer=3))
+def _tiny_llama_gqa(directory: Path) -> Path:
+    """A 3-layer Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from harness.testing import TINY_TEXTS
+    from harness.zoo.tokenizer import save_tokenizer, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(TINY_TEXTS, vocab_size=400)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(directory))
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama-gqa"])
+def tiny(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("circ")
+    build = _tiny_llama_gqa if request.param == "llama-gqa" else \
+        lambda d: build_model_dir(d, n_layer=3)
+    bridge = load_bridge(build(root / "m"))
     rows = [bridge.to_tokens(t, prepend_bos=True)[0].cpu() for t in TEXTS]
     width = min(len(r) for r in rows)
     tokens = torch.stack([r[:width] for r in rows])        # equal lengths: no padding needed
