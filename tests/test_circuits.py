@@ -464,3 +464,12 @@ def test_head_scores_need_no_prompts(tmp_path):
           - {id: x, measure: head_scores, model: m, role: induction, expect: {argmax: L1H0}}
         """))
     assert load_spec(path).claims[0].random_tokens.count == 16
+
+
+def test_variant_chunks_do_not_change_results(tiny):
+    """A tiny memory budget runs one variant per forward pass: same numbers."""
+    bridge, clean, final, answer, foil = tiny
+    senders = [[C.Component(layer, h)] for layer in range(2) for h in range(4)]
+    args = (bridge, clean, clean.flip(0), final, answer, foil, senders, "v", ["L2KV0"])
+    torch.testing.assert_close(C.path_patch(*args, memory_budget_mb=2048),
+                               C.path_patch(*args, memory_budget_mb=0.01), atol=1e-6, rtol=0)

@@ -105,9 +105,15 @@ def logit_diffs(bridge, tokens: Int[Tensor, "rows pos"], final_pos: Int[Tensor, 
             - final[rows, foil_ids.to(logits.device)]).cpu()
 
 
-def _variant_chunks(bridge, n_variants: int, batch: int, n_pos: int, memory_budget_mb: float):
+def _variant_chunks(bridge, n_variants: int, batch: int, n_pos: int, memory_budget_mb: float,
+                   desc: str = "variants"):
+    """Variants in chunks whose repeated prompts fit one forward pass of the budget; a
+    progress bar when that takes more than one pass."""
+    from tqdm.auto import tqdm
+
     per = max(1, prompts_per_forward(bridge.cfg, n_pos, memory_budget_mb) // max(1, batch))
-    for start in range(0, n_variants, per):
+    starts = range(0, n_variants, per)
+    for start in tqdm(starts, desc=desc, disable=len(starts) <= 1, leave=False):
         yield range(start, min(n_variants, start + per))
 
 
@@ -166,7 +172,8 @@ def circuit_logit_diffs(bridge, tokens: Tensor, final_pos: Tensor, answer_ids: T
     cfg = bridge.cfg
     batch, n_pos = tokens.shape
     out = []
-    for chunk in _variant_chunks(bridge, len(kept), batch, n_pos, memory_budget_mb):
+    for chunk in _variant_chunks(bridge, len(kept), batch, n_pos, memory_budget_mb,
+                                 "circuit configurations"):
         keep_heads = torch.ones(len(chunk), cfg.n_layers, cfg.n_heads, dtype=torch.bool)
         keep_mlps = torch.ones(len(chunk), cfg.n_layers, dtype=torch.bool)
         for row, c in enumerate(chunk):
@@ -297,7 +304,8 @@ def path_patch(bridge, from_tokens: Tensor, into_tokens: Tensor, final_pos: Tens
             targets.setdefault(layer, []).append(head)
     batch, n_pos = into_tokens.shape
     out = []
-    for chunk in _variant_chunks(bridge, len(senders), batch, n_pos, memory_budget_mb):
+    for chunk in _variant_chunks(bridge, len(senders), batch, n_pos, memory_budget_mb,
+                                 "path patching senders"):
         n = len(chunk)
         rows_tokens, rows_final = into_tokens.repeat(n, 1), final_pos.repeat(n)
         a, f = answer_ids.repeat(n), foil_ids.repeat(n)
