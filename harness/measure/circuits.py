@@ -309,7 +309,8 @@ def path_patch(bridge, from_tokens: Tensor, into_tokens: Tensor, final_pos: Tens
         n = len(chunk)
         rows_tokens, rows_final = into_tokens.repeat(n, 1), final_pos.repeat(n)
         a, f = answer_ids.repeat(n), foil_ids.repeat(n)
-        hooks, recorded = _frozen_hooks(cfg, [senders[c] for c in chunk], source, frozen, batch)
+        hooks = _frozen_hooks(cfg, [senders[c] for c in chunk], source, frozen, batch)
+        recorded: dict[str, Tensor] = {}
         for layer in targets:
             name = site(path).hook_name(layer)
 
@@ -334,7 +335,7 @@ def path_patch(bridge, from_tokens: Tensor, into_tokens: Tensor, final_pos: Tens
     return torch.cat(out)
 
 
-def _frozen_hooks(cfg, sender_sets, source: dict, frozen: dict, batch: int):
+def _frozen_hooks(cfg, sender_sets, source: dict, frozen: dict, batch: int) -> list:
     """Hooks setting every z / MLP output to its into value, senders (per row) to `from`."""
     n = len(sender_sets)
     heads = torch.zeros(n, cfg.n_layers, cfg.n_heads, dtype=torch.bool)
@@ -358,7 +359,7 @@ def _frozen_hooks(cfg, sender_sets, source: dict, frozen: dict, batch: int):
                 pick.to(act.device)[:, None, None]
             return torch.where(mask, src, into)
         hooks.append((name, hook))
-    return hooks, {}
+    return hooks
 
 
 # ----------------------------------------------------------------------------- site ablations
