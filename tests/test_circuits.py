@@ -473,3 +473,60 @@ def test_variant_chunks_do_not_change_results(tiny):
     args = (bridge, clean, clean.flip(0), final, answer, foil, senders, "v", ["L2KV0"])
     torch.testing.assert_close(C.path_patch(*args, memory_budget_mb=2048),
                                C.path_patch(*args, memory_budget_mb=0.01), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- architectures
+
+def _arch_spec(model_dir: Path, n_layers: int, n_heads: int) -> str:
+    everything = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)] + \
+        [f"mlp{layer}" for layer in range(n_layers)]
+    last = n_layers - 1
+    return textwrap.dedent(f"""\
+        spec: arch-circuits
+        models:
+          a: {{path: "{model_dir}"}}
+        prompts:
+          - text: "This movie was really"
+            corrupt: "This film was really"
+            answer: " bad"
+            foil: " good"
+        prompt_sets:
+          ref:
+            - {{text: "This film was really", answer: " bad", foil: " good"}}
+        claims:
+          - {{id: attention, measure: attention, model: a, source: previous,
+              expect: {{min: {{">=": 0}}, max: {{"<=": 1.0001}}}}}}
+          - {{id: head_scores, measure: head_scores, model: a, role: induction,
+              random_tokens: {{length: 6, count: 2}}, expect: {{min: {{">=": 0}},
+              max: {{"<=": 1.0001}}}}}}
+          - {{id: all_senders_direct, measure: path_patch, from: {{model: a, input: clean}},
+              into: {{model: a, input: corrupt}}, senders: {everything}, path: resid,
+              expect: {{between: [0.999, 1.001]}}}}
+          - {{id: path_k_sweep, measure: path_patch, from: {{model: a, input: clean}},
+              into: {{model: a, input: corrupt}}, path: k, receivers: [L{last}KV0],
+              expect: {{max: {{">": -1.0e+9}}}}}}
+          - {{id: whole_model_circuit, measure: circuit, model: a, members: {everything},
+              kind: mean, reference: ref, expect: {{approx: 1.0, atol: 1.0e-3}}}}
+          - {{id: minimality, measure: circuit, model: a, members: [L0H1, mlp{last}],
+              kind: resample, reference: ref, metric: minimality,
+              expect: {{max: {{">": -1.0e+9}}}}}}
+          - {{id: ablate_resample, measure: ablate, model: a, site: z, heads: [L{last}H0],
+              kind: resample, reference: {{prompts: ref}}, expect: {{between: [-1.0e+9, 1.0e+9]}}}}
+        """)
+
+
+@pytest.mark.parametrize("arch", ["pythia", "llama-gqa", "gemma", "gemma2", "phi3", "opt"])
+def test_circuit_claims_run_on_every_architecture(tmp_path, arch):
+    """Exact identities on every family: all components as senders through the final residual
+    restore the `from` run (1); the whole model as a circuit is fully faithful (1)."""
+    from harness.testing import TINY_ARCHITECTURES, build_tiny_checkpoint
+
+    cfg = TINY_ARCHITECTURES[arch][1]
+    n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    n_heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    model_dir = build_tiny_checkpoint(arch, tmp_path / "m", seed=0)
+    spec = tmp_path / "arch.yaml"
+    spec.write_text(_arch_spec(model_dir, n_layers, n_heads))
+    verdicts = run_spec_file(spec, Session(verbose=False)).verdicts
+    failed = {v.claim_id: v.message for v in verdicts if v.status != "passed"}
+    assert not failed and len(verdicts) == 7, failed
