@@ -442,6 +442,8 @@ claims:
      "metric: minimality, expect: {'>': 0}}", "does not apply"),
     ("{id: x, measure: ablate, model: m, site: z, heads: [L0H0], kind: resample, "
      "expect: {'>': 0}}", "needs `reference: {prompts: SET}`"),
+    ("{id: x, measure: ablate, model: m, site: z, heads: [L0H0], kind: mean, metric: loss, "
+     "reference: {prompts: ref}, expect: {'>': 0}}", "read the logit difference"),
     ("{id: x, measure: head_scores, model: m, role: induction_head, expect: {argmax: L0H0}}",
      "role"),
 ])
