@@ -15,6 +15,7 @@ import torch
 
 from harness.errors import HarnessError, MeasureError, ModelUnavailable, SpecError
 from harness.expect import (
+    FEATURES,
     GRID,
     PAIR,
     PATCH,
@@ -107,9 +108,15 @@ def _logit_diff(ctx: ClaimContext) -> Measurement:
     model = ctx.model(ctx.claim.model)
     batch = ctx.batch(model)
     per_prompt = logit_diff(model.bridge, batch, ctx.session.memory_budget_mb)
-    extras = {"prompts": batch.texts}
+    return _scalar_over_prompts(ctx, per_prompt, batch.texts)
+
+
+def _scalar_over_prompts(ctx: ClaimContext, per_prompt: torch.Tensor, texts: tuple,
+                         extras: dict | None = None) -> Measurement:
+    """A per-prompt number: the mean is the value; `ci` adds a bootstrap interval."""
+    extras = {"prompts": texts, **(extras or {})}
     if ctx.claim.ci:
-        extras["stats"] = _interval(per_prompt, ctx.claim.ci, batch.texts)
+        extras["stats"] = _interval(per_prompt, ctx.claim.ci, texts)
     return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()), extras)
 
 
@@ -619,6 +626,157 @@ def _circuit(ctx: ClaimContext) -> Measurement:
     return Measurement(GRID, grid, extras=extras)
 
 
+# ----------------------------------------------------------------------------- SAE features
+
+def _gated_sae(ctx: ClaimContext, model: LoadedModel, batch):
+    """The claim's SAE on the model's device, after its reconstruction gate on these prompts.
+
+    Below the spec's thresholds the claim is an error that says so: an SAE read at another hook
+    or model than it was trained on must never pass silently.
+    """
+    from harness.measure.features import reconstruction
+
+    name = ctx.claim.sae
+    source = ctx.spec.saes[name]
+    sae = ctx.session.sae(ctx.spec, name, model.device)
+    if sae.d_in != model.bridge.cfg.d_model and "resid" in sae.hook:
+        raise MeasureError(f"SAE '{name}' reads {sae.d_in}-dimensional activations but model "
+                           f"'{model.key.split('|')[0]}' has d_model {model.bridge.cfg.d_model}"
+                           "; it belongs to another model")
+    rec = ctx.session.gate((name, model.key, batch.texts, ctx.prepend_bos), lambda: reconstruction(
+        model.bridge, sae, batch, ctx.prepend_bos, ctx.session.memory_budget_mb))
+    gate = source.gate
+    problems = []
+    if rec.variance_explained < gate.min_variance_explained:
+        problems.append(f"variance explained {fmt(rec.variance_explained)} < "
+                        f"{fmt(gate.min_variance_explained)} (min_variance_explained)")
+    if rec.loss_increase > gate.max_loss_increase:
+        problems.append(f"next-token loss +{fmt(rec.loss_increase)} nats with the "
+                        f"reconstruction spliced in > {fmt(gate.max_loss_increase)} "
+                        "(max_loss_increase)")
+    if problems:
+        raise MeasureError(
+            f"SAE '{name}' fails its reconstruction gate on model '{model.key.split('|')[0]}' at "
+            f"{sae.hook} over {len(batch.texts)} prompts: {'; '.join(problems)}. An SAE read at "
+            "another hook or model than it was trained on reconstructs badly: check the SAE's "
+            "`hook:` (and which model it belongs to), or set `gate:` on the SAE if this "
+            "reconstruction is good enough")
+    return sae, rec.as_dict()
+
+
+def _check_features(ctx: ClaimContext, sae, features) -> None:
+    bad = [f for f in features if f >= sae.d_sae]
+    if bad:
+        raise MeasureError(f"feature {bad[0]} is out of range: SAE '{ctx.claim.sae}' has "
+                           f"{sae.d_sae} features (0..{sae.d_sae - 1})")
+
+
+def _feature_acts(ctx: ClaimContext, model: LoadedModel, batch, sae) -> torch.Tensor:
+    from harness.measure.features import feature_activations
+
+    claim = ctx.claim
+    return feature_activations(model.bridge, sae, batch, ctx.prepend_bos, claim.position,
+                               claim.reduce, model.tokenizer, ctx.session.memory_budget_mb)
+
+
+@measure("feature")
+def _feature(ctx: ClaimContext) -> Measurement:
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    sae, gate = _gated_sae(ctx, model, batch)
+    _check_features(ctx, sae, [claim.feature])
+    acts = _feature_acts(ctx, model, batch, sae)[:, claim.feature]
+    return _scalar_over_prompts(ctx, acts, batch.texts, {"sae_gate": {claim.model: gate}})
+
+
+@measure("top_features")
+def _top_features(ctx: ClaimContext) -> Measurement:
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    sae, gate = _gated_sae(ctx, model, batch)
+    score = _feature_acts(ctx, model, batch, sae).mean(0)
+    if claim.control:
+        control = ctx.session.batch(ctx.spec, ctx.spec.prompt_set(claim.control), model,
+                                    ctx.prepend_bos)
+        score = score - _feature_acts(ctx, model, control, sae).mean(0)
+    return _ranked(score, claim.k, {"sae_gate": {claim.model: gate}, "prompts": batch.texts})
+
+
+def _ranked(score: torch.Tensor, k: int, extras: dict) -> Measurement:
+    """The k highest-scoring features with a positive score (fewer when fewer fire)."""
+    top = score.topk(min(k, score.numel()))
+    kept = [(int(i), float(v)) for i, v in zip(top.indices, top.values) if v > 0]
+    return Measurement(FEATURES, [i for i, _ in kept], None,
+                       {**extras, "scores": [[i, round(v, 6)] for i, v in kept]})
+
+
+@measure("feature_diff")
+def _feature_diff(ctx: ClaimContext) -> Measurement:
+    claim = ctx.claim
+    acts, gates, texts = [], {}, None
+    for name in claim.models:
+        model = ctx.model(name)
+        batch = ctx.batch(model)
+        if texts is not None and batch.texts != texts:
+            raise MeasureError("feature_diff needs both models on the same prompts")
+        texts = batch.texts
+        sae, gates[name] = _gated_sae(ctx, model, batch)
+        if claim.feature is not None:
+            _check_features(ctx, sae, [claim.feature])
+        acts.append(_feature_acts(ctx, model, batch, sae))
+    change = acts[1] - acts[0]                     # b - a, per prompt and feature
+    extras = {"sae_gate": gates}
+    if claim.feature is not None:
+        extras["mean_a"], extras["mean_b"] = (float(a[:, claim.feature].mean()) for a in acts)
+        return _scalar_over_prompts(ctx, change[:, claim.feature], texts, extras)
+    mean = change.mean(0)
+    score = {"up": mean, "down": -mean, "abs": mean.abs()}[claim.direction]
+    measured = _ranked(score, claim.k, {**extras, "prompts": texts})
+    measured.extras["scores"] = [[i, round(float(mean[i]), 6)] for i in measured.value]
+    return measured
+
+
+@measure("feature_intervention")
+def _feature_intervention(ctx: ClaimContext) -> Measurement:
+    from harness.measure import features as F
+    from harness.measure.logits import logit_diff
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    sae, gate = _gated_sae(ctx, model, batch)
+    gates = {claim.model: gate}
+    if claim.positions == "final":
+        where = F.select_positions(batch, ctx.prepend_bos, "final")
+    else:
+        where = F.real_positions(batch, ctx.prepend_bos)
+    if claim.ablate is not None:
+        _check_features(ctx, sae, claim.ablate)
+        edit = F.ablate_edit(sae, list(claim.ablate), where)
+    elif claim.steer is not None:
+        _check_features(ctx, sae, [claim.steer.feature])
+        edit = F.steer_edit(sae, claim.steer.feature, claim.steer.alpha, where)
+    else:
+        _check_features(ctx, sae, claim.patch.features)
+        source = ctx.model(claim.patch.from_)
+        source_batch = ctx.batch(source)
+        if not torch.equal(source_batch.tokens, batch.tokens):
+            raise MeasureError(f"models '{claim.patch.from_}' and '{claim.model}' tokenize the "
+                               "prompts differently; patching features needs the same tokens")
+        _, gates[claim.patch.from_] = _gated_sae(ctx, source, source_batch)
+        source_acts = F.hook_activations(source.bridge, source_batch.tokens, sae.hook,
+                                         ctx.session.memory_budget_mb)
+        edit = F.patch_edit(sae, list(claim.patch.features), source_acts, where)
+    budget = ctx.session.memory_budget_mb
+    clean = logit_diff(model.bridge, batch, budget)
+    edited = F.intervened_logit_diff(model.bridge, sae, batch, edit, budget)
+    value = edited if claim.metric == "logit_diff" else edited - clean
+    return _scalar_over_prompts(ctx, value, batch.texts, {
+        "sae_gate": gates, "clean": float(clean.mean()), "intervened": float(edited.mean())})
+
+
 # ----------------------------------------------------------------------------- verdicts
 
 def judge(claim, measurement: Measurement, defaults: dict,
@@ -817,7 +975,8 @@ def _extras(measurement: Measurement) -> dict:
         out["per_prompt"] = list(measurement.per_prompt)
     for key in ("raw", "from", "into", "normalized", "method", "probabilities", "prompts",
                 "stats", "path", "approximation", "reference", "inputs", "logit_diffs",
-                "ratio_of_means"):
+                "ratio_of_means", "sae_gate", "scores", "clean",
+                "intervened", "mean_a", "mean_b"):
         if key in measurement.extras:
             out[key] = measurement.extras[key]
     if measurement.kind == PAIR:

@@ -17,6 +17,7 @@ from harness.measure.results import Grid
 
 SCALAR, TEXT, TOKENS, GRID, PAIR, PATCH = "scalar", "text", "tokens", "grid", "pair", "patch"
 SAMPLES = "samples"   # several generations, optionally scored by a reward model
+FEATURES = "features"  # SAE feature indices (top_features, feature_diff without `feature`)
 MODIFIERS = ("atol", "rtol")
 
 
@@ -90,13 +91,15 @@ def _string(arg) -> str | None:
     return None if isinstance(arg, str) else f"needs a string, got {arg!r}"
 
 
-def _string_list(arg) -> str | None:
-    ok = isinstance(arg, list) and arg and all(isinstance(a, str) for a in arg)
-    return None if ok else f"needs a list of strings, got {arg!r}"
-
-
 def _string_or_list(arg) -> str | None:
-    return None if isinstance(arg, str) else _string_list(arg)
+    return None if isinstance(arg, str) else _item_list(arg)
+
+
+def _item_list(arg) -> str | None:
+    """Token strings (top_k) or feature indices (top_features)."""
+    ok = isinstance(arg, list) and arg and (all(isinstance(a, str) for a in arg) or all(
+        isinstance(a, int) and not isinstance(a, bool) for a in arg))
+    return None if ok else f"needs a list of token strings or of feature indices, got {arg!r}"
 
 
 def _cell(arg) -> str | None:
@@ -217,19 +220,19 @@ def _not_contains(value, arg, mods) -> Outcome:
     return Outcome(arg not in value, f"{value!r} does not contain {arg!r}")
 
 
-@operator("equals", (TEXT, TOKENS), _string_or_list)
+@operator("equals", (TEXT, TOKENS, FEATURES), _string_or_list)
 def _equals(value, arg, mods) -> Outcome:
     return Outcome(value == arg, f"{value!r} == {arg!r}")
 
 
-@operator("includes", (TOKENS,), _string_list)
+@operator("includes", (TOKENS, FEATURES), _item_list)
 def _includes(value, arg, mods) -> Outcome:
     missing = [t for t in arg if t not in value]
     return Outcome(not missing, f"{value!r} includes {arg!r}"
                    + (f" (missing {missing!r})" if missing else ""))
 
 
-@operator("excludes", (TOKENS,), _string_list)
+@operator("excludes", (TOKENS, FEATURES), _item_list)
 def _excludes(value, arg, mods) -> Outcome:
     present = [t for t in arg if t in value]
     return Outcome(not present, f"{value!r} excludes {arg!r}"
@@ -437,7 +440,7 @@ def _mean_score(samples, arg, mods) -> Outcome:
 
 # ----------------------------------------------------------------------------- baselines
 
-@operator("baseline", (SCALAR, PATCH, GRID, PAIR, TEXT, TOKENS, SAMPLES), _true)
+@operator("baseline", (SCALAR, PATCH, GRID, PAIR, TEXT, TOKENS, SAMPLES, FEATURES), _true)
 def _baseline(measured_json, arg, mods) -> Outcome:
     """Equal to the stored baseline: numbers within atol/rtol, text and tokens exactly.
     Reads the JSON form of the measurement (claims.py passes it) and `mods["stored"]`."""
@@ -470,9 +473,12 @@ def kind_of(claim) -> str:
         return PATCH if claim.senders else GRID
     if measure == "circuit":
         return SCALAR if claim.metric == "faithfulness" else GRID
+    if measure == "feature_diff":
+        return FEATURES if claim.feature is None else SCALAR
     return {"logit_diff": SCALAR, "top_k": TOKENS, "generate": TEXT, "patch": PATCH,
             "patch_sweep": GRID, "ablate": SCALAR, "loss": SCALAR, "accuracy": SCALAR,
-            "head_scores": GRID}[measure]
+            "head_scores": GRID, "feature": SCALAR, "top_features": FEATURES,
+            "feature_intervention": SCALAR}[measure]
 
 
 def check_expectation_spec(claim) -> list[tuple[tuple, str]]:

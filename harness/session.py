@@ -31,6 +31,7 @@ class Session:
     _locations: dict[str, str] = field(default_factory=dict)
     _batches: dict[tuple, PromptBatch] = field(default_factory=dict)
     _engine: object = None
+    _gates: dict[tuple, object] = field(default_factory=dict)
 
     def model(self, spec: Spec, name: str) -> LoadedModel:
         """The loaded model a spec calls `name`; loads once per session, failures included."""
@@ -116,6 +117,21 @@ class Session:
         device = pick_device(source, self.device)
         return self._once(f"reward|{source_key(source, spec.directory)}|{device}",
                           lambda: SentimentReward(self.location(spec, name), device=device))
+
+    def sae(self, spec: Spec, name: str, device: str):
+        """An SAE of the spec on `device`, loaded once (failures remembered)."""
+        from harness.saes import load_sae, sae_location
+
+        source = spec.saes[name]
+        key = f"sae|{source.model_dump_json(exclude={'gate', 'model'})}|{spec.directory}|{device}"
+        return self._once(key, lambda: load_sae(sae_location(source, spec.directory),
+                                                source.hook).to(device))
+
+    def gate(self, key: tuple, compute):
+        """The SAE reconstruction check of one (SAE, model, prompts), computed once."""
+        if key not in self._gates:
+            self._gates[key] = compute()
+        return self._gates[key]
 
     def loaded_models(self) -> list[dict]:
         return [{"origin": m.origin, "device": m.device, "dtype": m.dtype}

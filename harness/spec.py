@@ -97,6 +97,45 @@ class ModelSource(Frozen):
         return next(k for k in ("hf", "path", "zoo", "train") if getattr(self, k) is not None)
 
 
+# ----------------------------------------------------------------------------- SAEs
+
+class SaeGate(Frozen):
+    """The reconstruction gate every SAE claim passes first (on the claim's prompts)."""
+
+    min_variance_explained: float = Field(0.7, le=1)   # may be negative: no floor
+    max_loss_increase: float = Field(0.5, ge=0)   # nats of next-token loss
+
+
+class SaeSource(Frozen):
+    """`saes:` an SAE folder: `path:`, `hf:` (+ `folder:`, `revision:`) or `zoo:`."""
+
+    path: str | None = None
+    hf: str | None = None
+    folder: str | None = None          # the SAE's folder inside the hub repo
+    revision: str | None = None
+    zoo: str | None = None
+    hook: str | None = None            # default: the hook in the SAE's cfg.json
+    model: str | None = None           # the spec model it was trained on (documentation)
+    gate: SaeGate = SaeGate()
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> SaeSource:
+        given = [k for k in ("path", "hf", "zoo") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("an SAE needs exactly one of path / hf / zoo, got "
+                             + (", ".join(given) or "none"))
+        if (self.folder is not None or self.revision is not None) and self.hf is None:
+            raise ValueError("`folder` and `revision` apply only to `hf:` SAEs")
+        return self
+
+    @field_validator("hook")
+    @classmethod
+    def _hook_name(cls, value):
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.]+", value):
+            raise ValueError(f"'{value}' is not a hook name such as blocks.3.hook_resid_pre")
+        return value
+
+
 # ----------------------------------------------------------------------------- prompts
 
 class DatasetSource(Frozen):
@@ -719,20 +758,101 @@ class CircuitClaim(SingleModelClaim):
         return ref.prompts if isinstance(ref, ReferencePrompts) else ref
 
 
+# ----------------------------------------------------------------------------- SAE features
+
+Position = Union[Literal["final", "all"], dict[Literal["token"], str]]  # noqa: UP007
+
+
+class FeatureReading(Frozen):
+    """Where an SAE feature is read: `position` final | all | {token: " bad"}; `reduce`
+    joins several positions of one prompt."""
+
+    sae: str
+    position: Position = "final"
+    reduce: Literal["max", "mean"] = "max"
+
+
+class FeatureClaim(SingleModelClaim, FeatureReading):
+    measure: Literal["feature"]
+    feature: int = Field(ge=0)
+
+
+class TopFeaturesClaim(SingleModelClaim, FeatureReading):
+    measure: Literal["top_features"]
+    k: int = Field(10, ge=1)
+    control: str | None = None          # a prompt set: rank by mean(prompts) - mean(control)
+
+
+class FeatureDiffClaim(ClaimBase, FeatureReading):
+    measure: Literal["feature_diff"]
+    models: tuple[str, str]
+    feature: int | None = Field(None, ge=0)   # given: its b - a; else the top k changed
+    k: int = Field(10, ge=1)
+    direction: Literal["up", "down", "abs"] = "abs"
+
+    def model_names(self) -> tuple[str, ...]:
+        return self.models
+
+
+class SteerSpec(Frozen):
+    feature: int = Field(ge=0)
+    alpha: float
+
+
+class FeaturePatchSpec(Frozen):
+    from_: str = Field(alias="from")
+    features: tuple[int, ...] = Field(min_length=1)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class FeatureEdit(Frozen):
+    """What to do to features at the SAE's hook: exactly one of ablate / steer / patch."""
+
+    sae: str
+    ablate: tuple[int, ...] | None = None
+    steer: SteerSpec | None = None
+    patch: FeaturePatchSpec | None = None
+    positions: Literal["all", "final"] = "all"
+
+    @model_validator(mode="after")
+    def _one_edit(self):
+        given = [k for k in ("ablate", "steer", "patch") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a feature intervention needs exactly one of `ablate: [k]`, "
+                             "`steer: {feature, alpha}` or `patch: {from, features}`, got "
+                             + (", ".join(given) or "none"))
+        if self.ablate is not None and not self.ablate:
+            raise ValueError("`ablate` needs at least one feature index")
+        return self
+
+
+class FeatureInterventionClaim(SingleModelClaim, FeatureEdit):
+    measure: Literal["feature_intervention"]
+    metric: Literal["logit_diff", "change"] = "logit_diff"
+
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model,) + ((self.patch.from_,) if self.patch else ())
+
+
+SAE_MEASURES = ("feature", "top_features", "feature_diff", "feature_intervention")
+
 Claim = Annotated[
     LogitDiffClaim | TopKClaim | GenerateClaim | LogitLensClaim | DlaClaim | PatchClaim
     | PatchSweepClaim | AblateClaim | LossClaim | AccuracyClaim | AttentionClaim
-    | HeadScoresClaim | PathPatchClaim | CircuitClaim,
+    | HeadScoresClaim | PathPatchClaim | CircuitClaim | FeatureClaim | TopFeaturesClaim
+    | FeatureDiffClaim | FeatureInterventionClaim,
     Field(discriminator="measure"),
 ]
 MEASURES = ("logit_diff", "top_k", "generate", "logit_lens", "dla", "patch", "patch_sweep",
-            "ablate", "loss", "accuracy", "attention", "head_scores", "path_patch", "circuit")
+            "ablate", "loss", "accuracy", "attention", "head_scores", "path_patch", "circuit",
+            *SAE_MEASURES)
 
 
 class Spec(Frozen):
     spec: str
     description: str | None = None
     models: dict[str, ModelSource]
+    saes: dict[str, SaeSource] = {}
     prompts: tuple[PromptEntry, ...] = ()
     prompt_sets: dict[str, tuple[PromptEntry, ...]] = {}
     defaults: Defaults = Defaults()
@@ -831,7 +951,8 @@ def _clean_loc(loc: tuple) -> tuple:
         if isinstance(part, str) and (tag or part.startswith("function-")
                                       or part in ("str", "dict[literal['fraction'],str]",
                                                   "literal['all','any','mean']",
-                                                  "ReferencePrompts")):
+                                                  "ReferencePrompts", "literal['final','all']",
+                                                  "dict[literal['token'],str]")):
             continue
         out.append("from" if part == "from_" else part)
     return tuple(out)
@@ -855,7 +976,8 @@ def _field_hint(err: dict, loc: tuple) -> str:
     from harness import spec as module
 
     candidates: set[str] = set()
-    for cls in (Spec, ModelSource, TrainSource, PromptEntry, Defaults, Tolerance,
+    for cls in (Spec, ModelSource, TrainSource, PromptEntry, Defaults, Tolerance, SaeSource,
+                SaeGate, SteerSpec, FeaturePatchSpec,
                 *[getattr(module, n) for n in module.__dict__ if n.endswith("Claim")]):
         if isinstance(cls, type) and issubclass(cls, BaseModel):
             candidates |= {f.alias or name for name, f in cls.model_fields.items()}
@@ -924,9 +1046,10 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i, "expect", "mean_score"), "`mean_score` needs `score_with: "
                                                        "REWARD_MODEL` on the claim")
         if claim.ci is not None and (not _has_intervals(claim) or claim.per_prompt != "mean"):
-            add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss`, `accuracy` and "
-                                     "`circuit` faithfulness claims over the mean of their "
-                                     "prompts (per_prompt: mean)")
+            add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss`, `accuracy`, "
+                                     "`feature`, single-feature `feature_diff` and `circuit` "
+                                     "faithfulness claims over the mean of their prompts "
+                                     "(per_prompt: mean)")
         if getattr(claim, "span", "all") != "all" and claim.measure not in SEQUENCE_METRICS \
                 and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
             add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "
@@ -941,6 +1064,8 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                                     f"answer and foil: add `{missing[0]}: TOKEN` (one token, "
                                     "e.g. \" bad\") to the prompt, its rows or its entry")
                     break
+        if claim.measure in SAE_MEASURES:
+            _check_sae_claim(spec, claim, ("claims", i), add)
         if claim.search is not None and claim.measure not in ("logit_diff", "top_k",
                                                               "generate"):
             add(("claims", i, "search"), "`search` applies to logit_diff, top_k and generate "
@@ -949,6 +1074,10 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                 p.corrupt for p in spec.prompt_set(claim.prompts)):
             add(("claims", i), "patching from/into `input: corrupt` needs prompts with "
                                "`corrupt:` texts")
+    for name, sae in spec.saes.items():
+        if sae.model is not None and sae.model not in spec.models:
+            add(("saes", name, "model"), f"unknown model '{sae.model}'"
+                + did_you_mean(sae.model, spec.models))
     for name, model in spec.models.items():
         if model.train is not None and model.train.base not in spec.models:
             add(("models", name, "train", "base"), f"unknown base model '{model.train.base}'"
@@ -976,11 +1105,29 @@ def _generates_inputs(claim) -> bool:
 
 
 def _has_intervals(claim) -> bool:
-    return claim.measure in ("logit_diff", "loss", "accuracy") or (
-        isinstance(claim, CircuitClaim) and claim.metric == "faithfulness")
+    return claim.measure in ("logit_diff", "loss", "accuracy", "feature") or (
+        isinstance(claim, CircuitClaim) and claim.metric == "faithfulness") or (
+        claim.measure == "feature_diff" and claim.feature is not None)
+
+
+def _check_sae_claim(spec: Spec, claim, loc: tuple, add) -> None:
+    """The SAE exists; control prompt sets exist; patched-from models exist."""
+    if claim.sae not in spec.saes:
+        add(loc + ("sae",), f"unknown SAE '{claim.sae}'"
+            + did_you_mean(claim.sae, spec.saes or ["(none defined: add `saes:`)"]))
+    control = getattr(claim, "control", None)
+    if control is not None and control not in spec.prompt_sets:
+        add(loc + ("control",), f"unknown prompt set '{control}'"
+            + did_you_mean(control, spec.prompt_sets or ["(none defined)"]))
+    patch = getattr(claim, "patch", None)
+    if patch is not None and patch.from_ not in spec.models:
+        add(loc + ("patch", "from"), f"unknown model '{patch.from_}'"
+            + did_you_mean(patch.from_, spec.models))
 
 
 def _model_refs(claim) -> list[tuple[str, str]]:
+    if isinstance(claim, FeatureInterventionClaim):
+        return [("model", claim.model)]
     if isinstance(claim, PatchClaim | PathPatchClaim):
         return [("from", claim.from_.model), ("into", claim.into.model)]
     if isinstance(claim, GenerateClaim):

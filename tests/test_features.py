@@ -1,0 +1,318 @@
+"""Feature claims on ground truth: a planted SAE whose feature 0 is a known residual direction.
+
+The planted model is a tiny GPT-2 whose block 1 writes nothing and whose final LayerNorm has
+no bias, so its logit difference is exactly (x . u_c) / std(x) for the residual x entering
+block 1 and u_c the centred (answer - foil) unembedding direction (LayerNorm weight folded in).
+Block 0's MLP output bias adds c * d with d = u_c / |u_c|: the model's preference for the
+answer lives in direction d. The planted SAE's features are +-q_i for an orthonormal basis
+whose first vector is d, so it reconstructs exactly and feature 0 reads relu(x . d).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from harness.measure.features import hook_activations
+from harness.models import load_model
+from harness.runner import run_spec_file
+from harness.session import Session
+from harness.spec import ModelSource
+from harness.testing import build_tiny_gpt2
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+def _planted_model(directory, c: float):
+    path = build_tiny_gpt2(directory, n_layer=2, seed=0)
+    model = GPT2LMHeadModel.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    answer, foil = (tok(t, add_special_tokens=False)["input_ids"][0] for t in (" bad", " good"))
+    with torch.no_grad():
+        block = model.transformer.h[1]
+        for p in (block.attn.c_proj.weight, block.attn.c_proj.bias, block.mlp.c_proj.weight,
+                  block.mlp.c_proj.bias, model.transformer.ln_f.bias):
+            p.zero_()
+        w_u = model.transformer.wte.weight
+        u = model.transformer.ln_f.weight * (w_u[answer] - w_u[foil])
+        d = u - u.mean()
+        d = d / d.norm()
+        model.transformer.h[0].mlp.c_proj.bias += c * d
+    model.save_pretrained(str(path))
+    return path, d
+
+
+def _planted_sae(directory, d: torch.Tensor):
+    n = d.numel()
+    q, _ = torch.linalg.qr(torch.cat([d[:, None], torch.randn(n, n - 1,
+                                      generator=torch.Generator().manual_seed(0))], 1))
+    q = q * torch.sign(q[:, :1].T @ d)[0] if float(q[:, 0] @ d) < 0 else q
+    assert torch.allclose(q[:, 0], d, atol=1e-5)
+    dirs = torch.stack([s * q[:, i] for i in range(n) for s in (1.0, -1.0)])   # [2n, n]
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"W_enc": dirs.T.contiguous(), "b_enc": torch.zeros(2 * n),
+               "W_dec": dirs.contiguous(), "b_dec": torch.zeros(n)},
+              str(directory / "sae_weights.safetensors"))
+    (directory / "cfg.json").write_text(
+        f'{{"architecture": "standard", "d_in": {n}, "d_sae": {2 * n}, "hook_name": "{HOOK}"}}')
+    return directory
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    pos, d = _planted_model(root / "pos", 3.0)
+    neg, _ = _planted_model(root / "neg", -3.0)
+    return {"pos": pos, "neg": neg, "sae": _planted_sae(root / "sae", d), "root": root}
+
+
+def _spec(planted, claims: str, gate: str = "") -> str:
+    return textwrap.dedent(f"""\
+        models:
+          pos: {{path: "{planted['pos']}"}}
+          neg: {{path: "{planted['neg']}"}}
+        saes:
+          planted: {{path: "{planted['sae']}"{gate}}}
+        prompts:
+          - text: "This movie was really"
+            answer: " bad"
+            foil: " good"
+          - text: "The acting was"
+            answer: " bad"
+            foil: " good"
+        claims:
+        """) + textwrap.indent(textwrap.dedent(claims), "  ")
+
+
+def _run(planted, claims: str, name: str = "spec", gate: str = ""):
+    path = planted["root"] / f"{name}.yaml"
+    path.write_text(_spec(planted, claims, gate))
+    result = run_spec_file(path, Session(device="cpu", verbose=False))
+    assert result.error is None, result.error
+    return {v.claim_id: v for v in result.verdicts}
+
+
+def test_feature_reads_the_planted_direction(planted):
+    verdicts = _run(planted, """\
+        - id: reads-d
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          expect: {">": 1.0}
+        - id: opposite-is-silent
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 1
+          position: all
+          expect: {"<": 1.0e-6}
+        - id: false-claim-fails
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          expect: {"<": 0.5}
+        """, "reads")
+    assert verdicts["reads-d"].status == "passed", verdicts["reads-d"].message
+    assert verdicts["opposite-is-silent"].status == "passed"
+    assert verdicts["false-claim-fails"].status == "failed"
+    # the measured value is relu(x . d) at each prompt's final token, computed directly
+    source = ModelSource(path=str(planted["pos"]))
+    model = load_model("pos", source, str(planted["pos"]), "cpu")
+    direction = torch.tensor(_direction(planted))
+    for text, got in zip(("This movie was really", "The acting was"),
+                         verdicts["reads-d"].extras["per_prompt"]):
+        tokens = model.bridge.to_tokens(text, prepend_bos=True)
+        x = hook_activations(model.bridge, tokens, HOOK)[0, -1]
+        assert got == pytest.approx(max(float(x @ direction), 0.0), abs=1e-4)
+    gate = verdicts["reads-d"].extras["sae_gate"]["pos"]
+    assert gate["variance_explained"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(gate["loss_increase"]) < 1e-3
+
+
+def _direction(planted) -> list[float]:
+    from safetensors.torch import load_file
+
+    return load_file(str(planted["sae"] / "sae_weights.safetensors"))["W_dec"][0].tolist()
+
+
+def test_ablating_the_feature_removes_the_behaviour(planted):
+    verdicts = _run(planted, """\
+        - id: clean-prefers-answer
+          measure: logit_diff
+          model: pos
+          expect: {">": 0.5}
+        - id: ablated-is-indifferent
+          measure: feature_intervention
+          model: pos
+          sae: planted
+          ablate: [0]
+          expect: {between: [-1.0e-3, 1.0e-3]}
+        - id: ablation-keeps-the-preference
+          description: a false claim, must fail
+          measure: feature_intervention
+          model: pos
+          sae: planted
+          ablate: [0]
+          expect: {">": 0.5}
+        - id: ablating-another-feature-keeps-it
+          measure: feature_intervention
+          model: pos
+          sae: planted
+          ablate: [2, 4]
+          expect: {">": 0.5}
+        - id: steering-against-flips-it
+          measure: feature_intervention
+          model: pos
+          sae: planted
+          steer: {feature: 1, alpha: 20.0}
+          expect: {"<": -0.5}
+        - id: patching-the-feature-from-neg
+          measure: feature_intervention
+          model: pos
+          sae: planted
+          patch: {from: neg, features: [0, 1]}
+          metric: change
+          expect: {"<": -1.0}
+        """, "ablate")
+    for claim_id, verdict in verdicts.items():
+        expected = "failed" if claim_id == "ablation-keeps-the-preference" else "passed"
+        assert verdict.status == expected, (claim_id, verdict.message)
+    ablated = verdicts["ablated-is-indifferent"]
+    assert ablated.extras["clean"] > 0.5 and abs(ablated.extras["intervened"]) < 1e-3
+
+
+def test_top_features_and_feature_diff_on_two_planted_models(planted):
+    verdicts = _run(planted, """\
+        - id: d-is-most-active
+          measure: top_features
+          model: pos
+          sae: planted
+          k: 1
+          expect: {equals: [0]}
+        - id: neg-reads-minus-d
+          measure: top_features
+          model: neg
+          sae: planted
+          k: 3
+          expect: {includes: [1], excludes: [0]}
+        - id: what-changed
+          measure: feature_diff
+          models: [pos, neg]
+          sae: planted
+          k: 2
+          expect: {includes: [0, 1]}
+        - id: feature-0-went-down
+          measure: feature_diff
+          models: [pos, neg]
+          sae: planted
+          feature: 0
+          per_prompt: all
+          expect: {"<": -1.0}   # relu(x . d) is about 3 in pos and 0 in neg
+        """, "top")
+    for claim_id, verdict in verdicts.items():
+        assert verdict.status == "passed", (claim_id, verdict.message)
+
+
+def test_unknown_sae_and_out_of_range_feature(planted):
+    from harness.errors import SpecError
+    from harness.spec import load_spec
+
+    path = planted["root"] / "bad.yaml"
+    path.write_text(_spec(planted, """\
+        - id: typo
+          measure: feature
+          model: pos
+          sae: plantd
+          feature: 0
+          expect: {">": 0}
+        """))
+    with pytest.raises(SpecError, match="unknown SAE 'plantd'; did you mean 'planted'"):
+        load_spec(path)
+    verdicts = _run(planted, """\
+        - id: out-of-range
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 999
+          expect: {">": 0}
+        """, "range")
+    assert verdicts["out-of-range"].status == "error"
+    assert "feature 999 is out of range" in verdicts["out-of-range"].message
+
+
+def test_gate_turns_a_poor_reconstruction_into_an_error(planted, tmp_path):
+    """An SAE with only the +-d features cannot reconstruct the residual stream."""
+    from safetensors.torch import load_file
+
+    from harness.errors import SpecError
+    from harness.spec import load_spec
+
+    w = load_file(str(planted["sae"] / "sae_weights.safetensors"))
+    folder = tmp_path / "poor"
+    folder.mkdir()
+    save_file({"W_enc": w["W_enc"][:, :2].contiguous(), "b_enc": w["b_enc"][:2].contiguous(),
+               "W_dec": w["W_dec"][:2].contiguous(), "b_dec": w["b_dec"]},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(f'{{"architecture": "standard", "hook_name": "{HOOK}"}}')
+    claim = """\
+        - id: gated
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          expect: {">": 0}
+        """
+    poor = dict(planted, sae=folder)
+    verdict = _run(poor, claim, "poor")["gated"]
+    assert verdict.status == "error"
+    assert "variance explained" in verdict.message and "min_variance_explained" in \
+        verdict.message
+    lenient = _run(poor, claim, "lenient",
+                   gate=", gate: {min_variance_explained: -10.0, max_loss_increase: 100.0}")
+    assert lenient["gated"].status == "passed", lenient["gated"].message
+    path = planted["root"] / "bad_gate.yaml"
+    path.write_text(_spec(planted, claim, gate=", gate: {min_variance_explained: 1.5}"))
+    with pytest.raises(SpecError, match="min_variance_explained"):
+        load_spec(path)
+
+
+def test_gate_fails_a_claim_whose_sae_was_trained_at_another_hook(tmp_path):
+    """toy-reviews-sae reads blocks.3.hook_resid_pre; read at blocks.1 it must not pass."""
+    path = tmp_path / "hook.yaml"
+    path.write_text(textwrap.dedent("""\
+        models:
+          source: {zoo: toy-reviews-source}
+        saes:
+          right: {zoo: toy-reviews-sae}
+          wrong: {zoo: toy-reviews-sae, hook: blocks.1.hook_resid_pre}
+        prompts:
+          - text: "This movie was really bad. The acting was"
+            answer: " bad"
+            foil: " good"
+        claims:
+          - id: right-hook
+            measure: feature
+            model: source
+            sae: right
+            feature: 0
+            expect: {">": 0}
+          - id: wrong-hook
+            measure: feature
+            model: source
+            sae: wrong
+            feature: 0
+            expect: {">": 0}
+        """))
+    result = run_spec_file(path, Session(device="cpu", verbose=False))
+    assert result.error is None, result.error
+    right, wrong = result.verdicts
+    assert right.status == "passed", right.message
+    assert wrong.status == "error"
+    assert "fails its reconstruction gate" in wrong.message and "blocks.1.hook_resid_pre" in \
+        wrong.message
