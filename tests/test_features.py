@@ -316,3 +316,61 @@ def test_gate_fails_a_claim_whose_sae_was_trained_at_another_hook(tmp_path):
     assert wrong.status == "error"
     assert "fails its reconstruction gate" in wrong.message and "blocks.1.hook_resid_pre" in \
         wrong.message
+
+
+@pytest.mark.parametrize("architecture", ["pythia", "llama-gqa", "gemma2", "opt"])
+def test_feature_claims_work_on_other_architectures(architecture, tmp_path):
+    """A basis SAE (features +-q_i) reconstructs exactly, so on any architecture the gate must
+    read variance explained 1 and no loss increase, and feature 0 must be relu(x . q_0) of the
+    activation `run_with_cache` returns at the hook."""
+    from harness.testing import build_tiny_checkpoint
+
+    model_dir = build_tiny_checkpoint(architecture, tmp_path / architecture)
+    source = ModelSource(path=str(model_dir))
+    model = load_model("m", source, str(model_dir), "cpu")
+    n = model.bridge.cfg.d_model
+    q0 = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    _planted_sae(tmp_path / "sae", q0 / q0.norm())
+    path = tmp_path / "arch.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        models:
+          m: {{path: "{model_dir}"}}
+        saes:
+          basis: {{path: "{tmp_path / 'sae'}", hook: blocks.1.hook_resid_pre}}
+        prompts:
+          - text: "This movie was really"
+            answer: " bad"
+            foil: " good"
+        claims:
+          - id: f0
+            measure: feature
+            model: m
+            sae: basis
+            feature: 0
+            position: all
+            reduce: mean
+            expect: {{">=": 0}}
+          - id: clean
+            measure: logit_diff
+            model: m
+            expect: {{">": -1000}}
+          - id: no-op-steer
+            measure: feature_intervention
+            model: m
+            sae: basis
+            steer: {{feature: 0, alpha: 0.0}}
+            expect: {{">": -1000}}
+        """))
+    result = run_spec_file(path, Session(device="cpu", verbose=False))
+    assert result.error is None, result.error
+    f0, clean, steer = result.verdicts
+    assert all(v.status == "passed" for v in result.verdicts), [v.message for v in
+                                                                result.verdicts]
+    gate = f0.extras["sae_gate"]["m"]
+    assert gate["variance_explained"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(gate["loss_increase"]) < 1e-4
+    tokens = model.bridge.to_tokens("This movie was really", prepend_bos=True)
+    x = hook_activations(model.bridge, tokens, HOOK)[0, 1:]
+    direction = torch.tensor(_direction({"sae": tmp_path / "sae"}))
+    assert f0.measured == pytest.approx(float(torch.relu(x @ direction).mean()), abs=1e-4)
+    assert steer.measured == pytest.approx(clean.measured, abs=1e-4)
