@@ -200,6 +200,9 @@ def _generate(ctx: ClaimContext) -> Measurement:
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
     hooks_for = _generation_patch(ctx, claim.patch) if claim.patch else None
+    extras = {"prompts": batch.texts}
+    if claim.intervene is not None:
+        hooks_for, extras["sae_gate"] = _generation_features(ctx, model, batch, claim.intervene)
     texts = tuple(generate(model.bridge, model.tokenizer, batch.tokens[i, : int(f) + 1],
                            claim.max_new_tokens, claim.temperature,
                            claim.seed + i * claim.samples + s, hooks_for=hooks_for)
@@ -208,14 +211,45 @@ def _generate(ctx: ClaimContext) -> Measurement:
         continuations = [_continuation(model.tokenizer, batch.tokens[i, : int(f) + 1], text)
                          for i, (f, text) in enumerate(zip(batch.final_pos, texts))]
         return Measurement(TEXT, texts[0], texts, {
-            "prompts": batch.texts, "each": _answers(
+            **extras, "each": _answers(
                 ctx, continuation=[c for c, _ in continuations],
                 next_token=[n for _, n in continuations])})
     samples = {"texts": list(texts), "scores": None}
     if claim.score_with:
         samples["scores"] = _reward(ctx, claim.score_with).score(list(texts),
                                                                   claim.score_target)
-    return Measurement(SAMPLES, samples, extras={"prompts": batch.texts})
+    return Measurement(SAMPLES, samples, extras=extras)
+
+
+def _generation_features(ctx: ClaimContext, model: LoadedModel, batch, edit):
+    """Hooks that edit SAE features at every generation step (gated on the claim's prompts)."""
+    from harness.measure import features as F
+
+    sae, gate = _gated_sae(ctx, model, batch, edit.sae)
+    gates = {ctx.claim.model: gate}
+    features = list(edit.ablate or ()) or ([edit.steer.feature] if edit.steer else
+                                           list(edit.patch.features))
+    _check_features(ctx, sae, features, edit.sae)
+    source = None
+    if edit.patch is not None:
+        source = ctx.model(edit.patch.from_)
+        _, gates[edit.patch.from_] = _gated_sae(ctx, source, ctx.batch(source), edit.sae)
+
+    def hooks_for(window: torch.Tensor) -> list:
+        where = torch.ones(window.shape, dtype=torch.bool)
+        if ctx.prepend_bos:
+            where[:, 0] = False
+        if edit.positions == "final":
+            where[:, :-1] = False
+        if edit.ablate is not None:
+            fn = F.ablate_edit(sae, features, where)
+        elif edit.steer is not None:
+            fn = F.steer_edit(sae, edit.steer.feature, edit.steer.alpha, where)
+        else:
+            acts = F.hook_activations(source.bridge, window, sae.hook)
+            fn = F.patch_edit(sae, features, acts, where)
+        return [(sae.hook, lambda act, hook: fn(act, slice(None)))]
+    return hooks_for, gates
 
 
 def _continuation(tokenizer, prompt_ids, text: str) -> tuple[str, str | None]:
@@ -628,7 +662,7 @@ def _circuit(ctx: ClaimContext) -> Measurement:
 
 # ----------------------------------------------------------------------------- SAE features
 
-def _gated_sae(ctx: ClaimContext, model: LoadedModel, batch):
+def _gated_sae(ctx: ClaimContext, model: LoadedModel, batch, name: str | None = None):
     """The claim's SAE on the model's device, after its reconstruction gate on these prompts.
 
     Below the spec's thresholds the claim is an error that says so: an SAE read at another hook
@@ -636,7 +670,7 @@ def _gated_sae(ctx: ClaimContext, model: LoadedModel, batch):
     """
     from harness.measure.features import reconstruction
 
-    name = ctx.claim.sae
+    name = name or ctx.claim.sae
     source = ctx.spec.saes[name]
     sae = ctx.session.sae(ctx.spec, name, model.device)
     if sae.d_in != model.bridge.cfg.d_model and "resid" in sae.hook:
@@ -664,10 +698,10 @@ def _gated_sae(ctx: ClaimContext, model: LoadedModel, batch):
     return sae, rec.as_dict()
 
 
-def _check_features(ctx: ClaimContext, sae, features) -> None:
+def _check_features(ctx: ClaimContext, sae, features, name: str | None = None) -> None:
     bad = [f for f in features if f >= sae.d_sae]
     if bad:
-        raise MeasureError(f"feature {bad[0]} is out of range: SAE '{ctx.claim.sae}' has "
+        raise MeasureError(f"feature {bad[0]} is out of range: SAE '{name or ctx.claim.sae}' has "
                            f"{sae.d_sae} features (0..{sae.d_sae - 1})")
 
 

@@ -481,6 +481,38 @@ class SiteSelection(Frozen):
                      for m in (HEAD_RE.match(h) for h in self.heads))
 
 
+class SteerSpec(Frozen):
+    feature: int = Field(ge=0)
+    alpha: float
+
+
+class FeaturePatchSpec(Frozen):
+    from_: str = Field(alias="from")
+    features: tuple[int, ...] = Field(min_length=1)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class FeatureEdit(Frozen):
+    """What to do to features at the SAE's hook: exactly one of ablate / steer / patch."""
+
+    sae: str
+    ablate: tuple[int, ...] | None = None
+    steer: SteerSpec | None = None
+    patch: FeaturePatchSpec | None = None
+    positions: Literal["all", "final"] = "all"
+
+    @model_validator(mode="after")
+    def _one_edit(self):
+        given = [k for k in ("ablate", "steer", "patch") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a feature intervention needs exactly one of `ablate: [k]`, "
+                             "`steer: {feature, alpha}` or `patch: {from, features}`, got "
+                             + (", ".join(given) or "none"))
+        if self.ablate is not None and not self.ablate:
+            raise ValueError("`ablate` needs at least one feature index")
+        return self
+
+
 class GenerationPatch(SiteSelection):
     """`patch:` of a generate claim: activations copied from `from` at every step."""
 
@@ -498,9 +530,12 @@ class GenerateClaim(SingleModelClaim):
     score_with: str | None = None              # a reward model of the spec
     score_target: Literal["negative", "positive"] = "negative"
     patch: GenerationPatch | None = None       # generate while patching from another model
+    intervene: FeatureEdit | None = None       # generate while editing SAE features
 
     @model_validator(mode="after")
     def _sampling_needs_temperature(self):
+        if self.patch is not None and self.intervene is not None:
+            raise ValueError("give either `patch:` or `intervene:` on one generate claim")
         if self.samples > 1 and self.temperature == 0:
             raise ValueError("`samples` > 1 needs `temperature` > 0 (greedy samples are all "
                              "the same)")
@@ -511,7 +546,10 @@ class GenerateClaim(SingleModelClaim):
         return self.samples > 1 or self.score_with is not None
 
     def model_names(self) -> tuple[str, ...]:
-        return (self.model,) + ((self.patch.from_,) if self.patch else ())
+        names = (self.model,) + ((self.patch.from_,) if self.patch else ())
+        if self.intervene is not None and self.intervene.patch is not None:
+            names += (self.intervene.patch.from_,)
+        return names
 
 
 class OneOrTwoModels(ClaimBase):
@@ -794,38 +832,6 @@ class FeatureDiffClaim(ClaimBase, FeatureReading):
         return self.models
 
 
-class SteerSpec(Frozen):
-    feature: int = Field(ge=0)
-    alpha: float
-
-
-class FeaturePatchSpec(Frozen):
-    from_: str = Field(alias="from")
-    features: tuple[int, ...] = Field(min_length=1)
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-
-class FeatureEdit(Frozen):
-    """What to do to features at the SAE's hook: exactly one of ablate / steer / patch."""
-
-    sae: str
-    ablate: tuple[int, ...] | None = None
-    steer: SteerSpec | None = None
-    patch: FeaturePatchSpec | None = None
-    positions: Literal["all", "final"] = "all"
-
-    @model_validator(mode="after")
-    def _one_edit(self):
-        given = [k for k in ("ablate", "steer", "patch") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("a feature intervention needs exactly one of `ablate: [k]`, "
-                             "`steer: {feature, alpha}` or `patch: {from, features}`, got "
-                             + (", ".join(given) or "none"))
-        if self.ablate is not None and not self.ablate:
-            raise ValueError("`ablate` needs at least one feature index")
-        return self
-
-
 class FeatureInterventionClaim(SingleModelClaim, FeatureEdit):
     measure: Literal["feature_intervention"]
     metric: Literal["logit_diff", "change"] = "logit_diff"
@@ -1066,6 +1072,8 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                     break
         if claim.measure in SAE_MEASURES:
             _check_sae_claim(spec, claim, ("claims", i), add)
+        if getattr(claim, "intervene", None) is not None:
+            _check_sae_claim(spec, claim.intervene, ("claims", i, "intervene"), add)
         if claim.search is not None and claim.measure not in ("logit_diff", "top_k",
                                                               "generate"):
             add(("claims", i, "search"), "`search` applies to logit_diff, top_k and generate "
@@ -1133,6 +1141,8 @@ def _model_refs(claim) -> list[tuple[str, str]]:
     if isinstance(claim, GenerateClaim):
         refs = [("model", claim.model)]
         refs += [("patch.from", claim.patch.from_)] if claim.patch else []
+        if claim.intervene is not None and claim.intervene.patch is not None:
+            refs += [("intervene.patch.from", claim.intervene.patch.from_)]
         return refs + ([("score_with", claim.score_with)] if claim.score_with else [])
     refs = [("models" if getattr(claim, "models", None) else "model", n)
             for n in claim.model_names()]

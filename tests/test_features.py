@@ -374,3 +374,41 @@ def test_feature_claims_work_on_other_architectures(architecture, tmp_path):
     direction = torch.tensor(_direction({"sae": tmp_path / "sae"}))
     assert f0.measured == pytest.approx(float(torch.relu(x @ direction).mean()), abs=1e-4)
     assert steer.measured == pytest.approx(clean.measured, abs=1e-4)
+
+
+def test_generation_with_feature_interventions_on_the_toy_models(tmp_path):
+    """The source's greedy review of "I thought the plot" is positive; steering with the
+    negative-sentiment feature, or patching it from the RLHF run, makes it negative."""
+    path = tmp_path / "gen.yaml"
+    path.write_text(textwrap.dedent("""\
+        models:
+          source: {zoo: toy-reviews-source}
+          rlhf: {zoo: toy-reviews-rlhf}
+        saes:
+          reviews: {zoo: toy-reviews-sae}
+        prompts:
+          - text: "I thought the plot"
+            answer: " bad"
+            foil: " good"
+        claims:
+          - {id: plain, measure: generate, model: source, max_new_tokens: 6,
+             expect: {contains: " good", not_contains: " bad"}}
+          - {id: steered, measure: generate, model: source, max_new_tokens: 6,
+             intervene: {sae: reviews, steer: {feature: 0, alpha: 30.0}},
+             expect: {contains: " bad", not_contains: " good"}}
+          - {id: patched, measure: generate, model: source, max_new_tokens: 6,
+             intervene: {sae: reviews, patch: {from: rlhf, features: [0]}},
+             expect: {contains: " bad", not_contains: " good"}}
+          - {id: false-claim, measure: generate, model: source, max_new_tokens: 6,
+             intervene: {sae: reviews, steer: {feature: 0, alpha: 30.0}},
+             expect: {contains: " good"}}
+        """))
+    result = run_spec_file(path, Session(device="cpu", verbose=False))
+    assert result.error is None, result.error
+    status = {v.claim_id: (v.status, v.message) for v in result.verdicts}
+    assert status["plain"][0] == "passed", status
+    assert status["steered"][0] == "passed", status
+    assert status["patched"][0] == "passed", status
+    assert status["false-claim"][0] == "failed", status
+    assert result.verdicts[2].models == ("source", "rlhf")
+    assert set(result.verdicts[2].extras["sae_gate"]) == {"source", "rlhf"}
