@@ -35,7 +35,10 @@ def check_tokens(spec: Spec, session: Session | None = None) -> list[SpecError]:
             tokenizer = tokenizers[name]
             if tokenizer is None:
                 continue
-            for prompt in spec.claim_prompts(claim):
+            prompts = spec.claim_prompts(claim)
+            if getattr(claim, "control", None):   # top_features' control prompt set
+                prompts += spec.prompt_set(claim.control)
+            for prompt in prompts:
                 for field_name in ("answer", "foil"):
                     text = getattr(prompt, field_name)
                     if text is None:

@@ -412,3 +412,56 @@ def test_generation_with_feature_interventions_on_the_toy_models(tmp_path):
     assert status["false-claim"][0] == "failed", status
     assert result.verdicts[2].models == ("source", "rlhf")
     assert set(result.verdicts[2].extras["sae_gate"]) == {"source", "rlhf"}
+
+
+def test_token_position_rule(planted):
+    verdicts = _run(planted, """\
+        - id: at-was
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          position: {token: " was"}
+          expect: {">": 0}
+        - id: at-movie
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          position: {token: " movie"}
+          expect: {">": 0}
+        """, "token")
+    assert verdicts["at-was"].status == "passed", verdicts["at-was"].message
+    source = ModelSource(path=str(planted["pos"]))
+    model = load_model("pos", source, str(planted["pos"]), "cpu")
+    direction = torch.tensor(_direction(planted))
+    for text, got in zip(("This movie was really", "The acting was"),
+                         verdicts["at-was"].extras["per_prompt"]):
+        tokens = model.bridge.to_tokens(text, prepend_bos=True)[0]
+        was = model.tokenizer(" was", add_special_tokens=False)["input_ids"][0]
+        where = int((tokens == was).nonzero()[-1])
+        x = hook_activations(model.bridge, tokens[None], HOOK)[0, where]
+        assert got == pytest.approx(max(float(x @ direction), 0.0), abs=1e-4)
+    missing = verdicts["at-movie"]
+    assert missing.status == "error"
+    assert "does not occur in prompt 'The acting was'" in missing.message
+
+
+def test_hub_sae_fails_fast_offline(planted, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = planted["root"] / "hub.yaml"
+    spec = _spec(planted, """\
+        - id: hub
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          expect: {">": 0}
+        """).replace(f'{{path: "{planted["sae"]}"}}',
+                     '{hf: nobody/no-such-saes, folder: blocks.1.hook_resid_pre}')
+    path.write_text(spec)
+    result = run_spec_file(path, Session(device="cpu", verbose=False))
+    assert result.error is None, result.error
+    (verdict,) = result.verdicts
+    assert verdict.status == "error"
+    assert "nobody/no-such-saes" in verdict.message and "local HF cache" in verdict.message
