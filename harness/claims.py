@@ -673,10 +673,6 @@ def _gated_sae(ctx: ClaimContext, model: LoadedModel, batch, name: str | None = 
     name = name or ctx.claim.sae
     source = ctx.spec.saes[name]
     sae = ctx.session.sae(ctx.spec, name, model.device)
-    if sae.d_in != model.bridge.cfg.d_model and "resid" in sae.hook:
-        raise MeasureError(f"SAE '{name}' reads {sae.d_in}-dimensional activations but model "
-                           f"'{model.key.split('|')[0]}' has d_model {model.bridge.cfg.d_model}"
-                           "; it belongs to another model")
     rec = ctx.session.gate((name, model.key, batch.texts, ctx.prepend_bos), lambda: reconstruction(
         model.bridge, sae, batch, ctx.prepend_bos, ctx.session.memory_budget_mb))
     gate = source.gate

@@ -465,3 +465,17 @@ def test_hub_sae_fails_fast_offline(planted, monkeypatch):
     (verdict,) = result.verdicts
     assert verdict.status == "error"
     assert "nobody/no-such-saes" in verdict.message and "local HF cache" in verdict.message
+
+
+def test_sae_of_another_width_is_an_error_that_says_so(planted, tmp_path):
+    folder = _planted_sae(tmp_path / "narrow", torch.ones(16) / 4.0)
+    verdicts = _run(dict(planted, sae=folder), """\
+        - id: narrow
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          expect: {">": 0}
+        """, "narrow")
+    assert verdicts["narrow"].status == "error"
+    assert "reads 16-dimensional activations" in verdicts["narrow"].message

@@ -18,6 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
+from harness.measure.budget import WORK_SHARE, budget_bytes
 from harness.measure.logits import logit_diff_reader, prompts_per_forward, read_final_logits
 from harness.prompts import PromptBatch
 from harness.saes import Sae
@@ -68,10 +69,26 @@ def feature_activations(bridge, sae: Sae, batch: PromptBatch, prepend_bos: bool,
     `position`: "final" (each prompt's last token), "all" (its tokens, BOS excluded) or
     {"token": " bad"} (where that token occurs); `reduce` (max | mean) joins several positions.
     """
-    x = hook_activations(bridge, batch.tokens, sae.hook, memory_budget_mb)
-    feats = sae.encode(x.to(sae.W_enc.device)).cpu()
-    return reduce_positions(feats, select_positions(batch, prepend_bos, position, tokenizer),
-                            reduce)
+    mask = select_positions(batch, prepend_bos, position, tokenizer)
+    n_pos = batch.tokens.shape[1]
+    # prompts per step: the forward pass's share, and the [rows, pos, d_sae] features' share
+    step = max(1, min(prompts_per_forward(bridge.cfg, n_pos, memory_budget_mb),
+                      budget_bytes(memory_budget_mb, WORK_SHARE) // (4 * n_pos * sae.d_sae)))
+    parts = []
+    for start in range(0, batch.tokens.shape[0], step):
+        rows = slice(start, start + step)
+        x = hook_activations(bridge, batch.tokens[rows], sae.hook, memory_budget_mb)
+        _check_width(sae, x)
+        feats = sae.encode(x.to(sae.W_enc.device)).cpu()
+        parts.append(reduce_positions(feats, mask[rows], reduce))
+    return torch.cat(parts)
+
+
+def _check_width(sae: Sae, x: Tensor) -> None:
+    if x.shape[-1] != sae.d_in:
+        raise MeasureError(f"the SAE reads {sae.d_in}-dimensional activations but {sae.hook} "
+                           f"has {x.shape[-1]} on this model: the SAE belongs to another model "
+                           "or hook")
 
 
 def select_positions(batch: PromptBatch, prepend_bos: bool, position: str | dict,
@@ -131,7 +148,9 @@ def reconstruction(bridge, sae: Sae, batch: PromptBatch, prepend_bos: bool,
                    memory_budget_mb: float = 2048) -> Reconstruction:
     """Variance explained and the next-token loss with the SAE's reconstruction spliced in."""
     real = real_positions(batch, prepend_bos)
-    x = hook_activations(bridge, batch.tokens, sae.hook, memory_budget_mb)[real]
+    x = hook_activations(bridge, batch.tokens, sae.hook, memory_budget_mb)
+    _check_width(sae, x)
+    x = x[real]
     x_hat = sae.decode(sae.encode(x.to(sae.W_enc.device))).cpu()
     total = (x - x.mean(0)).pow(2).sum()
     explained = 1.0 - float((x - x_hat).pow(2).sum() / total.clamp_min(1e-12))
