@@ -4,7 +4,8 @@
 `<cache root>/world/<key>`, where the key hashes the recipe configs, the seed and the versions
 of torch / transformers / trl / harness. The cache root is `$INTERP_HARNESS_CACHE` or
 `~/.cache/interp-harness`. `python -m harness.zoo.build --write-artifacts` rewrites
-harness/zoo/artifacts/ from `build_world(seed=0)`.
+harness/zoo/artifacts/ from `build_world(seed=0)`, then retrains `toy-reviews-sae` on the new
+source (harness/zoo/sae.py).
 """
 
 from __future__ import annotations
@@ -195,6 +196,9 @@ def write_artifacts(seed: int = 0, progress: bool = True) -> Path:
         report = json.loads((Path(tmp) / "world" / "build_report.json").read_text())
         report.pop("key")
         (ARTIFACTS / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    from harness.zoo.sae import write_artifacts as write_sae  # trained on the new source
+
+    write_sae(seed, progress)
     return ARTIFACTS
 
 
