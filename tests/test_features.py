@@ -479,3 +479,32 @@ def test_sae_of_another_width_is_an_error_that_says_so(planted, tmp_path):
         """, "narrow")
     assert verdicts["narrow"].status == "error"
     assert "reads 16-dimensional activations" in verdicts["narrow"].message
+
+
+def test_shipped_sae_and_its_cache(tmp_path, monkeypatch):
+    import json
+
+    from harness.saes import load_sae
+    from harness.zoo import sae as zoo_sae_module
+    from harness.zoo import zoo_checkpoint
+
+    folder = zoo_sae_module.zoo_sae("toy-reviews-sae")
+    sae = load_sae(folder)
+    assert (sae.hook, sae.architecture, sae.layout) == ("blocks.3.hook_resid_pre", "standard",
+                                                        "saelens")
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-4)
+    assert (folder / "sae_weights.safetensors").stat().st_size < 300_000   # shipped small
+    report = json.loads((folder / "build_report.json").read_text())
+    assert report["results"]["heldout"]["variance_explained"] > 0.95
+    assert report["results"]["feature0_mean_negative"] > 10 * \
+        report["results"]["feature0_mean_positive"]
+    # a finished build with the same content key is reused, not retrained
+    source = zoo_checkpoint("toy-reviews-source")
+    monkeypatch.setenv("INTERP_HARNESS_CACHE", str(tmp_path))
+    root = tmp_path / "sae" / zoo_sae_module.sae_key(source)
+    root.mkdir(parents=True)
+    (root / "build_report.json").write_text(json.dumps({"key": root.name}))
+    monkeypatch.setattr(zoo_sae_module, "_build_into", lambda *a, **k: pytest.fail("rebuilt"))
+    assert zoo_sae_module.build_sae(source, progress=False) == root
+    with pytest.raises(Exception, match="unknown zoo SAE 'toy-reviews-sea'; did you mean"):
+        zoo_sae_module.zoo_sae("toy-reviews-sea")

@@ -127,10 +127,16 @@ def renumber(sae, feats: torch.Tensor, negative: torch.Tensor):
                hook=sae.hook, model_name=sae.model_name), order
 
 
+def sae_key(source_dir: Path, seed: int = 0, cfg: SaeConfig = SaeConfig()) -> str:
+    """Content key: the source's weights, the config, the seed and the library versions."""
+    return content_key({"sae": asdict(cfg), "seed": seed,
+                        "source": model_identity(str(source_dir))})
+
+
 def build_sae(source_dir: Path, seed: int = 0, out_dir: Path | None = None,
               progress: bool = True, cfg: SaeConfig = SaeConfig()) -> Path:
     """Build (or reuse) the SAE for the source checkpoint in `source_dir`; returns its folder."""
-    key = content_key({"sae": asdict(cfg), "seed": seed, "source": model_identity(str(source_dir))})
+    key = sae_key(source_dir, seed, cfg)
     root = Path(out_dir) if out_dir is not None else cache_root() / "sae" / key
     report_file = root / "build_report.json"
     if report_file.is_file() and json.loads(report_file.read_text()).get("key") == key:
