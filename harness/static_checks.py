@@ -230,7 +230,7 @@ def _selections(claim) -> list[tuple[tuple, object]]:
     if getattr(claim, "site", None) is not None:
         out.append(((), claim))
     patch = getattr(claim, "patch", None)
-    if patch is not None:
+    if getattr(patch, "site", None) is not None:   # not a feature_intervention's SAE patch
         out.append((("patch",), patch))
     return out
 
