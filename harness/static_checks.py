@@ -218,8 +218,8 @@ def _check_claim(spec, index: int, claim, name: str, facts: ModelFacts) -> list[
 
     for where, selection in _selections(claim):
         _check_selection(selection, where, name, facts, add)
-    k = getattr(claim, "k", None)
-    if k is not None and facts.vocab and k > facts.vocab:
+    k = getattr(claim, "k", None)   # tokens; top_features / feature_diff count SAE features
+    if k is not None and facts.vocab and k > facts.vocab and not hasattr(claim, "sae"):
         add(("k",), f"k = {k} is more than model '{name}' has tokens ({facts.vocab})")
     _check_prompts(spec, claim, name, facts, add)
     return errors
