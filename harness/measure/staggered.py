@@ -1,0 +1,305 @@
+"""The staggered batched forward that every fast path shares, generic over a family's block ops.
+
+Why it is fast (compared with TransformerLens's `patching` module, one full forward per cell):
+every variant of a sweep starts where it first differs from the clean run: at the patched
+layer (from the cached residual stream) and at the first patched position (earlier rows are
+unchanged under causal attention, their keys and values come from the cache); variants entering
+at different layers share one staggered batch, so each block's weights are used in one large
+matrix product per chunk; the last block computes only the final rows, and the metric reads two
+unembedding columns instead of the whole vocabulary.
+
+A family plugs in by providing `BlockOps` (its projections, attention, MLP and readout on
+plain tensors) and a clean `trace`; `StaggeredForward` turns those into the engine's Forward.
+The block shape is the sequential pre-norm one: x + attn(x), then x + mlp(x).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from harness.measure.forward import Acts, Dims
+from harness.measure.general_forward import GeneralForward
+from harness.measure.selection import Variants
+
+
+class BlockOps(Protocol):
+    """One family's block computations on plain tensors (weights read off the bridge once).
+
+    q, k, v are [..., head, d_head] as the hooks see them (before any rotary embedding); k and
+    v have the model's key/value heads. `qkv_flat` packs them side by side (q, then k, then v).
+    """
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def qkv_flat(self, layer: int, resid: Float[Tensor, "... d_model"]
+                 ) -> Float[Tensor, "... qkv"]: ...
+    def split_qkv(self, flat: Float[Tensor, "... qkv"]) -> tuple[Tensor, Tensor, Tensor]: ...
+    def attend(self, q: Float[Tensor, "n dest head d_head"], k: Tensor, v: Tensor,
+               allowed: Tensor | None = None, q_pos: Tensor | None = None
+               ) -> Float[Tensor, "n dest head d_head"]: ...
+    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]: ...
+    def mix_values(self, pattern: Tensor, v: Tensor) -> Float[Tensor, "n dest head d_head"]: ...
+    def attn_output(self, layer: int, z: Float[Tensor, "... head d_head"]
+                    ) -> Float[Tensor, "... d_model"]: ...
+    def mlp_post(self, layer: int, resid_mid: Tensor) -> Float[Tensor, "... d_mlp"]: ...
+    def mlp_output(self, layer: int, post: Tensor) -> Float[Tensor, "... d_model"]: ...
+    def logit_diff(self, resid: Float[Tensor, "n d_model"], answer_ids: Tensor,
+                   foil_ids: Tensor) -> Float[Tensor, " n"]: ...
+    def trace(self, tokens: Tensor, hook=None) -> dict[str, Tensor]: ...
+
+
+class StaggeredForward:
+    """The engine's Forward on a family's BlockOps (subclasses set path, ops, readout, dims)."""
+
+    path: str
+    ops: BlockOps
+    dims: Dims
+
+    def __init__(self, bridge):
+        self.bridge = bridge
+        self._general: GeneralForward | None = None
+
+    def trace(self, tokens: Int[Tensor, "batch pos"]) -> Acts:
+        """Every site of every layer (q, k, v as views of one packed "qkv"), plus "final"."""
+        with torch.no_grad():
+            acts = self.ops.trace(tokens.to(self.ops.device))
+            q, k, v = (acts.pop(n) for n in ("q", "k", "v"))
+            acts["qkv"] = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], -1)
+            acts["q"], acts["k"], acts["v"] = self.ops.split_qkv(acts["qkv"])  # views
+        return acts
+
+    def read_clean(self, acts: Acts, final_pos: Tensor, answer_ids: Tensor, foil_ids: Tensor
+                   ) -> Float[Tensor, " batch"]:
+        with torch.no_grad():
+            return self.ops.logit_diff(final_rows(acts["final"], final_pos),
+                                       answer_ids.to(self.ops.device),
+                                       foil_ids.to(self.ops.device))
+
+    def run_variants(self, tokens: Tensor, final_pos: Tensor, into: Acts, source: Acts,
+                     variants: Variants, answer_ids: Tensor, foil_ids: Tensor, work_bytes: int
+                     ) -> Float[Tensor, "variant batch"]:
+        """Patched logit diffs of every variant, in chunks that fit `work_bytes`."""
+        ops = self.ops
+        chunk = _chunk_size(ops, tokens.shape, work_bytes)
+        order = torch.argsort(variants.layers, stable=True)
+        out = torch.empty(len(variants), tokens.shape[0], device=ops.device)
+        with torch.no_grad():
+            for i in range(0, len(variants), chunk):
+                idx = order[i:i + chunk]
+                out[idx] = _run_chunk(ops, into, source, variants.take(idx), final_pos,
+                                      answer_ids, foil_ids).to(out.dtype)
+        return out.cpu()
+
+    def patch_layers(self, tokens, final_pos, site, masks, source, answer_ids, foil_ids):
+        """Patches spanning several layers: through the bridge's hooks (one forward)."""
+        if self._general is None:
+            self._general = GeneralForward(self.bridge)
+        return self._general.patch_layers(tokens, final_pos, site, masks, source, answer_ids,
+                                          foil_ids)
+
+    def site_gradients(self, tokens, final_pos, site, answer_ids, foil_ids):
+        return site_gradients(self.ops, tokens, final_pos, site, answer_ids, foil_ids)
+
+
+def final_rows(resid: Float[Tensor, "batch pos d_model"], final_pos: Int[Tensor, " batch"]
+               ) -> Float[Tensor, "batch d_model"]:
+    return resid[torch.arange(resid.shape[0], device=resid.device), final_pos.to(resid.device)]
+
+
+def _chunk_size(ops: BlockOps, shape, work_bytes: int) -> int:
+    """Variants per chunk: a generous estimate of the live tensors one variant needs."""
+    batch, n_pos = shape
+    per_row = 8 * ops.d_model + 3 * ops.d_mlp + 4 * ops.n_heads * n_pos
+    per_variant = torch.empty((), dtype=ops.dtype).element_size() * batch * n_pos * per_row
+    return max(1, int(work_bytes // per_variant))
+
+
+# ---- staggered batched forward ------------------------------------------------------------------
+def _run_chunk(ops: BlockOps, into: Acts, source: Acts, variants: Variants,
+               final_pos: Tensor, answer_ids: Tensor, foil_ids: Tensor
+               ) -> Float[Tensor, "variant batch"]:
+    """Enter every variant where it first differs, run the blocks once for all, read the metric.
+
+    `variants` are sorted by layer, so entries are non-decreasing along the batch.
+    """
+    batch, device, n_var = final_pos.shape[0], ops.device, len(variants)
+    masks = variants.masks.to(device)
+    layer = variants.layers.to(device).repeat_interleave(batch)  # per row of the batch
+    prompt = torch.arange(batch, device=device).repeat(n_var)
+    x, offset = _enter(ops, variants.site, layer, masks, into, source, prompt)
+    start = _first_patched_pos(variants.site, masks, x.shape[1]).repeat_interleave(batch)
+    final = _run_blocks(ops, into, x, 2 * layer + offset, start, prompt,
+                        final_pos.to(device)[prompt])
+    return ops.logit_diff(final, answer_ids.to(device)[prompt],
+                          foil_ids.to(device)[prompt]).reshape(n_var, batch)
+
+
+def _run_blocks(ops: BlockOps, into: Acts, x: Float[Tensor, "n pos d_model"],
+                enter_at: Int[Tensor, " n"], start: Int[Tensor, " n"], prompt: Int[Tensor, " n"],
+                final_pos: Int[Tensor, " n"]) -> Float[Tensor, "n d_model"]:
+    """Half-steps (attention, MLP) of every block from the earliest entry; returns final rows.
+
+    Variants that have entered form a prefix of the batch. Row (n, t) is computed only once
+    variant n has entered and t >= start[n]; the other rows equal the into run's, and their
+    keys and values are read from its trace. The last block computes the final rows only.
+    """
+    n_pos, last = x.shape[1], ops.n_layers - 1
+    pos = torch.arange(n_pos, device=x.device)
+    entered = torch.searchsorted(enter_at, torch.arange(2 * last, device=x.device), right=True)
+    for step in range(int(enter_at[0]), 2 * last):
+        layer, n = step // 2, int(entered[step])
+        rows = (pos[None] >= start[:n, None]).flatten()
+        flat = None if bool(rows.all()) else rows.nonzero().squeeze(1)
+        if step % 2 == 0:
+            out = _attention_step(ops, layer, x[:n], flat, into["qkv"][layer][prompt[:n]])
+        else:
+            out = _mlp_step(ops, layer, x[:n], flat)
+        if flat is None:  # partial steps wrote into x already
+            x[:n] = out
+    return _last_block(ops, into, x, enter_at, start, prompt, final_pos)
+
+
+def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
+                    clean_qkv: Float[Tensor, "n pos qkv"]) -> Tensor:
+    """Attention sublayer on the rows `flat` of x viewed as [n*pos, d], in place.
+
+    flat=None: every row, returned as a new tensor.
+    """
+    if flat is None:
+        q, k, v = ops.split_qkv(ops.qkv_flat(layer, x))
+        return x + ops.attn_output(layer, ops.attend(q, k, v))
+    n, n_pos, d_model = x.shape
+    rows = x.reshape(-1, d_model).index_select(0, flat)
+    qkv = clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, ops.qkv_flat(layer, rows))
+    q, k, v = ops.split_qkv(qkv.view(*clean_qkv.shape))
+    z = ops.attend(q, k, v)
+    z = z.reshape(n * n_pos, *z.shape[2:]).index_select(0, flat)
+    out = rows + ops.attn_output(layer, z)
+    x.view(-1, d_model).index_copy_(0, flat, out)  # in place: x is a prefix of the batch
+    return x
+
+
+def _mlp_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None) -> Tensor:
+    if flat is None:
+        return x + ops.mlp_output(layer, ops.mlp_post(layer, x))
+    n, n_pos, d_model = x.shape
+    rows = x.reshape(-1, d_model).index_select(0, flat)
+    out = rows + ops.mlp_output(layer, ops.mlp_post(layer, rows))
+    x.view(-1, d_model).index_copy_(0, flat, out)
+    return x
+
+
+def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: Tensor,
+                prompt: Tensor, final_pos: Tensor) -> Float[Tensor, "n d_model"]:
+    """Last block, final rows only: keys/values for the changed rows, one query per variant."""
+    layer, (n, n_pos, d_model) = ops.n_layers - 1, x.shape
+    pos = torch.arange(n_pos, device=x.device)
+    in_attn = enter_at <= 2 * layer
+    changed = (in_attn[:, None] & (pos[None] >= start[:, None])).flatten()
+    flat = changed.nonzero().squeeze(1)
+    clean_qkv = into["qkv"][layer][prompt]
+    new = ops.qkv_flat(layer, x.reshape(-1, d_model).index_select(0, flat))
+    qkv = clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, new).view(*clean_qkv.shape)
+    final = torch.arange(n, device=x.device) * n_pos + final_pos
+    resid = x.reshape(-1, d_model)[final]
+    unchanged = in_attn & (final_pos < start)  # never computed: the into run's residual
+    resid = torch.where(unchanged[:, None], into["resid_pre"][layer][prompt, final_pos], resid)
+    if bool(in_attn.any()):
+        _, k, v = ops.split_qkv(qkv[in_attn])
+        q = ops.split_qkv(ops.qkv_flat(layer, resid[in_attn]))[0]
+        allowed = (pos[None] <= final_pos[in_attn, None])[:, None, None, :]
+        z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[in_attn])[:, 0]
+        resid[in_attn] = resid[in_attn] + ops.attn_output(layer, z)
+    in_mlp = enter_at <= 2 * layer + 1
+    post = ops.mlp_post(layer, resid[in_mlp])
+    resid[in_mlp] = resid[in_mlp] + ops.mlp_output(layer, post)
+    return resid
+
+
+ENTRY_OFFSET = {"resid_pre": 0, "resid_mid": 1, "resid_post": 2, "attn_out": 1, "z": 1, "q": 1,
+                "k": 1, "v": 1, "pattern": 1, "mlp_post": 2, "mlp_out": 2}
+
+
+def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, into: Acts,
+           source: Acts, prompt: Int[Tensor, " n"]) -> tuple[Float[Tensor, "n pos d_model"], int]:
+    """Residual stream of every variant where it enters: half-step 2*layer + offset.
+
+    Offsets: 0 = before the attention sublayer, 1 = before the MLP, 2 = before the next block.
+    """
+    n_var, batch = masks.shape[0], prompt.shape[0] // masks.shape[0]
+    mask = masks.expand(n_var, batch, *masks.shape[2:]).flatten(0, 1)
+
+    def clean(name: str) -> Tensor:
+        return into[name][layer, prompt]
+
+    def patched(name: str) -> Tensor:
+        return torch.where(mask, source[name][layer, prompt], clean(name))
+
+    offset = ENTRY_OFFSET[site]
+    if site in ("resid_pre", "resid_mid", "resid_post"):
+        return patched(site), offset
+    if site == "mlp_out":
+        return clean("resid_mid") + patched("mlp_out"), offset
+    if site == "mlp_post":
+        out = _per_layer(layer, patched("mlp_post"), ops.mlp_output)
+        return clean("resid_mid") + out, offset
+    if site == "attn_out":
+        return clean("resid_pre") + patched("attn_out"), offset
+    z = patched("z") if site == "z" else _patched_z(ops, site, patched, clean)
+    out = _per_layer(layer, z, ops.attn_output)
+    return clean("resid_pre") + out, offset
+
+
+def _per_layer(layer: Int[Tensor, " n"], acts: Tensor, fn) -> Tensor:
+    """Apply a layer's own weights to each run of rows (rows are sorted by layer)."""
+    layers, counts = torch.unique_consecutive(layer, return_counts=True)
+    parts = [fn(int(lay), a) for lay, a in zip(layers.tolist(), acts.split(counts.tolist()))]
+    return torch.cat(parts)
+
+
+def _patched_z(ops: BlockOps, site: str, patched, clean) -> Tensor:
+    """Head outputs after patching q, k, v or the pattern of the attention layer."""
+    if site == "pattern":
+        return ops.mix_values(patched("pattern"), clean("v"))
+    q, k, v = (patched(n) if n == site else clean(n) for n in ("q", "k", "v"))
+    return ops.mix_values(ops.attention_pattern(q, k), v)
+
+
+def _first_patched_pos(site: str, masks: Tensor, n_pos: int) -> Int[Tensor, " variant"]:
+    """First position each variant changes; rows before it are identical to the into run."""
+    pos_dim = 3 if site == "pattern" else 2  # masks: [variant, batch, (head,) pos, ...]
+    if masks.shape[pos_dim] == 1:  # broadcast over positions: all patched (if any)
+        return torch.where(masks.flatten(1).any(1), 0, n_pos)
+    hit = masks.movedim(pos_dim, 1).flatten(2).any(2)  # [variant, pos]
+    first = torch.where(hit, torch.arange(n_pos, device=masks.device), n_pos)
+    return first.min(1).values
+
+
+# ---- attribution patching -----------------------------------------------------------------------
+def site_gradients(ops: BlockOps, tokens: Tensor, final_pos: Tensor, site: str,
+                   answer_ids, foil_ids) -> Float[Tensor, "layer batch ..."]:
+    """d (sum of logit diffs) / d activation at `site` of every layer, at the clean run."""
+    with torch.inference_mode(False), torch.enable_grad():
+        shift: list[Tensor] = []
+
+        def hook(name: str, layer: int, act: Tensor) -> Tensor:
+            if name != site:
+                return act
+            shift.append(torch.zeros_like(act, requires_grad=True))
+            return act + shift[-1]
+
+        acts = ops.trace(tokens.clone().to(ops.device), hook)
+        metric = ops.logit_diff(final_rows(acts["final"], final_pos.clone()),
+                                answer_ids.clone().to(ops.device),
+                                foil_ids.clone().to(ops.device)).sum()
+        grads = torch.autograd.grad(metric, shift)
+    return torch.stack([g.detach() for g in grads])
