@@ -93,6 +93,7 @@ def fast_path_for(bridge) -> FastPath | None:
 def _register_builtin() -> None:
     if FAST_PATHS:
         return
-    from harness.measure import gpt2_fast
+    from harness.measure import gpt2_fast, llama_fast
 
     register_fast_path("gpt2", gpt2_fast.applies, gpt2_fast.GPT2Forward)
+    register_fast_path("llama", llama_fast.applies, llama_fast.LlamaForward)

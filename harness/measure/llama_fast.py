@@ -1,0 +1,332 @@
+"""The Llama family's fast path (Llama with or without GQA, Mistral, Qwen2, Gemma): the staggered
+forward (`staggered.py`) on weights read off the bridge's Hugging Face modules.
+
+Why its own ops: these models use RMSNorm, rotary position embeddings applied to q and k inside
+attention (the `q`/`k` sites are before rotation, as the bridge's hooks are), a gated MLP
+(act(x W_gate) * (x W_in)) and grouped-query attention (k, v have fewer heads; query head h
+reads key/value head h // (n_heads / n_kv_heads)). The norms' weights are folded into the
+next projection; cos/sin come from the model's own rotary module, so rope scaling variants are
+the model's. Anything else (soft-capping, sliding windows, q/k norms, extra norms, partial or
+interleaved rotary, parallel blocks) is refused by `applies` and runs on the general path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from harness.errors import MeasureError
+from harness.measure.forward import Acts, Dims
+from harness.measure.readout import Readout
+from harness.measure.staggered import StaggeredForward
+from harness.sites import SITES
+
+LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def applies(bridge) -> bool:
+    return not unsupported_features(bridge)
+
+
+def unsupported_features(bridge) -> list[str]:
+    """What keeps this model off the Llama fast path (empty: it can run here)."""
+    cfg = bridge.cfg
+    problems = []
+    if getattr(cfg, "positional_embedding_type", None) != "rotary":
+        return ["no rotary position embedding"]
+    if not str(getattr(cfg, "normalization_type", "") or "").startswith("RMS"):
+        problems.append(f"normalization {cfg.normalization_type!r}")
+    if not getattr(cfg, "gated_mlp", False):
+        problems.append("no gated MLP")
+    for flag in ("parallel_attn_mlp", "attn_only", "use_qk_norm", "rotary_adjacent_pairs",
+                 "rotary_interleaved_cos_sin", "gated_q_proj",
+                 "use_normalization_before_and_after"):
+        if getattr(cfg, flag, False):
+            problems.append(flag)
+    for cap in ("output_logits_soft_cap", "attn_scores_soft_cap"):
+        if float(getattr(cfg, cap, -1.0) or -1.0) > 0:
+            problems.append(cap)
+    blocks = getattr(bridge, "blocks", None)
+    if blocks is None or getattr(bridge, "rotary_emb", None) is None:
+        return problems + ["no blocks / rotary module to read"]
+    for i, block in enumerate(blocks):
+        layer = getattr(block, "original_component", None)
+        parts = set(dict(layer.named_children())) if layer is not None else set()
+        if parts != LAYER_PARTS:
+            problems.append(f"block {i} is not attention + MLP with two norms ({sorted(parts)})")
+            break
+        attn = getattr(block.attn, "original_component", None)
+        for name in ("attn_logit_softcapping", "sliding_window", "sinks", "key_multiplier"):
+            if getattr(attn, name, None) is not None:
+                problems.append(f"attention {name}")
+        if getattr(cfg, "rotary_dim", None) not in (None, getattr(attn, "head_dim", None)):
+            problems.append("partial rotary embedding")
+        if problems:
+            break
+    return problems
+
+
+@dataclass(frozen=True)
+class LlamaWeights:
+    """Per-layer weights, norms folded in, detached, on the model's device."""
+
+    W_E: Float[Tensor, "vocab d_model"]
+    embed_scale: float
+    W_QKV: Float[Tensor, "layer d_model qkv"]          # q, k, v side by side
+    b_QKV: Float[Tensor, "layer qkv"]
+    W_O: Float[Tensor, "layer hd d_model"]
+    b_O: Float[Tensor, "layer d_model"]
+    W_gate_in: Float[Tensor, "layer d_model two_mlp"]  # gate, then in
+    b_gate_in: Float[Tensor, "layer two_mlp"]
+    W_out: Float[Tensor, "layer d_mlp d_model"]
+    b_out: Float[Tensor, "layer d_model"]
+    eps: tuple[tuple[float, float], ...]               # (attention norm, MLP norm) per layer
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    scaling: float
+
+    @classmethod
+    def from_bridge(cls, bridge) -> LlamaWeights:
+        problems = unsupported_features(bridge)
+        if problems:
+            raise MeasureError("the Llama fast path cannot run this model: " + "; ".join(problems))
+        with torch.inference_mode(False), torch.no_grad():
+            layers = [_layer_weights(block) for block in bridge.blocks]
+            attn = bridge.blocks[0].attn.original_component
+            stack = {k: torch.stack([lw[k] for lw in layers]) for k in layers[0] if k != "eps"}
+            W_E = bridge.W_E.detach()
+            model_type = getattr(getattr(bridge, "original_model", None), "config", None)
+            model_type = getattr(model_type, "model_type", "")
+            scale = float(W_E.shape[1]) ** 0.5 if model_type == "gemma" else 1.0
+            n_heads = int(bridge.cfg.n_heads)
+            d_head = int(attn.head_dim)
+            n_kv = stack["W_QKV"].shape[-1] // d_head - n_heads
+            n_kv //= 2
+            return cls(W_E=W_E, embed_scale=scale, n_heads=n_heads, n_kv_heads=n_kv,
+                       d_head=d_head, scaling=float(attn.scaling),
+                       eps=tuple(lw["eps"] for lw in layers), **stack)
+
+
+def _linear(module) -> tuple[Tensor, Tensor]:
+    """[d_in, d_out] weight and bias (zeros when the projection has none) of a LinearBridge."""
+    inner = getattr(module, "original_component", module)
+    w = inner.weight.detach().T
+    b = inner.bias.detach() if getattr(inner, "bias", None) is not None else \
+        w.new_zeros(w.shape[1])
+    return w, b
+
+
+def _norm(bridge_norm) -> tuple[Tensor, float]:
+    """An RMSNorm's effective scale (Gemma stores it as an offset from 1) and epsilon."""
+    inner = bridge_norm.original_component
+    w = inner.weight.detach()
+    if getattr(bridge_norm, "uses_weight_offset", False):
+        w = 1.0 + w
+    eps = getattr(inner, "variance_epsilon", None) or getattr(inner, "eps", None)
+    return w, float(eps)
+
+
+def _fold(w: Tensor, scale: Tensor) -> Tensor:
+    """A norm's scale folded into the projection after it (a no-op, exactly, when unit)."""
+    return w if bool((scale == 1).all()) else scale[:, None] * w
+
+
+def _layer_weights(block) -> dict:
+    attn, mlp = block.attn, block.mlp
+    (w1, e1), (w2, e2) = _norm(block.ln1), _norm(block.ln2)
+    qkv = [_linear(getattr(attn, n)) for n in ("q", "k", "v")]
+    W_QKV = torch.cat([w for w, _ in qkv], 1)
+    W_gate, b_gate = _linear(mlp.gate)
+    W_in, b_in = _linear(getattr(mlp, "in"))
+    W_out, b_out = _linear(mlp.out)
+    W_O, b_O = _linear(attn.o)
+    return dict(W_QKV=_fold(W_QKV, w1).contiguous(), b_QKV=torch.cat([b for _, b in qkv]),
+                W_O=W_O.contiguous(), b_O=b_O,
+                W_gate_in=_fold(torch.cat([W_gate, W_in], 1), w2).contiguous(),
+                b_gate_in=torch.cat([b_gate, b_in]), W_out=W_out.contiguous(), b_out=b_out,
+                eps=(e1, e2))
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+
+
+def rms_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
+    """RMSNorm without its weight (folded into the next projection), in float32 as HF does."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class LlamaOps:
+    """The Llama family's block computations as the staggered forward's BlockOps."""
+
+    def __init__(self, weights: LlamaWeights, rotary, readout: Readout, act_fn):
+        self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
+        self.n_layers = weights.W_QKV.shape[0]
+        self.n_heads, self.n_kv_heads = weights.n_heads, weights.n_kv_heads
+        self.d_model = weights.W_E.shape[1]
+        self.d_mlp = weights.W_out.shape[1]
+        self.device, self.dtype = weights.W_E.device, weights.W_E.dtype
+        self._cos_sin: tuple[Tensor, Tensor] | None = None
+
+    # ---- rotary ---------------------------------------------------------------------------
+    def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos d_head"], Tensor]:
+        """The model's own rotary cos/sin for positions 0..n_pos-1 (cached, grown on demand)."""
+        if self._cos_sin is None or self._cos_sin[0].shape[0] < n_pos:
+            with torch.inference_mode(False), torch.no_grad():
+                x = torch.zeros(1, n_pos, self.w.d_head, dtype=self.dtype, device=self.device)
+                cos, sin = self.rotary(x, torch.arange(n_pos, device=self.device)[None])
+            self._cos_sin = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+        cos, sin = self._cos_sin
+        return cos[:n_pos], sin[:n_pos]
+
+    def rope(self, x: Float[Tensor, "n pos head d_head"], q_pos: Tensor | None = None
+             ) -> Tensor:
+        """Rotate q or k; positions 0..pos-1, or `q_pos[i]` for row i of a single query."""
+        if q_pos is None:
+            cos, sin = self.cos_sin(x.shape[1])
+            cos, sin = cos[:, None], sin[:, None]
+        else:
+            cos, sin = self.cos_sin(int(q_pos.max()) + 1)
+            cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
+        return x * cos + _rotate_half(x) * sin
+
+    # ---- BlockOps -------------------------------------------------------------------------
+    def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
+        return _affine(rms_norm(resid, self.w.eps[layer][0]), self.w.W_QKV[layer],
+                       self.w.b_QKV[layer])
+
+    def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h, kv, d = self.n_heads, self.n_kv_heads, self.w.d_head
+        q, k, v = flat.split([h * d, kv * d, kv * d], -1)
+        return q.unflatten(-1, (h, d)), k.unflatten(-1, (kv, d)), v.unflatten(-1, (kv, d))
+
+    def _expand(self, kv: Tensor, axis: int) -> Tensor:
+        groups = self.n_heads // self.n_kv_heads
+        return kv if groups == 1 else kv.repeat_interleave(groups, axis)
+
+    def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
+        q, k = self.rope(q, q_pos), self.rope(k)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), self._expand(k, 2).transpose(1, 2),
+            self._expand(v, 2).transpose(1, 2), attn_mask=allowed, is_causal=allowed is None,
+            scale=self.w.scaling)
+        return z.transpose(1, 2)
+
+    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]:
+        q, k = self.rope(q), self._expand(self.rope(k), 2)
+        scores = torch.einsum("nqhe,nkhe->nhqk", q, k) * self.w.scaling
+        n_pos = q.shape[1]
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1, dtype=torch.float32
+                                                                  ).to(q.dtype)
+
+    def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:
+        return torch.einsum("nhqk,nkhe->nqhe", pattern, self._expand(v, 2))
+
+    def attn_output(self, layer: int, z: Tensor) -> Tensor:
+        return _affine(z.flatten(-2), self.w.W_O[layer], self.w.b_O[layer])
+
+    def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
+        h = _affine(rms_norm(resid_mid, self.w.eps[layer][1]), self.w.W_gate_in[layer],
+                    self.w.b_gate_in[layer])
+        gate, up = h.chunk(2, -1)
+        return self.act_fn(gate) * up
+
+    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
+        return _affine(post, self.w.W_out[layer], self.w.b_out[layer])
+
+    def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
+        return self.readout.logit_diff(resid, answer_ids, foil_ids)
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.w.W_E[tokens]
+        if self.w.embed_scale != 1.0:  # Gemma: the scale is rounded to the model's dtype
+            x = x * torch.tensor(self.w.embed_scale, dtype=x.dtype)
+        return x
+
+    def trace(self, tokens: Int[Tensor, "batch pos"], hook=None) -> dict[str, Tensor]:
+        """Full forward keeping every site, stacked over layers: site -> [layer, batch, ...].
+
+        `hook(site, layer, act)` may replace an activation (gradients); "final" is the
+        residual stream after the last block.
+        """
+        acts: dict[str, list[Tensor]] = {s: [] for s in SITES}
+
+        def keep(site: str, layer: int, act: Tensor) -> Tensor:
+            if hook is not None:
+                act = hook(site, layer, act)
+            acts[site].append(act)
+            return act
+
+        resid = self.embed(tokens)
+        for layer in range(self.n_layers):
+            resid = keep("resid_pre", layer, resid)
+            q, k, v = (keep(s, layer, a) for s, a in
+                       zip(("q", "k", "v"), self.split_qkv(self.qkv_flat(layer, resid))))
+            pattern = keep("pattern", layer, self.attention_pattern(q, k))
+            z = keep("z", layer, self.mix_values(pattern, v))
+            attn_out = keep("attn_out", layer, self.attn_output(layer, z))
+            resid = keep("resid_mid", layer, resid + attn_out)
+            post = keep("mlp_post", layer, self.mlp_post(layer, resid))
+            resid = keep("resid_post", layer,
+                         resid + keep("mlp_out", layer, self.mlp_output(layer, post)))
+        out = {s: torch.stack(a) for s, a in acts.items()}
+        out["final"] = resid
+        return out
+
+
+class LlamaForward(StaggeredForward):
+    """The Llama family's fast path behind the engine's Forward interface."""
+
+    path = "llama-fast"
+
+    def __init__(self, bridge):
+        super().__init__(bridge)
+        weights = LlamaWeights.from_bridge(bridge)
+        self.readout = Readout.from_bridge(bridge)
+        rotary = getattr(bridge.rotary_emb, "original_component", bridge.rotary_emb)
+        act_fn = bridge.blocks[0].mlp.original_component.act_fn
+        self.ops = LlamaOps(weights, rotary, self.readout, act_fn)
+        o = self.ops
+        self.dims = Dims(n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads,
+                         d_model=o.d_model, d_head=weights.d_head, d_mlp=o.d_mlp,
+                         n_ctx=int(bridge.cfg.n_ctx), sites=SITES, device=o.device,
+                         dtype=o.dtype)
+
+    def trace(self, tokens: Int[Tensor, "batch pos"]) -> Acts:
+        acts = super().trace(tokens)
+        acts["embed"] = acts["resid_pre"][0]  # a view: the (scaled) token embedding
+        return acts
+
+    def trace_nbytes(self, batch: int, n_pos: int) -> int:
+        """Bytes of a clean trace: five residual-width sites, z, the packed q/k/v, the MLP's
+        neurons and one attention row per head, per layer and row; plus the final residual."""
+        d = self.dims
+        qkv = (d.n_heads + 2 * d.n_kv_heads) * d.d_head
+        per_row = 5 * d.d_model + d.n_heads * d.d_head + qkv + d.d_mlp + d.n_heads * n_pos
+        return (d.n_layers * per_row + d.d_model) * batch * n_pos * d.element_size
+
+    def verify(self, tokens: Tensor, acts: Acts) -> None:
+        """Our final residuals, read through the model's final norm, must give its logits."""
+        with torch.no_grad():
+            logits = self.bridge(tokens.to(self.ops.device), return_type="logits")[:, -1]
+        self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits)
+        self.ops.readout = self.readout
+
+    def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],
+                                    Float[Tensor, "layer d_model"]]:
+        w = self.ops.w
+        return w.W_O.unflatten(1, (w.n_heads, w.d_head)), w.b_O
