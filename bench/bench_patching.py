@@ -1,11 +1,15 @@
-"""Patching sweeps on a GPT-2-small-sized model: TransformerLens's patching module vs the engine.
+"""Patching sweeps on GPT-2-small and Llama-shaped models: TransformerLens's patching vs the engine.
 
-Builds, offline, two random GPT-2-small-sized models (12 layers, d_model 768, 12 heads, vocabulary
-50257; a tiny trained BPE tokenizer) and patches the second model's activations into the first
-on one 8-token prompt (model -> model, as in the seed analysis). For each sweep it prints both
-times, their ratio, the largest absolute difference of the patched logit diffs and peak memory.
+Builds, offline, two random models of each kind (GPT-2 small: 12 layers, d_model 768, 12
+heads, vocabulary 50257; Llama-shaped: 12 layers, d_model 768, 12 query heads sharing 4 KV
+heads, d_mlp 2048, vocabulary 32000, RMSNorm, rotary; a tiny trained BPE tokenizer) and patches
+the second model's activations into the first on one 8-token prompt (model -> model, as in the
+seed analysis). For each sweep it prints TransformerLens's time, the engine's (its fast path for
+the family) and the engine's general path (`PatchingEngine(path="general")`), their ratios,
+the largest absolute differences of the patched logit diffs and peak memory.
 
     python bench/bench_patching.py [--device cuda] [--json out.json] [--sweeps z,resid_pre]
+                                   [--models gpt2,llama]
 
 Timing: the TransformerLens column is its patching function given a precomputed clean cache;
 the engine column is `patch_sweep` on an engine whose clean runs are already traced (as in a
@@ -51,6 +55,22 @@ def build_gpt2_small(directory: Path, seed: int) -> Path:
     config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).eval().save_pretrained(str(directory))
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def build_llama(directory: Path, seed: int) -> Path:
+    """Random Llama-shaped checkpoint: 12 layers, d_model 768, 12 query heads sharing 4 KV
+    heads, gated MLP of 2048, vocabulary 32000, RMSNorm, rotary; the same tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_bpe_tokenizer(TINY_TEXTS, vocab_size=300)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                         num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(str(directory))
     save_tokenizer(tokenizer, directory)
     return directory
 
@@ -118,16 +138,33 @@ def timed(fn, device: str):
     return out, seconds, mem.peak_mb
 
 
+MODELS = {"gpt2": build_gpt2_small, "llama": build_llama}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweeps", default=",".join(SWEEPS))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="which random models to bench: gpt2 (GPT-2 small), llama "
+                             "(Llama-shaped, grouped-query attention)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="engine timing = best of this many calls (the first call also "
                              "pays one-off kernel and allocator warm-up, reported apart)")
     args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    results = {"machine": _machine(args.device), "models": {}}
+    print(f"device {results['machine']}")
+    for model in args.models.split(","):
+        results["models"][model] = bench_model(model, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
 
+
+def bench_model(model: str, args) -> dict:
+    """Every sweep on one model: TransformerLens, the engine's fast path and its general path."""
     import transformer_lens.patching as tl_patching
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -136,7 +173,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         bridges = []
         for name, seed in (("into", 0), ("from", 1)):
-            directory = build_gpt2_small(Path(tmp) / name, seed)
+            directory = MODELS[model](Path(tmp) / name, seed)
             bridge = TransformerBridge.boot_transformers(str(directory), device=args.device)
             bridge.enable_compatibility_mode()
             bridges.append(bridge)
@@ -150,45 +187,58 @@ def main(argv=None) -> dict:
         final = logits[rows, final_pos]
         return (final[rows, answer] - final[rows, foil]).mean()
 
-    torch.set_grad_enabled(False)
     (_, cache), tl_setup, _ = timed(lambda: from_bridge.run_with_cache(tokens), args.device)
-    engine = PatchingEngine()
+    engines = {"fast": PatchingEngine(), "general": PatchingEngine(path="general")}
     from_run = Run("from", from_bridge, tokens, final_pos)
     into_run = Run("into", into_bridge, tokens, final_pos)
+    setup = {}
+    for kind, engine in engines.items():
+        def setup_engine(engine=engine):
+            engine.logit_diff(from_run, answer, foil)
+            engine.logit_diff(into_run, answer, foil)
 
-    def setup_engine():
-        engine.logit_diff(from_run, answer, foil)
-        engine.logit_diff(into_run, answer, foil)
-
-    _, engine_setup, _ = timed(setup_engine, args.device)
-    results = {"machine": _machine(args.device), "tokens": int(tokens.shape[1]),
-               "setup_s": {"transformer_lens": tl_setup, "engine": engine_setup}, "sweeps": {}}
-    print(f"device {results['machine']}; prompt {tokens.shape[1]} tokens; one-off setup: "
-          f"TransformerLens clean cache {tl_setup:.2f} s, engine clean traces {engine_setup:.2f} s")
+        setup[kind] = timed(setup_engine, args.device)[1]
+    fast_path = engines["fast"].path_of(into_run)
+    results = {"tokens": int(tokens.shape[1]), "fast_path": fast_path,
+               "setup_s": {"transformer_lens": tl_setup, "engine": setup["fast"],
+                           "general": setup["general"]}, "sweeps": {}}
+    cfg = into_bridge.cfg
+    print(f"\n{model}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads "
+          f"({getattr(cfg, 'n_key_value_heads', None) or cfg.n_heads} KV), d_mlp {cfg.d_mlp}, "
+          f"vocab {cfg.d_vocab}; fast path {fast_path!r}; prompt {tokens.shape[1]} tokens; "
+          f"one-off setup: TransformerLens clean cache {tl_setup:.2f} s, engine clean traces "
+          f"{setup['fast']:.2f} s (general path {setup['general']:.2f} s)")
     header = (f"{'sweep':<32}{'cells':>6}{'TL s':>8}{'engine s':>10}{'1st call':>10}"
               f"{'ratio':>8}{'1st ratio':>10}{'cold ratio':>11}{'max |diff|':>11}"
-              f"{'TL MB':>7}{'engine MB':>10}")
+              f"{'TL MB':>7}{'engine MB':>10}{'general s':>10}{'gen ratio':>10}"
+              f"{'gen |diff|':>11}")
     print(header)
     for name in args.sweeps.split(","):
         fn_name, site, over = SWEEPS[name]
         fn = getattr(tl_patching, fn_name)
         ref, tl_s, tl_mb = timed(partial(fn, into_bridge, tokens, cache, metric), args.device)
-        sweep = partial(engine.patch_sweep, from_run, into_run, answer, foil, site=site,
-                        over=over)
-        grid, first_s, eng_mb = timed(sweep, args.device)
-        eng_s = min([first_s] + [timed(sweep, args.device)[1] for _ in range(args.repeat - 1)])
-        diff = (grid.raw - ref.float().cpu()).abs().max().item()
+        ref = ref.float().cpu()
+        timings = {}
+        for kind, engine in engines.items():
+            sweep = partial(engine.patch_sweep, from_run, into_run, answer, foil, site=site,
+                            over=over)
+            grid, first_s, mb = timed(sweep, args.device)
+            best = min([first_s] + [timed(sweep, args.device)[1]
+                                    for _ in range(args.repeat - 1)])
+            timings[kind] = (grid, first_s, best, mb, (grid.raw - ref).abs().max().item())
+        grid, first_s, eng_s, eng_mb, diff = timings["fast"]
+        _, _, gen_s, _, gen_diff = timings["general"]
         row = {"sweep": f"{site} over {list(over)}", "cells": grid.raw.numel(), "tl_s": tl_s,
                "engine_s": eng_s, "engine_first_call_s": first_s, "ratio": tl_s / eng_s,
                "first_call_ratio": tl_s / first_s,
-               "cold_ratio": (tl_s + tl_setup) / (first_s + engine_setup),
-               "max_abs_diff": diff, "tl_peak_mb": tl_mb, "engine_peak_mb": eng_mb}
+               "cold_ratio": (tl_s + tl_setup) / (first_s + setup["fast"]),
+               "max_abs_diff": diff, "tl_peak_mb": tl_mb, "engine_peak_mb": eng_mb,
+               "general_s": gen_s, "general_ratio": tl_s / gen_s, "general_max_abs_diff": gen_diff}
         results["sweeps"][name] = row
         print(f"{row['sweep']:<32}{row['cells']:>6}{tl_s:>8.2f}{eng_s:>10.3f}{first_s:>10.3f}"
               f"{row['ratio']:>7.1f}x{row['first_call_ratio']:>9.1f}x{row['cold_ratio']:>10.1f}x"
-              f"{diff:>11.2e}{tl_mb:>7.0f}{eng_mb:>10.0f}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+              f"{diff:>11.2e}{tl_mb:>7.0f}{eng_mb:>10.0f}{gen_s:>10.3f}"
+              f"{row['general_ratio']:>9.1f}x{gen_diff:>11.2e}", flush=True)
     return results
 
 

@@ -282,6 +282,9 @@ def test_every_claim_kind_passes(tmp_path, arch):
     failed = {cid: msg for cid, (status, _, msg) in matrix.items() if status != "passed"}
     assert not failed, failed
     # OPT is GPT-2-shaped (learned positions, pre-LayerNorm, plain MLP): the fast path takes it
-    expected_path = "gpt2-fast" if arch in ("gpt2", "opt") else "general"
+    fast = {"gpt2": "gpt2-fast", "opt": "gpt2-fast", "llama": "llama-fast",
+            "llama-gqa": "llama-fast", "mistral": "llama-fast", "qwen2": "llama-fast",
+            "gemma": "llama-fast"}
+    expected_path = fast.get(arch, "general")
     for cid in ("restore_resid", "head_sweep", "two_heads", "ablate_zero", "dla"):
         assert matrix[cid][1] == expected_path, (cid, matrix[cid])

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from harness.measure.forward import Acts, Dims
 from harness.measure.general_forward import GeneralForward
+from harness.measure.readout import Readout
 from harness.measure.selection import Variants
 
 
@@ -63,6 +64,7 @@ class StaggeredForward:
     path: str
     ops: BlockOps
     dims: Dims
+    readout: Readout
 
     def __init__(self, bridge):
         self.bridge = bridge
@@ -103,6 +105,7 @@ class StaggeredForward:
         """Patches spanning several layers: through the bridge's hooks (one forward)."""
         if self._general is None:
             self._general = GeneralForward(self.bridge)
+        self._general.readout = self.readout  # the verified one (e.g. Gemma's 1 + w norm)
         return self._general.patch_layers(tokens, final_pos, site, masks, source, answer_ids,
                                           foil_ids)
 
