@@ -306,11 +306,6 @@ class LlamaForward(StaggeredForward):
                          n_ctx=int(bridge.cfg.n_ctx), sites=SITES, device=o.device,
                          dtype=o.dtype)
 
-    def trace(self, tokens: Int[Tensor, "batch pos"]) -> Acts:
-        acts = super().trace(tokens)
-        acts["embed"] = acts["resid_pre"][0]  # a view: the (scaled) token embedding
-        return acts
-
     def trace_nbytes(self, batch: int, n_pos: int) -> int:
         """Bytes of a clean trace: five residual-width sites, z, the packed q/k/v, the MLP's
         neurons and one attention row per head, per layer and row; plus the final residual."""
