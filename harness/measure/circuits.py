@@ -18,6 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
+from harness.measure.general_forward import write_hooks
 from harness.measure.logits import prompts_per_forward
 from harness.sites import n_heads_of, parse_head, site
 
@@ -399,5 +400,5 @@ def site_replacement_hooks(cfg, site_name: str, values: dict[str, Tensor],
                 mask &= picked
             new = value.to(act.device, act.dtype)
             return torch.where(mask.to(act.device), new.expand_as(act), act)
-        hooks.append((name, hook))
+        hooks += write_hooks(site_name, layer, lambda act, hook=hook: hook(act, None))
     return hooks

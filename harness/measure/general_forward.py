@@ -138,15 +138,15 @@ class GeneralForward:
             for start in range(0, len(variants), chunk):
                 part = variants.take(torch.arange(start, min(start + chunk, len(variants))))
                 n = len(part)
-                hooks = [self._variant_hook(part, layer, source, batch)
-                         for layer in sorted(set(part.layers.tolist()))]
+                hooks = [h for layer in sorted(set(part.layers.tolist()))
+                         for h in self._variant_hooks(part, layer, source, batch)]
                 final = self._final(_repeat(tokens, n), _repeat(final_pos, n), hooks)
                 diff = self._metric(final, _repeat(answer_ids, n), _repeat(foil_ids, n))
                 out[start:start + n] = diff.reshape(n, batch).float().cpu()
         return out
 
-    def _variant_hook(self, part, layer: int, source: Acts, batch: int):
-        """Hook of one layer for stacked variants: rows of variants at other layers pass."""
+    def _variant_hooks(self, part, layer: int, source: Acts, batch: int):
+        """Hooks of one layer for stacked variants: rows of variants at other layers pass."""
         site = part.site
         at_layer = (part.layers == layer).to(self.dims.device)
         masks = part.masks.to(self.dims.device)
@@ -155,25 +155,23 @@ class GeneralForward:
         masks = masks.flatten(0, 1)  # [variant * batch, *site dims]
         new = source[site][layer]
 
-        def hook(act, hook):
+        def replace(act):
             src = new.to(act.device, act.dtype).repeat(len(part), *[1] * (act.dim() - 1))
             return torch.where(masks, src, act)
 
-        return SITE_TABLE[site].hook_name(layer), hook
+        return write_hooks(site, layer, replace)
 
     def patch_layers(self, tokens: Tensor, final_pos: Tensor, site: str,
                      masks: dict[int, Tensor], source: Acts, answer_ids: Tensor,
                      foil_ids: Tensor) -> Float[Tensor, " batch"]:
         """One patch that may span several layers: one hooked forward."""
-        def hook_for(layer: int):
+        def hooks_for(layer: int):
             mask, new = masks[layer].to(self.dims.device), source[site][layer]
-
-            def hook(act, hook):
-                return torch.where(mask, new.to(act.device, act.dtype), act)
-            return SITE_TABLE[site].hook_name(layer), hook
+            return write_hooks(site, layer,
+                               lambda act: torch.where(mask, new.to(act.device, act.dtype), act))
 
         with torch.no_grad():
-            final = self._final(tokens, final_pos, [hook_for(layer) for layer in masks])
+            final = self._final(tokens, final_pos, [h for layer in masks for h in hooks_for(layer)])
             return self._metric(final, answer_ids, foil_ids).float().cpu()
 
     def site_gradients(self, tokens: Tensor, final_pos: Tensor, site: str, answer_ids: Tensor,
@@ -181,17 +179,41 @@ class GeneralForward:
         """d (sum of logit diffs) / d activation at `site` of every layer, at the clean run."""
         shifts: list[Tensor] = []
 
-        def hook(act, hook):
+        def shifted(act):
             shifts.append(torch.zeros_like(act, requires_grad=True))
             return act + shifts[-1]
 
-        hooks = [(SITE_TABLE[site].hook_name(layer), hook) for layer in range(self.dims.n_layers)]
+        hooks = [h for layer in range(self.dims.n_layers)
+                 for h in write_hooks(site, layer, shifted)]
         with torch.inference_mode(False), torch.enable_grad():
             final = self._final(tokens.clone(), final_pos.clone(), hooks)
             metric = self._metric(final, answer_ids.clone(), foil_ids.clone()).sum()
             grads = torch.autograd.grad(metric, shifts, allow_unused=True)
         return torch.stack([torch.zeros_like(s) if g is None else g.detach()
                             for s, g in zip(shifts, grads)])
+
+
+def write_hooks(site: str, layer: int, replace) -> list[tuple[str, object]]:
+    """Forward hooks that replace `site` of `layer` by `replace(activation)`.
+
+    resid_mid is written through attn_out (resid_mid = resid_pre + attn_out): the bridge's
+    hook_resid_mid on HF Llama-style layers is the MLP norm's input, so writing it would leave
+    the residual stream that the MLP output is added to unpatched.
+    """
+    if site != "resid_mid":
+        return [(SITE_TABLE[site].hook_name(layer), lambda act, hook: replace(act))]
+    seen: dict[str, Tensor] = {}
+
+    def keep_resid_pre(act, hook):
+        seen["pre"] = act
+        return act
+
+    def write_through_attn_out(act, hook):
+        pre = seen["pre"]
+        return replace(pre + act) - pre
+
+    return [(SITE_TABLE["resid_pre"].hook_name(layer), keep_resid_pre),
+            (SITE_TABLE["attn_out"].hook_name(layer), write_through_attn_out)]
 
 
 def _repeat(t: Tensor, n: int) -> Tensor:

@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from harness.errors import MeasureError
+from harness.measure.general_forward import write_hooks
 from harness.measure.logits import _device, prompts_per_forward
 from harness.measure.results import Grid, PatchEffect, normalized_effect
 from harness.measure.sequence import metric_of_logits, sequence_metric
@@ -81,9 +82,8 @@ def run_variants(bridge, tokens: Tensor, targets: Tensor, score: Tensor, site: s
     for start in range(0, len(variants), chunk):
         part = variants[start:start + chunk]
         n = len(part)
-        hooks = [(SITE_TABLE[site].hook_name(layer),
-                  _stacked_hook(part, layer, source[layer], batch))
-                 for layer in sorted({lay for v in part for lay in v})]
+        hooks = [h for layer in sorted({lay for v in part for lay in v})
+                 for h in write_hooks(site, layer, _replacer(part, layer, source[layer], batch))]
         with torch.inference_mode():
             logits = bridge.run_with_hooks(tokens.to(device).repeat(n, 1), fwd_hooks=hooks,
                                            return_type="logits")
@@ -93,8 +93,8 @@ def run_variants(bridge, tokens: Tensor, targets: Tensor, score: Tensor, site: s
     return torch.cat(out)
 
 
-def _stacked_hook(part: list[Variant], layer: int, new: Tensor, batch: int):
-    """A hook patching, for each stacked variant, its own mask at this layer (or nothing)."""
+def _replacer(part: list[Variant], layer: int, new: Tensor, batch: int):
+    """act -> act patched, for each stacked variant, with its own mask at this layer (or not)."""
     masks = []
     for variant in part:
         mask = variant.get(layer)
@@ -103,11 +103,11 @@ def _stacked_hook(part: list[Variant], layer: int, new: Tensor, batch: int):
         masks.append(mask.expand(batch, *mask.shape[1:]))
     stacked = torch.cat(masks)
 
-    def hook(act, hook):
+    def replace(act):
         mask = stacked.to(act.device)
         source = new.to(act.device, act.dtype).expand(batch, *act.shape[1:])
         return torch.where(mask, source.repeat(len(part), *[1] * (act.dim() - 1)), act)
-    return hook
+    return replace
 
 
 def _rows_per_forward(bridge, n_pos: int, memory_budget_mb: float) -> int:
