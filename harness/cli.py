@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError, SpecError, safe_text
+from harness.finish import add_options, positive_int  # noqa: F401  (re-exported)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,36 +26,12 @@ def main(argv: list[str] | None = None) -> int:
 INTERRUPTED = 130   # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number above 0 (a usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate every claim of the given specs")
     run.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
-    run.add_argument("--report-json", type=Path, metavar="FILE", help="write the JSON report")
-    run.add_argument("--report-md", type=Path, metavar="FILE",
-                     help="write a Markdown report (CI job summary, PR comment)")
-    run.add_argument("--report-html", type=Path, metavar="DIR",
-                     help="write DIR/report.html, self-contained, with figures")
-    run.add_argument("--update-baselines", action="store_true",
-                     help="store every claim's measured values in <spec>.baseline.json")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    run.add_argument("--allow-remote-code", action="store_true",
-                     help="let models whose spec sets trust_remote_code run the Python code "
-                          "in their folder (a spec alone cannot)")
-    run.add_argument("--memory-budget-mb", type=positive_int, default=2048,
-                     help="MB for activations: traces, patched variants, forward passes "
-                          "(default 2048); larger prompt sets run in slices")
+    add_options(run.add_argument)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     run.set_defaults(func=_run)
     validate = sub.add_parser("validate", help="check specs without loading model weights")
@@ -98,6 +75,7 @@ def _spec_paths(paths: list[str]) -> list[Path]:
 
 def _run(args) -> int:
     from harness import report
+    from harness.finish import Outputs, finish
     from harness.runner import SpecResult, exit_code, run_spec_file
     from harness.session import Session
 
@@ -121,11 +99,10 @@ def _run(args) -> int:
     details = report.failure_details(verdicts)
     if details:
         print("\n" + details)
-    if args.update_baselines:
-        _update_baselines(results, report.environment(args.device, session))
-    data = report.json_report(results, args.device, session)
-    for path in report.write_reports(data, args.report_json, args.report_md, args.report_html):
-        print(f"wrote {path}")
+    _, messages = finish(results, Outputs.from_args(lambda name: getattr(args, name)),
+                         args.device, session)
+    for message in messages:
+        print(message)
     return exit_code(results)
 
 
@@ -164,15 +141,6 @@ def _interrupted_line(results, n_specs: int) -> str:
     return (f"interrupted: {len(done)} claims finished in {len(results)} of {n_specs} specs"
             + (f" ({per_spec})" if results else "")
             + "; no report or baseline was written, earlier ones are unchanged")
-
-
-def _update_baselines(results, environment: dict) -> None:
-    from harness.baselines import update_baseline
-
-    for result in results:
-        if result.spec is not None and result.verdicts:
-            path = update_baseline(result.spec.file, result.verdicts, environment)
-            print(f"updated baseline {path}")
 
 
 def _validate(args) -> int:

@@ -18,35 +18,16 @@ SPEC_ERRORS_KEY = pytest.StashKey[list]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "interp-harness claims")
-    group.addoption("--harness-device", default=None,
-                    help="device for every model (default: CUDA when available, else CPU)")
-    group.addoption("--harness-allow-remote-code", action="store_true",
-                    help="let models whose spec sets trust_remote_code run the Python code in "
-                         "their folder (a spec alone cannot)")
-    group.addoption("--harness-memory-budget-mb", type=_positive_int, default=2048,
-                    help="MB for activations: traces, patched variants, forward passes "
-                         "(default 2048); larger prompt sets run in slices")
-    group.addoption("--harness-report-json", default=None, metavar="FILE",
-                    help="write the JSON report of every claim run")
-    group.addoption("--harness-report-md", default=None, metavar="FILE",
-                    help="write a Markdown report (CI job summary, PR comment)")
-    group.addoption("--harness-report-html", default=None, metavar="DIR",
-                    help="write DIR/report.html, self-contained, with figures")
+    from harness.finish import add_options
+
+    add_options(group.addoption, prefix="harness-")
     group.addoption("--harness-devices", default=None, metavar="LIST",
                     help="with pytest-xdist: devices assigned to workers round-robin, "
                          "e.g. cuda:0,cuda:1")
-    group.addoption("--harness-update-baselines", action="store_true",
-                    help="store every claim's measured values in <spec>.baseline.json")
     parser.addini("harness_specs", "folder of spec files that `pytest <harness_checks>` runs",
                   default="specs")
     parser.addini("harness_checks", "folder whose collection runs every spec",
                   default="checks")
-
-
-def _positive_int(text: str) -> int:
-    from harness.cli import positive_int
-
-    return positive_int(text)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -289,23 +270,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
 
 def _write_outputs(config: pytest.Config, verdicts) -> None:
-    from harness import report
+    from harness.finish import Outputs, finish
     from harness.runner import SpecResult
 
     by_file: dict[str, SpecResult] = {}
     for v in verdicts:
         by_file.setdefault(v.file, SpecResult(v.file)).verdicts.append(v)
     results = list(by_file.values())
-    device, harness_session = _worker_device(config), _session(config)
-    if config.getoption("harness_update_baselines"):
-        from harness.baselines import update_baseline
-
-        env = report.environment(device, harness_session)
-        for r in results:
-            update_baseline(r.file, r.verdicts, env)
-    data = report.json_report(results, device, harness_session)
-    for entry, r in zip(data["specs"], results):
-        entry["spec"] = r.verdicts[0].spec
-    report.write_reports(data, config.getoption("harness_report_json"),
-                         config.getoption("harness_report_md"),
-                         config.getoption("harness_report_html"))
+    outputs = Outputs.from_args(lambda name: config.getoption(f"harness_{name}"))
+    data, _ = finish(results, outputs, _worker_device(config), _session(config))

@@ -89,7 +89,8 @@ def json_report(results, device: str | None = None, session=None) -> dict:
     """The JSON report of spec-format.md; `results` are runner.SpecResult objects."""
     specs = []
     for r in results:
-        entry = {"spec": r.spec.spec if r.spec else Path(r.file).stem, "file": r.file,
+        name = r.spec.spec if r.spec else r.verdicts[0].spec if r.verdicts else Path(r.file).stem
+        entry = {"spec": name, "file": r.file,
                  "claims": [verdict_json(v) for v in r.verdicts]}
         if r.error:
             entry["error"] = str(r.error)
