@@ -1,4 +1,5 @@
-"""Behavioral measurements read from the output logits: logit difference, top-k, generation."""
+"""Behavioral measurements read from the final-position logits: logit difference, top-k.
+(Generation is in generation.py.)"""
 
 from __future__ import annotations
 
@@ -77,35 +78,6 @@ def top_k_tokens(bridge, tokenizer, batch: PromptBatch, k: int,
                                         memory_budget_mb)
     return [[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(ids, ps)]
             for ids, ps in zip(indices, values)]
-
-
-def generate(bridge, tokenizer, tokens: Int[Tensor, " pos"], max_new_tokens: int,
-             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-             hooks_for=None) -> str:
-    """Greedy (temperature 0) or seeded sampling continuation of one prompt; returns the
-    prompt text plus the continuation, without special tokens. `hooks_for(tokens)` gives
-    forward hooks applied at every step (generation while patching)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = tokens.tolist()
-    n_ctx = bridge.cfg.n_ctx
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            window = torch.tensor([ids[-n_ctx:]], device=_device(bridge))
-            if hooks_for is None:
-                logits = bridge(window, return_type="logits")
-            else:
-                logits = bridge.run_with_hooks(window, fwd_hooks=hooks_for(window),
-                                               return_type="logits")
-            logits = logits[0, -1].float().cpu()
-            if temperature > 0:
-                next_id = int(torch.multinomial((logits / temperature).softmax(-1), 1,
-                                                generator=generator))
-            else:
-                next_id = int(logits.argmax())
-            ids.append(next_id)
-            if stop_at_eos and next_id == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _device(bridge) -> torch.device:
