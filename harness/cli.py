@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError, SpecError, safe_text
-from harness.finish import add_options, positive_int  # noqa: F401  (re-exported)
+from harness.finish import OPTIONS, add_options, positive_int  # noqa: F401  (re-exported)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     add_options(run.add_argument)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     run.set_defaults(func=_run)
+    merge = sub.add_parser("merge", help="join the JSON reports of a sharded run (--shard)")
+    merge.add_argument("reports", nargs="+", metavar="REPORT_JSON")
+    for name, kwargs in OPTIONS:
+        if name.startswith("report-"):
+            merge.add_argument(f"--{name}", **kwargs)
+    merge.add_argument("--junitxml", metavar="FILE", help="write a JUnit XML report")
+    merge.set_defaults(func=_merge)
     validate = sub.add_parser("validate", help="check specs without loading model weights")
     validate.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
     validate.add_argument("--allow-remote-code", action="store_true",
@@ -83,12 +90,15 @@ def _run(args) -> int:
                       verbose=not args.quiet, update_baselines=args.update_baselines,
                       allow_remote_code=args.allow_remote_code)
     paths = _spec_paths(args.paths)
+    shard = _shard(paths, args.shard) if args.shard else None
     results: list[SpecResult] = []
     with interrupt_flag() as interrupted:
         try:
             for path in paths:
                 results.append(SpecResult(str(path)))
-                run_spec_file(path, session, results[-1], stop=lambda: interrupted)
+                indices = None if shard is None else {i for f, i in shard if f == str(path)}
+                run_spec_file(path, session, results[-1], stop=lambda: interrupted,
+                              indices=indices)
                 if results[-1].error:
                     print(f"spec error: {safe_text(str(results[-1].error))}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -141,6 +151,55 @@ def _interrupted_line(results, n_specs: int) -> str:
     return (f"interrupted: {len(done)} claims finished in {len(results)} of {n_specs} specs"
             + (f" ({per_spec})" if results else "")
             + "; no report or baseline was written, earlier ones are unchanged")
+
+
+def _shard(paths: list[Path], text: str) -> set[tuple[str, int]]:
+    """This run's part of the claims of the specs that load (spec errors show in every part)."""
+    from harness.shard import parse_shard, plan
+    from harness.spec import load_spec
+
+    k, n = parse_shard(text)
+    specs = []
+    for path in paths:
+        try:
+            specs.append(load_spec(path))
+        except SpecError:
+            pass
+    return plan(specs, n)[k - 1]
+
+
+def _merge(args) -> int:
+    """Join the JSON reports of a sharded run into one report and one exit code."""
+    import json
+
+    from harness.finish import Outputs, exit_code, write_outputs
+    from harness.shard import merge_reports
+
+    reports = []
+    for path in args.reports:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise HarnessError(f"cannot read JSON report {path}: {exc}; pass the files that "
+                               "`--report-json` wrote") from None
+    data = merge_reports(reports)
+    counts: dict[str, int] = {}
+    for spec in data["specs"]:
+        for claim in spec["claims"]:
+            counts[claim["status"]] = counts.get(claim["status"], 0) + 1
+    errors = sum(1 for s in data["specs"] if s.get("error"))
+    print(f"merged {len(reports)} reports: " + ", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items())) + (f", {errors} spec errors"
+                                                         if errors else ""))
+    details = "\n".join(f"{c['status'].upper()} {s['spec']}::{c['id']}: {c.get('message', '')}"
+                        for s in data["specs"] for c in s["claims"]
+                        if c["status"] in ("failed", "error"))
+    if details:
+        print(details)
+    outputs = Outputs(args.report_json, args.report_md, args.report_html, args.junitxml)
+    for path in write_outputs(data, outputs):
+        print(f"wrote {path}")
+    return exit_code(data)
 
 
 def _validate(args) -> int:

@@ -37,6 +37,32 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(XdistHooks(), "harness-xdist")
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """`--harness-shard K/N`: keep this part's claims (the same split as `harness run --shard`);
+    spec errors and other tests stay in every part."""
+    text = config.getoption("harness_shard")
+    if not text:
+        return
+    from harness.errors import HarnessError
+    from harness.shard import parse_shard, plan
+
+    try:
+        k, n = parse_shard(text)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    claims = [item for item in items if isinstance(item, ClaimItem)]
+    specs = list({id(item.spec): item.spec for item in claims}.values())
+    chosen = plan(specs, n)[k - 1]
+    keep = [item for item in items if not isinstance(item, ClaimItem)
+            or (str(item.spec.file), item.index) in chosen]
+    kept = set(map(id, keep))
+    dropped = [item for item in items if id(item) not in kept]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 def _worker_device(config: pytest.Config) -> str | None:
     """`--harness-devices a,b`: worker gwN takes device N mod len; else --harness-device."""
     devices = config.getoption("harness_devices")

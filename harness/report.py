@@ -79,6 +79,8 @@ def verdict_json(v: Verdict) -> dict:
     out = {"id": v.claim_id, "status": v.status, "measure": v.measure, "models": list(v.models),
            "measured": v.measured, "expected": v.expected, "message": v.message,
            "seconds": round(v.seconds, 4)}
+    if v.line:
+        out["line"] = v.line
     if v.margin is not None:
         out["margin"] = v.margin
     out.update({k: val for k, val in v.extras.items() if k != "traceback"})
