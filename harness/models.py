@@ -44,7 +44,8 @@ class LoadedModel:
         path gives wrong logits (measured, TransformerLens 4.3), so generation loads a second,
         unwrapped copy of the weights once, on first use."""
         if self._plain is None:
-            self._plain = load_hf_causal_lm(self.location, self.source).to(self.device)
+            plain = load_hf_causal_lm(self.location, self.source)
+            self._plain = plain if self.source.device_map else plain.to(self.device)
         return self._plain
 
 

@@ -28,18 +28,51 @@ def read_final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[T
         for start in range(0, tokens.shape[0], step):
             rows = slice(start, start + step)
             slice_tokens = tokens[rows].to(_device(bridge))
+            slice_final = final_pos[rows].to(slice_tokens.device)
             if hooks_for is None:
-                logits = bridge(slice_tokens, return_type="logits")
+                final = final_logits(bridge, slice_tokens, slice_final)
             else:
                 logits = bridge.run_with_hooks(slice_tokens, fwd_hooks=hooks_for(rows),
                                                return_type="logits")
-            n = torch.arange(logits.shape[0], device=logits.device)
-            final = logits[n, final_pos[rows].to(logits.device)].float().cpu()
-            del logits
-            parts.append(read(final, rows))
+                final = _at(logits, slice_final)
+                del logits
+            parts.append(read(final.float().cpu(), rows))
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
+
+
+def final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch"]
+                 ) -> Float[Tensor, "batch vocab"]:
+    """Logits at each row's final position, from one forward of the HF model inside the
+    bridge that projects only the final positions onto the vocabulary (`logits_to_keep`).
+    The first call per bridge checks this against the bridge's own logits (differences
+    between tokens within 1e-5: compatibility mode may shift a row by a constant); a model
+    where it does not hold keeps using the bridge."""
+    direct = getattr(bridge, "_harness_direct_logits", None)
+    if direct is False or getattr(bridge, "original_model", None) is None:
+        return _at(bridge(tokens, return_type="logits"), final_pos)
+    keep = torch.unique(final_pos)
+    out = bridge.original_model(tokens, logits_to_keep=keep, use_cache=False).logits
+    logits = out[torch.arange(len(final_pos), device=out.device),
+                 torch.searchsorted(keep, final_pos)]
+    if direct is None:
+        reference = _at(bridge(tokens, return_type="logits"), final_pos)
+        ok = logits.shape == reference.shape and torch.allclose(
+            _centered(logits.float()), _centered(reference.float()), atol=1e-5, rtol=1e-5)
+        bridge._harness_direct_logits = ok
+        return logits if ok else reference
+    return logits
+
+
+def _at(logits: Float[Tensor, "batch pos vocab"], final_pos: Int[Tensor, " batch"]
+        ) -> Float[Tensor, "batch vocab"]:
+    return logits[torch.arange(logits.shape[0], device=logits.device),
+                  final_pos.to(logits.device)]
+
+
+def _centered(logits: Tensor) -> Tensor:
+    return logits - logits.mean(-1, keepdim=True)
 
 
 def prompts_per_forward(cfg, n_pos: int, memory_budget_mb: float,
