@@ -203,14 +203,13 @@ def _merge(args) -> int:
 
 
 def _validate(args) -> int:
-    from harness.runner import load_and_check
-    from harness.session import Session
+    """Spec checks without torch or weights (see harness/validate.py)."""
+    from harness.validate import validate_spec
 
-    session = Session(verbose=False)
     status = 0
     for path in _spec_paths(args.paths):
         try:
-            spec = load_and_check(path, session, allow_remote_code=args.allow_remote_code)
+            spec = validate_spec(path, allow_remote_code=args.allow_remote_code)
             print(f"ok: {path} ({len(spec.claims)} claims, {len(spec.models)} models)")
         except SpecError as exc:
             print(f"spec error: {safe_text(str(exc))}", file=sys.stderr)
