@@ -917,6 +917,7 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         verdict.message = f"{type(exc).__name__}: {exc}"
         verdict.extras["traceback"] = traceback.format_exc()
     verdict.seconds = time.perf_counter() - start
+    session.note_claim(verdict.seconds)
     return _apply_xfail(claim, verdict)
 
 

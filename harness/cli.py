@@ -81,6 +81,9 @@ def _spec_paths(paths: list[str]) -> list[Path]:
 
 
 def _run(args) -> int:
+    import time
+
+    start = time.perf_counter()
     from harness import report
     from harness.finish import Outputs, finish
     from harness.runner import SpecResult, exit_code, run_spec_file
@@ -88,7 +91,8 @@ def _run(args) -> int:
 
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
                       verbose=not args.quiet, update_baselines=args.update_baselines,
-                      allow_remote_code=args.allow_remote_code)
+                      allow_remote_code=args.allow_remote_code, started=start)
+    session.timing["import_s"] += time.perf_counter() - start   # torch, transformers
     paths = _spec_paths(args.paths)
     shard = _shard(paths, args.shard) if args.shard else None
     results: list[SpecResult] = []
@@ -110,7 +114,7 @@ def _run(args) -> int:
     if details:
         print("\n" + details)
     _, messages = finish(results, Outputs.from_args(lambda name: getattr(args, name)),
-                         args.device, session)
+                         args.device, session, session.timing_report())
     for message in messages:
         print(message)
     return exit_code(results)

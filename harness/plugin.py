@@ -75,14 +75,18 @@ def _worker_device(config: pytest.Config) -> str | None:
 
 def _session(config: pytest.Config):
     if SESSION_KEY not in config.stash:
+        import time
+
+        start = time.perf_counter()
         from harness.session import Session
 
-        config.stash[SESSION_KEY] = Session(
+        config.stash[SESSION_KEY] = session = Session(
             device=_worker_device(config),
             memory_budget_mb=config.getoption("harness_memory_budget_mb"),
             verbose=config.getoption("verbose") > 0,
             update_baselines=config.getoption("harness_update_baselines"),
-            allow_remote_code=config.getoption("harness_allow_remote_code"))
+            allow_remote_code=config.getoption("harness_allow_remote_code"), started=start)
+        session.timing["import_s"] += time.perf_counter() - start   # torch, transformers
     return config.stash[SESSION_KEY]
 
 
@@ -304,4 +308,6 @@ def _write_outputs(config: pytest.Config, verdicts) -> None:
         by_file.setdefault(v.file, SpecResult(v.file)).verdicts.append(v)
     results = list(by_file.values())
     outputs = Outputs.from_args(lambda name: config.getoption(f"harness_{name}"))
-    data, _ = finish(results, outputs, _worker_device(config), _session(config))
+    session = _session(config)
+    data, _ = finish(results, outputs, _worker_device(config), session,
+                     session.timing_report())

@@ -73,3 +73,33 @@ def test_light_tokenizer_splits_like_the_hf_tokenizer(tiny_checkpoints, text):
     assert light is not None
     assert light_pieces(light, text) == single_token_id(AutoTokenizer.from_pretrained(
         str(directory)), text)
+
+
+def test_json_report_has_a_timing_section(tmp_path, tiny_checkpoints):
+    import json
+
+    from harness.cli import main
+    from harness.testing import write_spec
+
+    path = write_spec(tmp_path, tiny_checkpoints["a"], """\
+        - text: "This movie was"
+          answer: " bad"
+          foil: " good"
+        """, """\
+        - id: x
+          measure: logit_diff
+          model: a
+          expect: {"<": 1000}
+        - id: y
+          measure: logit_diff
+          model: a
+          expect: {"<": 1000}
+        """)
+    out = tmp_path / "r.json"
+    assert main(["run", str(path), "-q", "--report-json", str(out)]) == 0
+    timing = json.loads(out.read_text())["timing"]
+    assert set(timing) >= {"import_s", "model_load_s", "first_claim_s", "first_verdict_after_s",
+                           "total_s"}
+    assert timing["model_load_s"]["a"] > 0 and timing["first_claim_s"] >= \
+        timing["model_load_s"]["a"]            # the first claim pays the one model load
+    assert timing["total_s"] >= timing["first_verdict_after_s"] > 0
