@@ -12,6 +12,7 @@ benchmark compare against.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -228,6 +229,9 @@ def _patching(model, patch: Patch | None, prompt_len: int):
         return
     hf, source = model.plain_hf(), patch.from_model.plain_hf()
     state: dict = {"cache": None, "start": 0, "next": 0, "acts": {}}
+    # transformers 5.x renames `past_key_values` to `cache`
+    cache_arg = "cache" if "cache" in inspect.signature(source.forward).parameters \
+        else "past_key_values"
 
     def capture(layer):
         def keep(view):
@@ -239,11 +243,12 @@ def _patching(model, patch: Patch | None, prompt_len: int):
         handles = [_site_hook(source, patch.site, layer, capture(layer))
                    for layer in patch.layer_heads()]
         try:
-            out = source(input_ids=ids, past_key_values=state["cache"], use_cache=True)
+            out = source(input_ids=ids, use_cache=True, **{cache_arg: state["cache"]})
         finally:
             for handle in handles:
                 handle.remove()
-        state["cache"] = out.past_key_values
+        cache = getattr(out, "cache", None)
+        state["cache"] = cache if cache is not None else out.past_key_values
         state["start"], state["next"] = state["next"], state["next"] + ids.shape[1]
 
     def write(layer, heads):
