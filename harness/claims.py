@@ -194,19 +194,26 @@ def _answers(ctx: ClaimContext, **more) -> list[dict]:
 
 @measure("generate")
 def _generate(ctx: ClaimContext) -> Measurement:
-    from harness.measure.logits import generate
+    from harness.measure.generation import generate_texts
 
     claim = ctx.claim
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
-    hooks_for = _generation_patch(ctx, claim.patch) if claim.patch else None
+    patch = _generation_patch(ctx, claim.patch) if claim.patch else None
     extras = {"prompts": batch.texts}
-    if claim.intervene is not None:
+    prompts = [batch.tokens[i, : int(f) + 1] for i, f in enumerate(batch.final_pos)
+               for _ in range(claim.samples)]
+    seeds = [claim.seed + i for i in range(len(prompts))]   # prompt-major: seed + i*samples + s
+    if claim.intervene is not None:   # SAE features: bridge hooks, the token loop
+        from harness.measure.generation import generate_uncached
+
         hooks_for, extras["sae_gate"] = _generation_features(ctx, model, batch, claim.intervene)
-    texts = tuple(generate(model.bridge, model.tokenizer, batch.tokens[i, : int(f) + 1],
-                           claim.max_new_tokens, claim.temperature,
-                           claim.seed + i * claim.samples + s, hooks_for=hooks_for)
-                  for i, f in enumerate(batch.final_pos) for s in range(claim.samples))
+        texts = tuple(generate_uncached(model, p, claim.max_new_tokens, claim.temperature, s,
+                                        patch, hooks_for=hooks_for)
+                      for p, s in zip(prompts, seeds))
+    else:
+        texts = tuple(generate_texts(model, prompts, seeds, claim.max_new_tokens,
+                                     claim.temperature, patch, ctx.session.memory_budget_mb))
     if not claim.sampled:
         continuations = [_continuation(model.tokenizer, batch.tokens[i, : int(f) + 1], text)
                          for i, (f, text) in enumerate(zip(batch.final_pos, texts))]
@@ -214,7 +221,7 @@ def _generate(ctx: ClaimContext) -> Measurement:
             **extras, "each": _answers(
                 ctx, continuation=[c for c, _ in continuations],
                 next_token=[n for _, n in continuations])})
-    samples = {"texts": list(texts), "scores": None}
+    samples = {"texts": list(texts), "scores": None, "seeds": seeds}
     if claim.score_with:
         samples["scores"] = _reward(ctx, claim.score_with).score(list(texts),
                                                                   claim.score_target)
@@ -264,7 +271,7 @@ def _generation_patch(ctx: ClaimContext, patch):
     from harness.measure.generation import patch_hooks
 
     source = ctx.model(patch.from_)
-    return patch_hooks(source.bridge, patch.site, patch.layers, patch.head_pairs(),
+    return patch_hooks(source, patch.site, patch.layers, patch.head_pairs(),
                        patch.neurons, patch.positions)
 
 
@@ -910,6 +917,7 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         verdict.message = f"{type(exc).__name__}: {exc}"
         verdict.extras["traceback"] = traceback.format_exc()
     verdict.seconds = time.perf_counter() - start
+    session.note_claim(verdict.seconds)
     return _apply_xfail(claim, verdict)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError, SpecError, safe_text
+from harness.finish import OPTIONS, add_options, positive_int  # noqa: F401  (re-exported)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,38 +26,21 @@ def main(argv: list[str] | None = None) -> int:
 INTERRUPTED = 130   # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number above 0 (a usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate every claim of the given specs")
     run.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
-    run.add_argument("--report-json", type=Path, metavar="FILE", help="write the JSON report")
-    run.add_argument("--report-md", type=Path, metavar="FILE",
-                     help="write a Markdown report (CI job summary, PR comment)")
-    run.add_argument("--report-html", type=Path, metavar="DIR",
-                     help="write DIR/report.html, self-contained, with figures")
-    run.add_argument("--update-baselines", action="store_true",
-                     help="store every claim's measured values in <spec>.baseline.json")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    run.add_argument("--allow-remote-code", action="store_true",
-                     help="let models whose spec sets trust_remote_code run the Python code "
-                          "in their folder (a spec alone cannot)")
-    run.add_argument("--memory-budget-mb", type=positive_int, default=2048,
-                     help="MB for activations: traces, patched variants, forward passes "
-                          "(default 2048); larger prompt sets run in slices")
+    add_options(run.add_argument)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     run.set_defaults(func=_run)
+    merge = sub.add_parser("merge", help="join the JSON reports of a sharded run (--shard)")
+    merge.add_argument("reports", nargs="+", metavar="REPORT_JSON")
+    for name, kwargs in OPTIONS:
+        if name.startswith("report-"):
+            merge.add_argument(f"--{name}", **kwargs)
+    merge.add_argument("--junitxml", metavar="FILE", help="write a JUnit XML report")
+    merge.set_defaults(func=_merge)
     validate = sub.add_parser("validate", help="check specs without loading model weights")
     validate.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
     validate.add_argument("--allow-remote-code", action="store_true",
@@ -97,20 +81,28 @@ def _spec_paths(paths: list[str]) -> list[Path]:
 
 
 def _run(args) -> int:
+    import time
+
+    start = time.perf_counter()
     from harness import report
+    from harness.finish import Outputs, finish
     from harness.runner import SpecResult, exit_code, run_spec_file
     from harness.session import Session
 
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
                       verbose=not args.quiet, update_baselines=args.update_baselines,
-                      allow_remote_code=args.allow_remote_code)
+                      allow_remote_code=args.allow_remote_code, started=start)
+    session.timing["import_s"] += time.perf_counter() - start   # torch, transformers
     paths = _spec_paths(args.paths)
+    shard = _shard(paths, args.shard) if args.shard else None
     results: list[SpecResult] = []
     with interrupt_flag() as interrupted:
         try:
             for path in paths:
                 results.append(SpecResult(str(path)))
-                run_spec_file(path, session, results[-1], stop=lambda: interrupted)
+                indices = None if shard is None else {i for f, i in shard if f == str(path)}
+                run_spec_file(path, session, results[-1], stop=lambda: interrupted,
+                              indices=indices)
                 if results[-1].error:
                     print(f"spec error: {safe_text(str(results[-1].error))}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -121,11 +113,10 @@ def _run(args) -> int:
     details = report.failure_details(verdicts)
     if details:
         print("\n" + details)
-    if args.update_baselines:
-        _update_baselines(results, report.environment(args.device, session))
-    data = report.json_report(results, args.device, session)
-    for path in report.write_reports(data, args.report_json, args.report_md, args.report_html):
-        print(f"wrote {path}")
+    _, messages = finish(results, Outputs.from_args(lambda name: getattr(args, name)),
+                         args.device, session, session.timing_report())
+    for message in messages:
+        print(message)
     return exit_code(results)
 
 
@@ -166,24 +157,63 @@ def _interrupted_line(results, n_specs: int) -> str:
             + "; no report or baseline was written, earlier ones are unchanged")
 
 
-def _update_baselines(results, environment: dict) -> None:
-    from harness.baselines import update_baseline
+def _shard(paths: list[Path], text: str) -> set[tuple[str, int]]:
+    """This run's part of the claims of the specs that load (spec errors show in every part)."""
+    from harness.shard import parse_shard, plan
+    from harness.spec import load_spec
 
-    for result in results:
-        if result.spec is not None and result.verdicts:
-            path = update_baseline(result.spec.file, result.verdicts, environment)
-            print(f"updated baseline {path}")
+    k, n = parse_shard(text)
+    specs = []
+    for path in paths:
+        try:
+            specs.append(load_spec(path))
+        except SpecError:
+            pass
+    return plan(specs, n)[k - 1]
+
+
+def _merge(args) -> int:
+    """Join the JSON reports of a sharded run into one report and one exit code."""
+    import json
+
+    from harness.finish import Outputs, exit_code, write_outputs
+    from harness.shard import merge_reports
+
+    reports = []
+    for path in args.reports:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise HarnessError(f"cannot read JSON report {path}: {exc}; pass the files that "
+                               "`--report-json` wrote") from None
+    data = merge_reports(reports)
+    counts: dict[str, int] = {}
+    for spec in data["specs"]:
+        for claim in spec["claims"]:
+            counts[claim["status"]] = counts.get(claim["status"], 0) + 1
+    errors = sum(1 for s in data["specs"] if s.get("error"))
+    print(f"merged {len(reports)} reports: " + ", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items())) + (f", {errors} spec errors"
+                                                         if errors else ""))
+    details = "\n".join(f"{c['status'].upper()} {s['spec']}::{c['id']}: {c.get('message', '')}"
+                        for s in data["specs"] for c in s["claims"]
+                        if c["status"] in ("failed", "error"))
+    if details:
+        print(details)
+    outputs = Outputs(args.report_json, args.report_md, args.report_html, args.junitxml)
+    for path in write_outputs(data, outputs):
+        print(f"wrote {path}")
+    return exit_code(data)
 
 
 def _validate(args) -> int:
-    from harness.runner import load_and_check
-    from harness.session import Session
+    """Spec checks without torch or weights (see harness/validate.py)."""
+    from harness.validate import validate_spec
 
-    session = Session(verbose=False)
     status = 0
     for path in _spec_paths(args.paths):
         try:
-            spec = load_and_check(path, session, allow_remote_code=args.allow_remote_code)
+            spec = validate_spec(path, allow_remote_code=args.allow_remote_code)
             print(f"ok: {path} ({len(spec.claims)} claims, {len(spec.models)} models)")
         except SpecError as exc:
             print(f"spec error: {safe_text(str(exc))}", file=sys.stderr)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from harness.errors import did_you_mean
 from harness.measure.results import Grid
+
+if TYPE_CHECKING:   # torch only where a measured tensor is read: validate stays light
+    import torch
 
 SCALAR, TEXT, TOKENS, GRID, PAIR, PATCH = "scalar", "text", "tokens", "grid", "pair", "patch"
 SAMPLES = "samples"   # several generations, optionally scored by a reward model
@@ -317,6 +319,8 @@ def describe_cell(grid: Grid, index: tuple[int, ...]) -> str:
 
 
 def top_cells(grid: Grid, k: int = 3, largest: bool = True) -> list[tuple[tuple[int, ...], float]]:
+    import torch
+
     flat = grid.values.flatten().float()
     k = min(k, flat.numel())
     idx = torch.topk(flat if largest else -flat, k).indices.tolist()

@@ -35,6 +35,18 @@ class LoadedModel:
     origin: str       # where it came from, for reports
     device: str
     dtype: str
+    location: str = ""
+    source: ModelSource | None = None
+    _plain: object = None
+
+    def plain_hf(self):
+        """The HF model on its own, for cached generation: inside the bridge its KV cache
+        path gives wrong logits (measured, TransformerLens 4.3), so generation loads a second,
+        unwrapped copy of the weights once, on first use."""
+        if self._plain is None:
+            plain = load_hf_causal_lm(self.location, self.source)
+            self._plain = plain if self.source.device_map else plain.to(self.device)
+        return self._plain
 
 
 def default_device() -> str:
@@ -128,7 +140,7 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
                                f"on {placed}")
     key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
     return LoadedModel(key, bridge, tokenizer, _origin(source, location), str(placed),
-                       source.dtype)
+                       source.dtype, location, source)
 
 
 def load_hf_causal_lm(location: str, source: ModelSource):

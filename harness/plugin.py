@@ -18,35 +18,16 @@ SPEC_ERRORS_KEY = pytest.StashKey[list]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "interp-harness claims")
-    group.addoption("--harness-device", default=None,
-                    help="device for every model (default: CUDA when available, else CPU)")
-    group.addoption("--harness-allow-remote-code", action="store_true",
-                    help="let models whose spec sets trust_remote_code run the Python code in "
-                         "their folder (a spec alone cannot)")
-    group.addoption("--harness-memory-budget-mb", type=_positive_int, default=2048,
-                    help="MB for activations: traces, patched variants, forward passes "
-                         "(default 2048); larger prompt sets run in slices")
-    group.addoption("--harness-report-json", default=None, metavar="FILE",
-                    help="write the JSON report of every claim run")
-    group.addoption("--harness-report-md", default=None, metavar="FILE",
-                    help="write a Markdown report (CI job summary, PR comment)")
-    group.addoption("--harness-report-html", default=None, metavar="DIR",
-                    help="write DIR/report.html, self-contained, with figures")
+    from harness.finish import add_options
+
+    add_options(group.addoption, prefix="harness-")
     group.addoption("--harness-devices", default=None, metavar="LIST",
                     help="with pytest-xdist: devices assigned to workers round-robin, "
                          "e.g. cuda:0,cuda:1")
-    group.addoption("--harness-update-baselines", action="store_true",
-                    help="store every claim's measured values in <spec>.baseline.json")
     parser.addini("harness_specs", "folder of spec files that `pytest <harness_checks>` runs",
                   default="specs")
     parser.addini("harness_checks", "folder whose collection runs every spec",
                   default="checks")
-
-
-def _positive_int(text: str) -> int:
-    from harness.cli import positive_int
-
-    return positive_int(text)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -54,6 +35,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SPEC_ERRORS_KEY] = []
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(), "harness-xdist")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """`--harness-shard K/N`: keep this part's claims (the same split as `harness run --shard`);
+    spec errors and other tests stay in every part."""
+    text = config.getoption("harness_shard")
+    if not text:
+        return
+    from harness.errors import HarnessError
+    from harness.shard import parse_shard, plan
+
+    try:
+        k, n = parse_shard(text)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    claims = [item for item in items if isinstance(item, ClaimItem)]
+    specs = list({id(item.spec): item.spec for item in claims}.values())
+    chosen = plan(specs, n)[k - 1]
+    keep = [item for item in items if not isinstance(item, ClaimItem)
+            or (str(item.spec.file), item.index) in chosen]
+    kept = set(map(id, keep))
+    dropped = [item for item in items if id(item) not in kept]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def _worker_device(config: pytest.Config) -> str | None:
@@ -68,14 +75,18 @@ def _worker_device(config: pytest.Config) -> str | None:
 
 def _session(config: pytest.Config):
     if SESSION_KEY not in config.stash:
+        import time
+
+        start = time.perf_counter()
         from harness.session import Session
 
-        config.stash[SESSION_KEY] = Session(
+        config.stash[SESSION_KEY] = session = Session(
             device=_worker_device(config),
             memory_budget_mb=config.getoption("harness_memory_budget_mb"),
             verbose=config.getoption("verbose") > 0,
             update_baselines=config.getoption("harness_update_baselines"),
-            allow_remote_code=config.getoption("harness_allow_remote_code"))
+            allow_remote_code=config.getoption("harness_allow_remote_code"), started=start)
+        session.timing["import_s"] += time.perf_counter() - start   # torch, transformers
     return config.stash[SESSION_KEY]
 
 
@@ -289,23 +300,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
 
 def _write_outputs(config: pytest.Config, verdicts) -> None:
-    from harness import report
+    from harness.finish import Outputs, finish
     from harness.runner import SpecResult
 
     by_file: dict[str, SpecResult] = {}
     for v in verdicts:
         by_file.setdefault(v.file, SpecResult(v.file)).verdicts.append(v)
     results = list(by_file.values())
-    device, harness_session = _worker_device(config), _session(config)
-    if config.getoption("harness_update_baselines"):
-        from harness.baselines import update_baseline
-
-        env = report.environment(device, harness_session)
-        for r in results:
-            update_baseline(r.file, r.verdicts, env)
-    data = report.json_report(results, device, harness_session)
-    for entry, r in zip(data["specs"], results):
-        entry["spec"] = r.verdicts[0].spec
-    report.write_reports(data, config.getoption("harness_report_json"),
-                         config.getoption("harness_report_md"),
-                         config.getoption("harness_report_html"))
+    outputs = Outputs.from_args(lambda name: config.getoption(f"harness_{name}"))
+    session = _session(config)
+    data, _ = finish(results, outputs, _worker_device(config), session,
+                     session.timing_report())

@@ -79,6 +79,8 @@ def verdict_json(v: Verdict) -> dict:
     out = {"id": v.claim_id, "status": v.status, "measure": v.measure, "models": list(v.models),
            "measured": v.measured, "expected": v.expected, "message": v.message,
            "seconds": round(v.seconds, 4)}
+    if v.line:
+        out["line"] = v.line
     if v.margin is not None:
         out["margin"] = v.margin
     out.update({k: val for k, val in v.extras.items() if k != "traceback"})
@@ -89,7 +91,8 @@ def json_report(results, device: str | None = None, session=None) -> dict:
     """The JSON report of spec-format.md; `results` are runner.SpecResult objects."""
     specs = []
     for r in results:
-        entry = {"spec": r.spec.spec if r.spec else Path(r.file).stem, "file": r.file,
+        name = r.spec.spec if r.spec else r.verdicts[0].spec if r.verdicts else Path(r.file).stem
+        entry = {"spec": name, "file": r.file,
                  "claims": [verdict_json(v) for v in r.verdicts]}
         if r.error:
             entry["error"] = str(r.error)

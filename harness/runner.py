@@ -96,9 +96,10 @@ def load_and_check(path: Path, session: Session, allow_remote_code: bool | None 
 
 
 def run_spec_file(path: Path, session: Session, result: SpecResult | None = None,
-                  stop=None) -> SpecResult:
+                  stop=None, indices: set[int] | None = None) -> SpecResult:
     """Load, check and evaluate one spec into `result` (filled as claims finish, so an
-    interrupted run still knows what it did); `stop()` true stops between claims."""
+    interrupted run still knows what it did); `stop()` true stops between claims. `indices`:
+    only the claims at these indices (a shard's)."""
     result = result or SpecResult(str(path))
     try:
         result.spec = load_and_check(path, session)
@@ -111,6 +112,8 @@ def run_spec_file(path: Path, session: Session, result: SpecResult | None = None
     for index in range(len(result.spec.claims)):
         if stop is not None and stop():
             raise KeyboardInterrupt
+        if indices is not None and index not in indices:
+            continue
         result.verdicts.append(evaluate_claim(result.spec, index, session))
     return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 
 from harness.errors import HarnessError
@@ -32,6 +33,9 @@ class Session:
     _batches: dict[tuple, PromptBatch] = field(default_factory=dict)
     _engine: object = None
     _gates: dict[tuple, object] = field(default_factory=dict)
+    timing: dict = field(default_factory=lambda: {"import_s": 0.0, "model_load_s": {},
+                                                  "first_claim_s": None})
+    started: float = field(default_factory=time.perf_counter)
 
     def model(self, spec: Spec, name: str) -> LoadedModel:
         """The loaded model a spec calls `name`; loads once per session, failures included."""
@@ -41,9 +45,34 @@ class Session:
 
         def load() -> LoadedModel:
             self._log(f"loading model '{name}' ({source.kind}) on {device}")
-            return load_model(name, source, self.location(spec, name), device,
-                              self.tokenizer(spec, name))
+            self.timed_import("transformer_lens.model_bridge")
+            start = time.perf_counter()
+            try:
+                return load_model(name, source, self.location(spec, name), device,
+                                  self.tokenizer(spec, name))
+            finally:
+                loads = self.timing["model_load_s"]
+                loads[name] = round(loads.get(name, 0.0) + time.perf_counter() - start, 3)
         return self._once(key, load)
+
+    def timed_import(self, module: str) -> None:
+        """Import `module`, adding the time it takes (the first time) to `import_s`."""
+        if module not in sys.modules:
+            import importlib
+
+            start = time.perf_counter()
+            importlib.import_module(module)
+            self.timing["import_s"] += time.perf_counter() - start
+
+    def note_claim(self, seconds: float) -> None:
+        if self.timing["first_claim_s"] is None:
+            self.timing["first_claim_s"] = round(seconds, 3)
+            self.timing["first_verdict_after_s"] = round(time.perf_counter() - self.started, 3)
+
+    def timing_report(self) -> dict:
+        """The JSON report's `timing`: imports, model loads, the first claim, the whole run."""
+        return dict(self.timing, import_s=round(self.timing["import_s"], 3),
+                    total_s=round(time.perf_counter() - self.started, 3))
 
     def tokenizer(self, spec: Spec, name: str):
         """A model's tokenizer, loaded once; a `train:` model has its base model's."""

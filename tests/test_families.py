@@ -261,8 +261,8 @@ def test_sampled_generations_with_a_rate(tmp_path, tiny_checkpoints):
 
 
 def test_generation_while_patching(tmp_path, tiny_checkpoints):
+    from harness.measure.generation import generate_uncached as generate
     from harness.measure.generation import patch_hooks
-    from harness.measure.logits import generate
     from harness.models import load_model
     from harness.spec import ModelSource
 
@@ -273,11 +273,11 @@ def test_generation_while_patching(tmp_path, tiny_checkpoints):
     changed = 0
     for text in texts:
         tokens = a.bridge.to_tokens(text, prepend_bos=True)[0]
-        plain = generate(a.bridge, a.tokenizer, tokens, 10)
-        self_patched = generate(a.bridge, a.tokenizer, tokens, 10,
-                                hooks_for=patch_hooks(a.bridge, "z", heads=heads))
+        plain = generate(a, tokens, 10)
+        self_patched = generate(a, tokens, 10,
+                                patch=patch_hooks(a, "z", heads=heads))
         assert self_patched == plain          # patching a model with itself changes nothing
-        patched = generate(a.bridge, a.tokenizer, tokens, 10,
-                           hooks_for=patch_hooks(b.bridge, "z", heads=heads))
+        patched = generate(a, tokens, 10,
+                           patch=patch_hooks(b, "z", heads=heads))
         changed += patched != plain
     assert changed >= 1

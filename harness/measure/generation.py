@@ -1,12 +1,25 @@
-"""Generation while patching: at every step, activations of a `from` model on the same tokens
-replace the chosen activations of the generating model (the seed's next step: do the
-localized components carry the behavior into longer generations?)."""
+"""Text generation for `generate` claims: batched over prompts and samples, with a KV cache,
+through Hugging Face `generate` on the model's plain HF copy (inside the bridge the KV-cache path
+gives wrong logits in TransformerLens 4.3, so the bridge is used for the token-loop reference).
+
+Each row has its own seed, so a sample's text does not depend on which rows share its batch.
+Generation while patching: at every step a `from` model runs on the same tokens (with its own
+KV cache) and its activations replace the chosen ones of the generating model; patched activations
+at earlier steps live on in the cache, exactly as when the whole sequence is rerun.
+`generate_uncached` is the token-by-token reference (one full forward per token) the tests and the
+benchmark compare against.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 HOOKS = {
     "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
@@ -18,35 +31,294 @@ HOOKS = {
 HEAD_DIM = {"z": 2, "q": 2, "k": 2, "v": 2, "pattern": 1}
 
 
-def patch_hooks(from_bridge, site: str, layers=None, heads=None, neurons=None,
-                positions=None) -> Callable[[torch.Tensor], list]:
-    """A function tokens -> forward hooks that copy `from_bridge`'s activations on `tokens`."""
-    by_layer: dict[int, list[int] | None] = {}
-    for layer, head in heads or ():
-        by_layer.setdefault(layer, []).append(head)
-    for layer in layers or ():
-        by_layer.setdefault(layer, None)
-    names = {HOOKS[site].format(layer): layer for layer in by_layer}
+@dataclass(frozen=True)
+class Patch:
+    """What generation while patching copies from `from_model` (a LoadedModel). `positions`
+    index the prompt (negative ones count from its end) and stay fixed while tokens are added;
+    without `positions` every position is patched, generated ones included."""
 
-    def hooks_for(tokens: torch.Tensor) -> list:
-        with torch.inference_mode():
-            _, cache = from_bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-        return [(name, _replace(cache[name], site, by_layer[layer], neurons, positions))
-                for name, layer in names.items()]
-    return hooks_for
+    from_model: object
+    site: str
+    layers: tuple[int, ...] | None = None
+    heads: tuple[tuple[int, int], ...] | None = None
+    neurons: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | None = None
 
+    def layer_heads(self) -> dict[int, list[int] | None]:
+        """Layer -> heads patched there (None: the whole activation)."""
+        by_layer: dict[int, list[int] | None] = {}
+        for layer, head in self.heads or ():
+            by_layer.setdefault(layer, []).append(head)
+        for layer in self.layers or ():
+            by_layer.setdefault(layer, None)
+        return by_layer
 
-def _replace(source: torch.Tensor, site: str, heads, neurons, positions):
-    def hook(activation, hook):
-        index = [slice(None)] * activation.ndim
+    def select(self, activation: Tensor, heads, prompt_len: int, first: int) -> tuple | None:
+        """The index of the patched part of an activation (bridge layout) whose positions are
+        `first`, `first + 1`, ...; None when none of them is patched."""
+        pos_dim = 2 if self.site == "pattern" else 1
+        index: list = [slice(None)] * activation.ndim
         if heads is not None:
-            index[HEAD_DIM[site]] = heads
-        if neurons is not None:
-            index[-1] = list(neurons)
-        if positions is not None:
-            pos_dim = 2 if site == "pattern" else 1
-            index[pos_dim] = [p % activation.shape[pos_dim] for p in positions]
-        patched = activation.clone()
-        patched[tuple(index)] = source.to(activation.dtype)[tuple(index)]
-        return patched
-    return hook
+            index[HEAD_DIM[self.site]] = heads
+        if self.neurons is not None:
+            index[-1] = list(self.neurons)
+        if self.positions is not None:
+            n = activation.shape[pos_dim]
+            wanted = sorted({p % prompt_len for p in self.positions})
+            index[pos_dim] = [p - first for p in wanted if first <= p < first + n]
+            if not index[pos_dim]:
+                return None
+        return tuple(index)
+
+
+def patch_hooks(from_model, site: str, layers=None, heads=None, neurons=None,
+                positions=None) -> Patch:
+    """A `Patch` from a spec's selection."""
+    return Patch(from_model, site, tuple(layers) if layers else None,
+                 tuple(map(tuple, heads)) if heads else None,
+                 tuple(neurons) if neurons else None, tuple(positions) if positions else None)
+
+
+# ----------------------------------------------------------------------------- cached, batched
+
+def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequence[int],
+                   max_new_tokens: int, temperature: float = 0.0, patch: Patch | None = None,
+                   memory_budget_mb: float = 2048) -> list[str]:
+    """One continuation per (prompt, seed) row of a LoadedModel: greedy at temperature 0, else
+    sampled with the row's own seed. Returns prompt + continuation texts without special
+    tokens, in row order.
+
+    Rows of equal prompt length are generated together (no padding, so no position or mask
+    subtleties), in chunks whose activations fit the memory budget. Models or patch sites
+    without a cached path (see `hf_sites`), and prompts that would outgrow the context, use
+    the token loop."""
+    from harness.measure.logits import prompts_per_forward
+
+    if patch is not None and patch.from_model is model:
+        patch = None      # a model patched with itself is itself
+    cfg = model.bridge.cfg
+    texts: list[str | None] = [None] * len(prompts)
+    groups: dict[int, list[int]] = {}
+    for row, tokens in enumerate(prompts):
+        groups.setdefault(len(tokens), []).append(row)
+    cached = patch is None or hf_sites(model.plain_hf(), patch.site) is not None
+    for length, rows in groups.items():
+        if not cached or length + max_new_tokens > cfg.n_ctx:
+            for row in rows:
+                texts[row] = generate_uncached(model, prompts[row], max_new_tokens, temperature,
+                                               seeds[row], patch)
+            continue
+        per_chunk = prompts_per_forward(cfg, length + max_new_tokens, memory_budget_mb)
+        if patch is not None:
+            per_chunk = max(1, per_chunk // 2)
+        for i in range(0, len(rows), per_chunk):
+            chunk = rows[i: i + per_chunk]
+            tokens = torch.stack([prompts[r] for r in chunk])
+            ids = _generate_rows(model, tokens, [seeds[r] for r in chunk], max_new_tokens,
+                                 temperature, patch)
+            for r, row_ids in zip(chunk, ids):
+                texts[r] = model.tokenizer.decode(row_ids.tolist(), skip_special_tokens=True)
+    return texts
+
+
+def _generate_rows(model, tokens: Int[Tensor, "rows pos"], seeds: list[int],
+                   max_new_tokens: int, temperature: float, patch: Patch | None
+                   ) -> Int[Tensor, "rows total"]:
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    hf = model.plain_hf()
+    eos = model.tokenizer.eos_token_id
+    pad = model.tokenizer.pad_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=eos, pad_token_id=eos if pad is None else pad)
+    processors = LogitsProcessorList([SeededSampler(seeds, temperature)] if temperature > 0
+                                     else [])
+    tokens = tokens.to(next(hf.parameters()).device)
+    with torch.inference_mode(), _patching(model, patch, tokens.shape[1]):
+        return hf.generate(tokens, attention_mask=torch.ones_like(tokens),
+                           generation_config=config, logits_processor=processors).cpu()
+
+
+class SeededSampler:
+    """A logits processor that samples each row with its own generator (so a sample depends
+    on its seed alone) and leaves only the chosen token: greedy decoding then picks it."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: Tensor, scores: Float[Tensor, "rows vocab"]) -> Tensor:
+        probs = (scores.float().cpu() / self.temperature).softmax(-1)
+        chosen = [int(torch.multinomial(p, 1, generator=g)) for p, g in
+                  zip(probs, self.generators)]
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(chosen)), torch.tensor(chosen, device=scores.device)] = 0.0
+        return out
+
+
+# ----------------------------------------------------------------------------- HF module hooks
+# Where each site lives in a GPT-2-layout HF model: (module path, "input" | "output").
+
+GPT2_SITES = {
+    "resid_pre": ("transformer.h.{}", "input"),
+    "resid_post": ("transformer.h.{}", "output"),
+    "attn_out": ("transformer.h.{}.attn", "output"),
+    "mlp_out": ("transformer.h.{}.mlp", "output"),
+    "z": ("transformer.h.{}.attn.c_proj", "input"),
+    "mlp_post": ("transformer.h.{}.mlp.c_proj", "input"),
+}
+# Not here (the token loop runs them): q, k, v and pattern, whose patches were not verified to
+# agree with the bridge's hook points, and resid_mid, which has no module boundary in GPT-2.
+
+
+def hf_sites(hf, site: str) -> tuple | None:
+    """How to reach `site` in this HF model, or None where only the bridge can (then the
+    token loop runs)."""
+    if site not in GPT2_SITES or not hasattr(getattr(hf, "transformer", None), "h"):
+        return None
+    return GPT2_SITES[site]
+
+
+def _view(tensor: Tensor, site: str, n_heads: int) -> Tensor:
+    """The activation in the bridge's layout, sharing `tensor`'s storage."""
+    if site == "z":
+        tensor = tensor.unflatten(-1, (n_heads, -1))
+    return tensor
+
+
+def _site_hook(hf, site: str, layer: int, on_activation):
+    """Register a hook at (site, layer) calling `on_activation(view)` on the bridge-layout
+    view of a clone of the activation, which then replaces the original. Returns the handle."""
+    path, where = hf_sites(hf, site)
+    module = hf.get_submodule(path.format(layer))
+    n_heads = hf.config.num_attention_heads
+
+    def apply(tensor: Tensor) -> Tensor:
+        tensor = tensor.clone()
+        on_activation(_view(tensor, site, n_heads))
+        return tensor
+
+    if where == "input":
+        def pre(mod, args, kwargs):
+            if args:
+                return (apply(args[0]),) + tuple(args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: apply(kwargs[key])}
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(mod, args, output):
+        if isinstance(output, tuple):
+            return (apply(output[0]),) + tuple(output[1:])
+        return apply(output)
+    return module.register_forward_hook(post)
+
+
+def _value_bias(hf, layer: int) -> Tensor:
+    """b_V of a layer, [n_heads, d_head]: the bridge folds it into b_O, so its z is the HF one
+    minus b_V."""
+    attn = hf.get_submodule(f"transformer.h.{layer}.attn.c_attn")
+    return attn.bias.chunk(3)[2].unflatten(0, (hf.config.num_attention_heads, -1))
+
+
+@contextmanager
+def _patching(model, patch: Patch | None, prompt_len: int):
+    """While active, every forward of the model's HF copy first runs `patch.from_model`'s on
+    the same new tokens (continuing its own KV cache) and then patches its activations in."""
+    if patch is None:
+        yield
+        return
+    hf, source = model.plain_hf(), patch.from_model.plain_hf()
+    state: dict = {"cache": None, "start": 0, "next": 0, "acts": {}}
+    # transformers 5.x renames `past_key_values` to `cache`
+    cache_arg = "cache" if "cache" in inspect.signature(source.forward).parameters \
+        else "past_key_values"
+
+    def capture(layer):
+        def keep(view):
+            state["acts"][layer] = view.clone()
+        return keep
+
+    def run_source(module, args, kwargs):
+        ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        handles = [_site_hook(source, patch.site, layer, capture(layer))
+                   for layer in patch.layer_heads()]
+        try:
+            out = source(input_ids=ids, use_cache=True, **{cache_arg: state["cache"]})
+        finally:
+            for handle in handles:
+                handle.remove()
+        cache = getattr(out, "cache", None)
+        state["cache"] = cache if cache is not None else out.past_key_values
+        state["start"], state["next"] = state["next"], state["next"] + ids.shape[1]
+
+    def write(layer, heads):
+        shift = None
+        if patch.site == "z":   # the bridge's z excludes b_V: compare like with like
+            shift = (_value_bias(hf, layer) - _value_bias(source, layer))
+
+        def replace(view):
+            index = patch.select(view, heads, prompt_len, state["start"])
+            if index is None:
+                return
+            patched = state["acts"][layer] if shift is None else state["acts"][layer] + shift
+            view[index] = patched.to(view.dtype)[index]
+        return replace
+
+    handles = [hf.register_forward_pre_hook(run_source, with_kwargs=True)]
+    handles += [_site_hook(hf, patch.site, layer, write(layer, heads))
+                for layer, heads in patch.layer_heads().items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ----------------------------------------------------------------------------- reference loop
+
+def generate_uncached(model, tokens: Int[Tensor, " pos"], max_new_tokens: int,
+                      temperature: float = 0.0, seed: int = 0, patch: Patch | None = None,
+                      hooks_for=None) -> str:
+    """The reference: one full bridge forward per new token (no cache, one row), patching
+    through the bridge's hook points by rerunning the `from` model on the whole sequence.
+    `hooks_for(window)` adds bridge hooks at every step (SAE feature interventions)."""
+    bridge, tokenizer = model.bridge, model.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    ids = tokens.tolist()
+    prompt_len = len(ids)
+    device = next(bridge.parameters()).device
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            window = torch.tensor([ids[-bridge.cfg.n_ctx:]], device=device)
+            hooks = [] if patch is None else \
+                _bridge_hooks(patch, window, prompt_len, len(ids) - window.shape[1])
+            if hooks_for is not None:
+                hooks = hooks + list(hooks_for(window))
+            logits = bridge.run_with_hooks(window, fwd_hooks=hooks, return_type="logits")
+            logits = logits[0, -1].float().cpu()
+            if temperature > 0:
+                next_id = int(torch.multinomial((logits / temperature).softmax(-1), 1,
+                                                generator=generator))
+            else:
+                next_id = int(logits.argmax())
+            ids.append(next_id)
+            if next_id == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _bridge_hooks(patch: Patch, window: Tensor, prompt_len: int, start: int) -> list:
+    names = {HOOKS[patch.site].format(layer): heads
+             for layer, heads in patch.layer_heads().items()}
+    _, cache = patch.from_model.bridge.run_with_cache(window, names_filter=lambda n: n in names)
+
+    def replace(name, heads):
+        def hook(activation, hook):
+            index = patch.select(activation, heads, prompt_len, start)
+            if index is None:
+                return activation
+            patched = activation.clone()
+            patched[index] = cache[name].to(activation.dtype)[index]
+            return patched
+        return hook
+    return [(name, replace(name, heads)) for name, heads in names.items()]

@@ -1,4 +1,5 @@
-"""Behavioral measurements read from the output logits: logit difference, top-k, generation."""
+"""Behavioral measurements read from the final-position logits: logit difference, top-k.
+(Generation is in generation.py.)"""
 
 from __future__ import annotations
 
@@ -27,18 +28,51 @@ def read_final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[T
         for start in range(0, tokens.shape[0], step):
             rows = slice(start, start + step)
             slice_tokens = tokens[rows].to(_device(bridge))
+            slice_final = final_pos[rows].to(slice_tokens.device)
             if hooks_for is None:
-                logits = bridge(slice_tokens, return_type="logits")
+                final = final_logits(bridge, slice_tokens, slice_final)
             else:
                 logits = bridge.run_with_hooks(slice_tokens, fwd_hooks=hooks_for(rows),
                                                return_type="logits")
-            n = torch.arange(logits.shape[0], device=logits.device)
-            final = logits[n, final_pos[rows].to(logits.device)].float().cpu()
-            del logits
-            parts.append(read(final, rows))
+                final = _at(logits, slice_final)
+                del logits
+            parts.append(read(final.float().cpu(), rows))
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
+
+
+def final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch"]
+                 ) -> Float[Tensor, "batch vocab"]:
+    """Logits at each row's final position, from one forward of the HF model inside the
+    bridge that projects only the final positions onto the vocabulary (`logits_to_keep`).
+    The first call per bridge checks this against the bridge's own logits (differences
+    between tokens within 1e-5: compatibility mode may shift a row by a constant); a model
+    where it does not hold keeps using the bridge."""
+    direct = getattr(bridge, "_harness_direct_logits", None)
+    if direct is False or getattr(bridge, "original_model", None) is None:
+        return _at(bridge(tokens, return_type="logits"), final_pos)
+    keep = torch.unique(final_pos)
+    out = bridge.original_model(tokens, logits_to_keep=keep, use_cache=False).logits
+    logits = out[torch.arange(len(final_pos), device=out.device),
+                 torch.searchsorted(keep, final_pos)]
+    if direct is None:
+        reference = _at(bridge(tokens, return_type="logits"), final_pos)
+        ok = logits.shape == reference.shape and torch.allclose(
+            _centered(logits.float()), _centered(reference.float()), atol=1e-5, rtol=1e-5)
+        bridge._harness_direct_logits = ok
+        return logits if ok else reference
+    return logits
+
+
+def _at(logits: Float[Tensor, "batch pos vocab"], final_pos: Int[Tensor, " batch"]
+        ) -> Float[Tensor, "batch vocab"]:
+    return logits[torch.arange(logits.shape[0], device=logits.device),
+                  final_pos.to(logits.device)]
+
+
+def _centered(logits: Tensor) -> Tensor:
+    return logits - logits.mean(-1, keepdim=True)
 
 
 def prompts_per_forward(cfg, n_pos: int, memory_budget_mb: float,
@@ -77,35 +111,6 @@ def top_k_tokens(bridge, tokenizer, batch: PromptBatch, k: int,
                                         memory_budget_mb)
     return [[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(ids, ps)]
             for ids, ps in zip(indices, values)]
-
-
-def generate(bridge, tokenizer, tokens: Int[Tensor, " pos"], max_new_tokens: int,
-             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-             hooks_for=None) -> str:
-    """Greedy (temperature 0) or seeded sampling continuation of one prompt; returns the
-    prompt text plus the continuation, without special tokens. `hooks_for(tokens)` gives
-    forward hooks applied at every step (generation while patching)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = tokens.tolist()
-    n_ctx = bridge.cfg.n_ctx
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            window = torch.tensor([ids[-n_ctx:]], device=_device(bridge))
-            if hooks_for is None:
-                logits = bridge(window, return_type="logits")
-            else:
-                logits = bridge.run_with_hooks(window, fwd_hooks=hooks_for(window),
-                                               return_type="logits")
-            logits = logits[0, -1].float().cpu()
-            if temperature > 0:
-                next_id = int(torch.multinomial((logits / temperature).softmax(-1), 1,
-                                                generator=generator))
-            else:
-                next_id = int(logits.argmax())
-            ids.append(next_id)
-            if stop_at_eos and next_id == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _device(bridge) -> torch.device:

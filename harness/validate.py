@@ -1,0 +1,100 @@
+"""`harness validate`: specs checked without torch and without weights (a cold start of a
+second or so, fit for a pre-commit hook). Answers and foils are checked with the `tokenizers`
+library on each model's tokenizer.json (local directories, the zoo, the HF cache); a model whose
+tokenizer is not on disk is checked when the suite runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.errors import SpecError
+from harness.spec import Spec, load_spec
+
+
+def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
+                 pieces_of: Callable[[object, str], int | list[str]]) -> list[SpecError]:
+    """Every answer, foil and span marker must be one token for each model that reads it (the
+    light twin of runner.check_tokens). `tokenizer_for`
+    gives a model's tokenizer (None: not available, left for claim time); `pieces_of` gives the
+    id of a one-token text or how it splits."""
+    errors: dict[str, SpecError] = {}
+    tokenizers: dict[str, object | None] = {}
+    for index, claim in enumerate(spec.claims):
+        for name in claim.model_names():
+            if name not in tokenizers:
+                tokenizers[name] = tokenizer_for(name)
+            tokenizer = tokenizers[name]
+            if tokenizer is None:
+                continue
+            for prompt in spec.claim_prompts(claim):
+                for field_name in ("answer", "foil"):
+                    text = getattr(prompt, field_name)
+                    if text is None:
+                        continue
+                    pieces = pieces_of(tokenizer, text)
+                    if isinstance(pieces, list):
+                        error = spec.error(
+                            prompt.loc + (field_name,),
+                            f"{field_name} {text!r} is {len(pieces)} tokens for model "
+                            f"'{name}': {pieces}; use a single token (often with a leading "
+                            "space)")
+                        errors.setdefault(str(error), error)
+            marker = getattr(getattr(claim, "span", None), "after", None)
+            if marker is not None and isinstance(pieces_of(tokenizer, marker), list):
+                pieces = pieces_of(tokenizer, marker)
+                error = spec.error(("claims", index, "span", "after"),
+                                   f"span marker {marker!r} is {len(pieces)} tokens for "
+                                   f"model '{name}': {pieces}; use a single token")
+                errors.setdefault(str(error), error)
+    return list(errors.values())
+
+
+def validate_spec(path: Path, allow_remote_code: bool = False) -> Spec:
+    """load_spec, the static checks against config and tokenizer files, and the token checks
+    with light tokenizers; raises the first SpecError (the others attached). Clean/corrupt
+    token-length checks need the HF tokenizer and happen when the suite runs."""
+    from harness.static_checks import check_spec
+
+    spec = load_spec(path)
+    errors = check_spec(spec, allow_remote_code) or \
+        token_errors(spec, lambda name: light_tokenizer(spec, name), light_pieces)
+    if errors:
+        errors[0].others = errors[1:]
+        raise errors[0]
+    return spec
+
+
+def light_tokenizer(spec: Spec, name: str):
+    """A `tokenizers.Tokenizer` for a model of the spec, or None when its tokenizer.json is
+    not on disk (a hub model not in the cache, a tokenizer without a fast version)."""
+    from tokenizers import Tokenizer
+
+    while spec.models[name].train is not None:      # a trained model has its base's
+        name = spec.models[name].train.base
+    source = spec.models[name]
+    path = None
+    if source.zoo:
+        from harness.zoo import zoo_checkpoint
+
+        try:
+            path = zoo_checkpoint(source.zoo) / "tokenizer.json"
+        except Exception:     # not built: the run says so
+            return None
+    elif source.path:
+        path = (spec.directory / source.path) / "tokenizer.json"
+    elif source.hf:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source.hf, "tokenizer.json", revision=source.revision)
+        path = Path(found) if isinstance(found, str) else None
+    if path is None or not Path(path).is_file():
+        return None
+    return Tokenizer.from_file(str(path))
+
+
+def light_pieces(tokenizer, text: str) -> int | list[str]:
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if len(ids) == 1:
+        return ids[0]
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
