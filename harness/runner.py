@@ -96,7 +96,7 @@ def load_and_check(path: Path, session: Session, allow_remote_code: bool | None 
 
 
 def run_spec_file(path: Path, session: Session, result: SpecResult | None = None,
-                  stop=None) -> SpecResult:
+                  stop=None, select=None) -> SpecResult:
     """Load, check and evaluate one spec into `result` (filled as claims finish, so an
     interrupted run still knows what it did); `stop()` true stops between claims."""
     result = result or SpecResult(str(path))
@@ -108,10 +108,19 @@ def run_spec_file(path: Path, session: Session, result: SpecResult | None = None
     except HarnessError as exc:
         result.error = SpecError(str(exc), file=str(path))
         return result
-    for index in range(len(result.spec.claims)):
+    return run_spec(result.spec, session, result, select=select, stop=stop)
+
+
+def run_spec(spec: Spec, session: Session, result: SpecResult | None = None, select=None,
+             stop=None) -> SpecResult:
+    """Evaluate the claims of a loaded spec (its tokens already checked) that `select`
+    (selection.py) keeps, all without it; `stop()` true stops between claims."""
+    result = result or SpecResult(spec.file, spec)
+    for index, claim in enumerate(spec.claims):
         if stop is not None and stop():
             raise KeyboardInterrupt
-        result.verdicts.append(evaluate_claim(result.spec, index, session))
+        if select is None or select(spec.file, spec.spec, claim.id, claim.measure):
+            result.verdicts.append(evaluate_claim(spec, index, session))
     return result
 
 
