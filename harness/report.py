@@ -29,10 +29,11 @@ def rows(verdicts: list[Verdict]) -> list[list]:
             for v in verdicts]
 
 
-def table(verdicts: list[Verdict], spec_errors: list[str] = ()) -> str:
+def table(verdicts: list[Verdict], spec_errors: list[str] = (), limit: int | None = None) -> str:
     """The summary table both front ends print."""
     out = tabulate(rows(verdicts), HEADERS, tablefmt="simple") if verdicts else "(no claims)"
-    return safe_text(f"{out}\n{summary_line([v.status for v in verdicts], len(spec_errors))}")
+    line = summary_line([v.status for v in verdicts], len(spec_errors), limit)
+    return safe_text(f"{out}\n{line}")
 
 
 def summary_line(statuses: list[str], spec_errors: int = 0, limit: int | None = None) -> str:
@@ -102,7 +103,8 @@ def verdict_json(v: Verdict) -> dict:
 
 
 def json_report(results, device: str | None = None, session=None) -> dict:
-    """The JSON report of spec-format.md; `results` are runner.SpecResult objects."""
+    """The JSON report of spec-format.md; `results` are runner.SpecResult objects. A run
+    limited to the first N prompts (`--limit`) says so in `limit`."""
     specs = []
     for r in results:
         entry = {"spec": r.spec.spec if r.spec else Path(r.file).stem, "file": r.file,
@@ -110,8 +112,11 @@ def json_report(results, device: str | None = None, session=None) -> dict:
         if r.error:
             entry["error"] = str(r.error)
         specs.append(entry)
-    return {"harness_version": __version__, "environment": environment(device, session),
-            "specs": specs}
+    out = {"harness_version": __version__, "environment": environment(device, session),
+           "specs": specs}
+    if session is not None and getattr(session, "limit", None) is not None:
+        out["limit"] = session.limit
+    return out
 
 
 def write_reports(report: dict, json_path=None, md_path=None, html_dir=None) -> list[Path]:

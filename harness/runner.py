@@ -130,3 +130,13 @@ def exit_code(results: list[SpecResult]) -> int:
         return 2
     bad = {"failed", "error"}
     return 1 if any(v.status in bad for r in results for v in r.verdicts) else 0
+
+
+LIMITED = 3   # every claim run held, but on the first N prompts only (--limit): not a full check
+
+
+def exit_code_limited(results: list[SpecResult], limit: int | None) -> int:
+    """`exit_code`, except that a passing run limited to the first N prompts exits 3: CI must
+    not mistake a quick look for a full check."""
+    code = exit_code(results)
+    return LIMITED if code == 0 and limit is not None else code
