@@ -67,7 +67,7 @@ def check(spec, models: dict | None = None, claims: list[dict] | None = None, *,
     """Evaluate a spec's claims (or `claims`, with the spec's models and prompts) on models
     already in memory where given (keyed by the spec's model names), loading the rest once.
     Pass `session=` (result.session) to reuse what an earlier call loaded."""
-    from harness.runner import check_tokens, run_spec
+    from harness.runner import check_loaded, run_spec
     from harness.session import Session
     from harness.spec import load_spec, load_spec_text
 
@@ -83,10 +83,7 @@ def check(spec, models: dict | None = None, claims: list[dict] | None = None, *,
     session = session or Session(device=device, verbose=verbose)
     for model_name, model in (models or {}).items():
         session.provide(loaded, model_name, model)
-    errors = check_tokens(loaded, session)
-    if errors:
-        errors[0].others = errors[1:]
-        raise errors[0]
+    check_loaded(loaded, session)
     result = run_spec(loaded, session)
     return CheckResult(loaded, data, result.verdicts, session)
 

@@ -84,9 +84,13 @@ def _tokenizer_or_none(spec: Spec, name: str, session: Session):
 def load_and_check(path: Path, session: Session, allow_remote_code: bool | None = None) -> Spec:
     """Read the spec, then check it against the models' config and tokenizer files, then
     (tokenizers loaded) that answers and foils are single tokens: all before any weights."""
+    return check_loaded(load_spec(path), session, allow_remote_code)
+
+
+def check_loaded(spec: Spec, session: Session, allow_remote_code: bool | None = None) -> Spec:
+    """The checks of `load_and_check` on a spec already parsed (a notebook's)."""
     from harness.static_checks import check_spec
 
-    spec = load_spec(path)
     allow = session.allow_remote_code if allow_remote_code is None else allow_remote_code
     errors = check_spec(spec, allow) or check_tokens(spec, session)
     if errors:
