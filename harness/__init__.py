@@ -15,4 +15,18 @@ def evaluate(path, device: str | None = None):
     return run_spec_file(Path(path), Session(device=device))
 
 
-__all__ = ["load_spec", "evaluate", "__version__"]
+def check(spec, models=None, claims=None, **kwargs):
+    """The notebook API: see harness.notebook.check."""
+    from harness.notebook import check as _check
+
+    return _check(spec, models, claims, **kwargs)
+
+
+def claim(id: str, measure: str, expect: dict, **fields) -> dict:
+    """A claim built in Python with the YAML fields; see harness.notebook.claim."""
+    from harness.notebook import claim as _claim
+
+    return _claim(id, measure, expect, **fields)
+
+
+__all__ = ["load_spec", "evaluate", "check", "claim", "__version__"]

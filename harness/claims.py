@@ -86,6 +86,8 @@ class ClaimContext:
 
     def batch(self, model: LoadedModel):
         prompts = self.prompts or self.spec.claim_prompts(self.claim)
+        if self.session.limit is not None:   # --limit N: a quick look at the first N
+            prompts = prompts[: self.session.limit]
         return self.session.batch(self.spec, prompts, model, self.prepend_bos)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError, SpecError, safe_text
 from harness.finish import OPTIONS, add_options, positive_int  # noqa: F401  (re-exported)
+from harness.selection import STATE_FILE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="evaluate every claim of the given specs")
     run.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
     add_options(run.add_argument)
+    run.add_argument("-k", dest="keyword", metavar="EXPR",
+                     help="only claims matching EXPR, as pytest -k: substrings of "
+                          "'spec::claim', the file's stem or the measure, with and/or/not")
+    run.add_argument("--lf", "--last-failed", dest="last_failed", action="store_true",
+                     help="only the claims that failed or errored in the previous run "
+                          f"(remembered in {STATE_FILE} beside the specs); all when none did")
+    run.add_argument("--limit", type=positive_int, metavar="N",
+                     help="measure each claim on its first N prompts only: a quick look; the "
+                          "reports say LIMITED and a passing run exits 3, not 0")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     run.set_defaults(func=_run)
     merge = sub.add_parser("merge", help="join the JSON reports of a sharded run (--shard)")
@@ -41,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
             merge.add_argument(f"--{name}", **kwargs)
     merge.add_argument("--junitxml", metavar="FILE", help="write a JUnit XML report")
     merge.set_defaults(func=_merge)
+    show = sub.add_parser("show", help="print one claim's whole measurement: grids as "
+                                       "labelled tables, per-prompt values, samples and seeds")
+    show.add_argument("target", metavar="SPEC::CLAIM")
+    show.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    show.add_argument("--limit", type=positive_int, metavar="N",
+                      help="measure on the first N prompts only")
+    show.set_defaults(func=_show)
     validate = sub.add_parser("validate", help="check specs without loading model weights")
     validate.add_argument("paths", nargs="+", metavar="SPEC_OR_DIR")
     validate.add_argument("--allow-remote-code", action="store_true",
@@ -58,7 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--markdown", action="store_true", help="print a Markdown table")
     diff.add_argument("--changed", action="store_true", help="only claims that changed")
     diff.set_defaults(func=_diff)
+    freeze = sub.add_parser("freeze", help="write a spec whose expectations are a report's "
+                                           "measured values (a regression test of a finding)")
+    freeze.add_argument("report", type=Path, metavar="REPORT.json")
+    freeze.add_argument("-o", "--output", type=Path, required=True, metavar="SPEC.yaml",
+                        help="the spec to write (a directory when the report has several)")
+    freeze.add_argument("--tolerance", type=float, default=0.05,
+                        help="absolute tolerance of frozen numbers (default 0.05)")
+    freeze.set_defaults(func=_freeze)
     return parser
+
+
+def _freeze(args) -> int:
+    from harness.freeze import freeze_report
+
+    for path in freeze_report(args.report, args.output, args.tolerance):
+        print(f"wrote {path}")
+    return 0
 
 
 def _diff(args) -> int:
@@ -86,13 +119,16 @@ def _run(args) -> int:
     start = time.perf_counter()
     from harness import report
     from harness.finish import Outputs, finish
-    from harness.runner import SpecResult, exit_code, run_spec_file
+    from harness.runner import SpecResult, exit_code_limited, run_spec_file
+    from harness.selection import selector
     from harness.session import Session
 
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
                       verbose=not args.quiet, update_baselines=args.update_baselines,
-                      allow_remote_code=args.allow_remote_code, started=start)
+                      allow_remote_code=args.allow_remote_code, started=start,
+                      limit=args.limit)
     session.timing["import_s"] += time.perf_counter() - start   # torch, transformers
+    select = selector(args.keyword, args.last_failed)
     paths = _spec_paths(args.paths)
     shard = _shard(paths, args.shard) if args.shard else None
     results: list[SpecResult] = []
@@ -102,14 +138,19 @@ def _run(args) -> int:
                 results.append(SpecResult(str(path)))
                 indices = None if shard is None else {i for f, i in shard if f == str(path)}
                 run_spec_file(path, session, results[-1], stop=lambda: interrupted,
-                              indices=indices)
+                              select=select, indices=indices)
                 if results[-1].error:
                     print(f"spec error: {safe_text(str(results[-1].error))}", file=sys.stderr)
+                elif results[-1].spec is not None:
+                    _remember(path, results[-1])
         except KeyboardInterrupt:
             print(_interrupted_line(results, len(paths)), file=sys.stderr)
             return INTERRUPTED
     verdicts = [v for r in results for v in r.verdicts]
-    print(report.table(verdicts, [str(r.error) for r in results if r.error]))
+    if select is not None and not verdicts and not any(r.error for r in results):
+        print(f"no claim matches -k {args.keyword!r}" if args.keyword else "no claims selected",
+              file=sys.stderr)
+    print(report.table(verdicts, [str(r.error) for r in results if r.error], args.limit))
     details = report.failure_details(verdicts)
     if details:
         print("\n" + details)
@@ -117,7 +158,43 @@ def _run(args) -> int:
                          args.device, session, session.timing_report())
     for message in messages:
         print(message)
-    return exit_code(results)
+    return exit_code_limited(results, args.limit)
+
+
+def _remember(path: Path, result) -> None:
+    """Which claims failed, for --last-failed (a read-only specs folder only warns)."""
+    from harness.selection import record_run
+
+    try:
+        record_run(path, {v.claim_id: v.status for v in result.verdicts},
+                   [c.id for c in result.spec.claims])
+    except OSError as exc:
+        print(f"warning: cannot remember failed claims beside {path}: {exc}", file=sys.stderr)
+
+
+def _show(args) -> int:
+    from harness import report
+    from harness.runner import run_spec_file
+    from harness.selection import selector
+    from harness.session import Session
+    from harness.show import claim_text
+
+    path, sep, claim_id = args.target.rpartition("::")
+    if not sep or not path or not claim_id:
+        raise HarnessError(f"show: expected SPEC::CLAIM (e.g. specs/x.yaml::my-claim), got "
+                           f"{args.target!r}")
+    session = Session(device=args.device, verbose=False, limit=args.limit)
+    result = run_spec_file(Path(path), session, select=selector(claim_id=claim_id))
+    if result.error:
+        raise result.error
+    if not result.verdicts:
+        from harness.errors import did_you_mean
+
+        ids = [c.id for c in result.spec.claims]
+        raise HarnessError(f"{path}: no claim '{claim_id}'" + did_you_mean(claim_id, ids))
+    data = report.json_report([result], args.device, session)
+    print(claim_text(result.spec.spec, data["specs"][0]["claims"][0]))
+    return 0
 
 
 class interrupt_flag:

@@ -143,6 +143,38 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
                        source.dtype, location, source)
 
 
+def wrap_in_memory(name: str, model) -> LoadedModel:
+    """A notebook's model as a LoadedModel: a TransformerBridge as it is (compatibility mode
+    switched on if it is off), an HF causal LM + tokenizer pair wrapped in a new bridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, tuple) and len(model) == 2:
+        hf_model, tokenizer = model
+        if not hasattr(hf_model, "config") or not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise HarnessError(f"models['{name}']: expected (hf_model, tokenizer), got "
+                               f"({type(hf_model).__name__}, {type(tokenizer).__name__})")
+        device = str(next(hf_model.parameters()).device)
+        location = getattr(hf_model.config, "_name_or_path", "") or hf_model.config.model_type
+        bridge = TransformerBridge.boot_transformers(location, hf_model=hf_model.eval(),
+                                                     tokenizer=tokenizer, device=device,
+                                                     dtype=next(hf_model.parameters()).dtype)
+    elif isinstance(model, TransformerBridge):
+        bridge, tokenizer = model, model.tokenizer
+    else:
+        raise HarnessError(f"models['{name}']: expected a TransformerBridge or an "
+                           f"(hf_model, tokenizer) pair, got {type(model).__name__}")
+    if not getattr(bridge, "compatibility_mode", False):
+        bridge.enable_compatibility_mode()
+    bridge.eval()
+    param = next(bridge.parameters())
+    dtype = {v: k for k, v in DTYPES.items()}.get(param.dtype, str(param.dtype))
+    return LoadedModel(f"{name}|memory:{id(bridge)}", bridge, tokenizer,
+                       f"memory:{type(bridge.original_model).__name__}", str(param.device),
+                       dtype)
+
+
 def load_hf_causal_lm(location: str, source: ModelSource):
     """The HF language model, unwrapping RL value-head checkpoints in local directories."""
     kwargs = dict(revision=source.revision, trust_remote_code=source.trust_remote_code,

@@ -29,16 +29,33 @@ def rows(verdicts: list[Verdict]) -> list[list]:
             for v in verdicts]
 
 
-def table(verdicts: list[Verdict], spec_errors: list[str] = ()) -> str:
+def table(verdicts: list[Verdict], spec_errors: list[str] = (), limit: int | None = None) -> str:
     """The summary table both front ends print."""
     out = tabulate(rows(verdicts), HEADERS, tablefmt="simple") if verdicts else "(no claims)"
-    counts = {}
-    for v in verdicts:
-        counts[v.status] = counts.get(v.status, 0) + 1
-    parts = [f"{n} {s}" for s, n in sorted(counts.items())]
+    line = summary_line([v.status for v in verdicts], len(spec_errors), limit)
+    return safe_text(f"{out}\n{line}")
+
+
+def summary_line(statuses: list[str], spec_errors: int = 0, limit: int | None = None) -> str:
+    """`27 claims: 1 error, 2 failed, 24 passed` (worst first): the first line of every report."""
+    counts: dict[str, int] = {}
+    for status in sorted(statuses, key=lambda s: STATUS_ORDER.get(s, 9)):
+        counts[status] = counts.get(status, 0) + 1
+    parts = [f"{n} {s}" for s, n in counts.items()]
     if spec_errors:
-        parts.append(f"{len(spec_errors)} spec error{'s' if len(spec_errors) > 1 else ''}")
-    return safe_text(f"{out}\n{', '.join(parts)}")
+        parts.append(f"{spec_errors} spec error{'s' if spec_errors > 1 else ''}")
+    n = len(statuses)
+    line = f"{n} claim{'s' * (n != 1)}: {', '.join(parts) or 'none run'}"
+    if limit is not None:
+        line += f" (LIMITED to the first {limit} prompt{'s' * (limit != 1)} of each claim)"
+    return line
+
+
+def report_summary_line(report: dict) -> str:
+    """The summary line of a JSON report."""
+    statuses = [c["status"] for s in report["specs"] for c in s["claims"]]
+    return summary_line(statuses, sum(1 for s in report["specs"] if s.get("error")),
+                        report.get("limit"))
 
 
 def failure_details(verdicts: list[Verdict]) -> str:
@@ -88,7 +105,8 @@ def verdict_json(v: Verdict) -> dict:
 
 
 def json_report(results, device: str | None = None, session=None) -> dict:
-    """The JSON report of spec-format.md; `results` are runner.SpecResult objects."""
+    """The JSON report of spec-format.md; `results` are runner.SpecResult objects. A run
+    limited to the first N prompts (`--limit`) says so in `limit`."""
     specs = []
     for r in results:
         name = r.spec.spec if r.spec else r.verdicts[0].spec if r.verdicts else Path(r.file).stem
@@ -97,8 +115,11 @@ def json_report(results, device: str | None = None, session=None) -> dict:
         if r.error:
             entry["error"] = str(r.error)
         specs.append(entry)
-    return {"harness_version": __version__, "environment": environment(device, session),
-            "specs": specs}
+    out = {"harness_version": __version__, "environment": environment(device, session),
+           "specs": specs}
+    if session is not None and getattr(session, "limit", None) is not None:
+        out["limit"] = session.limit
+    return out
 
 
 def write_reports(report: dict, json_path=None, md_path=None, html_dir=None) -> list[Path]:
@@ -131,7 +152,53 @@ def _default(obj):
     return str(obj)
 
 
-__all__ = ["table", "json_report", "write_json", "write_reports", "failure_details"]
+__all__ = ["table", "json_report", "write_json", "write_reports", "failure_details",
+           "summary_line", "dataframe"]
+
+
+# ----------------------------------------------------------------------------- pandas
+
+def dataframe(report: dict, per_prompt: bool = False):
+    """The JSON report as a DataFrame: one row per claim (`value` holds scalar measurements),
+    or with `per_prompt`, one row per claim and prompt for claims measured per prompt."""
+    import pandas as pd
+
+    records = []
+    for spec in report["specs"]:
+        for c in spec["claims"]:
+            base = {"spec": spec["spec"], "claim": c["id"], "measure": c["measure"],
+                    "models": ", ".join(c.get("models", [])), "status": c["status"]}
+            if per_prompt:
+                records += [{**base, "prompt_index": i, "prompt": prompt, "value": value}
+                            for i, (prompt, value) in enumerate(_per_prompt_values(c))]
+                continue
+            measured = c.get("measured")
+            records.append({**base, "value": measured if isinstance(measured, float) else None,
+                            "measured": _measured_cell(c) if measured is not None else "",
+                            "expected": expected_text(c["expected"]),
+                            "margin": c.get("margin"), "message": c.get("message", ""),
+                            "seconds": c.get("seconds")})
+    columns = ["spec", "claim", "measure", "models", "status"] + (
+        ["prompt_index", "prompt", "value"] if per_prompt else
+        ["value", "measured", "expected", "margin", "message", "seconds"])
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def _per_prompt_values(c: dict) -> list[tuple[str, object]]:
+    """(prompt, value) pairs of a claim measured per prompt: logit diffs and patch effects,
+    top tokens, greedy texts."""
+    prompts = c.get("prompts") or []
+    values = c.get("per_prompt")
+    if values is None and c["measure"] in ("top_k", "generate") and \
+            not isinstance(c.get("measured"), dict):
+        measured = c.get("measured")
+        nested = isinstance(measured, list) and measured and isinstance(measured[0], list)
+        values = measured if (c["measure"] == "generate" and isinstance(measured, list)) \
+            or nested else [measured]
+    if not values:
+        return []
+    names = prompts if len(prompts) == len(values) else [""] * len(values)
+    return list(zip(names, values))
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -159,16 +226,13 @@ def _flatten(values) -> list[float]:
 def markdown_report(report: dict) -> str:
     """One table per spec, failures first: fit for a CI job summary or a PR comment."""
     env = report["environment"]
-    lines = ["# interp-harness report", "",
+    lines = ["# interp-harness report", "", f"**{report_summary_line(report)}**", "",
              f"harness {report['harness_version']} · " + " · ".join(
                  f"{k} {v}" for k, v in env.items() if isinstance(v, str)), ""]
     for spec in report["specs"]:
         claims = sorted(spec["claims"], key=lambda c: STATUS_ORDER.get(c["status"], 9))
-        counts = {}
-        for c in claims:
-            counts[c["status"]] = counts.get(c["status"], 0) + 1
         lines += [f"## {spec['spec']} (`{spec['file']}`)", "",
-                  ", ".join(f"{n} {s}" for s, n in counts.items()) or "no claims", ""]
+                  summary_line([c["status"] for c in claims]), ""]
         if spec.get("error"):
             lines += ["**Spec error:**", "", "```", spec["error"], "```", ""]
         rows_md = [[f"{STATUS_ICON.get(c['status'], '')} {c['status']}", f"`{c['id']}`",

@@ -1,39 +1,129 @@
-"""The HTML report: one self-contained file (plotly embedded, no CDN), a row per claim, and
-figures like the seed's: heatmaps for sweeps, lines for the logit lens and DLA."""
+"""The HTML report: one self-contained file (plotly embedded, no CDN) that opens on a summary
+(counts by status, failing claims first with their messages, filters by status and measure),
+then the environment and models as tables, then a row per claim with its figure beside it:
+heatmaps for sweeps (positions labelled by their tokens), lines for the logit lens and DLA.
+`html_fragment` is the same without the page around it, for Jupyter (`_repr_html_`)."""
 
 from __future__ import annotations
 
 import html
+import uuid
 
 from harness.expect import fmt
-from harness.report import STATUS_ORDER, _measured_cell, expected_text
+from harness.report import STATUS_ORDER, _measured_cell, expected_text, report_summary_line
 
 CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
-text-align:left;vertical-align:top}th{background:#f4f4f4}.passed{color:#176d2c}
-.failed,.error{color:#b00020;font-weight:bold}.skipped,.xfailed{color:#8a6d00}
-.figure{display:inline-block;vertical-align:top;margin:0 1em 1em 0}code{font-size:90%}
+.harness-report{font-family:system-ui,sans-serif;color:#222}
+.harness-report table{border-collapse:collapse;margin:.5em 0 1.5em}
+.harness-report td,.harness-report th{border:1px solid #ccc;padding:4px 8px;text-align:left;
+vertical-align:top}.harness-report th{background:#f4f4f4}
+.harness-report .passed{color:#176d2c}.harness-report .failed,.harness-report .error{
+color:#b00020;font-weight:bold}.harness-report .skipped,.harness-report .xfailed{color:#8a6d00}
+.harness-report .summary{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;
+background:#fafafa;margin-bottom:1em}.harness-report .summary-line{font-size:1.2em;
+font-weight:bold}.harness-report .badge{display:inline-block;border-radius:10px;padding:1px 10px;
+margin:.4em .4em 0 0;color:#fff}.harness-report .badge.passed{background:#176d2c;color:#fff}
+.harness-report .badge.failed,.harness-report .badge.error{background:#b00020;color:#fff}
+.harness-report .badge.skipped,.harness-report .badge.xfailed{background:#8a6d00;color:#fff}
+.harness-report .failing li{margin:.3em 0}.harness-report .filters{margin:.6em 0}
+.harness-report .filters label{margin-right:1em}.harness-report .fig{min-width:480px}
+.harness-report code{font-size:90%}.harness-report .hidden{display:none}
+"""
+
+FILTER_JS = """
+(function(root){
+  function apply(){
+    var on={};root.querySelectorAll('input.status-filter').forEach(function(b){
+      on[b.value]=b.checked;});
+    var measure=root.querySelector('select.measure-filter').value;
+    var shown=0;
+    root.querySelectorAll('tr.claim').forEach(function(row){
+      var keep=on[row.dataset.status]&&(measure==='all'||row.dataset.measure===measure);
+      row.classList.toggle('hidden',!keep);if(keep){shown+=1;}});
+    root.querySelector('.shown-count').textContent=shown;
+  }
+  root.querySelectorAll('input.status-filter,select.measure-filter').forEach(function(el){
+    el.addEventListener('change',apply);});
+  apply();
+})(document.getElementById('%s'));
 """
 
 
 def html_report(report: dict) -> str:
+    """The whole page: one file that opens offline."""
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>interp-harness report"
+            f"</title></head><body style='margin:2em'>{html_fragment(report)}</body></html>")
+
+
+def html_fragment(report: dict) -> str:
+    """The report inside one <div> (styles and plotly included): a page's body, or a Jupyter
+    cell's output. Its filters act only on its own rows."""
     from plotly.offline import get_plotlyjs
 
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>interp-harness report"
-             f"</title><style>{CSS}</style><script>{get_plotlyjs()}</script></head><body>",
-             "<h1>interp-harness report</h1>", _environment(report)]
+    root = f"harness-report-{uuid.uuid4().hex[:8]}"
+    claims = [c for spec in report["specs"] for c in spec["claims"]]
+    parts = [f"<div class='harness-report' id='{root}'><style>{CSS}</style>",
+             f"<script>{get_plotlyjs()}</script>", "<h1>interp-harness report</h1>",
+             _summary(report, claims), "<h2>Environment</h2>", _environment(report),
+             _models(report)]
     for spec in report["specs"]:
         parts.append(_spec_section(spec))
-    parts.append("</body></html>")
+    parts.append(f"<script>{FILTER_JS % root}</script></div>")
     return "\n".join(parts)
 
 
+def _summary(report: dict, claims: list[dict]) -> str:
+    esc = html.escape
+    counts: dict[str, int] = {}
+    for c in sorted(claims, key=lambda c: STATUS_ORDER.get(c["status"], 9)):
+        counts[c["status"]] = counts.get(c["status"], 0) + 1
+    badges = "".join(f"<span class='badge {esc(s)}'>{n} {esc(s)}</span>"
+                     for s, n in counts.items())
+    failing = [(spec, c) for spec in report["specs"] for c in spec["claims"]
+               if c["status"] in ("failed", "error")]
+    items = "".join(f"<li><span class='{esc(c['status'])}'>{esc(c['status'].upper())}</span> "
+                    f"<a href='#{_anchor(spec, c)}'><code>{esc(spec['spec'])}::{esc(c['id'])}"
+                    f"</code></a>: {esc(c.get('message', ''))}</li>" for spec, c in failing)
+    spec_errors = "".join(f"<li><span class='error'>SPEC ERROR</span> <code>"
+                          f"{esc(s['file'])}</code>: {esc(s['error'])}</li>"
+                          for s in report["specs"] if s.get("error"))
+    failing_html = f"<h3>Failing claims</h3><ul class='failing'>{spec_errors}{items}</ul>" \
+        if items or spec_errors else "<p class='passed'>No claim failed.</p>"
+    boxes = "".join(f"<label><input type='checkbox' class='status-filter' value='{esc(s)}' "
+                    f"checked> {esc(s)} ({n})</label>" for s, n in counts.items())
+    measures = sorted({c["measure"] for c in claims})
+    options = "<option value='all'>all measures</option>" + "".join(
+        f"<option value='{esc(m)}'>{esc(m)}</option>" for m in measures)
+    return (f"<div class='summary'><div class='summary-line'>"
+            f"{esc(report_summary_line(report))}</div><div>{badges}</div>{failing_html}"
+            f"<div class='filters'>Show: {boxes} <select class='measure-filter'>{options}"
+            f"</select> — <span class='shown-count'>{len(claims)}</span> of {len(claims)} "
+            f"claims shown</div></div>")
+
+
+def _anchor(spec: dict, c: dict) -> str:
+    return html.escape(f"claim-{spec['spec']}-{c['id']}")
+
+
 def _environment(report: dict) -> str:
-    env = dict(report["environment"], harness=report["harness_version"])
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                    for k, v in env.items())
-    return f"<table class='environment'>{cells}</table>"
+    env = {"harness": report["harness_version"],
+           **{k: v for k, v in report["environment"].items() if k != "models"}}
+    if report.get("limit") is not None:
+        env["limit"] = f"first {report['limit']} prompts of each claim"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in env)
+    cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in env.values())
+    return f"<table class='environment'><tr>{head}</tr><tr>{cells}</tr></table>"
+
+
+def _models(report: dict) -> str:
+    models = report["environment"].get("models") or []
+    if not models:
+        return ""
+    columns = list(dict.fromkeys(k for m in models for k in m))
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(m.get(k, '')))}</td>"
+                                    for k in columns) + "</tr>" for m in models)
+    return f"<h3>Models</h3><table class='models'><tr>{head}</tr>{rows}</table>"
 
 
 def _spec_section(spec: dict) -> str:
@@ -43,15 +133,14 @@ def _spec_section(spec: dict) -> str:
     if spec.get("error"):
         out.append(f"<pre class='error'>{html.escape(spec['error'])}</pre>")
     head = "".join(f"<th>{h}</th>" for h in ("status", "claim", "measure", "models", "measured",
-                                             "expected", "margin", "details", "seconds"))
-    rows = "".join(_row(c) for c in claims)
+                                             "expected", "margin", "details", "seconds",
+                                             "figure"))
+    rows = "".join(_row(spec, c) for c in claims)
     out.append(f"<table class='claims'><tr>{head}</tr>{rows}</table>")
-    figures = [f for f in (_figure(c) for c in spec["claims"]) if f]
-    out += figures
     return "\n".join(out)
 
 
-def _row(c: dict) -> str:
+def _row(spec: dict, c: dict) -> str:
     esc = html.escape
     cells = [f"<span class='{esc(c['status'])}'>{esc(c['status'])}</span>",
              f"<code>{esc(c['id'])}</code>",
@@ -60,8 +149,11 @@ def _row(c: dict) -> str:
              esc(", ".join(c.get("models", []))), esc(_measured_cell(c)),
              esc(expected_text(c["expected"])),
              fmt(c["margin"]) if c.get("margin") is not None else "",
-             esc(c.get("message", "")), f"{c.get('seconds', 0):.2f}"]
-    return "<tr>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>"
+             esc(c.get("message", "")), f"{c.get('seconds', 0):.2f}", _figure(c) or ""]
+    return (f"<tr class='claim' id='{_anchor(spec, c)}' data-status='{esc(c['status'])}' "
+            f"data-measure='{esc(c['measure'])}'>"
+            + "".join(f"<td{' class=fig' if i == 9 and cells[9] else ''}>{x}</td>"
+                      for i, x in enumerate(cells)) + "</tr>")
 
 
 def _figure(c: dict) -> str | None:
@@ -76,6 +168,11 @@ def _figure(c: dict) -> str | None:
         "</div>"
 
 
+def token_labels(tokens: list) -> list[str]:
+    """Positions labelled by their tokens, numbered so repeated tokens stay apart."""
+    return [f"{i}: {tok!r}" if isinstance(tok, str) else str(tok) for i, tok in enumerate(tokens)]
+
+
 def _heatmap(c: dict, grid: dict):
     import plotly.graph_objects as go
 
@@ -84,15 +181,15 @@ def _heatmap(c: dict, grid: dict):
         fig = go.Figure(go.Bar(x=[str(x) for x in labels[0]], y=values))
     else:
         y_labels, z = _rows_of(axes, labels, values)
-        x_labels = [f"{tok}_{i}" if axes[-1] == "pos" else str(tok)
-                    for i, tok in enumerate(labels[-1])]
+        x_labels = token_labels(labels[-1]) if axes[-1] == "pos" else [str(x) for x in labels[-1]]
         fig = go.Figure(go.Heatmap(z=z, x=x_labels, y=y_labels, zmid=0, colorscale="RdBu",
                                    colorbar={"title": "normalized"}))
         fig.update_yaxes(autorange="reversed", title=" x ".join(axes[:-1]), type="category")
-        fig.update_xaxes(title=axes[-1], type="category")
+        fig.update_xaxes(title=axes[-1] + (" (token)" if axes[-1] == "pos" else ""),
+                         type="category")
     title = f"{c['id']}: {c['measure']} " + ("(attribution approximation)"
                                               if grid.get("method") == "attribution" else "")
-    fig.update_layout(title=title, width=640, height=420, margin={"t": 50})
+    fig.update_layout(title=title, width=520, height=360, margin={"t": 50})
     return fig
 
 
@@ -119,6 +216,6 @@ def _lines(c: dict, grid: dict):
         x = [str(x) for x in g["labels"][0]]
         trace = kind(x=x, y=g["values"], name=name)
         fig.add_trace(trace)
-    fig.update_layout(title=f"{c['id']}: {c['measure']} (logit diff)", width=640, height=420,
+    fig.update_layout(title=f"{c['id']}: {c['measure']} (logit diff)", width=520, height=360,
                       margin={"t": 50}, barmode="group")
     return fig

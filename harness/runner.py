@@ -84,9 +84,13 @@ def _tokenizer_or_none(spec: Spec, name: str, session: Session):
 def load_and_check(path: Path, session: Session, allow_remote_code: bool | None = None) -> Spec:
     """Read the spec, then check it against the models' config and tokenizer files, then
     (tokenizers loaded) that answers and foils are single tokens: all before any weights."""
+    return check_loaded(load_spec(path), session, allow_remote_code)
+
+
+def check_loaded(spec: Spec, session: Session, allow_remote_code: bool | None = None) -> Spec:
+    """The checks of `load_and_check` on a spec already parsed (a notebook's)."""
     from harness.static_checks import check_spec
 
-    spec = load_spec(path)
     allow = session.allow_remote_code if allow_remote_code is None else allow_remote_code
     errors = check_spec(spec, allow) or check_tokens(spec, session)
     if errors:
@@ -96,7 +100,7 @@ def load_and_check(path: Path, session: Session, allow_remote_code: bool | None 
 
 
 def run_spec_file(path: Path, session: Session, result: SpecResult | None = None,
-                  stop=None, indices: set[int] | None = None) -> SpecResult:
+                  stop=None, select=None, indices: set[int] | None = None) -> SpecResult:
     """Load, check and evaluate one spec into `result` (filled as claims finish, so an
     interrupted run still knows what it did); `stop()` true stops between claims. `indices`:
     only the claims at these indices (a shard's)."""
@@ -109,12 +113,22 @@ def run_spec_file(path: Path, session: Session, result: SpecResult | None = None
     except HarnessError as exc:
         result.error = SpecError(str(exc), file=str(path))
         return result
-    for index in range(len(result.spec.claims)):
+    return run_spec(result.spec, session, result, select=select, stop=stop, indices=indices)
+
+
+def run_spec(spec: Spec, session: Session, result: SpecResult | None = None, select=None,
+             stop=None, indices: set[int] | None = None) -> SpecResult:
+    """Evaluate the claims of a loaded spec (its tokens already checked) that `select`
+    (selection.py) keeps, all without it, and only those at `indices` (a shard's) when given;
+    `stop()` true stops between claims."""
+    result = result or SpecResult(spec.file, spec)
+    for index, claim in enumerate(spec.claims):
         if stop is not None and stop():
             raise KeyboardInterrupt
         if indices is not None and index not in indices:
             continue
-        result.verdicts.append(evaluate_claim(result.spec, index, session))
+        if select is None or select(spec.file, spec.spec, claim.id, claim.measure):
+            result.verdicts.append(evaluate_claim(spec, index, session))
     return result
 
 
@@ -124,3 +138,13 @@ def exit_code(results: list[SpecResult]) -> int:
         return 2
     bad = {"failed", "error"}
     return 1 if any(v.status in bad for r in results for v in r.verdicts) else 0
+
+
+LIMITED = 3   # every claim run held, but on the first N prompts only (--limit): not a full check
+
+
+def exit_code_limited(results: list[SpecResult], limit: int | None) -> int:
+    """`exit_code`, except that a passing run limited to the first N prompts exits 3: CI must
+    not mistake a quick look for a full check."""
+    code = exit_code(results)
+    return LIMITED if code == 0 and limit is not None else code

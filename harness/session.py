@@ -28,17 +28,37 @@ class Session:
     verbose: bool = True
     update_baselines: bool = False       # baseline comparisons read the new values
     allow_remote_code: bool = False      # a spec's trust_remote_code needs the user's flag too
+    limit: int | None = None             # measure each claim on its first N prompts only
     _models: dict[str, object] = field(default_factory=dict)   # loaded, or why not
     _locations: dict[str, str] = field(default_factory=dict)
     _batches: dict[tuple, PromptBatch] = field(default_factory=dict)
+    _provided: dict[str, LoadedModel] = field(default_factory=dict)   # in memory (notebooks)
     _engine: object = None
     _gates: dict[tuple, object] = field(default_factory=dict)
     timing: dict = field(default_factory=lambda: {"import_s": 0.0, "model_load_s": {},
                                                   "first_claim_s": None})
     started: float = field(default_factory=time.perf_counter)
 
+    def provide(self, spec: Spec, name: str, model) -> LoadedModel:
+        """Use a model already in memory (a notebook's) for the spec's model `name`: a
+        TransformerBridge, a LoadedModel, or an HF causal LM with its tokenizer as a pair."""
+        from harness.models import wrap_in_memory
+
+        if name not in spec.models:
+            from harness.errors import did_you_mean
+
+            raise HarnessError(f"models: the spec has no model '{name}'"
+                               + did_you_mean(name, spec.models)
+                               + "; key in-memory models by the spec's model names")
+        loaded = wrap_in_memory(name, model)
+        self._provided[source_key(spec.models[name], spec.directory)] = loaded
+        return loaded
+
     def model(self, spec: Spec, name: str) -> LoadedModel:
         """The loaded model a spec calls `name`; loads once per session, failures included."""
+        provided = self._provided.get(source_key(spec.models[name], spec.directory))
+        if provided is not None:
+            return provided
         source = self._source(spec, name)
         device = pick_device(source, self.device)
         key = f"{source_key(source, spec.directory)}|{device}"
@@ -76,6 +96,9 @@ class Session:
 
     def tokenizer(self, spec: Spec, name: str):
         """A model's tokenizer, loaded once; a `train:` model has its base model's."""
+        provided = self._provided.get(source_key(spec.models[name], spec.directory))
+        if provided is not None:
+            return provided.tokenizer
         while spec.models[name].train is not None:
             name = spec.models[name].train.base
         source = self._source(spec, name)
@@ -163,8 +186,9 @@ class Session:
         return self._gates[key]
 
     def loaded_models(self) -> list[dict]:
+        found = [*self._provided.values(), *self._models.values()]
         return [{"origin": m.origin, "device": m.device, "dtype": m.dtype}
-                for m in self._models.values() if isinstance(m, LoadedModel)]
+                for m in found if isinstance(m, LoadedModel)]
 
     @property
     def engine(self):

@@ -22,7 +22,7 @@ from pydantic import (
 
 from harness.errors import HarnessError, SpecError, did_you_mean
 from harness.sites import HEAD_SITES, SITES, parse_head
-from harness.yamlsource import SourcedYaml, format_loc, read_yaml
+from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
 
 HEAD_RE = re.compile(r"^L(\d+)(?:H|KV)(\d+)$")  # query heads L3H7; key/value heads L3KV1
 
@@ -908,7 +908,16 @@ class Spec(Frozen):
 
 def load_spec(path: str | Path) -> Spec:
     """Read, parse and cross-check one spec file. Raises SpecError (possibly several)."""
-    source = read_yaml(Path(path))
+    return spec_from_source(read_yaml(Path(path)), Path(path).stem)
+
+
+def load_spec_text(text: str, name: str = "notebook", file: str = "<string>") -> Spec:
+    """A spec written as a YAML string (errors name `file` and the string's lines)."""
+    return spec_from_source(read_yaml_text(text, file), name)
+
+
+def spec_from_source(source: SourcedYaml, name: str) -> Spec:
+    """Parsed YAML -> a validated, cross-checked Spec named `name` unless it names itself."""
     data = source.data
     if not isinstance(data, dict):
         raise SpecError("a spec is a mapping with `models:`, `prompts:` and `claims:`",
@@ -917,7 +926,7 @@ def load_spec(path: str | Path) -> Spec:
     if unknown_measure:
         raise unknown_measure
     payload = dict(data, file=source.file)
-    payload.setdefault("spec", Path(path).stem)
+    payload.setdefault("spec", name)
     payload["field_lines"] = {format_loc(loc): line for loc, line in source.lines.items()}
     try:
         spec = Spec.model_validate(payload)

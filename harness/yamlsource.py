@@ -84,6 +84,11 @@ def read_yaml(path: Path) -> SourcedYaml:
     return parse_yaml(raw, file)
 
 
+def read_yaml_text(text: str, file: str = "<string>") -> SourcedYaml:
+    """The same for YAML already in memory (a notebook's spec string); `file` names it."""
+    return parse_yaml(text.encode("utf-8"), file)
+
+
 def parse_yaml(raw: bytes, file: str = "<spec>") -> SourcedYaml:
     """Parse YAML bytes with the safe loader (no object tags) and record field lines."""
     if len(raw) > MAX_BYTES:

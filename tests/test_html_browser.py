@@ -124,3 +124,82 @@ def test_report_renders_in_chromium(tmp_path):
     assert dom_text.count('class="hm"') == 2           # two heatmaps painted
     assert dom_text.count('class="scatterlayer mlayer"') >= 1   # the lens lines
 
+
+
+FILTER_PROBE = """
+<script>
+window.addEventListener('load', function () {
+  var root = document.querySelector('.harness-report');
+  function visible() {
+    return Array.from(root.querySelectorAll('tr.claim')).filter(function (r) {
+      return r.offsetParent !== null; }).map(function (r) { return r.id; }); }
+  var out = {all: visible()};
+  var passed = root.querySelector("input.status-filter[value='passed']");
+  passed.checked = false; passed.dispatchEvent(new Event('change'));
+  out.no_passed = visible();
+  passed.checked = true; passed.dispatchEvent(new Event('change'));
+  var measure = root.querySelector('select.measure-filter');
+  measure.value = 'dla'; measure.dispatchEvent(new Event('change'));
+  out.dla = visible();
+  out.shown = root.querySelector('.shown-count').textContent;
+  document.body.setAttribute('data-probe', JSON.stringify(out));
+});
+</script>
+"""
+
+
+def failing_report() -> dict:
+    report = sample_report()
+    claims = report["specs"][0]["claims"]
+    claims[3].update(status="failed", message="argmax at mlp0 = 1.1 (expected attn0)")
+    claims[1].update(status="error", message="MeasureError: layer 9 is out of range")
+    report["environment"]["models"] = [{"origin": "zoo:toy-reviews-source", "device": "cpu",
+                                        "dtype": "float32"}]
+    return report
+
+
+def probe(dom: str) -> dict:
+    import html
+    import json
+
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, "the filter probe did not run"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@needs_chromium
+def test_html_summary_and_filters_in_chromium(tmp_path):
+    """The page opens on the summary (counts, failing claims first with their messages);
+    the status and measure filters hide rows; models are a table."""
+    page = tmp_path / "report.html"
+    text = html_report(failing_report())
+    page.write_text(text)
+    dom, shot = render(page, tmp_path, "report-summary-screenshot.png", height=1200)
+    summary = dom[dom.index("class=\"summary\""):dom.index("<h2>Environment")]
+    assert "4 claims: 1 error, 1 failed, 2 passed" in summary
+    assert summary.index("s::heads") < summary.index("s::dla")     # errors, then failures
+    assert "layer 9 is out of range" in summary and "expected attn0" in summary
+    assert "<table class=\"models\">" in dom and "zoo:toy-reviews-source</td>" in dom
+    assert "1: 'This'" in text                  # heatmap positions labelled by their tokens
+
+    probed = tmp_path / "probe.html"
+    probed.write_text(text.replace("</body>", FILTER_PROBE + "</body>"))
+    result = probe(render(probed, tmp_path, "probe.png", height=600)[0])
+    assert len(result["all"]) == 4
+    assert sorted(result["no_passed"]) == ["claim-s-dla", "claim-s-heads"]
+    assert result["dla"] == ["claim-s-dla"] and result["shown"] == "1"
+
+
+@needs_chromium
+def test_notebook_html_renders_in_chromium(tmp_path):
+    """`_repr_html_` is the report as a fragment: embedded in a page it renders, with its
+    figures, and its filters act on its own rows."""
+    from harness.report_html import html_fragment
+
+    page = tmp_path / "cell.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+                    "<p>a notebook cell</p>" + html_fragment(failing_report())
+                    + FILTER_PROBE + "</body></html>")
+    dom, _ = render(page, tmp_path, "notebook-cell-screenshot.png", height=1200)
+    assert dom.count('class="plot-container plotly"') == 4
+    assert probe(dom)["shown"] == "1"

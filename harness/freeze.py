@@ -1,0 +1,249 @@
+"""Freeze a finding: a report's measured values -> a spec whose expectations are those values.
+
+An exploration becomes a regression test in one call (`result.to_spec(path)`, `harness freeze
+REPORT.json -o spec.yaml`). Numbers become `approx` with a tolerance, grids their argmax and top
+cells, patches the sign they flip; every claim says in a comment where its numbers came from.
+Pure functions of the JSON report and the source spec's YAML data, apart from `write_frozen`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from harness.errors import HarnessError
+
+GRID_MEASURES = ("patch_sweep", "dla", "logit_lens")
+DROPPED = ("xfail", "search", "ci", "per_prompt", "tolerance", "skip")   # about old expectations
+
+
+def frozen_expectation(claim: dict, tolerance: float) -> tuple[dict | None, str]:
+    """The expectation that pins a claim's measured value, and a comment saying where it came
+    from; None when the claim has nothing to freeze (error, skip, unscored samples)."""
+    measured, measure = claim.get("measured"), claim["measure"]
+    if claim["status"] in ("error", "skipped") or measured is None:
+        return None, f"not frozen: the claim was {claim['status']}"
+    n = len(claim.get("prompts") or claim.get("per_prompt") or [None])
+    on = f"on {n} prompt{'s' * (n != 1)}"
+    if measure in ("logit_diff", "ablate"):
+        what = "mean logit diff" if measure == "logit_diff" else "ablation effect"
+        return ({"approx": _num(measured), "atol": tolerance},
+                f"measured {what} {_num(measured)} {on}")
+    if measure == "patch":
+        expect = {"approx": _num(measured), "atol": tolerance}
+        src, dst, raw = claim.get("from"), claim.get("into"), claim.get("raw")
+        note = f"measured {_num(measured)} ({claim['params'].get('metric', 'normalized')}) {on}"
+        if None not in (src, dst, raw):
+            note += f"; logit diff from {_num(src)}, into {_num(dst)}, patched {_num(raw)}"
+            if src * dst < 0 and raw * src > 0:
+                expect = {"flips_sign": True, **expect}
+            else:
+                expect = {"sign": "positive" if raw > 0 else "negative", **expect}
+        return expect, note
+    if measure in GRID_MEASURES and isinstance(measured, dict):
+        return _grid_expectation(measured, tolerance, claim)
+    if measure == "top_k":
+        rows = measured if measured and isinstance(measured[0], list) else [measured]
+        if len(rows) == 1:
+            return {"equals": rows[0]}, f"measured top {len(rows[0])} tokens {on}"
+        common = [t for t in rows[0] if all(t in row for row in rows)]
+        if not common:
+            return None, f"not frozen: the {len(rows)} prompts share no top token"
+        return {"includes": common}, f"tokens in the top {len(rows[0])} of every prompt ({on})"
+    if measure == "generate":
+        return _generation_expectation(claim, measured, tolerance, on)
+    return None, f"not frozen: no rule for measure '{measure}'"
+
+
+def _generation_expectation(claim: dict, measured, tolerance: float, on: str):
+    seed = claim["params"].get("seed", 0)
+    if isinstance(measured, dict):   # sampled: texts and reward scores
+        scores = measured.get("scores")
+        if not scores:
+            return None, "not frozen: samples without `score_with` have no number to pin"
+        mean = sum(scores) / len(scores)
+        return ({"mean_score": {"between": [_num(mean - tolerance), _num(mean + tolerance)]}},
+                f"measured mean score {_num(mean)} of {len(scores)} samples (seed {seed}) {on}")
+    texts = measured if isinstance(measured, list) else [measured]
+    if len(texts) == 1:
+        return {"equals": texts[0]}, f"measured greedy text (seed {seed}) {on}"
+    prefix = os.path.commonprefix(texts)
+    if not prefix:
+        return None, f"not frozen: the {len(texts)} generations share no prefix"
+    return {"contains": prefix}, f"the prefix all {len(texts)} generations share"
+
+
+def _grid_expectation(grid: dict, tolerance: float, claim: dict) -> tuple[dict | None, str]:
+    """argmax and the top cells (as many as stand clear of the next one), and the max."""
+    cells = ranked_cells(grid)
+    values = [v for _, v in cells]
+    expect: dict = {}
+    if len(values) == 1 or values[0] - values[1] > tolerance / 10:
+        expect["argmax"] = cell_name(grid, cells[0][0])
+    k = max((k for k in range(2, min(3, len(values) - 1) + 1)
+             if values[k - 1] - values[k] > tolerance / 10), default=0)
+    if k:
+        expect["top"] = {"k": k, "equals": [cell_name(grid, c) for c, _ in cells[:k]]}
+    expect["max"] = {"between": [_num(values[0] - tolerance), _num(values[0] + tolerance)]}
+    models = claim.get("models", [])
+    shape = "x".join(str(len(lab)) for lab in grid["labels"])
+    what = f"{' x '.join(grid['axes'])} grid ({shape})"
+    if claim["measure"] != "patch_sweep" and len(models) == 2:
+        what += f" of {models[1]} - {models[0]}"
+    top = ", ".join(f"{_shown(cell_name(grid, c))} = {_num(v)}" for c, v in cells[:3])
+    return expect, f"measured {what}; largest cells {top}"
+
+
+def ranked_cells(grid: dict) -> list[tuple[tuple[int, ...], float]]:
+    """Every cell of a JSON grid as (index, value), largest first (ties in index order)."""
+    out: list[tuple[tuple[int, ...], float]] = []
+
+    def walk(values, index):
+        if isinstance(values, list):
+            for i, v in enumerate(values):
+                walk(v, index + (i,))
+        else:
+            out.append((index, float(values)))
+    walk(grid["values"], ())
+    return sorted(out, key=lambda cv: -cv[1])
+
+
+def cell_name(grid: dict, index: tuple[int, ...]):
+    """How a spec names a cell: a label for one axis, LxHy for heads, else {axis: label};
+    positions by index (counted from the end: the final token is -1)."""
+    axes, labels = grid["axes"], grid["labels"]
+    if len(axes) == 1:
+        return labels[0][index[0]]
+    if list(axes) == ["layer", "head"]:
+        return f"L{labels[0][index[0]]}H{labels[1][index[1]]}"
+    out = {}
+    for axis, i in zip(axes, index):
+        out[axis] = i - len(labels[axes.index(axis)]) if axis == "pos" else \
+            labels[axes.index(axis)][i]
+    return out
+
+
+def _shown(cell) -> str:
+    return ", ".join(f"{k} {v}" for k, v in cell.items()) if isinstance(cell, dict) else str(cell)
+
+
+def _num(x: float) -> float:
+    return float(f"{float(x):.6g}")
+
+
+# ----------------------------------------------------------------------------- spec text
+
+def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, origin: str,
+                     environment: dict | None = None) -> str:
+    """The spec `spec_data` (YAML data) with each claim's expectation replaced by its frozen
+    value from `claims` (JSON report entries, matched by id), as commented YAML."""
+    by_id = {c["id"]: c for c in claims}
+    env = environment or {}
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformer_lens", "device")
+                         if k in env)
+    header = [f"# Frozen from {origin} on {datetime.date.today().isoformat()}"
+              + (f" ({versions})" if versions else "") + ".",
+              f"# Every expectation is a measured value (numbers within ±{tolerance:g}); "
+              "the comment above a claim says what was measured.",
+              "# Re-freeze after an intended change: harness freeze REPORT.json -o THIS_FILE"]
+    data = {k: v.strip() if k == "description" and isinstance(v, str) else v
+            for k, v in spec_data.items() if k != "claims"}
+    if "spec" in data:
+        data["spec"] = f"{data['spec']}-frozen"
+    parts = ["\n".join(header), _dump(data).rstrip(), "claims:"]
+    for raw in spec_data.get("claims") or []:
+        claim = dict(raw)
+        found = by_id.get(claim.get("id"))
+        if found is None:
+            parts.append(_item(claim, "not frozen: the report has no such claim"))
+            continue
+        expect, note = frozen_expectation(found, tolerance)
+        if expect is not None:
+            dropped = [k for k in DROPPED if k in claim]
+            for key in dropped:
+                claim.pop(key)
+            claim.pop("expect", None)
+            claim["expect"] = expect          # last, where a person writes it
+            if dropped:
+                note += f" (dropped {', '.join(dropped)}: they qualified the old expectation)"
+        parts.append(_item(claim, note))
+    return "\n".join(parts) + "\n"
+
+
+def _item(claim: dict, note: str) -> str:
+    body = _dump([claim]).rstrip().splitlines()
+    return "\n".join([f"  # {note}", *("  " + line for line in body)]) + "\n"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (descriptions) as literal blocks, as a person writes them."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s.rstrip("\n") else None))
+
+
+def _dump(data) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                     default_flow_style=None, width=100)
+
+
+def rebase_paths(spec_data: dict, old_dir: Path, new_dir: Path) -> dict:
+    """Relative `path:` models and `file:` prompt sources, re-pointed from `new_dir`."""
+    def rebase(value: str) -> str:
+        target = (old_dir / value).resolve()
+        try:
+            return os.path.relpath(target, new_dir.resolve())
+        except ValueError:   # another drive
+            return str(target)
+
+    data = json.loads(json.dumps(spec_data))
+    for source in (data.get("models") or {}).values():
+        if isinstance(source, dict) and isinstance(source.get("path"), str):
+            source["path"] = rebase(source["path"])
+    sets = [data.get("prompts") or [], *(data.get("prompt_sets") or {}).values()]
+    for entries in sets:
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                entry["file"] = rebase(entry["file"])
+    return data
+
+
+def write_frozen(spec_data: dict, spec_dir: Path, claims: list[dict], path: Path,
+                 tolerance: float, origin: str, environment: dict | None = None) -> Path:
+    from harness.baselines import write_atomic
+
+    if tolerance <= 0:
+        raise HarnessError(f"tolerance must be > 0, got {tolerance}")
+    path = Path(path)
+    data = rebase_paths(spec_data, spec_dir, path.parent)
+    write_atomic(path, frozen_spec_text(data, claims, tolerance, origin, environment))
+    return path
+
+
+def freeze_report(report_path: Path, out: Path, tolerance: float) -> list[Path]:
+    """`harness freeze`: one frozen spec per spec of the report (its source spec is re-read
+    for models and prompts). One spec: `out` is the file; several: a directory."""
+    from harness.yamlsource import read_yaml
+
+    try:
+        report = json.loads(Path(report_path).read_text())
+        specs = report["specs"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HarnessError(f"{report_path}: not a harness JSON report ({exc}); write one with "
+                           "`harness run SPEC --report-json FILE`") from None
+    written = []
+    for entry in specs:
+        source = Path(entry["file"])
+        if not source.exists():
+            raise HarnessError(f"{report_path}: spec '{entry['spec']}' came from {source}, which "
+                               "is gone; freeze from the directory the report was made in")
+        target = out / f"{source.stem}.frozen.yaml" if len(specs) > 1 else out
+        written.append(write_frozen(read_yaml(source).data, source.parent, entry["claims"],
+                                    target, tolerance, f"{report_path} (spec {source})",
+                                    report.get("environment")))
+    return written
