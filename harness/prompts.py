@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from jaxtyping import Int
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch loads lazily: `harness validate` checks token lengths without it
+    import torch
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def encode(tokenizer, text: str, prepend_bos: bool) -> list[int]:
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Rows of token ids -> (tokens [batch, pos] right-padded, final_pos [batch])."""
+    import torch
+
     if not rows or not all(rows):
         from harness.errors import MeasureError
 
@@ -91,6 +96,8 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 def build_batch(tokenizer, prompts, prepend_bos: bool, on_bad_token) -> PromptBatch:
     """Tokenize prompts for one model. `on_bad_token(prompt, field, pieces)` returns the error
     to raise when an answer or foil is not a single token. Missing ones get id NO_TOKEN."""
+    import torch
+
     answers, foils = [], []
     for prompt in prompts:
         for field, text, out in (("answer", prompt.answer, answers), ("foil", prompt.foil, foils)):

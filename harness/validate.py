@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import SpecError
+from harness.prompts import corrupt_length_mismatches
 from harness.spec import Spec, load_spec
 
 
@@ -47,13 +48,37 @@ def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
                                    f"span marker {marker!r} is {len(pieces)} tokens for "
                                    f"model '{name}': {pieces}; use a single token")
                 errors.setdefault(str(error), error)
+            ends = [getattr(claim, "from_", None), getattr(claim, "into", None)]
+            if all(ends) and ends[0].input != ends[1].input:  # clean/corrupt patching
+                prepend = spec.defaults.prepend_bos if claim.prepend_bos is None \
+                    else claim.prepend_bos
+                for problem in corrupt_length_mismatches(_Light(tokenizer),
+                                                         spec.claim_prompts(claim), prepend):
+                    error = spec.error(("claims", index), f"model '{name}': {problem}")
+                    errors.setdefault(str(error), error)
     return list(errors.values())
+
+
+class _Light:
+    """The slice of an HF tokenizer that prompts.corrupt_length_mismatches reads, over a
+    `tokenizers.Tokenizer` (the BOS id only shifts both texts alike)."""
+
+    bos_token_id = 0
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.tokenizer.encode(text, add_special_tokens=False).ids}
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def validate_spec(path: Path, allow_remote_code: bool = False) -> Spec:
     """load_spec, the static checks against config and tokenizer files, and the token checks
-    with light tokenizers; raises the first SpecError (the others attached). Clean/corrupt
-    token-length checks need the HF tokenizer and happen when the suite runs."""
+    with light tokenizers (clean/corrupt token lengths included); raises the first SpecError
+    (the others attached)."""
     from harness.static_checks import check_spec
 
     spec = load_spec(path)

@@ -21,14 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-HOOKS = {
-    "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out", "z": "blocks.{}.attn.hook_z",
-    "q": "blocks.{}.attn.hook_q", "k": "blocks.{}.attn.hook_k", "v": "blocks.{}.attn.hook_v",
-    "pattern": "blocks.{}.attn.hook_pattern", "mlp_post": "blocks.{}.mlp.hook_post",
-}
-HEAD_DIM = {"z": 2, "q": 2, "k": 2, "v": 2, "pattern": 1}
+from harness.sites import SITE_TABLE
 
 
 @dataclass(frozen=True)
@@ -56,10 +49,11 @@ class Patch:
     def select(self, activation: Tensor, heads, prompt_len: int, first: int) -> tuple | None:
         """The index of the patched part of an activation (bridge layout) whose positions are
         `first`, `first + 1`, ...; None when none of them is patched."""
-        pos_dim = 2 if self.site == "pattern" else 1
+        entry = SITE_TABLE[self.site]
+        pos_dim = 1 + entry.pos_axis  # after the batch axis
         index: list = [slice(None)] * activation.ndim
         if heads is not None:
-            index[HEAD_DIM[self.site]] = heads
+            index[1 + entry.head_axis] = heads
         if self.neurons is not None:
             index[-1] = list(self.neurons)
         if self.positions is not None:
@@ -308,17 +302,21 @@ def generate_uncached(model, tokens: Int[Tensor, " pos"], max_new_tokens: int,
 
 
 def _bridge_hooks(patch: Patch, window: Tensor, prompt_len: int, start: int) -> list:
-    names = {HOOKS[patch.site].format(layer): heads
-             for layer, heads in patch.layer_heads().items()}
+    from harness.measure.general_forward import write_hooks
+
+    site = SITE_TABLE[patch.site]
+    layers = patch.layer_heads()
+    names = {site.hook_name(layer) for layer in layers}
     _, cache = patch.from_model.bridge.run_with_cache(window, names_filter=lambda n: n in names)
 
     def replace(name, heads):
-        def hook(activation, hook):
+        def patched(activation):
             index = patch.select(activation, heads, prompt_len, start)
             if index is None:
                 return activation
-            patched = activation.clone()
-            patched[index] = cache[name].to(activation.dtype)[index]
-            return patched
-        return hook
-    return [(name, replace(name, heads)) for name, heads in names.items()]
+            out = activation.clone()
+            out[index] = cache[name].to(activation.dtype)[index]
+            return out
+        return patched
+    return [hook for layer, heads in layers.items()
+            for hook in write_hooks(patch.site, layer, replace(site.hook_name(layer), heads))]
