@@ -46,7 +46,8 @@ def spec_on(world: dict[str, Path] | None, directory: Path, name: str) -> Path:
 def behavior_ids(spec_file: Path) -> list[str]:
     spec = load_spec(spec_file)
     return [c.id for c in spec.claims
-            if c.measure in BEHAVIOR and not getattr(c, "patch", None)]
+            if c.measure in BEHAVIOR and not getattr(c, "patch", None)
+            and not getattr(c, "intervene", None)]   # SAE claims: the SAE is seed 0's
 
 
 def test_behavior_claims_survive_retraining(retrained_world, tmp_path):
