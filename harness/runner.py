@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harness.claims import Verdict, evaluate_claim
 from harness.errors import HarnessError, ModelUnavailable, SpecError
-from harness.prompts import corrupt_length_mismatches, single_token_id
+from harness.prompts import single_token_id
 from harness.session import Session
 from harness.spec import Spec, load_spec
 
@@ -23,55 +23,14 @@ class SpecResult:
 
 
 def check_tokens(spec: Spec, session: Session | None = None) -> list[SpecError]:
-    """Every answer and foil must be one token for each model that reads it (tokenizers only;
-    models that cannot be had are left for claim time, where they are errors or skips)."""
-    errors: list[SpecError] = []
+    """Answers, foils and span markers are one token, clean/corrupt pairs equally long, for
+    each model that reads them (tokenizers only; models that cannot be had are left for claim
+    time, where they are errors or skips). The same check as `harness validate`'s."""
+    from harness.validate import token_errors
+
     session = session or Session(verbose=False)
-    tokenizers = {}
-    for index, claim in enumerate(spec.claims):
-        for name in claim.model_names():
-            if name not in tokenizers:
-                tokenizers[name] = _tokenizer_or_none(spec, name, session)
-            tokenizer = tokenizers[name]
-            if tokenizer is None:
-                continue
-            prompts = spec.claim_prompts(claim)
-            if getattr(claim, "control", None):   # top_features' control prompt set
-                prompts += spec.prompt_set(claim.control)
-            for prompt in prompts:
-                for field_name in ("answer", "foil"):
-                    text = getattr(prompt, field_name)
-                    if text is None:
-                        continue
-                    pieces = single_token_id(tokenizer, text)
-                    if isinstance(pieces, list):
-                        errors.append(spec.error(
-                            prompt.loc + (field_name,),
-                            f"{field_name} {text!r} is {len(pieces)} tokens for model "
-                            f"'{name}': {pieces}; use a single token (often with a leading "
-                            "space)"))
-            marker = getattr(getattr(claim, "span", None), "after", None)
-            if marker is not None and isinstance(single_token_id(tokenizer, marker), list):
-                pieces = single_token_id(tokenizer, marker)
-                errors.append(spec.error(("claims", index, "span", "after"),
-                                         f"span marker {marker!r} is {len(pieces)} tokens for "
-                                         f"model '{name}': {pieces}; use a single token"))
-            if _pairs_clean_with_corrupt(claim):
-                for problem in corrupt_length_mismatches(tokenizer, spec.claim_prompts(claim),
-                                                         _prepend_bos(spec, claim)):
-                    errors.append(spec.error(("claims", index),
-                                             f"model '{name}': {problem}"))
-    unique = {str(e): e for e in errors}
-    return list(unique.values())
-
-
-def _pairs_clean_with_corrupt(claim) -> bool:
-    ends = [getattr(claim, "from_", None), getattr(claim, "into", None)]
-    return all(ends) and ends[0].input != ends[1].input
-
-
-def _prepend_bos(spec: Spec, claim) -> bool:
-    return spec.defaults.prepend_bos if claim.prepend_bos is None else claim.prepend_bos
+    return token_errors(spec, lambda name: _tokenizer_or_none(spec, name, session),
+                        single_token_id)
 
 
 def _tokenizer_or_none(spec: Spec, name: str, session: Session):

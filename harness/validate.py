@@ -14,11 +14,13 @@ from harness.spec import Spec, load_spec
 
 
 def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
-                 pieces_of: Callable[[object, str], int | list[str]]) -> list[SpecError]:
-    """Every answer, foil and span marker must be one token for each model that reads it (the
-    light twin of runner.check_tokens). `tokenizer_for`
-    gives a model's tokenizer (None: not available, left for claim time); `pieces_of` gives the
-    id of a one-token text or how it splits."""
+                 pieces_of: Callable[[object, str], int | list[str]],
+                 hf_view: Callable[[object], object] = lambda t: t) -> list[SpecError]:
+    """Every answer, foil and span marker must be one token for each model that reads it, and
+    clean/corrupt pairs must tokenize to equal lengths. One check for `harness validate` (light
+    `tokenizers`) and `runner.check_tokens` (HF tokenizers): `tokenizer_for` gives a model's
+    tokenizer (None: not available, left for claim time); `pieces_of` gives the id of a
+    one-token text or how it splits; `hf_view` shows a tokenizer as HF's call/decode API."""
     errors: dict[str, SpecError] = {}
     tokenizers: dict[str, object | None] = {}
     for index, claim in enumerate(spec.claims):
@@ -28,7 +30,10 @@ def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
             tokenizer = tokenizers[name]
             if tokenizer is None:
                 continue
-            for prompt in spec.claim_prompts(claim):
+            prompts = spec.claim_prompts(claim)
+            if getattr(claim, "control", None):   # top_features' control prompt set
+                prompts += spec.prompt_set(claim.control)
+            for prompt in prompts:
                 for field_name in ("answer", "foil"):
                     text = getattr(prompt, field_name)
                     if text is None:
@@ -52,7 +57,7 @@ def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
             if all(ends) and ends[0].input != ends[1].input:  # clean/corrupt patching
                 prepend = spec.defaults.prepend_bos if claim.prepend_bos is None \
                     else claim.prepend_bos
-                for problem in corrupt_length_mismatches(_Light(tokenizer),
+                for problem in corrupt_length_mismatches(hf_view(tokenizer),
                                                          spec.claim_prompts(claim), prepend):
                     error = spec.error(("claims", index), f"model '{name}': {problem}")
                     errors.setdefault(str(error), error)
@@ -83,7 +88,7 @@ def validate_spec(path: Path, allow_remote_code: bool = False) -> Spec:
 
     spec = load_spec(path)
     errors = check_spec(spec, allow_remote_code) or \
-        token_errors(spec, lambda name: light_tokenizer(spec, name), light_pieces)
+        token_errors(spec, lambda name: light_tokenizer(spec, name), light_pieces, _Light)
     if errors:
         errors[0].others = errors[1:]
         raise errors[0]
