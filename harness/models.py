@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from harness import tl_checkpoints
 from harness.errors import HarnessError, ModelUnavailable
 from harness.spec import ModelSource
 
@@ -42,8 +43,15 @@ class LoadedModel:
     def plain_hf(self):
         """The HF model on its own, for cached generation: inside the bridge its KV cache
         path gives wrong logits (measured, TransformerLens 4.3), so generation loads a second,
-        unwrapped copy of the weights once, on first use."""
+        unwrapped copy of the weights once, on first use. None where there is no HF model
+        to copy (TransformerLens-native checkpoints, models handed over in memory): generation
+        then runs the bridge's token loop."""
         if self._plain is None:
+            from transformers import PreTrainedModel
+
+            if not self.location or self.source is None or not isinstance(
+                    getattr(self.bridge, "original_model", None), PreTrainedModel):
+                return None
             plain = load_hf_causal_lm(self.location, self.source)
             self._plain = plain if self.source.device_map else plain.to(self.device)
         return self._plain
@@ -118,6 +126,8 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
     from transformer_lens.model_bridge import TransformerBridge
 
     tokenizer = tokenizer or load_tokenizer(location, source)
+    if tl_checkpoints.read_config(Path(location)) is not None:
+        return _load_tl_checkpoint(name, source, location, device, tokenizer)
     # TransformerLens leaves a preloaded model where it is: move it to the device ourselves,
     # unless `device_map` spreads its layers over several devices (accelerate places them).
     hf_model = load_hf_causal_lm(location, source)
@@ -140,6 +150,21 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
                                f"on {placed}")
     key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
     return LoadedModel(key, bridge, tokenizer, _origin(source, location), str(placed),
+                       source.dtype, location, source)
+
+
+def _load_tl_checkpoint(name: str, source: ModelSource, location: str, device: str,
+                        tokenizer) -> LoadedModel:
+    """A TransformerLens-format folder (no HF architecture, e.g. attention-only models) on the
+    bridge's native model: see harness/tl_checkpoints.py."""
+    if source.device_map is not None:
+        raise ModelUnavailable(f"model '{name}': `device_map` needs a Hugging Face model; "
+                               f"{location} is a TransformerLens checkpoint (drop device_map)")
+    bridge = tl_checkpoints.load_bridge(Path(location), tokenizer, device, DTYPES[source.dtype])
+    bridge.enable_compatibility_mode()
+    bridge.eval()
+    key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
+    return LoadedModel(key, bridge, tokenizer, _origin(source, location), device,
                        source.dtype, location, source)
 
 

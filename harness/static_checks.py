@@ -13,8 +13,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import tl_checkpoints
 from harness.errors import HarnessError, SpecError
-from harness.sites import KV_SITES
+from harness.sites import KV_SITES, SITE_TABLE
 
 REMOTE_CODE_FLAGS = "--allow-remote-code (harness) or --harness-allow-remote-code (pytest)"
 
@@ -29,6 +30,7 @@ class ModelFacts:
     d_mlp: int | None = None
     n_ctx: int | None = None
     vocab: int | None = None
+    traits: frozenset | None = None   # sites.model_traits, where the config says (else None)
     tokenizer: object = None          # tokenizers.Tokenizer, when tokenizer.json exists
     lengths: dict = field(default_factory=dict, compare=False)   # text -> tokens, memoized
 
@@ -136,9 +138,12 @@ def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
                               "`save_pretrained` writes") from None
     except (OSError, ValueError) as exc:
         raise spec.error(loc, f"cannot read {config_file}: {exc}") from None
-    problem = weights_problem(directory)
+    tl_config = tl_checkpoints.read_config(directory)
+    problem = weights_problem(directory, tl_format=tl_config is not None)
     if problem:
         raise spec.error(loc, problem)
+    if tl_config is not None:
+        return _tl_facts(tl_config, _read_tokenizer(spec, loc, directory))
     n_heads = _first(config, "n_head", "num_attention_heads")
     n_embd = _first(config, "n_embd", "hidden_size", "d_model")
     d_mlp = _first(config, "n_inner", "intermediate_size", "ffn_dim", "d_mlp")
@@ -149,6 +154,22 @@ def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
         n_heads=n_heads, n_kv_heads=_first(config, "num_key_value_heads") or n_heads,
         d_mlp=d_mlp, n_ctx=_first(config, "n_positions", "max_position_embeddings", "n_ctx"),
         vocab=_first(config, "vocab_size"), tokenizer=_read_tokenizer(spec, loc, directory))
+
+
+def _tl_facts(config: dict, tokenizer) -> ModelFacts:
+    """Facts of a TransformerLens config.json (harness/tl_checkpoints.py)."""
+    from types import SimpleNamespace
+
+    from harness.sites import model_traits
+
+    attn_only = bool(config.get("attn_only"))
+    n_heads = _first(config, "n_heads")
+    return ModelFacts(
+        n_layers=_first(config, "n_layers"), n_heads=n_heads,
+        n_kv_heads=_first(config, "n_key_value_heads") or n_heads,
+        d_mlp=None if attn_only else _first(config, "d_mlp"), n_ctx=_first(config, "n_ctx"),
+        vocab=_first(config, "d_vocab"), tokenizer=tokenizer,
+        traits=frozenset(model_traits(SimpleNamespace(**config))))
 
 
 def _first(config: dict, *keys: str) -> int | None:
@@ -171,12 +192,16 @@ def _read_tokenizer(spec, loc: tuple, directory: Path):
         raise spec.error(loc, f"cannot read {path}: {exc}") from None
 
 
-def weights_problem(directory: Path) -> str | None:
-    """Why the weight files of a folder cannot be complete (safetensors headers only)."""
+def weights_problem(directory: Path, tl_format: bool = False) -> str | None:
+    """Why the weight files of a folder cannot be complete (safetensors headers only).
+    TransformerLens-format folders may hold a `.pth` state dict instead."""
     safetensors = sorted(directory.glob("*.safetensors"))
+    if tl_format and not safetensors and any(directory.glob("*.pth")):
+        return None
     if not safetensors and not any(directory.glob("*.bin")) and \
             not any(directory.glob("*.safetensors.index.json")):
-        return f"{directory} holds no weights (*.safetensors or *.bin)"
+        kinds = "*.safetensors or *.pth" if tl_format else "*.safetensors or *.bin"
+        return f"{directory} holds no weights ({kinds})"
     for path in safetensors:
         problem = _safetensors_problem(path)
         if problem:
@@ -241,6 +266,13 @@ def _check_selection(sel, where: tuple, name: str, facts: ModelFacts, add) -> No
             add(where + (key, i), f"{what} {value} is out of range: model '{name}' has "
                                     f"{size} {what}s (0..{size - 1})")
 
+    missing = set(SITE_TABLE[sel.site].needs) - facts.traits if facts.traits is not None \
+        else set()
+    if missing:
+        why = {"mlp": "it is attention-only (no MLP layers)",
+               "sequential": "its attention and MLP run in parallel (no resid_mid)"}
+        add(where + ("site",), f"model '{name}' has no site '{sel.site}': "
+                               + "; ".join(why.get(m, m) for m in sorted(missing)))
     for i, layer in enumerate(sel.layers or ()):
         out_of_range("layers", i, layer, facts.n_layers, "layer")
     kv = sel.site in KV_SITES

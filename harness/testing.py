@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -110,5 +111,55 @@ def build_tiny_checkpoint(architecture: str, directory: Path, *, seed: int = 0,
                     and model_type != "gemma2" else 0.0
                 p.copy_(base + 0.3 * torch.randn(p.shape, generator=gen))
     model.to(dtype).save_pretrained(str(directory))
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def build_tiny_tl_checkpoint(directory: Path, *, attn_only: bool = True, n_layers: int = 2,
+                             n_heads: int = 4, d_head: int = 8, seed: int = 0,
+                             weights: str = "safetensors") -> Path:
+    """Save a seeded random TransformerLens-format model (no HF architecture: by default
+    attention-only, like `attn-only-2l`) and the toy tokenizer to `directory`, the way
+    HookedTransformer checkpoints are published: a TransformerLens config.json and a state dict
+    in HookedTransformer's property layout (`blocks.0.attn.W_Q`: [head, d_model, d_head]),
+    as `model.safetensors` or, with `weights="pth"`, a legacy `model_final.pth`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_bpe_tokenizer(TINY_TEXTS, vocab_size=400)
+    d_model, n_ctx, d_vocab, d_mlp = n_heads * d_head, 64, len(tokenizer), 4 * n_heads * d_head
+    config = dict(n_layers=n_layers, d_model=d_model, d_head=d_head, n_heads=n_heads,
+                  d_mlp=-1 if attn_only else d_mlp, n_ctx=n_ctx, d_vocab=d_vocab, act_fn="gelu",
+                  attn_only=attn_only, normalization_type="LN",
+                  positional_embedding_type="standard", tokenizer_name=None)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, base=0.0, scale=0.3):
+        return base + scale * torch.randn(shape, generator=gen)
+
+    state = {"embed.W_E": rand(d_vocab, d_model, scale=1.0),
+             "pos_embed.W_pos": rand(n_ctx, d_model), "ln_final.w": rand(d_model, base=1.0),
+             "ln_final.b": rand(d_model), "unembed.W_U": rand(d_model, d_vocab),
+             "unembed.b_U": rand(d_vocab, scale=0.1)}
+    for layer in range(n_layers):
+        block = f"blocks.{layer}."
+        state.update({block + "ln1.w": rand(d_model, base=1.0), block + "ln1.b": rand(d_model),
+                      block + "attn.b_O": rand(d_model, scale=0.1),
+                      block + "attn.W_O": rand(n_heads, d_head, d_model)})
+        for name in "QKV":
+            state[block + f"attn.W_{name}"] = rand(n_heads, d_model, d_head)
+            state[block + f"attn.b_{name}"] = rand(n_heads, d_head, scale=0.1)
+        if not attn_only:
+            state.update({block + "ln2.w": rand(d_model, base=1.0), block + "ln2.b": rand(d_model),
+                          block + "mlp.W_in": rand(d_model, d_mlp),
+                          block + "mlp.b_in": rand(d_mlp, scale=0.1),
+                          block + "mlp.W_out": rand(d_mlp, d_model),
+                          block + "mlp.b_out": rand(d_model, scale=0.1)})
+    state = {k: v.contiguous() for k, v in state.items()}
+    if weights == "pth":
+        torch.save(state, directory / "model_final.pth")
+    else:
+        from safetensors.torch import save_file
+        save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_tokenizer(tokenizer, directory)
     return directory

@@ -95,7 +95,8 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
     groups: dict[int, list[int]] = {}
     for row, tokens in enumerate(prompts):
         groups.setdefault(len(tokens), []).append(row)
-    cached = patch is None or hf_sites(model.plain_hf(), patch.site) is not None
+    cached = model.plain_hf() is not None and (
+        patch is None or hf_sites(model.plain_hf(), patch.site) is not None)
     for length, rows in groups.items():
         if not cached or length + max_new_tokens > cfg.n_ctx:
             for row in rows:

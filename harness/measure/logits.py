@@ -50,7 +50,7 @@ def final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor
     between tokens within 1e-5: compatibility mode may shift a row by a constant); a model
     where it does not hold keeps using the bridge."""
     direct = getattr(bridge, "_harness_direct_logits", None)
-    if direct is False or getattr(bridge, "original_model", None) is None:
+    if direct is False or not _is_hf_model(getattr(bridge, "original_model", None)):
         return _at(bridge(tokens, return_type="logits"), final_pos)
     keep = torch.unique(final_pos)
     out = bridge.original_model(tokens, logits_to_keep=keep, use_cache=False).logits
@@ -63,6 +63,13 @@ def final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor
         bridge._harness_direct_logits = ok
         return logits if ok else reference
     return logits
+
+
+def _is_hf_model(model) -> bool:
+    """Whether `model` takes HF's `logits_to_keep` (TransformerLens's native model does not)."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
 
 
 def _at(logits: Float[Tensor, "batch pos vocab"], final_pos: Int[Tensor, " batch"]
