@@ -59,3 +59,17 @@ def load_bridge(directory: Path):
     bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
     bridge.enable_compatibility_mode()
     return bridge
+
+
+def clean_and_corrupt(bridge, prompts, answer, foil):
+    """Clean tokens of `prompts` (BOS, right-padded), a corrupt copy with column 1 changed, the
+    final positions and answer/foil ids: the inputs of the sweeps compared with TL's."""
+    import torch
+
+    tokens = bridge.to_tokens(prompts, prepend_bos=True).to(TEST_DEVICE)
+    final_pos = torch.tensor([len(bridge.to_tokens(p, prepend_bos=True)[0]) - 1
+                              for p in prompts], device=TEST_DEVICE)
+    corrupt = tokens.clone()
+    corrupt[:, 1] = 7
+    answer, foil = (torch.tensor(ids, device=TEST_DEVICE) for ids in (answer, foil))
+    return tokens, corrupt, final_pos, answer, foil

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from _tiny_models import TEST_DEVICE, assert_close
+from _tiny_models import TEST_DEVICE, assert_close, clean_and_corrupt
 
 from harness.measure.attribution import dla, logit_lens
 from harness.measure.patching import PatchingEngine, Run
@@ -58,13 +58,7 @@ def bridges(checkpoints):
 
 def _setup(bridge):
     """Clean and corrupt tokens of equal length (column 1 changed), final positions, ids."""
-    tokens = bridge.to_tokens(PROMPTS, prepend_bos=True).to(TEST_DEVICE)
-    final_pos = torch.tensor([len(bridge.to_tokens(p, prepend_bos=True)[0]) - 1
-                              for p in PROMPTS], device=TEST_DEVICE)
-    corrupt = tokens.clone()
-    corrupt[:, 1] = 7
-    answer, foil = (torch.tensor(ids, device=TEST_DEVICE) for ids in (ANSWER, FOIL))
-    return tokens, corrupt, final_pos, answer, foil
+    return clean_and_corrupt(bridge, PROMPTS, ANSWER, FOIL)
 
 
 def _tl_reference(bridge, fn, tokens, corrupt, final_pos, answer, foil):
