@@ -24,6 +24,8 @@ def applies(bridge) -> bool:
 class GPT2Ops:
     """GPT-2's block computations (`gpt2_forward`) as the staggered forward's BlockOps."""
 
+    parallel_block = False
+
     def __init__(self, model: FoldedGPT2):
         self.model = model
         self.n_layers, self.n_heads = model.n_layers, model.n_heads

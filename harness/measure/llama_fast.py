@@ -172,6 +172,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 class LlamaOps:
     """The Llama family's block computations as the staggered forward's BlockOps."""
 
+    parallel_block = False
+
     def __init__(self, weights: LlamaWeights, rotary, readout: Readout, act_fn):
         self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
         self.n_layers = weights.W_QKV.shape[0]

@@ -10,7 +10,10 @@ unembedding columns instead of the whole vocabulary.
 
 A family plugs in by providing `BlockOps` (its projections, attention, MLP and readout on
 plain tensors) and a clean `trace`; `StaggeredForward` turns those into the engine's Forward.
-The block shape is the sequential pre-norm one: x + attn(x), then x + mlp(x).
+Two block shapes: the sequential pre-norm one (x + attn(x), then x + mlp(x)) and, where
+`ops.parallel_block` is set (GPT-NeoX/Pythia, Phi), the parallel one (x + attn(x) + mlp(x),
+both reading the block's input, no resid_mid): the whole block runs in the attention
+half-step, and a patch inside a block enters the stream after that block.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ class BlockOps(Protocol):
 
     q, k, v are [..., head, d_head] as the hooks see them (before any rotary embedding); k and
     v have the model's key/value heads. `qkv_flat` packs them side by side (q, then k, then v).
+    `parallel_block`: the MLP reads the block's input (resid_pre), not attention's output.
     """
 
+    parallel_block: bool
     n_layers: int
     n_heads: int
     d_model: int
@@ -159,6 +164,8 @@ def _run_blocks(ops: BlockOps, into: Acts, x: Float[Tensor, "n pos d_model"],
     pos = torch.arange(n_pos, device=x.device)
     entered = torch.searchsorted(enter_at, torch.arange(2 * last, device=x.device), right=True)
     for step in range(int(enter_at[0]), 2 * last):
+        if step % 2 and ops.parallel_block:  # the MLP ran beside the attention
+            continue
         layer, n = step // 2, int(entered[step])
         rows = (pos[None] >= start[:n, None]).flatten()
         flat = None if bool(rows.all()) else rows.nonzero().squeeze(1)
@@ -179,16 +186,24 @@ def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
     """
     if flat is None:
         q, k, v = ops.split_qkv(ops.qkv_flat(layer, x))
-        return x + ops.attn_output(layer, ops.attend(q, k, v))
+        return _add_attention(ops, layer, x, ops.attn_output(layer, ops.attend(q, k, v)))
     n, n_pos, d_model = x.shape
     rows = x.reshape(-1, d_model).index_select(0, flat)
     qkv = clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, ops.qkv_flat(layer, rows))
     q, k, v = ops.split_qkv(qkv.view(*clean_qkv.shape))
     z = ops.attend(q, k, v)
     z = z.reshape(n * n_pos, *z.shape[2:]).index_select(0, flat)
-    out = rows + ops.attn_output(layer, z)
+    out = _add_attention(ops, layer, rows, ops.attn_output(layer, z))
     x.view(-1, d_model).index_copy_(0, flat, out)  # in place: x is a prefix of the batch
     return x
+
+
+def _add_attention(ops: BlockOps, layer: int, x: Tensor, attn_out: Tensor) -> Tensor:
+    """The residual after the attention sublayer; on a parallel block, after the whole block
+    (its MLP reads the same input x), summed in the order the HF blocks use."""
+    if ops.parallel_block:
+        return ops.mlp_output(layer, ops.mlp_post(layer, x)) + attn_out + x
+    return x + attn_out
 
 
 def _mlp_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None) -> Tensor:
@@ -221,7 +236,9 @@ def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: T
         q = ops.split_qkv(ops.qkv_flat(layer, resid[in_attn]))[0]
         allowed = (pos[None] <= final_pos[in_attn, None])[:, None, None, :]
         z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[in_attn])[:, 0]
-        resid[in_attn] = resid[in_attn] + ops.attn_output(layer, z)
+        resid[in_attn] = _add_attention(ops, layer, resid[in_attn], ops.attn_output(layer, z))
+    if ops.parallel_block:  # the MLP ran with the attention
+        return resid
     in_mlp = enter_at <= 2 * layer + 1
     post = ops.mlp_post(layer, resid[in_mlp])
     resid[in_mlp] = resid[in_mlp] + ops.mlp_output(layer, post)
@@ -236,7 +253,8 @@ def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, in
            source: Acts, prompt: Int[Tensor, " n"]) -> tuple[Float[Tensor, "n pos d_model"], int]:
     """Residual stream of every variant where it enters: half-step 2*layer + offset.
 
-    Offsets: 0 = before the attention sublayer, 1 = before the MLP, 2 = before the next block.
+    Offsets: 0 = before the attention sublayer, 1 = before the MLP, 2 = before the next block;
+    on a parallel block every site inside the block enters at 2 (its resid_post).
     """
     n_var, batch = masks.shape[0], prompt.shape[0] // masks.shape[0]
     mask = masks.expand(n_var, batch, *masks.shape[2:]).flatten(0, 1)
@@ -250,16 +268,20 @@ def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, in
     offset = ENTRY_OFFSET[site]
     if site in ("resid_pre", "resid_mid", "resid_post"):
         return patched(site), offset
-    if site == "mlp_out":
-        return clean("resid_mid") + patched("mlp_out"), offset
-    if site == "mlp_post":
-        out = _per_layer(layer, patched("mlp_post"), ops.mlp_output)
-        return clean("resid_mid") + out, offset
+    if site in ("mlp_out", "mlp_post"):
+        mlp = patched("mlp_out") if site == "mlp_out" else \
+            _per_layer(layer, patched("mlp_post"), ops.mlp_output)
+        if ops.parallel_block:  # resid_post, as the block sums it
+            return mlp + clean("attn_out") + clean("resid_pre"), 2
+        return clean("resid_mid") + mlp, offset
     if site == "attn_out":
-        return clean("resid_pre") + patched("attn_out"), offset
-    z = patched("z") if site == "z" else _patched_z(ops, site, patched, clean)
-    out = _per_layer(layer, z, ops.attn_output)
-    return clean("resid_pre") + out, offset
+        attn = patched("attn_out")
+    else:
+        z = patched("z") if site == "z" else _patched_z(ops, site, patched, clean)
+        attn = _per_layer(layer, z, ops.attn_output)
+    if ops.parallel_block:
+        return clean("mlp_out") + attn + clean("resid_pre"), 2
+    return clean("resid_pre") + attn, offset
 
 
 def _per_layer(layer: Int[Tensor, " n"], acts: Tensor, fn) -> Tensor:
