@@ -78,6 +78,7 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "gemma2": ("gemma2", dict(_ATTN, num_key_value_heads=2, head_dim=8,
                               final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                               sliding_window=16)),
+    "phi": ("phi", dict(_ATTN, partial_rotary_factor=0.5)),
     "phi3": ("phi3", dict(_ATTN, num_key_value_heads=4, pad_token_id=0)),
     "opt": ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
                         max_position_embeddings=64, word_embed_proj_dim=32)),

@@ -93,7 +93,8 @@ def fast_path_for(bridge) -> FastPath | None:
 def _register_builtin() -> None:
     if FAST_PATHS:
         return
-    from harness.measure import gpt2_fast, llama_fast
+    from harness.measure import gpt2_fast, llama_fast, parallel_fast
 
     register_fast_path("gpt2", gpt2_fast.applies, gpt2_fast.GPT2Forward)
     register_fast_path("llama", llama_fast.applies, llama_fast.LlamaForward)
+    register_fast_path("parallel", parallel_fast.applies, parallel_fast.ParallelForward)

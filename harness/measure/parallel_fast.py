@@ -1,0 +1,314 @@
+"""The parallel-block family's fast path (GPT-NeoX/Pythia, Phi-1/Phi-2): the staggered forward
+(`staggered.py`) with attention and MLP side by side in each block.
+
+Why its own ops: these blocks compute resid_post = resid_pre + attn(LN1(resid_pre)) +
+mlp(LN2(resid_pre)) (Phi shares one LayerNorm for both), so there is no resid_mid; positions
+come from a partial rotary embedding (only the first `rotary_dim` dims of each q/k head rotate;
+the `q`/`k` sites are before rotation, as the bridge's hooks are), with cos/sin from the model's
+own rotary module. Weights are the bridge's processed per-head W_Q/W_K/W_V/W_O and MLP matrices
+(so the split of NeoX's fused, per-head-interleaved qkv is the bridge's own); any LayerNorm
+scale and bias the bridge left unfolded are folded in on reading. Anything else (GPT-J's
+interleaved rotary, q/k norms, grouped-query attention, sequential NeoX, other parallel
+families) is refused by `applies` and runs on the general path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from harness.errors import MeasureError
+from harness.measure.forward import Acts, Dims
+from harness.measure.readout import Readout
+from harness.measure.staggered import StaggeredForward
+from harness.sites import SITE_TABLE
+
+# the sites of a parallel block (it has no resid_mid), in the site table's order
+PARALLEL_SITES = tuple(n for n, s in SITE_TABLE.items() if "sequential" not in s.needs)
+
+# HF layer children of each supported model type: anything else is a block we do not know
+LAYER_PARTS = {
+    "gpt_neox": {"input_layernorm", "post_attention_layernorm", "post_attention_dropout",
+                 "post_mlp_dropout", "attention", "mlp"},
+    "phi": {"input_layernorm", "self_attn", "mlp", "resid_dropout"},
+}
+
+
+def applies(bridge) -> bool:
+    return not unsupported_features(bridge)
+
+
+def _model_type(bridge) -> str:
+    config = getattr(getattr(bridge, "original_model", None), "config", None)
+    return str(getattr(config, "model_type", "") or "")
+
+
+def unsupported_features(bridge) -> list[str]:
+    """What keeps this model off the parallel-block fast path (empty: it can run here)."""
+    cfg = bridge.cfg
+    if not getattr(cfg, "parallel_attn_mlp", False):
+        return ["not a parallel attention + MLP block"]
+    model_type = _model_type(bridge)
+    if model_type not in LAYER_PARTS:
+        return [f"model type {model_type!r} (this path runs {', '.join(sorted(LAYER_PARTS))})"]
+    problems = []
+    if getattr(cfg, "positional_embedding_type", None) != "rotary":
+        problems.append("no rotary position embedding")
+    if str(getattr(cfg, "normalization_type", "") or "") != "LN":
+        problems.append(f"normalization {cfg.normalization_type!r}")
+    for flag in ("gated_mlp", "attn_only", "use_qk_norm", "rotary_adjacent_pairs",
+                 "rotary_interleaved_cos_sin"):
+        if getattr(cfg, flag, False):
+            problems.append(flag)
+    for cap in ("output_logits_soft_cap", "attn_scores_soft_cap"):
+        if float(getattr(cfg, cap, -1.0) or -1.0) > 0:
+            problems.append(cap)
+    if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
+        problems.append("grouped-query attention")
+    blocks = getattr(bridge, "blocks", None)
+    if blocks is None or getattr(bridge, "rotary_emb", None) is None:
+        return problems + ["no blocks / rotary module to read"]
+    for i, block in enumerate(blocks):
+        layer = getattr(block, "original_component", None)
+        parts = set(dict(layer.named_children())) if layer is not None else set()
+        if parts != LAYER_PARTS[model_type]:
+            problems.append(f"block {i} has parts {sorted(parts)}")
+            break
+        attn = getattr(block.attn, "original_component", None)
+        if getattr(attn, "qk_layernorm", False):
+            problems.append("q/k LayerNorm")
+            break
+    return problems
+
+
+@dataclass(frozen=True)
+class ParallelWeights:
+    """Per-layer weights, LayerNorm affine maps folded in, detached, on the model's device."""
+
+    W_E: Float[Tensor, "vocab d_model"]
+    W_QKV: Float[Tensor, "layer d_model qkv"]   # q, k, v of all heads side by side
+    b_QKV: Float[Tensor, "layer qkv"]
+    W_O: Float[Tensor, "layer hd d_model"]
+    b_O: Float[Tensor, "layer d_model"]
+    W_in: Float[Tensor, "layer d_model d_mlp"]
+    b_in: Float[Tensor, "layer d_mlp"]
+    W_out: Float[Tensor, "layer d_mlp d_model"]
+    b_out: Float[Tensor, "layer d_model"]
+    eps: tuple[tuple[float, float], ...]        # (attention norm, MLP norm) per layer
+    n_heads: int
+    d_head: int
+    scaling: float
+
+    @classmethod
+    def from_bridge(cls, bridge) -> ParallelWeights:
+        problems = unsupported_features(bridge)
+        if problems:
+            raise MeasureError("the parallel-block fast path cannot run this model: "
+                               + "; ".join(problems))
+        with torch.inference_mode(False), torch.no_grad():
+            n_layers, n_heads = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+
+            def heads_in(w: Tensor) -> Tensor:  # [L, H, d, dh] -> [L, d, H*dh]
+                return w.detach().permute(0, 2, 1, 3).reshape(n_layers, w.shape[2], -1)
+
+            W_QKV = torch.cat([heads_in(w) for w in (bridge.W_Q, bridge.W_K, bridge.W_V)], -1)
+            b_QKV = torch.cat([b.detach().reshape(n_layers, -1)
+                               for b in (bridge.b_Q, bridge.b_K, bridge.b_V)], -1)
+            W_in, b_in = bridge.W_in.detach(), bridge.b_in.detach()
+            norms = [(_norm(block.ln1), _norm(getattr(block, "ln2", block.ln1)))
+                     for block in bridge.blocks]
+            W_QKV, b_QKV = _fold_norms(W_QKV, b_QKV, [n[0] for n in norms])
+            W_in, b_in = _fold_norms(W_in, b_in, [n[1] for n in norms])
+            d_model = W_QKV.shape[1]
+            attn = bridge.blocks[0].attn.original_component
+            d_head = W_QKV.shape[-1] // (3 * n_heads)
+            scaling = float(getattr(attn, "scaling", d_head ** -0.5))
+            return cls(W_E=bridge.W_E.detach(), W_QKV=W_QKV.contiguous(), b_QKV=b_QKV,
+                       W_O=bridge.W_O.detach().reshape(n_layers, -1, d_model).contiguous(),
+                       b_O=bridge.b_O.detach(), W_in=W_in.contiguous(), b_in=b_in,
+                       W_out=bridge.W_out.detach().contiguous(), b_out=bridge.b_out.detach(),
+                       eps=tuple((n[0][2], n[1][2]) for n in norms), n_heads=n_heads,
+                       d_head=d_head, scaling=scaling)
+
+
+def _norm(bridge_norm) -> tuple[Tensor | None, Tensor | None, float]:
+    """A LayerNorm's weight and bias (None where absent) and epsilon."""
+    inner = bridge_norm.original_component
+    w, b = getattr(inner, "weight", None), getattr(inner, "bias", None)
+    return (None if w is None else w.detach(), None if b is None else b.detach(),
+            float(inner.eps))
+
+
+def _fold_norms(W: Float[Tensor, "layer d_model d_out"], b: Float[Tensor, "layer d_out"],
+                norms) -> tuple[Tensor, Tensor]:
+    """Fold each layer's LayerNorm affine map into the projection after it (exactly a no-op
+    when the bridge already folded it: weight 1, bias 0)."""
+    Ws, bs = [], []
+    for layer, (w, bias, _) in enumerate(norms):
+        W_l, b_l = W[layer], b[layer]
+        if bias is not None and bool((bias != 0).any()):
+            b_l = b_l + bias @ W_l
+        if w is not None and not bool((w == 1).all()):
+            W_l = w[:, None] * W_l
+        Ws.append(W_l)
+        bs.append(b_l)
+    return torch.stack(Ws), torch.stack(bs)
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class ParallelOps:
+    """The parallel-block family's computations as the staggered forward's BlockOps."""
+
+    parallel_block = True
+
+    def __init__(self, weights: ParallelWeights, rotary, readout: Readout, act_fn):
+        self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
+        self.n_layers, self.n_heads = weights.W_QKV.shape[0], weights.n_heads
+        self.d_model, self.d_mlp = weights.W_E.shape[1], weights.W_out.shape[1]
+        self.device, self.dtype = weights.W_E.device, weights.W_E.dtype
+        self._cos_sin: tuple[Tensor, Tensor] | None = None
+
+    # ---- partial rotary -------------------------------------------------------------------
+    def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos rotary_dim"], Tensor]:
+        """The model's own rotary cos/sin for positions 0..n_pos-1 (cached, grown on demand);
+        their width is the rotary dimension (the first dims of each head that rotate)."""
+        if self._cos_sin is None or self._cos_sin[0].shape[0] < n_pos:
+            with torch.inference_mode(False), torch.no_grad():
+                x = torch.zeros(1, n_pos, self.w.d_head, dtype=self.dtype, device=self.device)
+                cos, sin = self.rotary(x, torch.arange(n_pos, device=self.device)[None])
+            self._cos_sin = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+        cos, sin = self._cos_sin
+        return cos[:n_pos], sin[:n_pos]
+
+    def rope(self, x: Float[Tensor, "n pos head d_head"], q_pos: Tensor | None = None
+             ) -> Tensor:
+        """Rotate the first rotary_dim dims of q or k (positions 0..pos-1, or `q_pos[i]` for
+        row i of a single query); the rest pass through."""
+        if q_pos is None:
+            cos, sin = self.cos_sin(x.shape[1])
+            cos, sin = cos[:, None], sin[:, None]
+        else:
+            cos, sin = self.cos_sin(int(q_pos.max()) + 1)
+            cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
+        rot, rest = x[..., :cos.shape[-1]], x[..., cos.shape[-1]:]
+        return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], -1)
+
+    # ---- BlockOps -------------------------------------------------------------------------
+    def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
+        normed = F.layer_norm(resid, resid.shape[-1:], eps=self.w.eps[layer][0])
+        return _affine(normed, self.w.W_QKV[layer], self.w.b_QKV[layer])
+
+    def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = flat.unflatten(-1, (3, self.n_heads, self.w.d_head)).unbind(-3)
+        return q, k, v
+
+    def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
+        q, k = self.rope(q, q_pos), self.rope(k)
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=allowed,
+                                           is_causal=allowed is None, scale=self.w.scaling)
+        return z.transpose(1, 2)
+
+    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]:
+        scores = torch.einsum("nqhe,nkhe->nhqk", self.rope(q), self.rope(k)) * self.w.scaling
+        n_pos = q.shape[1]
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1, dtype=torch.float32
+                                                                  ).to(q.dtype)
+
+    def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:
+        return torch.einsum("nhqk,nkhe->nqhe", pattern, v)
+
+    def attn_output(self, layer: int, z: Tensor) -> Tensor:
+        return _affine(z.flatten(-2), self.w.W_O[layer], self.w.b_O[layer])
+
+    def mlp_post(self, layer: int, resid_pre: Tensor) -> Tensor:
+        """The MLP's neurons; on a parallel block the MLP reads the block's input."""
+        normed = F.layer_norm(resid_pre, resid_pre.shape[-1:], eps=self.w.eps[layer][1])
+        return self.act_fn(_affine(normed, self.w.W_in[layer], self.w.b_in[layer]))
+
+    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
+        return _affine(post, self.w.W_out[layer], self.w.b_out[layer])
+
+    def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
+        return self.readout.logit_diff(resid, answer_ids, foil_ids)
+
+    def trace(self, tokens: Int[Tensor, "batch pos"], hook=None) -> dict[str, Tensor]:
+        """Full forward keeping every site (no resid_mid), stacked over layers:
+        site -> [layer, batch, ...]; `hook(site, layer, act)` may replace an activation
+        (gradients); "final" is the residual stream after the last block."""
+        acts: dict[str, list[Tensor]] = {s: [] for s in PARALLEL_SITES}
+
+        def keep(site: str, layer: int, act: Tensor) -> Tensor:
+            if hook is not None:
+                act = hook(site, layer, act)
+            acts[site].append(act)
+            return act
+
+        resid = self.w.W_E[tokens]
+        for layer in range(self.n_layers):
+            resid = keep("resid_pre", layer, resid)
+            q, k, v = (keep(s, layer, a) for s, a in
+                       zip(("q", "k", "v"), self.split_qkv(self.qkv_flat(layer, resid))))
+            pattern = keep("pattern", layer, self.attention_pattern(q, k))
+            z = keep("z", layer, self.mix_values(pattern, v))
+            attn_out = keep("attn_out", layer, self.attn_output(layer, z))
+            post = keep("mlp_post", layer, self.mlp_post(layer, resid))
+            mlp_out = keep("mlp_out", layer, self.mlp_output(layer, post))
+            resid = keep("resid_post", layer, mlp_out + attn_out + resid)
+        out = {s: torch.stack(a) for s, a in acts.items()}
+        out["final"] = resid
+        return out
+
+
+class ParallelForward(StaggeredForward):
+    """The parallel-block family's fast path behind the engine's Forward interface."""
+
+    path = "parallel-fast"
+
+    def __init__(self, bridge):
+        super().__init__(bridge)
+        weights = ParallelWeights.from_bridge(bridge)
+        self.readout = Readout.from_bridge(bridge)
+        rotary = getattr(bridge.rotary_emb, "original_component", bridge.rotary_emb)
+        mlp = bridge.blocks[0].mlp.original_component
+        act_fn = mlp.act if hasattr(mlp, "act") else mlp.activation_fn  # NeoX, Phi
+        self.ops = ParallelOps(weights, rotary, self.readout, act_fn)
+        o = self.ops
+        self.dims = Dims(n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_heads,
+                         d_model=o.d_model, d_head=weights.d_head, d_mlp=o.d_mlp,
+                         n_ctx=int(bridge.cfg.n_ctx), sites=PARALLEL_SITES, device=o.device,
+                         dtype=o.dtype)
+
+    def trace_nbytes(self, batch: int, n_pos: int) -> int:
+        """Bytes of a clean trace: four residual-width sites, z, the packed q/k/v, the MLP's
+        neurons and one attention row per head, per layer and row; plus the final residual."""
+        d = self.dims
+        per_row = 4 * d.d_model + 4 * d.n_heads * d.d_head + d.d_mlp + d.n_heads * n_pos
+        return (d.n_layers * per_row + d.d_model) * batch * n_pos * d.element_size
+
+    def verify(self, tokens: Tensor, acts: Acts) -> None:
+        """Our final residuals, read through the model's final norm, must give its logits."""
+        with torch.no_grad():
+            logits = self.bridge(tokens.to(self.ops.device), return_type="logits")[:, -1]
+        self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits)
+        self.ops.readout = self.readout
+
+    def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],
+                                    Float[Tensor, "layer d_model"]]:
+        w = self.ops.w
+        return w.W_O.unflatten(1, (w.n_heads, w.d_head)), w.b_O
