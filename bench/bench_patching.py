@@ -1,15 +1,17 @@
-"""Patching sweeps on GPT-2-small and Llama-shaped models: TransformerLens's patching vs the engine.
+"""Patching sweeps on GPT-2-small, Llama- and Pythia-shaped models: TransformerLens vs the engine.
 
 Builds, offline, two random models of each kind (GPT-2 small: 12 layers, d_model 768, 12
 heads, vocabulary 50257; Llama-shaped: 12 layers, d_model 768, 12 query heads sharing 4 KV
-heads, d_mlp 2048, vocabulary 32000, RMSNorm, rotary; a tiny trained BPE tokenizer) and patches
+heads, d_mlp 2048, vocabulary 32000, RMSNorm, rotary; Pythia-shaped: 12 layers, d_model 768, 12
+heads, d_mlp 3072, vocabulary 50304, parallel attention + MLP, rotary on a quarter of each
+head; a tiny trained BPE tokenizer) and patches
 the second model's activations into the first on one 8-token prompt (model -> model, as in the
 seed analysis). For each sweep it prints TransformerLens's time, the engine's (its fast path for
 the family) and the engine's general path (`PatchingEngine(path="general")`), their ratios,
 the largest absolute differences of the patched logit diffs and peak memory.
 
     python bench/bench_patching.py [--device cuda] [--json out.json] [--sweeps z,resid_pre]
-                                   [--models gpt2,llama]
+                                   [--models gpt2,llama,pythia]
 
 Timing: the TransformerLens column is its patching function given a precomputed clean cache;
 the engine column is `patch_sweep` on an engine whose clean runs are already traced (as in a
@@ -71,6 +73,24 @@ def build_llama(directory: Path, seed: int) -> Path:
                          max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).eval().save_pretrained(str(directory))
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def build_pythia(directory: Path, seed: int) -> Path:
+    """Random Pythia-shaped checkpoint (GPT-NeoX: parallel attention + MLP, rotary_pct 0.25,
+    LayerNorm): 12 layers, d_model 768, 12 heads, d_mlp 3072, vocabulary 50304; the same tiny
+    tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = train_bpe_tokenizer(TINY_TEXTS, vocab_size=300)
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=768, intermediate_size=3072,
+                           num_hidden_layers=12, num_attention_heads=12, rotary_pct=0.25,
+                           use_parallel_residual=True, max_position_embeddings=2048,
+                           bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+    GPTNeoXForCausalLM(config).eval().save_pretrained(str(directory))
     save_tokenizer(tokenizer, directory)
     return directory
 
@@ -138,7 +158,7 @@ def timed(fn, device: str):
     return out, seconds, mem.peak_mb
 
 
-MODELS = {"gpt2": build_gpt2_small, "llama": build_llama}
+MODELS = {"gpt2": build_gpt2_small, "llama": build_llama, "pythia": build_pythia}
 
 
 def main(argv=None) -> dict:
@@ -148,7 +168,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweeps", default=",".join(SWEEPS))
     parser.add_argument("--models", default=",".join(MODELS),
                         help="which random models to bench: gpt2 (GPT-2 small), llama "
-                             "(Llama-shaped, grouped-query attention)")
+                             "(Llama-shaped, grouped-query attention), pythia (Pythia-shaped, "
+                             "parallel blocks, partial rotary)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="engine timing = best of this many calls (the first call also "
                              "pays one-off kernel and allocator warm-up, reported apart)")
