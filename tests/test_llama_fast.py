@@ -2,11 +2,11 @@
 
 Ground truth: the general path runs through the bridge's own hooks (itself checked against
 TransformerLens's patching functions in test_architectures.py). On tiny seeded Llama, Llama-GQA,
-Mistral, Qwen2 and Gemma checkpoints the fast path is chosen, and every sweep, patch, ablation,
-DLA and logit lens agrees with the general path to 1e-5, also when the memory budget slices
-prompts. resid_mid is also checked against a hook-level reference (the bridge's own
-hook_resid_mid on Llama-style layers is only the MLP norm's input; both paths write the
-residual stream).
+Mistral, Qwen2, Gemma and Phi-3 (fused qkv and gate_up, split by the bridge) checkpoints the
+fast path is chosen, and every sweep, patch, ablation, DLA and logit lens agrees with the
+general path to 1e-5, also when the memory budget slices prompts. resid_mid is also checked
+against a hook-level reference (the bridge's own hook_resid_mid on Llama-style layers is only
+the MLP norm's input; both paths write the residual stream).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from harness.testing import build_tiny_checkpoint
 
 pytest.importorskip("transformer_lens")
 
-FAST_ARCHS = ["llama", "llama-gqa", "mistral", "qwen2", "gemma"]
+FAST_ARCHS = ["llama", "llama-gqa", "mistral", "qwen2", "gemma", "phi3"]
 # llama-gqa (grouped-query attention) in the quick suite, every family in the full one
 ARCH_PARAMS = [pytest.param(a, marks=() if a == "llama-gqa" else pytest.mark.slow)
                for a in FAST_ARCHS]
-OTHER_ARCHS = ["gpt2", "gemma2", "pythia", "phi3", "opt"]
+OTHER_ARCHS = ["gpt2", "gemma2", "pythia", "phi", "opt"]
 PROMPTS = ["This movie was really", "The acting was"]  # different lengths: right padding
 ANSWER, FOIL = [10, 20], [30, 40]
 OVERS = [("layer",), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos")]
@@ -210,8 +210,8 @@ def test_trace_nbytes_is_what_the_engine_keeps(bridges):
 
 @pytest.mark.parametrize("arch", OTHER_ARCHS)
 def test_other_families_are_refused(bridges, arch):
-    """Soft-capping and four norms (Gemma 2), parallel blocks (Pythia), fused projections and
-    dropout modules (Phi-3), learned positions (GPT-2, OPT): not this fast path's to run."""
+    """Soft-capping and four norms (Gemma 2), parallel blocks and LayerNorm (Pythia, Phi),
+    learned positions (GPT-2, OPT): not this fast path's to run."""
     problems = llama_fast.unsupported_features(bridges(arch))
     assert problems
     if arch == "gemma2":
@@ -227,3 +227,22 @@ def test_a_broken_fast_path_falls_back_to_the_general_path(bridges, monkeypatch)
     with pytest.warns(UserWarning, match="does not reproduce"):
         engine.logit_diff(c["into_run"], c["answer"], c["foil"])
     assert engine.path_of(c["into_run"]) == "general"
+
+
+def test_partial_rotary_is_refused(tmp_path, monkeypatch):
+    """A Phi-3 whose rotary embedding covers half of each head (as Phi-4-mini's covers three
+    quarters) is refused: this path rotates whole heads."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from harness.testing import TINY_ARCHITECTURES
+
+    model_type, sizes = TINY_ARCHITECTURES["phi3"]
+    monkeypatch.setitem(TINY_ARCHITECTURES, "phi3-partial",
+                        (model_type, dict(sizes, partial_rotary_factor=0.5)))
+    directory = build_tiny_checkpoint("phi3-partial", tmp_path / "phi3-partial")
+    bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
+    bridge.enable_compatibility_mode()
+    assert llama_fast.unsupported_features(bridge) == ["partial rotary embedding"]
+    tokens = bridge.to_tokens(PROMPTS[:1], prepend_bos=True).to(TEST_DEVICE)
+    run = Run("p", bridge, tokens, torch.tensor([tokens.shape[1] - 1], device=TEST_DEVICE))
+    assert PatchingEngine().path_of(run) == "general"

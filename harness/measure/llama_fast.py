@@ -1,13 +1,15 @@
-"""The Llama family's fast path (Llama with or without GQA, Mistral, Qwen2, Gemma): the staggered
-forward (`staggered.py`) on weights read off the bridge's Hugging Face modules.
+"""The Llama family's fast path (Llama with or without GQA, Mistral, Qwen2, Gemma, Phi-3): the
+staggered forward (`staggered.py`) on weights read off the bridge's Hugging Face modules.
 
 Why its own ops: these models use RMSNorm, rotary position embeddings applied to q and k inside
 attention (the `q`/`k` sites are before rotation, as the bridge's hooks are), a gated MLP
 (act(x W_gate) * (x W_in)) and grouped-query attention (k, v have fewer heads; query head h
 reads key/value head h // (n_heads / n_kv_heads)). The norms' weights are folded into the
 next projection; cos/sin come from the model's own rotary module, so rope scaling variants are
-the model's. Anything else (soft-capping, sliding windows, q/k norms, extra norms, partial or
-interleaved rotary, parallel blocks) is refused by `applies` and runs on the general path.
+the model's. Phi-3 runs here too (the bridge splits its fused qkv and gate_up projections; its
+dropout modules are no-ops in eval). Anything else (soft-capping, sliding windows, q/k norms,
+extra norms, partial, interleaved or length-dependent rotary, parallel blocks) is refused by
+`applies` and runs on the general path.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def unsupported_features(bridge) -> list[str]:
         return problems + ["no blocks / rotary module to read"]
     for i, block in enumerate(blocks):
         layer = getattr(block, "original_component", None)
-        parts = set(dict(layer.named_children())) if layer is not None else set()
+        parts = {name for name, part in layer.named_children()  # dropouts: no-ops in eval
+                 if not isinstance(part, torch.nn.Dropout)} if layer is not None else set()
         if parts != LAYER_PARTS:
             problems.append(f"block {i} is not attention + MLP with two norms ({sorted(parts)})")
             break
@@ -67,7 +70,22 @@ def unsupported_features(bridge) -> list[str]:
             problems.append("partial rotary embedding")
         if problems:
             break
-    return problems
+    return problems or _rotary_problems(bridge)
+
+
+def _rotary_problems(bridge) -> list[str]:
+    """Rotary embeddings this path cannot take from the model's module once: partial ones
+    (cos narrower than a head, e.g. Phi-4-mini) and ones that change with the sequence length
+    (dynamic, longrope)."""
+    rotary = getattr(bridge.rotary_emb, "original_component", bridge.rotary_emb)
+    if getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
+        return [f"{rotary.rope_type} rotary scaling"]
+    d_head = int(bridge.blocks[0].attn.original_component.head_dim)
+    weight = next(bridge.parameters())
+    with torch.inference_mode(False), torch.no_grad():
+        cos, _ = rotary(weight.new_zeros(1, 1, d_head), torch.zeros(1, 1, dtype=torch.long,
+                                                                    device=weight.device))
+    return [] if cos.shape[-1] == d_head else ["partial rotary embedding"]
 
 
 @dataclass(frozen=True)
@@ -300,7 +318,8 @@ class LlamaForward(StaggeredForward):
         weights = LlamaWeights.from_bridge(bridge)
         self.readout = Readout.from_bridge(bridge)
         rotary = getattr(bridge.rotary_emb, "original_component", bridge.rotary_emb)
-        act_fn = bridge.blocks[0].mlp.original_component.act_fn
+        mlp = bridge.blocks[0].mlp.original_component
+        act_fn = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3
         self.ops = LlamaOps(weights, rotary, self.readout, act_fn)
         o = self.ops
         self.dims = Dims(n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads,
