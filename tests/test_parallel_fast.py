@@ -166,6 +166,29 @@ def test_trace_nbytes_is_what_the_engine_keeps(bridges):
         *c["into_run"].shape)
 
 
+def test_unfolded_layernorms_are_folded_on_reading(tmp_path):
+    """Without compatibility mode the bridge keeps the (random) LayerNorm scales and biases;
+    the fast path folds them into its projections and still agrees with the general path."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    directory = build_tiny_checkpoint("pythia", tmp_path / "pythia")
+    bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
+    assert not bool((bridge.blocks[0].ln1.original_component.weight == 1).all())
+    tokens = bridge.to_tokens(PROMPTS, prepend_bos=True).to(TEST_DEVICE)
+    final_pos = torch.tensor([len(bridge.to_tokens(p, prepend_bos=True)[0]) - 1
+                              for p in PROMPTS], device=TEST_DEVICE)
+    corrupt = tokens.clone()
+    corrupt[:, 2] = 7
+    args = (Run("c", bridge, tokens, final_pos), Run("c", bridge, corrupt, final_pos),
+            torch.tensor(ANSWER, device=TEST_DEVICE), torch.tensor(FOIL, device=TEST_DEVICE))
+    fast, general = _engines()
+    for site, over in (("z", ("layer", "head")), ("mlp_post", ("layer", "pos"))):
+        a = fast.patch_sweep(*args, site=site, over=over)
+        b = general.patch_sweep(*args, site=site, over=over)
+        assert (a.extras["path"], b.extras["path"]) == ("parallel-fast", "general")
+        assert_close(a.raw, b.raw, atol=ATOL, rtol=0, msg=site)
+
+
 @pytest.mark.parametrize("arch", OTHER_ARCHS)
 def test_other_families_are_refused(bridges, arch):
     """Sequential blocks (GPT-2, Llama, Phi-3): not this fast path's to run."""
