@@ -50,7 +50,7 @@ TAIL=20 step architectures-cuda 300 env HARNESS_TEST_DEVICE=cuda python3 -m pyte
   tests/test_architectures.py tests/test_dtypes.py tests/test_attention_only.py \
   tests/test_llama_fast.py tests/test_parallel_fast.py
 # 3. Benchmarks.
-TAIL=7 step bench-patching 240 python3 bench/bench_patching.py --device cuda \
+TAIL=10 step bench-patching 360 python3 bench/bench_patching.py --device cuda \
   --json "$OUT_DIR/bench_patching_cuda.json"
 for budget in 2048 256; do
   TAIL=5 step bench-throughput-$budget 120 python3 bench/bench_throughput.py --device cuda \
