@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from harness.measure.generation import generate_texts, generate_uncached, patch_hooks
+from harness.measure.hf_sites import site_map
 from harness.models import load_model
+from harness.sites import SITE_TABLE
 from harness.spec import ModelSource
+from harness.testing import TINY_ARCHITECTURES, build_tiny_checkpoint
 
 TEXTS = ["This movie was", "The acting was", "I thought the plot was", "This film was"]
 
@@ -61,19 +65,21 @@ PATCHES = {
     "resid_pre-final-prompt-pos": dict(site="resid_pre", layers=[3], positions=[-1]),
     "resid_post-all": dict(site="resid_post", layers=[2]),
     "mlp_post-neurons": dict(site="mlp_post", layers=[2], neurons=list(range(0, 256, 2))),
+    "resid_mid": dict(site="resid_mid", layers=[2]),
+    "mlp_post-neurons-prompt-pos": dict(site="mlp_post", layers=[2, 3],
+                                        neurons=list(range(0, 256, 2)), positions=[-2, -1]),
 }
 
 
-def test_sites_without_a_cached_path_use_the_token_loop(models, monkeypatch):
+def test_pattern_uses_the_token_loop(models, monkeypatch):
     from harness.measure import generation
 
     a, b = models
-    for site in ("v", "pattern", "resid_mid"):
-        assert generation.hf_sites(a.plain_hf(), site) is None
+    assert site_map(a, "pattern") is None
     calls = []
     monkeypatch.setattr(generation, "generate_uncached",
                         lambda *args, **kw: calls.append(args) or "x")
-    patch = patch_hooks(b, "v", heads=[(2, 0)])
+    patch = patch_hooks(b, "pattern", heads=[(2, 0)])
     assert generate_texts(a, _prompts(a)[:2], [0, 1], 4, patch=patch) == ["x", "x"]
     assert len(calls) == 2
 
@@ -155,3 +161,186 @@ def test_sampled_texts_are_identical_across_runs_and_under_xdist(pytester, tiny_
                                            f"--harness-report-json={out}")
     assert result.ret in (0, 1), result.stdout.str()
     assert _samples(out) == runs[0]
+
+
+# ----------------------------------------------------------------------------- every architecture
+
+ARCH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
+              "mlp_post")
+
+
+def _arch_patches(model) -> dict[str, dict]:
+    """One patch per site the model has (tiny models: 2 layers, 4 query heads), plus one at a
+    prompt position only: big enough that greedy text changes, some heads left unpatched."""
+    from harness.sites import n_heads_of, sites_for
+
+    cfg = model.bridge.cfg
+    patches = {}
+    for site in (s for s in ARCH_SITES if s in sites_for(cfg)):
+        if SITE_TABLE[site].heads:
+            last = n_heads_of(site, cfg) - 1
+            heads = sorted({(0, 0), (1, last), (1, max(0, last - 1))})
+            patches[site] = dict(site=site, heads=heads)
+        elif site == "mlp_post":
+            patches[site] = dict(site=site, layers=[0, 1], neurons=list(range(0, 64, 2)))
+        else:
+            patches[site] = dict(site=site, layers=[0, 1])
+    patches["resid_post-final-prompt-pos"] = dict(site="resid_post", layers=[0], positions=[-1])
+    return patches
+
+
+@pytest.fixture(scope="module")
+def arch_models(tmp_path_factory):
+    """Per architecture: the generating model (seed 0) and the `from` model (seed 1)."""
+    root = tmp_path_factory.mktemp("gen-archs")
+    loaded: dict[str, tuple] = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            dirs = [build_tiny_checkpoint(arch, root / f"{arch}-{seed}", seed=seed)
+                    for seed in (0, 1)]
+            loaded[arch] = tuple(load_model(f"{arch}-{seed}", ModelSource(path=str(d)), str(d),
+                                            "cpu") for seed, d in zip((0, 1), dirs))
+        return loaded[arch]
+    return get
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the token loop ran where the cached path should have")
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHITECTURES))
+def test_cached_patching_equals_the_token_loop_on_every_architecture(arch_models, arch,
+                                                                     monkeypatch):
+    from harness.measure import generation
+
+    a, b = arch_models(arch)
+    prompts = [a.bridge.to_tokens(t, prepend_bos=True)[0] for t in TEXTS[:2]]
+    patches = {name: patch_hooks(b, **kw) for name, kw in _arch_patches(a).items()}
+    loop = {name: [generate_uncached(a, p, 5, patch=patch) for p in prompts]
+            for name, patch in patches.items()}
+    sampled_loop = generate_uncached(a, prompts[0], 5, 1.0, 11, patches["z"])
+    monkeypatch.setattr(generation, "generate_uncached", _refuse)   # cached path or failure
+    for name, patch in patches.items():
+        assert site_map(a, patch.site) is not None and site_map(b, patch.site) is not None
+        assert generate_texts(a, prompts, [0, 0], 5, patch=patch) == loop[name], name
+    sampled = [generate_texts(a, prompts[:1], [11], 5, 1.0, patches["z"]) for _ in range(2)]
+    assert sampled[0] == sampled[1] == [sampled_loop]
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHITECTURES))
+def test_patched_logits_equal_the_bridge_on_every_architecture(arch_models, arch):
+    """One forward of the HF copy under the generation hooks against the bridge under the
+    token loop's hooks: the same next-token distributions at every position (a continuous
+    check, free of greedy near-ties), and different from the unpatched ones (the patch acts)."""
+    a, b = arch_models(arch)
+    for name, kw in _arch_patches(a).items():
+        hf, bridge, plain = _patched_logprobs(a, patch_hooks(b, **kw), TEXTS[2])
+        torch.testing.assert_close(hf, bridge, atol=2e-5, rtol=0, msg=lambda m, name=name:
+                                   f"{name}: {m}")           # measured: within 1e-6
+        assert (hf - plain).abs().max() > 1e-4, name     # measured: 2.7e-4 (Gemma q) and up
+
+
+def _patched_logprobs(model, patch, text: str):
+    """Next-token log-probabilities at every position of `text`: the HF copy under the
+    generation hooks, the bridge under the token loop's hooks, and the HF copy unpatched."""
+    from harness.measure.generation import _bridge_hooks, _patching
+
+    tokens = model.bridge.to_tokens(text, prepend_bos=True)
+    n = tokens.shape[1]
+    with torch.inference_mode():
+        plain = model.plain_hf()(input_ids=tokens).logits[0].log_softmax(-1)
+        with _patching(model, patch, n):
+            hf = model.plain_hf()(input_ids=tokens).logits[0].log_softmax(-1)
+        bridge = model.bridge.run_with_hooks(tokens, return_type="logits",
+                                             fwd_hooks=_bridge_hooks(patch, tokens, n, 0))
+    return hf, bridge[0].log_softmax(-1), plain
+
+
+TOY_HEAD_PATCHES = {   # too weak to flip the toy model's greedy text: compared as logits
+    "q": dict(site="q", heads=[(2, 1), (3, 2)]),
+    "k": dict(site="k", heads=[(2, 0), (3, 3)], positions=[-3, -1]),
+    "v": dict(site="v", heads=[(layer, h) for layer in (2, 3) for h in range(4)],
+              positions=[-2, -1]),
+}
+
+
+@pytest.mark.parametrize("name", list(TOY_HEAD_PATCHES))
+def test_patched_logits_equal_the_bridge_on_the_toy_model(models, name):
+    a, b = models
+    hf, bridge, plain = _patched_logprobs(a, patch_hooks(b, **TOY_HEAD_PATCHES[name]), TEXTS[2])
+    torch.testing.assert_close(hf, bridge, atol=5e-5, rtol=0)   # measured: within 1e-5
+    assert (hf - plain).abs().max() > 1e-2
+
+
+EXPECTED_LOCATIONS = {   # (arch, site) -> (HF module of layer 1, input/output, fused layout)
+    ("gpt2", "z"): ("transformer.h.1.attn.c_proj", "input", None),
+    ("gpt2", "q"): ("transformer.h.1.attn.c_attn", "output", "concatenated"),
+    ("pythia", "k"): ("gpt_neox.layers.1.attention.query_key_value", "output", "interleaved"),
+    ("phi3", "v"): ("model.layers.1.self_attn.qkv_proj", "output", "concatenated"),
+    ("phi3", "mlp_post"): ("model.layers.1.mlp.down_proj", "input", None),
+    ("llama-gqa", "k"): ("model.layers.1.self_attn.k_proj", "output", None),
+    ("gemma2", "attn_out"): ("model.layers.1.post_attention_layernorm", "output", None),
+    ("gemma2", "mlp_out"): ("model.layers.1.post_feedforward_layernorm", "output", None),
+    ("opt", "mlp_post"): ("model.decoder.layers.1.fc2", "input", None),
+    ("opt", "mlp_out"): ("model.decoder.layers.1.fc2", "output", None),
+    ("qwen2", "resid_mid"): ("model.layers.1.self_attn", "output", None),
+    ("mistral", "resid_post"): ("model.layers.1", "output", None),
+}
+
+
+@pytest.mark.parametrize("arch,site", list(EXPECTED_LOCATIONS))
+def test_sites_are_located_from_the_bridge(arch_models, arch, site):
+    a, _ = arch_models(arch)
+    smap = site_map(a, site)
+    path, where, layout = EXPECTED_LOCATIONS[arch, site]
+    assert smap is not None
+    location = smap.where[1]
+    assert (location.path, location.where) == (path, where)
+    assert (location.fused[0] if location.fused else None) == layout
+
+
+def test_value_bias_offsets_are_measured_where_the_bridge_folds_them(arch_models):
+    """z and v of a LayerNorm model differ from the HF ones by the value bias the bridge folds
+    into b_O: b_V plus the LayerNorm bias through W_V, i.e. v_proj(ln1.bias); q has no offset
+    (its bias stays), nor the residual stream (compared without its mean)."""
+    a, _ = arch_models("opt")
+    layer = a.plain_hf().model.decoder.layers[1]
+    with torch.no_grad():
+        b_v = layer.self_attn.v_proj(layer.self_attn_layer_norm.bias)
+    n_kv = a.plain_hf().config.num_attention_heads
+    offset = site_map(a, "v").offsets[1]
+    torch.testing.assert_close(offset, -b_v.unflatten(0, (n_kv, -1)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(site_map(a, "z").offsets[1], offset)
+    assert site_map(a, "q").offsets[1] is None
+    assert site_map(a, "resid_post").offsets[1] is None
+
+
+def test_a_site_that_does_not_reproduce_the_bridge_uses_the_token_loop(tmp_path, monkeypatch):
+    """A plain HF copy that differs from the bridge's weights fails the check: token loop."""
+    from harness.measure import generation
+
+    dirs = [build_tiny_checkpoint("llama", tmp_path / str(s), seed=s) for s in (0, 1)]
+    a, b = (load_model(f"m{s}", ModelSource(path=str(d)), str(d), "cpu")
+            for s, d in zip((0, 1), dirs))
+    with torch.no_grad():
+        a.plain_hf().model.layers[1].self_attn.o_proj.weight.mul_(1.5)
+    assert site_map(a, "attn_out") is None
+    assert site_map(a, "z") is not None       # o_proj's input is unaffected
+    calls = []
+    monkeypatch.setattr(generation, "generate_uncached",
+                        lambda *args, **kw: calls.append(args) or "x")
+    patch = patch_hooks(b, "attn_out", layers=[1])
+    prompts = [a.bridge.to_tokens(TEXTS[0], prepend_bos=True)[0]]
+    assert generate_texts(a, prompts, [0], 3, patch=patch) == ["x"]
+    assert len(calls) == 1
+
+
+def test_heads_and_positions_select_their_outer_product():
+    """Both lists apply: every chosen head at every chosen position (plain advanced indexing
+    would pair them up, or fail when their lengths differ)."""
+    patch = patch_hooks(None, "v", heads=[(0, 0), (0, 2)], positions=[1, -1])
+    act = torch.zeros(1, 5, 4, 3)
+    act[patch.select(act, [0, 2], prompt_len=4, first=0)] = 1
+    assert act.sum((0, 3)).nonzero().tolist() == [[1, 0], [1, 2], [3, 0], [3, 2]]
+    assert act.sum() == 4 * 3

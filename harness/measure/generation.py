@@ -5,7 +5,10 @@ gives wrong logits in TransformerLens 4.3, so the bridge is used for the token-l
 Each row has its own seed, so a sample's text does not depend on which rows share its batch.
 Generation while patching: at every step a `from` model runs on the same tokens (with its own
 KV cache) and its activations replace the chosen ones of the generating model; patched activations
-at earlier steps live on in the cache, exactly as when the whole sequence is rerun.
+at earlier steps live on in the cache, exactly as when the whole sequence is rerun. Sites are
+read and written through forward hooks on the HF modules that `hf_sites` locates from the
+bridge and verifies against its hooks, on every architecture the bridge loads; `pattern`, and any
+site a model fails that check for, run on the token loop instead.
 `generate_uncached` is the token-by-token reference (one full forward per token) the tests and the
 benchmark compare against.
 """
@@ -21,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from harness.measure.hf_sites import attach, shift, site_map
 from harness.sites import SITE_TABLE
 
 
@@ -62,7 +66,17 @@ class Patch:
             index[pos_dim] = [p - first for p in wanted if first <= p < first + n]
             if not index[pos_dim]:
                 return None
-        return tuple(index)
+        return _outer(index, activation.device)
+
+
+def _outer(index: list, device) -> tuple:
+    """Lists on several axes (positions and heads, positions and neurons) select their outer
+    product, as the spec means, not the pairs that plain advanced indexing would zip."""
+    lists = [i for i, item in enumerate(index) if isinstance(item, list)]
+    for k, axis in enumerate(lists):
+        shape = [-1] + [1] * (len(lists) - k - 1)
+        index[axis] = torch.tensor(index[axis], device=device).reshape(shape)
+    return tuple(index)
 
 
 def patch_hooks(from_model, site: str, layers=None, heads=None, neurons=None,
@@ -83,9 +97,9 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
     tokens, in row order.
 
     Rows of equal prompt length are generated together (no padding, so no position or mask
-    subtleties), in chunks whose activations fit the memory budget. Models or patch sites
-    without a cached path (see `hf_sites`), and prompts that would outgrow the context, use
-    the token loop."""
+    subtleties), in chunks whose activations fit the memory budget. Patch sites without a
+    verified HF location in either model (`hf_sites.site_map`: `pattern`, or a failed check)
+    models without an HF copy and prompts that would outgrow the context use the token loop."""
     from harness.measure.logits import prompts_per_forward
 
     if patch is not None and patch.from_model is model:
@@ -96,7 +110,8 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
     for row, tokens in enumerate(prompts):
         groups.setdefault(len(tokens), []).append(row)
     cached = model.plain_hf() is not None and (
-        patch is None or hf_sites(model.plain_hf(), patch.site) is not None)
+        patch is None or (site_map(model, patch.site) is not None
+                          and site_map(patch.from_model, patch.site) is not None))
     for length, rows in groups.items():
         if not cached or length + max_new_tokens > cfg.n_ctx:
             for row in rows:
@@ -151,78 +166,16 @@ class SeededSampler:
         return out
 
 
-# ----------------------------------------------------------------------------- HF module hooks
-# Where each site lives in a GPT-2-layout HF model: (module path, "input" | "output").
-
-GPT2_SITES = {
-    "resid_pre": ("transformer.h.{}", "input"),
-    "resid_post": ("transformer.h.{}", "output"),
-    "attn_out": ("transformer.h.{}.attn", "output"),
-    "mlp_out": ("transformer.h.{}.mlp", "output"),
-    "z": ("transformer.h.{}.attn.c_proj", "input"),
-    "mlp_post": ("transformer.h.{}.mlp.c_proj", "input"),
-}
-# Not here (the token loop runs them): q, k, v and pattern, whose patches were not verified to
-# agree with the bridge's hook points, and resid_mid, which has no module boundary in GPT-2.
-
-
-def hf_sites(hf, site: str) -> tuple | None:
-    """How to reach `site` in this HF model, or None where only the bridge can (then the
-    token loop runs)."""
-    if site not in GPT2_SITES or not hasattr(getattr(hf, "transformer", None), "h"):
-        return None
-    return GPT2_SITES[site]
-
-
-def _view(tensor: Tensor, site: str, n_heads: int) -> Tensor:
-    """The activation in the bridge's layout, sharing `tensor`'s storage."""
-    if site == "z":
-        tensor = tensor.unflatten(-1, (n_heads, -1))
-    return tensor
-
-
-def _site_hook(hf, site: str, layer: int, on_activation):
-    """Register a hook at (site, layer) calling `on_activation(view)` on the bridge-layout
-    view of a clone of the activation, which then replaces the original. Returns the handle."""
-    path, where = hf_sites(hf, site)
-    module = hf.get_submodule(path.format(layer))
-    n_heads = hf.config.num_attention_heads
-
-    def apply(tensor: Tensor) -> Tensor:
-        tensor = tensor.clone()
-        on_activation(_view(tensor, site, n_heads))
-        return tensor
-
-    if where == "input":
-        def pre(mod, args, kwargs):
-            if args:
-                return (apply(args[0]),) + tuple(args[1:]), kwargs
-            key = next(iter(kwargs))
-            return args, {**kwargs, key: apply(kwargs[key])}
-        return module.register_forward_pre_hook(pre, with_kwargs=True)
-
-    def post(mod, args, output):
-        if isinstance(output, tuple):
-            return (apply(output[0]),) + tuple(output[1:])
-        return apply(output)
-    return module.register_forward_hook(post)
-
-
-def _value_bias(hf, layer: int) -> Tensor:
-    """b_V of a layer, [n_heads, d_head]: the bridge folds it into b_O, so its z is the HF one
-    minus b_V."""
-    attn = hf.get_submodule(f"transformer.h.{layer}.attn.c_attn")
-    return attn.bias.chunk(3)[2].unflatten(0, (hf.config.num_attention_heads, -1))
-
-
 @contextmanager
 def _patching(model, patch: Patch | None, prompt_len: int):
     """While active, every forward of the model's HF copy first runs `patch.from_model`'s on
-    the same new tokens (continuing its own KV cache) and then patches its activations in."""
+    the same new tokens (continuing its own KV cache) and then patches its activations in,
+    through the verified site maps of both models (`hf_sites`)."""
     if patch is None:
         yield
         return
     hf, source = model.plain_hf(), patch.from_model.plain_hf()
+    into, take = site_map(model, patch.site), site_map(patch.from_model, patch.site)
     state: dict = {"cache": None, "start": 0, "next": 0, "acts": {}}
     # transformers 5.x renames `past_key_values` to `cache`
     cache_arg = "cache" if "cache" in inspect.signature(source.forward).parameters \
@@ -235,33 +188,28 @@ def _patching(model, patch: Patch | None, prompt_len: int):
 
     def run_source(module, args, kwargs):
         ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
-        handles = [_site_hook(source, patch.site, layer, capture(layer))
-                   for layer in patch.layer_heads()]
-        try:
-            out = source(input_ids=ids, use_cache=True, **{cache_arg: state["cache"]})
-        finally:
-            for handle in handles:
-                handle.remove()
+        out = source(input_ids=ids, use_cache=True, **{cache_arg: state["cache"]})
         cache = getattr(out, "cache", None)
         state["cache"] = cache if cache is not None else out.past_key_values
         state["start"], state["next"] = state["next"], state["next"] + ids.shape[1]
 
     def write(layer, heads):
-        shift = None
-        if patch.site == "z":   # the bridge's z excludes b_V: compare like with like
-            shift = (_value_bias(hf, layer) - _value_bias(source, layer))
+        offset = shift(take, into, layer)   # as the bridges see them: folded biases differ
 
         def replace(view):
             index = patch.select(view, heads, prompt_len, state["start"])
             if index is None:
                 return
-            patched = state["acts"][layer] if shift is None else state["acts"][layer] + shift
+            patched = state["acts"][layer] if offset is None else state["acts"][layer] + offset
             view[index] = patched.to(view.dtype)[index]
         return replace
 
-    handles = [hf.register_forward_pre_hook(run_source, with_kwargs=True)]
-    handles += [_site_hook(hf, patch.site, layer, write(layer, heads))
-                for layer, heads in patch.layer_heads().items()]
+    layers = patch.layer_heads()
+    handles = [h for layer in layers for h in attach(source, take, layer, capture(layer),
+                                                       write=False)]
+    handles.append(hf.register_forward_pre_hook(run_source, with_kwargs=True))
+    handles += [h for layer, heads in layers.items()
+                for h in attach(hf, into, layer, write(layer, heads), write=True)]
     try:
         yield
     finally:
