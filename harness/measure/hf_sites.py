@@ -72,7 +72,10 @@ def site_map(model, site: str) -> SiteMap | None:
         return None
     known = _MAPS.setdefault(hf, {})
     if site not in known:
-        known[site] = _build(model.bridge, hf, site)
+        try:
+            known[site] = _build(model.bridge, hf, site)
+        except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError):
+            known[site] = None  # a layout this module does not know: the token loop is right
     return known[site]
 
 
