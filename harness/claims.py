@@ -1,7 +1,9 @@
 """Claims -> measurements -> verdicts. One registered function per measure kind.
 
-To add a claim kind: add its pydantic class in spec.py, a `@measure("name")` function here that
-returns a `Measurement`, and (if it needs new operators) an `@operator` in expect.py.
+To add a claim kind: its pydantic class in spec.py (listed in CLAIM_CLASSES), a
+`@measure("name")` function here that returns a `Measurement` of the class's value kind, and
+(if it needs new operators) an `@operator` in expect.py. A kind without its measurement stops
+this module's import.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness import spec as spec_module
 from harness.errors import HarnessError, MeasureError, ModelUnavailable, SpecError
 from harness.expect import (
     FEATURES,
@@ -95,10 +98,23 @@ MEASURES: dict[str, Callable[[ClaimContext], Measurement]] = {}
 
 
 def measure(name: str):
+    """Register the measurement of the claim kind `name` (a measure spec.py declares)."""
+    if name not in spec_module.MEASURES:
+        raise ValueError(f"@measure({name!r}): no claim class in spec.CLAIM_CLASSES declares "
+                         "that measure; add its class there first")
+
     def register(fn):
         MEASURES[name] = fn
         return fn
     return register
+
+
+def check_registry() -> None:
+    """Every claim kind of the spec has exactly one measurement here (checked at import)."""
+    missing = [m for m in spec_module.MEASURES if m not in MEASURES]
+    if missing:
+        raise ImportError(f"claims.py has no @measure for {', '.join(missing)}: every claim "
+                          "class of spec.CLAIM_CLASSES needs its measurement")
 
 
 # ----------------------------------------------------------------------------- behavior
@@ -1038,6 +1054,8 @@ def short_measured(verdict: Verdict) -> str:
         return f"{len(m)} items: {fmt(m[0]) if m else ''}"
     return "" if m is None else str(m)
 
+
+check_registry()
 
 __all__ = ["evaluate_claim", "Verdict", "MEASURES", "PASSED", "FAILED", "ERROR", "SKIPPED",
            "XFAILED", "kind_of", "PAIR"]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from harness.errors import did_you_mean
 from harness.measure.results import Grid
+from harness.sites import HEAD_RE
 
 if TYPE_CHECKING:   # torch only where a measured tensor is read: validate stays light
     import torch
@@ -20,6 +21,7 @@ if TYPE_CHECKING:   # torch only where a measured tensor is read: validate stays
 SCALAR, TEXT, TOKENS, GRID, PAIR, PATCH = "scalar", "text", "tokens", "grid", "pair", "patch"
 SAMPLES = "samples"   # several generations, optionally scored by a reward model
 FEATURES = "features"  # SAE feature indices (top_features, feature_diff without `feature`)
+VALUE_KINDS = (SCALAR, TEXT, TOKENS, GRID, PAIR, PATCH, SAMPLES, FEATURES)
 MODIFIERS = ("atol", "rtol")
 
 
@@ -285,7 +287,6 @@ def resolve_cell(grid: Grid, cell) -> tuple[int, ...]:
             raise ValueError(f"cell {cell} must give every axis of {list(grid.axes)}")
         return tuple(_axis_index(grid, a, cell[a]) for a in grid.axes)
     if isinstance(cell, str) and grid.axes[:2] == ("layer", "head") and len(grid.axes) == 2:
-        from harness.spec import HEAD_RE
         match = HEAD_RE.match(cell)
         if match:
             return (_axis_index(grid, "layer", int(match.group(1))),
@@ -466,23 +467,8 @@ def _baseline(measured_json, arg, mods) -> Outcome:
 # ----------------------------------------------------------------------------- entry points
 
 def kind_of(claim) -> str:
-    measure = claim.measure
-    if measure in ("logit_lens", "dla"):
-        return PAIR if claim.models else GRID
-    if measure == "generate" and claim.sampled:
-        return SAMPLES
-    if measure == "attention":
-        return SCALAR if claim.heads else GRID
-    if measure == "path_patch":
-        return PATCH if claim.senders else GRID
-    if measure == "circuit":
-        return SCALAR if claim.metric == "faithfulness" else GRID
-    if measure == "feature_diff":
-        return FEATURES if claim.feature is None else SCALAR
-    return {"logit_diff": SCALAR, "top_k": TOKENS, "generate": TEXT, "patch": PATCH,
-            "patch_sweep": GRID, "ablate": SCALAR, "loss": SCALAR, "accuracy": SCALAR,
-            "head_scores": GRID, "feature": SCALAR, "top_features": FEATURES,
-            "feature_intervention": SCALAR}[measure]
+    """The value kind a claim's measure produces: declared by its spec class (spec.py)."""
+    return claim.value_kind()
 
 
 def check_expectation_spec(claim) -> list[tuple[tuple, str]]:

@@ -76,6 +76,7 @@ KV_SITES: tuple[str, ...] = tuple(n for n, s in SITE_TABLE.items() if s.heads ==
 
 QUERY_HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 KV_HEAD_RE = re.compile(r"^L(\d+)KV(\d+)$")
+HEAD_RE = re.compile(r"^L(\d+)(?:H|KV)(\d+)$")  # either: query heads L3H7, key/value heads L3KV1
 
 
 def site(name: str) -> Site:

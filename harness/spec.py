@@ -7,7 +7,7 @@ import itertools
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -21,10 +21,20 @@ from pydantic import (
 )
 
 from harness.errors import HarnessError, SpecError, did_you_mean
-from harness.sites import HEAD_SITES, SITES, parse_head
+from harness.expect import (
+    ANSWER_OPERATORS,
+    FEATURES,
+    GRID,
+    PAIR,
+    PATCH,
+    SAMPLES,
+    SCALAR,
+    TEXT,
+    TOKENS,
+    check_expectation_spec,
+)
+from harness.sites import HEAD_RE, HEAD_SITES, SITES, parse_head
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
-
-HEAD_RE = re.compile(r"^L(\d+)(?:H|KV)(\d+)$")  # query heads L3H7; key/value heads L3KV1
 
 
 class Frozen(BaseModel):
@@ -309,6 +319,14 @@ class SearchSpec(Frozen):
 
 
 class ClaimBase(Frozen):
+    """What every claim has. A claim kind is one subclass with `measure: Literal["name"]` and
+    its `VALUE_KIND` (or a `value_kind()` where its fields decide), listed in CLAIM_CLASSES:
+    the measure names, the `Claim` union and the value kinds all derive from that list."""
+
+    VALUE_KIND: ClassVar[str]          # what expectations read: expect.SCALAR, GRID, ...
+    SEARCHABLE: ClassVar[bool] = False   # `search:` hunts counterexamples among its prompts
+    HAS_INTERVALS: ClassVar[bool] = False   # `ci:` bootstraps the mean over prompts
+
     id: str = Field(min_length=1)
     description: str | None = None
     prompts: str | None = None          # a named prompt set; default: the spec's `prompts`
@@ -341,6 +359,18 @@ class ClaimBase(Frozen):
     def model_names(self) -> tuple[str, ...]:
         return ()
 
+    def value_kind(self) -> str:
+        """Which expectation operators apply (expect.py): the kind of value measured."""
+        return self.VALUE_KIND
+
+    def has_intervals(self) -> bool:
+        return self.HAS_INTERVALS
+
+    def reads_answers(self) -> bool:
+        """Whether the claim reads each prompt's answer and foil (sequence metrics read
+        neither)."""
+        return getattr(self, "metric", None) not in SEQUENCE_METRICS
+
 
 def parse_comparison(text: str) -> tuple[str, float]:
     """">= 0.9" -> (">=", 0.9)."""
@@ -360,12 +390,20 @@ class SingleModelClaim(ClaimBase):
 
 class LogitDiffClaim(SingleModelClaim):
     measure: Literal["logit_diff"]
+    VALUE_KIND = SCALAR
+    SEARCHABLE = True
+    HAS_INTERVALS = True
 
 
 class TopKClaim(SingleModelClaim):
     measure: Literal["top_k"]
+    VALUE_KIND = TOKENS
+    SEARCHABLE = True
     k: int = Field(10, ge=1)
     per_prompt: PerPrompt = "all"
+
+    def reads_answers(self) -> bool:
+        return bool(set(self.expect) & set(ANSWER_OPERATORS))   # answer expectations only
 
 
 class SpanRange(Frozen):
@@ -413,7 +451,13 @@ SpanSpec = Annotated[Union[Literal["all", "second_half"], SpanRange, SpanAfter],
 
 
 class SequenceClaim(SingleModelClaim):
+    VALUE_KIND = SCALAR
+    HAS_INTERVALS = True
+
     span: SpanSpec = "all"
+
+    def reads_answers(self) -> bool:
+        return False
 
 
 class LossClaim(SequenceClaim):
@@ -522,6 +566,8 @@ class GenerationPatch(SiteSelection):
 
 class GenerateClaim(SingleModelClaim):
     measure: Literal["generate"]
+    VALUE_KIND = TEXT        # SAMPLES when sampled
+    SEARCHABLE = True
     max_new_tokens: int = Field(10, ge=1, le=1024)
     temperature: float = Field(0.0, ge=0)
     seed: int = 0
@@ -545,6 +591,12 @@ class GenerateClaim(SingleModelClaim):
     def sampled(self) -> bool:
         return self.samples > 1 or self.score_with is not None
 
+    def value_kind(self) -> str:
+        return SAMPLES if self.sampled else TEXT
+
+    def reads_answers(self) -> bool:
+        return bool(set(self.expect) & set(ANSWER_OPERATORS))   # answer expectations only
+
     def model_names(self) -> tuple[str, ...]:
         names = (self.model,) + ((self.patch.from_,) if self.patch else ())
         if self.intervene is not None and self.intervene.patch is not None:
@@ -553,6 +605,10 @@ class GenerateClaim(SingleModelClaim):
 
 
 class OneOrTwoModels(ClaimBase):
+    """One model (a grid), or two (a pair: b - a, both grids kept)."""
+
+    VALUE_KIND = GRID        # PAIR with `models: [A, B]`
+
     model: str | None = None
     models: tuple[str, str] | None = None
 
@@ -564,6 +620,9 @@ class OneOrTwoModels(ClaimBase):
 
     def model_names(self) -> tuple[str, ...]:
         return self.models if self.models else (self.model,)
+
+    def value_kind(self) -> str:
+        return PAIR if self.models else GRID
 
 
 class LogitLensClaim(OneOrTwoModels):
@@ -578,6 +637,7 @@ class DlaClaim(OneOrTwoModels):
 
 class PatchClaim(ClaimBase, SiteSelection):
     measure: Literal["patch"]
+    VALUE_KIND = PATCH
     from_: RunRef = Field(alias="from")
     into: RunRef
     metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
@@ -599,6 +659,7 @@ SWEEP_AXES = {("layer", "pos"), ("layer",), ("layer", "head"), ("layer", "head",
 
 class PatchSweepClaim(PatchClaim):
     measure: Literal["patch_sweep"]
+    VALUE_KIND = GRID
     over: tuple[str, ...]
     method: Literal["exact", "attribution"] = "exact"
 
@@ -621,6 +682,7 @@ class ReferencePrompts(Frozen):
 
 class AblateClaim(SingleModelClaim, SiteSelection):
     measure: Literal["ablate"]
+    VALUE_KIND = SCALAR
     kind: Literal["zero", "mean", "resample"] = "zero"
     # a model name: its logit diff counts as "fully ablated"; {prompts: SET}: the prompts
     # whose mean (kind mean) or activations (kind resample) replace the selection
@@ -658,6 +720,7 @@ class AttentionClaim(SingleModelClaim):
     """How much heads attend from each destination to the sources a rule picks."""
 
     measure: Literal["attention"]
+    VALUE_KIND = GRID        # SCALAR with `heads`
     source: str | dict[Literal["position", "token"], int | str]
     heads: tuple[str, ...] | None = None     # named query heads -> a value (their mean)
     layers: tuple[int, ...] | None = None    # grid rows (default: every layer)
@@ -695,6 +758,12 @@ class AttentionClaim(SingleModelClaim):
             raise ValueError("give `heads` (a value) or `layers` (a grid), not both")
         return self
 
+    def value_kind(self) -> str:
+        return SCALAR if self.heads else GRID
+
+    def reads_answers(self) -> bool:
+        return False
+
 
 class RandomTokens(Frozen):
     """Generated inputs: BOS, `length` seeded random tokens, the same tokens again."""
@@ -709,10 +778,14 @@ class HeadScoresClaim(SingleModelClaim):
     """TransformerLens head-detector scores of every head, as a [layer, head] grid."""
 
     measure: Literal["head_scores"]
+    VALUE_KIND = GRID
     role: Literal["induction", "previous_token", "duplicate_token"]
     random_tokens: RandomTokens = RandomTokens()
     exclude_bos: bool = False
     exclude_current_token: bool = False
+
+    def reads_answers(self) -> bool:
+        return False
 
 
 COMPONENT_RE = re.compile(r"^(?:L(\d+)H(\d+)|mlp(\d+))$")
@@ -731,6 +804,7 @@ class PathPatchClaim(ClaimBase):
     residual) directly, every other component frozen at its `into` value."""
 
     measure: Literal["path_patch"]
+    VALUE_KIND = GRID        # PATCH with `senders`
     from_: RunRef = Field(alias="from")
     into: RunRef
     senders: tuple[str, ...] | None = None   # components; omitted: one cell per head (a grid)
@@ -767,11 +841,15 @@ class PathPatchClaim(ClaimBase):
     def model_names(self) -> tuple[str, ...]:
         return (self.into.model,)
 
+    def value_kind(self) -> str:
+        return PATCH if self.senders else GRID
+
 
 class CircuitClaim(SingleModelClaim):
     """A set of components compared with the full model, everything outside it ablated."""
 
     measure: Literal["circuit"]
+    VALUE_KIND = GRID        # SCALAR for faithfulness
     members: tuple[str, ...] = Field(min_length=1)
     kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
     reference: str | ReferencePrompts | None = None   # prompt set for mean / resample
@@ -795,6 +873,12 @@ class CircuitClaim(SingleModelClaim):
         ref = self.reference
         return ref.prompts if isinstance(ref, ReferencePrompts) else ref
 
+    def value_kind(self) -> str:
+        return SCALAR if self.metric == "faithfulness" else GRID
+
+    def has_intervals(self) -> bool:
+        return self.metric == "faithfulness"
+
 
 # ----------------------------------------------------------------------------- SAE features
 
@@ -812,17 +896,21 @@ class FeatureReading(Frozen):
 
 class FeatureClaim(SingleModelClaim, FeatureReading):
     measure: Literal["feature"]
+    VALUE_KIND = SCALAR
+    HAS_INTERVALS = True
     feature: int = Field(ge=0)
 
 
 class TopFeaturesClaim(SingleModelClaim, FeatureReading):
     measure: Literal["top_features"]
+    VALUE_KIND = FEATURES
     k: int = Field(10, ge=1)
     control: str | None = None          # a prompt set: rank by mean(prompts) - mean(control)
 
 
 class FeatureDiffClaim(ClaimBase, FeatureReading):
     measure: Literal["feature_diff"]
+    VALUE_KIND = FEATURES    # SCALAR for one `feature`
     models: tuple[str, str]
     feature: int | None = Field(None, ge=0)   # given: its b - a; else the top k changed
     k: int = Field(10, ge=1)
@@ -831,27 +919,49 @@ class FeatureDiffClaim(ClaimBase, FeatureReading):
     def model_names(self) -> tuple[str, ...]:
         return self.models
 
+    def value_kind(self) -> str:
+        return FEATURES if self.feature is None else SCALAR
+
+    def has_intervals(self) -> bool:
+        return self.feature is not None
+
 
 class FeatureInterventionClaim(SingleModelClaim, FeatureEdit):
     measure: Literal["feature_intervention"]
+    VALUE_KIND = SCALAR
     metric: Literal["logit_diff", "change"] = "logit_diff"
 
     def model_names(self) -> tuple[str, ...]:
         return (self.model,) + ((self.patch.from_,) if self.patch else ())
 
 
-SAE_MEASURES = ("feature", "top_features", "feature_diff", "feature_intervention")
+# ----------------------------------------------------------------------------- the registry
 
-Claim = Annotated[
-    LogitDiffClaim | TopKClaim | GenerateClaim | LogitLensClaim | DlaClaim | PatchClaim
-    | PatchSweepClaim | AblateClaim | LossClaim | AccuracyClaim | AttentionClaim
-    | HeadScoresClaim | PathPatchClaim | CircuitClaim | FeatureClaim | TopFeaturesClaim
-    | FeatureDiffClaim | FeatureInterventionClaim,
-    Field(discriminator="measure"),
-]
-MEASURES = ("logit_diff", "top_k", "generate", "logit_lens", "dla", "patch", "patch_sweep",
-            "ablate", "loss", "accuracy", "attention", "head_scores", "path_patch", "circuit",
-            *SAE_MEASURES)
+# Every claim kind, once: the measure names, the `Claim` union, the SAE measures and each
+# kind's value kind derive from this list (claims.py registers one measurement per name).
+CLAIM_CLASSES: tuple[type[ClaimBase], ...] = (
+    LogitDiffClaim, TopKClaim, GenerateClaim, LogitLensClaim, DlaClaim, PatchClaim,
+    PatchSweepClaim, AblateClaim, LossClaim, AccuracyClaim, AttentionClaim, HeadScoresClaim,
+    PathPatchClaim, CircuitClaim, FeatureClaim, TopFeaturesClaim, FeatureDiffClaim,
+    FeatureInterventionClaim,
+)
+
+
+def measure_name(cls: type[ClaimBase]) -> str:
+    """The `measure:` a claim class answers to (its one-value Literal)."""
+    field = cls.model_fields.get("measure")
+    names = get_args(field.annotation) if field is not None else ()
+    if len(names) != 1:
+        raise TypeError(f"{cls.__name__} needs `measure: Literal[\"name\"]`")
+    return names[0]
+
+
+CLAIM_KINDS: dict[str, type[ClaimBase]] = {measure_name(c): c for c in CLAIM_CLASSES}
+MEASURES: tuple[str, ...] = tuple(CLAIM_KINDS)
+SAE_MEASURES: tuple[str, ...] = tuple(m for m, c in CLAIM_KINDS.items()
+                                      if issubclass(c, FeatureReading | FeatureEdit))
+SEARCHABLE_MEASURES: tuple[str, ...] = tuple(m for m, c in CLAIM_KINDS.items() if c.SEARCHABLE)
+Claim = Annotated[Union[CLAIM_CLASSES], Field(discriminator="measure")]  # noqa: UP007
 
 
 class Spec(Frozen):
@@ -988,14 +1098,10 @@ def _message(err: dict, loc: tuple) -> str:
 
 def _field_hint(err: dict, loc: tuple) -> str:
     """'did you mean' among the fields of the object that holds the unknown key."""
-    from harness import spec as module
-
     candidates: set[str] = set()
     for cls in (Spec, ModelSource, TrainSource, PromptEntry, Defaults, Tolerance, SaeSource,
-                SaeGate, SteerSpec, FeaturePatchSpec,
-                *[getattr(module, n) for n in module.__dict__ if n.endswith("Claim")]):
-        if isinstance(cls, type) and issubclass(cls, BaseModel):
-            candidates |= {f.alias or name for name, f in cls.model_fields.items()}
+                SaeGate, SteerSpec, FeaturePatchSpec, *CLAIM_CLASSES):
+        candidates |= {f.alias or name for name, f in cls.model_fields.items()}
     candidates -= {"file", "field_lines"}
     return did_you_mean(loc[-1], candidates).replace("; valid choices", "; known fields")
 
@@ -1011,8 +1117,6 @@ def _combine(errors: list[SpecError]) -> SpecError:
 
 def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
     """Checks that need the whole spec: names, references, expectations."""
-    from harness.expect import check_expectation_spec
-
     errors: list[SpecError] = []
 
     def add(loc: tuple, message: str) -> None:
@@ -1060,7 +1164,7 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         if "mean_score" in claim.expect and not getattr(claim, "score_with", None):
             add(("claims", i, "expect", "mean_score"), "`mean_score` needs `score_with: "
                                                        "REWARD_MODEL` on the claim")
-        if claim.ci is not None and (not _has_intervals(claim) or claim.per_prompt != "mean"):
+        if claim.ci is not None and (not claim.has_intervals() or claim.per_prompt != "mean"):
             add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss`, `accuracy`, "
                                      "`feature`, single-feature `feature_diff` and `circuit` "
                                      "faithfulness claims over the mean of their prompts "
@@ -1069,7 +1173,7 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                 and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
             add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "
                                        "`metric: loss | accuracy`")
-        if reads_answers(claim) and claim.prompts in (None, *spec.prompt_sets):
+        if claim.reads_answers() and claim.prompts in (None, *spec.prompt_sets):
             for prompt in spec.claim_prompts(claim):
                 missing = [n for n in ("answer", "foil") if getattr(prompt, n) is None]
                 if missing:
@@ -1083,10 +1187,9 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             _check_sae_claim(spec, claim, ("claims", i), add)
         if getattr(claim, "intervene", None) is not None:
             _check_sae_claim(spec, claim.intervene, ("claims", i, "intervene"), add)
-        if claim.search is not None and claim.measure not in ("logit_diff", "top_k",
-                                                              "generate"):
-            add(("claims", i, "search"), "`search` applies to logit_diff, top_k and generate "
-                                         f"claims, not '{claim.measure}'")
+        if claim.search is not None and not claim.SEARCHABLE:
+            add(("claims", i, "search"), f"`search` applies to {', '.join(SEARCHABLE_MEASURES)}"
+                                         f" claims, not '{claim.measure}'")
         if _needs_corrupt(claim) and claim.prompts not in spec.prompt_sets and not any(
                 p.corrupt for p in spec.prompt_set(claim.prompts)):
             add(("claims", i), "patching from/into `input: corrupt` needs prompts with "
@@ -1102,29 +1205,9 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
     return errors
 
 
-def reads_answers(claim) -> bool:
-    """Whether a claim reads each prompt's answer and foil (sequence metrics read neither;
-    generate and top_k only for the answer expectations)."""
-    from harness.expect import ANSWER_OPERATORS
-
-    if claim.measure in SEQUENCE_METRICS or getattr(claim, "metric", None) in SEQUENCE_METRICS:
-        return False
-    if claim.measure in ("attention", "head_scores"):
-        return False
-    if claim.measure in ("generate", "top_k"):
-        return bool(set(claim.expect) & set(ANSWER_OPERATORS))
-    return True
-
-
 def _generates_inputs(claim) -> bool:
     """head_scores claims make their own inputs unless they draw tokens from the prompts."""
     return isinstance(claim, HeadScoresClaim) and claim.random_tokens.vocab == "all"
-
-
-def _has_intervals(claim) -> bool:
-    return claim.measure in ("logit_diff", "loss", "accuracy", "feature") or (
-        isinstance(claim, CircuitClaim) and claim.metric == "faithfulness") or (
-        claim.measure == "feature_diff" and claim.feature is not None)
 
 
 def _check_sae_claim(spec: Spec, claim, loc: tuple, add) -> None:
