@@ -1,8 +1,7 @@
 """interp-harness: claims about the insides of language models, checked as tests."""
 
-__version__ = "0.1.0"
-
-from harness.spec import load_spec  # noqa: E402
+from harness.spec import load_spec
+from harness.version import __version__
 
 
 def evaluate(path, device: str | None = None):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness import __version__
 from harness.errors import MeasureError
 from harness.jsonfiles import CorruptFile, dumps, keep_backup, locked, not_finite, read_object
 from harness.jsonfiles import write_atomic as write_atomic  # re-exported for report, search
+from harness.version import __version__
 
 
 def baseline_path(spec_file: str | Path) -> Path:

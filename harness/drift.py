@@ -10,7 +10,7 @@ from tabulate import tabulate
 from harness.baselines import drift
 from harness.errors import HarnessError
 from harness.expect import fmt
-from harness.report import _measured_cell
+from harness.report_text import measured_cell
 
 HEADERS = ["spec", "claim", "old status", "new status", "old measured", "new measured", "moved"]
 
@@ -40,8 +40,8 @@ def diff_rows(old: dict, new: dict, changed_only: bool = False) -> list[list]:
         if changed_only and same:
             continue
         rows.append([key[0], key[1], a["status"] if a else "(absent)",
-                     b["status"] if b else "(absent)", _measured_cell(a) if a else "",
-                     _measured_cell(b) if b else "", moved])
+                     b["status"] if b else "(absent)", measured_cell(a) if a else "",
+                     measured_cell(b) if b else "", moved])
     # status changes first, then the largest movements
     return sorted(rows, key=lambda r: (r[2] == r[3], -_as_number(r[6])))
 

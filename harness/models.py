@@ -7,19 +7,17 @@ with a value head load as their base language model, like the seed's
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from harness import tl_checkpoints
 from harness.errors import HarnessError, ModelUnavailable
+from harness.hub import hub_offline, hub_reachable
 from harness.spec import ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +75,7 @@ def source_key(source: ModelSource, spec_dir: Path) -> str:
 def resolve_location(source: ModelSource, spec_dir: Path) -> str:
     """A local directory or hub id for a zoo / path / hf source (session.py trains `train:`)."""
     if source.zoo:
-        from harness.zoo import zoo_checkpoint
+        from harness.zoo.store import zoo_checkpoint
 
         return str(zoo_checkpoint(source.zoo))
     if source.path:
@@ -91,24 +89,10 @@ def resolve_location(source: ModelSource, spec_dir: Path) -> str:
     return source.hf
 
 
-@functools.cache
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the HF hub answers at all; without it, loading tries only the local cache
-    (instead of minutes of retries)."""
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _offline(location: str) -> bool:
     if Path(location).is_dir():
         return False
-    return os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
+    return hub_offline()
 
 
 def load_tokenizer(location: str, source: ModelSource) -> PreTrainedTokenizerBase:

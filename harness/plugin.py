@@ -196,7 +196,7 @@ class ClaimItem(pytest.Item):
 
 def _describe(verdict, exc) -> str:
     from harness.expect import fmt
-    from harness.report import expected_text
+    from harness.report_text import expected_text
 
     kind = "could not be measured" if isinstance(exc, ClaimError) else "does not hold"
     lines = [f"claim {verdict.node_id} {kind} ({verdict.file}:{verdict.line})",

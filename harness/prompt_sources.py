@@ -90,7 +90,7 @@ def _offline_unless_reachable():
     import datasets.config
     import huggingface_hub.constants
 
-    from harness.models import hub_reachable
+    from harness.hub import hub_reachable
 
     if hub_reachable():
         yield

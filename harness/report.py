@@ -8,23 +8,27 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness import __version__
 from harness.claims import Verdict, short_measured
 from harness.errors import safe_text
 from harness.expect import fmt
 from harness.jsonfiles import dumps, finite
+from harness.report_text import (
+    STATUS_ORDER,
+    cut,
+    expected_text,
+    measured_cell,
+    report_summary_line,
+    summary_line,
+)
+from harness.version import __version__
 
 HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "status", "seconds"]
 
 
-def expected_text(expected: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in expected.items())
-
-
 def rows(verdicts: list[Verdict]) -> list[list]:
     return [[v.spec, v.claim_id, v.measure, "->".join(v.models) if v.measure == "patch" or
-             v.measure == "patch_sweep" else ", ".join(v.models), _cut(short_measured(v), 40),
-             _cut(expected_text(v.expected), 40),
+             v.measure == "patch_sweep" else ", ".join(v.models), cut(short_measured(v), 40),
+             cut(expected_text(v.expected), 40),
              v.status.upper() if v.status != "passed" else v.status, f"{v.seconds:.2f}"]
             for v in verdicts]
 
@@ -34,28 +38,6 @@ def table(verdicts: list[Verdict], spec_errors: list[str] = (), limit: int | Non
     out = tabulate(rows(verdicts), HEADERS, tablefmt="simple") if verdicts else "(no claims)"
     line = summary_line([v.status for v in verdicts], len(spec_errors), limit)
     return safe_text(f"{out}\n{line}")
-
-
-def summary_line(statuses: list[str], spec_errors: int = 0, limit: int | None = None) -> str:
-    """`27 claims: 1 error, 2 failed, 24 passed` (worst first): the first line of every report."""
-    counts: dict[str, int] = {}
-    for status in sorted(statuses, key=lambda s: STATUS_ORDER.get(s, 9)):
-        counts[status] = counts.get(status, 0) + 1
-    parts = [f"{n} {s}" for s, n in counts.items()]
-    if spec_errors:
-        parts.append(f"{spec_errors} spec error{'s' if spec_errors > 1 else ''}")
-    n = len(statuses)
-    line = f"{n} claim{'s' * (n != 1)}: {', '.join(parts) or 'none run'}"
-    if limit is not None:
-        line += f" (LIMITED to the first {limit} prompt{'s' * (limit != 1)} of each claim)"
-    return line
-
-
-def report_summary_line(report: dict) -> str:
-    """The summary line of a JSON report."""
-    statuses = [c["status"] for s in report["specs"] for c in s["claims"]]
-    return summary_line(statuses, sum(1 for s in report["specs"] if s.get("error")),
-                        report.get("limit"))
 
 
 def failure_details(verdicts: list[Verdict]) -> str:
@@ -70,10 +52,6 @@ def failure_details(verdicts: list[Verdict]) -> str:
             skips[v.message] = skips.get(v.message, 0) + 1
     lines += [f"SKIPPED {n} claim{'s' * (n > 1)}: {reason}" for reason, n in skips.items()]
     return safe_text("\n".join(lines))
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def environment(device: str | None = None, session=None) -> dict:
@@ -174,7 +152,7 @@ def dataframe(report: dict, per_prompt: bool = False):
                 continue
             measured = c.get("measured")
             records.append({**base, "value": measured if isinstance(measured, float) else None,
-                            "measured": _measured_cell(c) if measured is not None else "",
+                            "measured": measured_cell(c) if measured is not None else "",
                             "expected": expected_text(c["expected"]),
                             "margin": c.get("margin"), "message": c.get("message", ""),
                             "seconds": c.get("seconds")})
@@ -203,24 +181,7 @@ def _per_prompt_values(c: dict) -> list[tuple[str, object]]:
 
 # ----------------------------------------------------------------------------- Markdown
 
-STATUS_ORDER = {"error": 0, "failed": 1, "xfailed": 2, "skipped": 3, "passed": 4}
 STATUS_ICON = {"passed": "✅", "failed": "❌", "error": "💥", "skipped": "⏭️", "xfailed": "⚠️"}
-
-
-def _measured_cell(claim: dict) -> str:
-    m = claim.get("measured")
-    if isinstance(m, dict) and "values" in m:
-        flat = _flatten(m["values"])
-        return f"{'x'.join(str(len(lab)) for lab in m['labels'])} grid, max {fmt(max(flat))}"
-    if isinstance(m, float):
-        return fmt(m)
-    return _cut(json.dumps(m, ensure_ascii=False) if not isinstance(m, str) else repr(m), 60)
-
-
-def _flatten(values) -> list[float]:
-    if isinstance(values, list):
-        return [x for v in values for x in _flatten(v)]
-    return [float(values)]
 
 
 def markdown_report(report: dict) -> str:
@@ -236,9 +197,9 @@ def markdown_report(report: dict) -> str:
         if spec.get("error"):
             lines += ["**Spec error:**", "", "```", spec["error"], "```", ""]
         rows_md = [[f"{STATUS_ICON.get(c['status'], '')} {c['status']}", f"`{c['id']}`",
-                    c["measure"], _measured_cell(c), _cut(expected_text(c["expected"]), 60),
+                    c["measure"], measured_cell(c), cut(expected_text(c["expected"]), 60),
                     fmt(c["margin"]) if c.get("margin") is not None else "",
-                    _cut(c.get("message", ""), 120).replace("|", "\\|")] for c in claims]
+                    cut(c.get("message", ""), 120).replace("|", "\\|")] for c in claims]
         if rows_md:
             lines += [tabulate(rows_md, ["status", "claim", "measure", "measured", "expected",
                                          "margin", "details"], tablefmt="github"), ""]

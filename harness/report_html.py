@@ -10,7 +10,7 @@ import html
 import uuid
 
 from harness.expect import fmt
-from harness.report import STATUS_ORDER, _measured_cell, expected_text, report_summary_line
+from harness.report_text import STATUS_ORDER, expected_text, measured_cell, report_summary_line
 
 CSS = """
 .harness-report{font-family:system-ui,sans-serif;color:#222}
@@ -146,7 +146,7 @@ def _row(spec: dict, c: dict) -> str:
              f"<code>{esc(c['id'])}</code>",
              esc(c["measure"] + (" (attribution approx.)" if c.get("method") == "attribution"
                                  else "")),
-             esc(", ".join(c.get("models", []))), esc(_measured_cell(c)),
+             esc(", ".join(c.get("models", []))), esc(measured_cell(c)),
              esc(expected_text(c["expected"])),
              fmt(c["margin"]) if c.get("margin") is not None else "",
              esc(c.get("message", "")), f"{c.get('seconds', 0):.2f}", _figure(c) or ""]

@@ -11,7 +11,6 @@ Everything is converted to one `Sae` with SAELens's orientation.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +196,7 @@ def save_saelens(sae: Sae, directory: str | Path, extra_cfg: dict | None = None)
 def sae_location(source, spec_dir: Path) -> Path:
     """The local folder of a spec's SAE source (`path:` relative to the spec's folder)."""
     if source.zoo:
-        from harness.zoo.sae import zoo_sae
+        from harness.zoo.store import zoo_sae
 
         return zoo_sae(source.zoo)
     if source.path:
@@ -214,9 +213,9 @@ def hub_sae_folder(repo: str, folder: str | None, revision: str | None = None) -
     (or HF_HUB_OFFLINE=1) only the local HF cache is tried, at once."""
     from huggingface_hub import snapshot_download
 
-    from harness.models import hub_reachable
+    from harness.hub import hub_offline
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
+    offline = hub_offline()
     try:
         root = snapshot_download(repo, revision=revision, local_files_only=offline,
                                  allow_patterns=[f"{folder}/*"] if folder else None)

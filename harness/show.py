@@ -7,7 +7,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from harness.expect import fmt
-from harness.report import expected_text
+from harness.report_text import expected_text
 
 
 def claim_text(spec_name: str, claim: dict) -> str:

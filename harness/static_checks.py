@@ -97,7 +97,7 @@ def _facts_of(spec, name: str) -> ModelFacts | None:
 def _directory(spec, name: str) -> Path | None:
     source = spec.models[name]
     if source.zoo is not None:
-        from harness.zoo.build import zoo_checkpoint
+        from harness.zoo.store import zoo_checkpoint
 
         try:
             return zoo_checkpoint(source.zoo)

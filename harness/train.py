@@ -90,7 +90,7 @@ class RLHFConfig:
 
 def resolve_model(name: str) -> str:
     """Zoo name -> its shipped dir; an existing local dir -> itself; else a hub id."""
-    from harness.zoo import ZOO_NAMES, zoo_checkpoint
+    from harness.zoo.store import ZOO_NAMES, zoo_checkpoint
     if name in ZOO_NAMES:
         return str(zoo_checkpoint(name))
     if Path(name).expanduser().is_dir():
@@ -359,7 +359,7 @@ def run_rlhf(cfg: RLHFConfig, out_dir: Path, progress: bool = True) -> dict:
 
 def recipe_key(cfg: RLHFConfig) -> str:
     """Content key of a run: the config, the identity of base and reward, and versions."""
-    from harness.zoo.build import content_key, model_identity
+    from harness.zoo.store import content_key, model_identity
     payload = {"config": asdict(cfg), "base": model_identity(resolve_model(cfg.base)),
                "reward": model_identity(resolve_model(cfg.reward))}
     return content_key(payload)
@@ -373,7 +373,7 @@ def train_rlhf(config: RLHFConfig | dict, out_dir: Path | None = None,
     `<cache root>/rlhf/<key>`; a dir that already holds a finished run with the same key is
     returned at once.
     """
-    from harness.zoo.build import cache_root
+    from harness.zoo.store import cache_root
 
     cfg = RLHFConfig.from_dict(config) if isinstance(config, dict) else config
     key = recipe_key(cfg)

@@ -105,7 +105,7 @@ def light_tokenizer(spec: Spec, name: str):
     source = spec.models[name]
     path = None
     if source.zoo:
-        from harness.zoo import zoo_checkpoint
+        from harness.zoo.store import zoo_checkpoint
 
         try:
             path = zoo_checkpoint(source.zoo) / "tokenizer.json"

@@ -200,7 +200,7 @@ def test_build_world_reuses_a_finished_build(tmp_path, monkeypatch):
 
 
 def test_content_key_depends_on_versions(monkeypatch):
-    from harness.zoo import build
-    k1 = build.content_key({"a": 1})
-    monkeypatch.setattr(build, "versions", lambda: {"torch": "0"})
-    assert build.content_key({"a": 1}) != k1
+    from harness.zoo import store
+    k1 = store.content_key({"a": 1})
+    monkeypatch.setattr(store, "versions", lambda: {"torch": "0"})
+    assert store.content_key({"a": 1}) != k1

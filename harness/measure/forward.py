@@ -86,15 +86,5 @@ def register_fast_path(name: str, applies: Callable[[Any], bool],
 
 
 def fast_path_for(bridge) -> FastPath | None:
-    _register_builtin()
+    """The first registered fast path that applies (the built-in ones: patching.py)."""
     return next((fp for fp in FAST_PATHS.values() if fp.applies(bridge)), None)
-
-
-def _register_builtin() -> None:
-    if FAST_PATHS:
-        return
-    from harness.measure import gpt2_fast, llama_fast, parallel_fast
-
-    register_fast_path("gpt2", gpt2_fast.applies, gpt2_fast.GPT2Forward)
-    register_fast_path("llama", llama_fast.applies, llama_fast.LlamaForward)
-    register_fast_path("parallel", parallel_fast.applies, parallel_fast.ParallelForward)

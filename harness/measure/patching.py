@@ -27,8 +27,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
+from harness.measure import gpt2_fast, llama_fast, parallel_fast
 from harness.measure.budget import CACHE_SHARE, SLICE_SHARE, WORK_SHARE, budget_bytes
-from harness.measure.forward import Acts, Forward, fast_path_for
+from harness.measure.forward import Acts, Forward, fast_path_for, register_fast_path
 from harness.measure.general_forward import GeneralForward
 from harness.measure.results import Grid, PatchEffect, normalized_effect
 from harness.measure.selection import (
@@ -44,6 +45,12 @@ from harness.measure.traces import Run, TraceCache
 from harness.sites import HEAD_SITES
 
 __all__ = ["PatchingEngine", "Run"]
+
+# The built-in fast paths, registered by the engine that uses them (forward.py holds only the
+# interface and the registry, so the families can import it without an import circle).
+register_fast_path("gpt2", gpt2_fast.applies, gpt2_fast.GPT2Forward)
+register_fast_path("llama", llama_fast.applies, llama_fast.LlamaForward)
+register_fast_path("parallel", parallel_fast.applies, parallel_fast.ParallelForward)
 
 
 class PatchingEngine:

@@ -4,6 +4,7 @@
 rebuilds all of them from scratch into a content-addressed cache.
 """
 
-from harness.zoo.build import ZOO_NAMES, build_world, cache_root, zoo_checkpoint
+from harness.zoo.build import build_world
+from harness.zoo.store import ZOO_NAMES, cache_root, zoo_checkpoint
 
 __all__ = ["ZOO_NAMES", "build_world", "cache_root", "zoo_checkpoint"]

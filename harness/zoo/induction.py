@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     rewrite the shipped artifact)."""
     import argparse
 
-    from harness.zoo.build import ARTIFACTS
+    from harness.zoo.store import ARTIFACTS
 
     parser = argparse.ArgumentParser(prog="python -m harness.zoo.induction")
     parser.add_argument("--out", type=Path, default=ARTIFACTS / "toy-induction")

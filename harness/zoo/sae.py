@@ -22,9 +22,16 @@ from pathlib import Path
 
 import torch
 
-from harness.zoo.build import ARTIFACTS, cache_root, content_key, model_identity
+from harness.zoo.store import (  # noqa: F401  (zoo_sae: public here too)
+    ARTIFACTS,
+    ZOO_SAES,
+    cache_root,
+    content_key,
+    model_identity,
+    zoo_checkpoint,
+    zoo_sae,
+)
 
-ZOO_SAES = ("toy-reviews-sae",)
 SOURCE = "toy-reviews-source"
 
 
@@ -39,19 +46,6 @@ class SaeConfig:
     lr: float = 2e-3
     l1: float = 0.1              # L1 penalty on feature activations x decoder norms
     corpus_seed: int = 1       # not the source's pretraining corpus seed
-
-
-def zoo_sae(name: str) -> Path:
-    """The shipped folder of a zoo SAE."""
-    from harness.errors import HarnessError, ModelUnavailable, did_you_mean
-
-    if name not in ZOO_SAES:
-        raise HarnessError(f"unknown zoo SAE '{name}'" + did_you_mean(name, ZOO_SAES))
-    path = ARTIFACTS / name
-    if not (path / "cfg.json").is_file():
-        raise ModelUnavailable(f"zoo SAE '{name}' is not built: {path} is missing; run "
-                               "`python -m harness.zoo.sae --write-artifacts`")
-    return path
 
 
 def collect(bridge, tokenizer, texts: list[str], hook: str, batch: int = 256
@@ -204,8 +198,6 @@ def _build_into(work: Path, source_dir: Path, seed: int, cfg: SaeConfig, progres
 
 def write_artifacts(seed: int = 0, progress: bool = True) -> Path:
     """Rebuild the SAE from the shipped source checkpoint into artifacts/toy-reviews-sae."""
-    from harness.zoo.build import zoo_checkpoint
-
     dst = ARTIFACTS / ZOO_SAES[0]
     with tempfile.TemporaryDirectory() as tmp:
         built = build_sae(zoo_checkpoint(SOURCE), seed, Path(tmp) / "sae", progress)
@@ -228,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_artifacts:
         print(write_artifacts(args.seed, progress=not args.quiet))
     else:
-        from harness.zoo.build import zoo_checkpoint
-
         print(build_sae(zoo_checkpoint(SOURCE), args.seed, progress=not args.quiet))
     return 0
 

@@ -1,0 +1,58 @@
+"""The text of a report's parts, shared by the table, the Markdown and the HTML report: the
+summary line every report opens with, the order of statuses, and the measured / expected
+cells of a claim of the JSON report. No torch, no report writing."""
+
+from __future__ import annotations
+
+import json
+
+from harness.expect import fmt
+
+STATUS_ORDER = {"error": 0, "failed": 1, "xfailed": 2, "skipped": 3, "passed": 4}
+
+
+def expected_text(expected: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in expected.items())
+
+
+def summary_line(statuses: list[str], spec_errors: int = 0, limit: int | None = None) -> str:
+    """`27 claims: 1 error, 2 failed, 24 passed` (worst first): the first line of every report."""
+    counts: dict[str, int] = {}
+    for status in sorted(statuses, key=lambda s: STATUS_ORDER.get(s, 9)):
+        counts[status] = counts.get(status, 0) + 1
+    parts = [f"{n} {s}" for s, n in counts.items()]
+    if spec_errors:
+        parts.append(f"{spec_errors} spec error{'s' if spec_errors > 1 else ''}")
+    n = len(statuses)
+    line = f"{n} claim{'s' * (n != 1)}: {', '.join(parts) or 'none run'}"
+    if limit is not None:
+        line += f" (LIMITED to the first {limit} prompt{'s' * (limit != 1)} of each claim)"
+    return line
+
+
+def report_summary_line(report: dict) -> str:
+    """The summary line of a JSON report."""
+    statuses = [c["status"] for s in report["specs"] for c in s["claims"]]
+    return summary_line(statuses, sum(1 for s in report["specs"] if s.get("error")),
+                        report.get("limit"))
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def measured_cell(claim: dict) -> str:
+    """A claim's measured value of the JSON report in one short cell (grids summarized)."""
+    m = claim.get("measured")
+    if isinstance(m, dict) and "values" in m:
+        flat = _flatten(m["values"])
+        return f"{'x'.join(str(len(lab)) for lab in m['labels'])} grid, max {fmt(max(flat))}"
+    if isinstance(m, float):
+        return fmt(m)
+    return cut(json.dumps(m, ensure_ascii=False) if not isinstance(m, str) else repr(m), 60)
+
+
+def _flatten(values) -> list[float]:
+    if isinstance(values, list):
+        return [x for v in values for x in _flatten(v)]
+    return [float(values)]

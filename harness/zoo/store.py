@@ -1,0 +1,84 @@
+"""Where the zoo's checkpoints live: the names of zoo models and SAEs, the shipped artifacts,
+and the content-addressed cache that builds and trainings write to. The lowest layer of the
+zoo (no torch at import): model loading, static checks, `harness.train` and the builders all
+read it; it reads none of them.
+
+The cache root is `$INTERP_HARNESS_CACHE` or `~/.cache/interp-harness`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from harness.errors import HarnessError, ModelUnavailable, did_you_mean
+
+ZOO_NAMES = ("toy-reviews-source", "toy-reviews-reward", "toy-reviews-rlhf", "toy-induction")
+ZOO_SAES = ("toy-reviews-sae",)
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+WORLD_VERSION = 1          # bump when the recipe code changes in a way configs don't show
+
+
+def cache_root() -> Path:
+    env = os.environ.get("INTERP_HARNESS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "interp-harness"
+
+
+def versions() -> dict[str, str]:
+    import tokenizers
+    import torch
+    import transformers
+    import trl
+
+    try:
+        from importlib.metadata import version
+        harness_version = version("interp-harness")
+    except Exception:  # noqa: BLE001 - not installed: running from the source tree
+        harness_version = "source"
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "tokenizers": tokenizers.__version__,
+            "harness": harness_version, "world": str(WORLD_VERSION)}
+
+
+def content_key(payload: dict) -> str:
+    """sha256 (first 16 hex digits) of the payload plus the library versions."""
+    blob = json.dumps({"payload": payload, "versions": versions()}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_identity(model: str) -> str:
+    """A local checkpoint dir -> hash of its files' contents; a hub id -> the id itself."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"hub:{model}"
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name not in ("rlhf_report.json", "build_report.json",
+                                          "recipe_key.txt"):
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def zoo_checkpoint(name: str) -> Path:
+    """The shipped checkpoint dir of a zoo model (model + tokenizer, `save_pretrained`)."""
+    if name not in ZOO_NAMES:
+        raise HarnessError(f"unknown zoo model '{name}'" + did_you_mean(name, ZOO_NAMES))
+    path = ARTIFACTS / name
+    if not (path / "config.json").is_file():
+        raise ModelUnavailable(f"zoo model '{name}' is not built: {path} is missing; run "
+                               "`python -m harness.zoo.build --write-artifacts`")
+    return path
+
+
+def zoo_sae(name: str) -> Path:
+    """The shipped folder of a zoo SAE."""
+    if name not in ZOO_SAES:
+        raise HarnessError(f"unknown zoo SAE '{name}'" + did_you_mean(name, ZOO_SAES))
+    path = ARTIFACTS / name
+    if not (path / "cfg.json").is_file():
+        raise ModelUnavailable(f"zoo SAE '{name}' is not built: {path} is missing; run "
+                               "`python -m harness.zoo.sae --write-artifacts`")
+    return path
