@@ -9,7 +9,7 @@ from harness.claims import Verdict, evaluate_claim
 from harness.errors import HarnessError, ModelUnavailable, SpecError
 from harness.prompts import single_token_id
 from harness.session import Session
-from harness.spec import Spec, load_spec
+from harness.spec import Spec, read_spec, resolve_prompts
 
 
 @dataclass
@@ -41,13 +41,16 @@ def _tokenizer_or_none(spec: Spec, name: str, session: Session):
 
 
 def load_and_check(path: Path, session: Session, allow_remote_code: bool | None = None) -> Spec:
-    """Read the spec, then check it against the models' config and tokenizer files, then
-    (tokenizers loaded) that answers and foils are single tokens: all before any weights."""
-    return check_loaded(load_spec(path), session, allow_remote_code)
+    """The stages before any weights load, each once and in order, for both front ends: read
+    the spec (the file only), resolve its prompts (files, datasets, the corpus), check it
+    against the models' config and tokenizer files, then (tokenizers loaded) that answers and
+    foils are single tokens. Returns the spec with its prompts; raises SpecError."""
+    return check_loaded(resolve_prompts(read_spec(path)), session, allow_remote_code)
 
 
 def check_loaded(spec: Spec, session: Session, allow_remote_code: bool | None = None) -> Spec:
-    """The checks of `load_and_check` on a spec already parsed (a notebook's)."""
+    """The static and token checks of `load_and_check` on a spec already read and resolved
+    (`load_spec`: a notebook's)."""
     from harness.static_checks import check_spec
 
     allow = session.allow_remote_code if allow_remote_code is None else allow_remote_code

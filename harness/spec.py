@@ -975,16 +975,19 @@ class Spec(Frozen):
     claims: tuple[Claim, ...]
     file: str = "<spec>"
     field_lines: dict[str, int] = {}   # formatted field path -> line, for later errors
-    _expanded: dict = PrivateAttr(default_factory=dict)
+    _resolved: dict | None = PrivateAttr(default=None)   # set name ("" default) -> prompts
+
+    @property
+    def resolved(self) -> bool:
+        """Whether `resolve_prompts` has read this spec's prompt sets."""
+        return self._resolved is not None
 
     def prompt_set(self, name: str | None) -> tuple[Prompt, ...]:
-        """The expanded prompts of a set (read once: files and datasets are not re-read)."""
-        key = name or ""
-        if key not in self._expanded:
-            entries = self.prompt_sets[name] if name else self.prompts
-            loc = ("prompt_sets", name) if name else ("prompts",)
-            self._expanded[key] = expand(entries, loc, self.directory)
-        return self._expanded[key]
+        """The prompts of a set, as `resolve_prompts` read them (files, datasets once)."""
+        if self._resolved is None:
+            raise HarnessError(f"{self.file}: the spec's prompts are not resolved yet; "
+                               "call harness.spec.resolve_prompts(spec) after reading it")
+        return self._resolved[name or ""]
 
     def line_of(self, loc: tuple) -> int | None:
         for end in range(len(loc), -1, -1):
@@ -1017,17 +1020,25 @@ class Spec(Frozen):
 # ----------------------------------------------------------------------------- loading
 
 def load_spec(path: str | Path) -> Spec:
-    """Read, parse and cross-check one spec file. Raises SpecError (possibly several)."""
-    return spec_from_source(read_yaml(Path(path)), Path(path).stem)
+    """The first two stages on one spec file: `read_spec`, then `resolve_prompts`. Raises
+    SpecError (possibly several)."""
+    return resolve_prompts(read_spec(path))
 
 
 def load_spec_text(text: str, name: str = "notebook", file: str = "<string>") -> Spec:
-    """A spec written as a YAML string (errors name `file` and the string's lines)."""
-    return spec_from_source(read_yaml_text(text, file), name)
+    """`load_spec` of a spec written as a YAML string (errors name `file` and its lines)."""
+    return resolve_prompts(spec_from_source(read_yaml_text(text, file), name))
+
+
+def read_spec(path: str | Path) -> Spec:
+    """Stage 1: read, parse and cross-check one spec file. Reads nothing but the file: prompt
+    families, models and datasets are later stages'."""
+    return spec_from_source(read_yaml(Path(path)), Path(path).stem)
 
 
 def spec_from_source(source: SourcedYaml, name: str) -> Spec:
-    """Parsed YAML -> a validated, cross-checked Spec named `name` unless it names itself."""
+    """Parsed YAML -> a validated, cross-checked Spec named `name` unless it names itself
+    (prompts not yet resolved)."""
     data = source.data
     if not isinstance(data, dict):
         raise SpecError("a spec is a mapping with `models:`, `prompts:` and `claims:`",
@@ -1123,21 +1134,6 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         errors.append(SpecError(message, file=source.file, line=source.line_of(loc),
                                 path=format_loc(loc)))
 
-    for name in [None, *spec.prompt_sets]:
-        try:
-            spec.prompt_set(name)
-        except HarnessError as exc:
-            add(("prompt_sets", name) if name else ("prompts",), str(exc))
-    if errors:
-        return errors
-    for name in [None, *spec.prompt_sets]:
-        for prompt in spec.prompt_set(name):
-            if prompt.answer is not None and prompt.answer == prompt.foil:
-                add(prompt.loc + ("foil",), f"answer and foil are both {prompt.answer!r}: the "
-                    "logit difference of a token with itself is always 0; give two different "
-                    "tokens")
-                break
-
     seen: dict[str, int] = {}
     for i, claim in enumerate(spec.claims):
         if claim.id in seen:
@@ -1151,9 +1147,6 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         if claim.prompts is not None and claim.prompts not in spec.prompt_sets:
             add(("claims", i, "prompts"), f"unknown prompt set '{claim.prompts}'"
                 + did_you_mean(claim.prompts, spec.prompt_sets or ["(none defined)"]))
-        elif not spec.prompt_set(claim.prompts) and claim.prompt is None \
-                and not _generates_inputs(claim):
-            add(("claims", i), "this claim has no prompts: add `prompts:` to the spec")
         reference = getattr(claim, "reference_prompts", None)
         if reference is not None and reference not in spec.prompt_sets:
             add(("claims", i, "reference"), f"unknown prompt set '{reference}' (reference "
@@ -1173,16 +1166,6 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                 and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
             add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "
                                        "`metric: loss | accuracy`")
-        if claim.reads_answers() and claim.prompts in (None, *spec.prompt_sets):
-            for prompt in spec.claim_prompts(claim):
-                missing = [n for n in ("answer", "foil") if getattr(prompt, n) is None]
-                if missing:
-                    where = f"{prompt.row}: " if prompt.row else ""
-                    add(prompt.loc, f"{where}this prompt has no `{missing[0]}`, but claim "
-                                    f"'{claim.id}' ({claim.measure}) reads each prompt's "
-                                    f"answer and foil: add `{missing[0]}: TOKEN` (one token, "
-                                    "e.g. \" bad\") to the prompt, its rows or its entry")
-                    break
         if claim.measure in SAE_MEASURES:
             _check_sae_claim(spec, claim, ("claims", i), add)
         if getattr(claim, "intervene", None) is not None:
@@ -1190,10 +1173,6 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         if claim.search is not None and not claim.SEARCHABLE:
             add(("claims", i, "search"), f"`search` applies to {', '.join(SEARCHABLE_MEASURES)}"
                                          f" claims, not '{claim.measure}'")
-        if _needs_corrupt(claim) and claim.prompts not in spec.prompt_sets and not any(
-                p.corrupt for p in spec.prompt_set(claim.prompts)):
-            add(("claims", i), "patching from/into `input: corrupt` needs prompts with "
-                               "`corrupt:` texts")
     for name, sae in spec.saes.items():
         if sae.model is not None and sae.model not in spec.models:
             add(("saes", name, "model"), f"unknown model '{sae.model}'"
@@ -1202,6 +1181,67 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
         if model.train is not None and model.train.base not in spec.models:
             add(("models", name, "train", "base"), f"unknown base model '{model.train.base}'"
                 + did_you_mean(model.train.base, spec.models))
+    return errors
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def resolve_prompts(spec: Spec) -> Spec:
+    """Stage 2: read every prompt set once (templates, files, datasets, the toy corpus), then
+    check what needs the prompts. Returns the spec holding them (the same spec when it already
+    does); raises SpecError naming the set, row or claim."""
+    if spec.resolved:
+        return spec
+    resolved, errors = {}, []
+    for name in [None, *spec.prompt_sets]:
+        loc = ("prompt_sets", name) if name else ("prompts",)
+        try:
+            resolved[name or ""] = expand(spec.prompt_sets[name] if name else spec.prompts,
+                                          loc, spec.directory)
+        except HarnessError as exc:
+            errors.append(spec.error(loc, str(exc)))
+    if errors:
+        raise _combine(errors)
+    out = spec.model_copy()
+    out._resolved = resolved
+    errors = prompt_errors(out)
+    if errors:
+        raise _combine(errors)
+    return out
+
+
+def prompt_errors(spec: Spec) -> list[SpecError]:
+    """The checks that need the resolved prompts: answer != foil, every claim has prompts and
+    the answers, foils and corrupt texts it reads."""
+    errors: list[SpecError] = []
+    for name in [None, *spec.prompt_sets]:
+        for prompt in spec.prompt_set(name):
+            if prompt.answer is not None and prompt.answer == prompt.foil:
+                errors.append(spec.error(
+                    prompt.loc + ("foil",), f"answer and foil are both {prompt.answer!r}: the "
+                    "logit difference of a token with itself is always 0; give two different "
+                    "tokens"))
+                break
+    for i, claim in enumerate(spec.claims):
+        if not spec.prompt_set(claim.prompts) and claim.prompt is None \
+                and not _generates_inputs(claim):
+            errors.append(spec.error(("claims", i), "this claim has no prompts: add `prompts:` "
+                                                    "to the spec"))
+        if claim.reads_answers():
+            for prompt in spec.claim_prompts(claim):
+                missing = [n for n in ("answer", "foil") if getattr(prompt, n) is None]
+                if missing:
+                    where = f"{prompt.row}: " if prompt.row else ""
+                    errors.append(spec.error(
+                        prompt.loc, f"{where}this prompt has no `{missing[0]}`, but claim "
+                        f"'{claim.id}' ({claim.measure}) reads each prompt's answer and foil: "
+                        f"add `{missing[0]}: TOKEN` (one token, e.g. \" bad\") to the prompt, "
+                        "its rows or its entry"))
+                    break
+        if _needs_corrupt(claim) and claim.prompts is None and not any(
+                p.corrupt for p in spec.prompt_set(None)):
+            errors.append(spec.error(("claims", i), "patching from/into `input: corrupt` needs "
+                                                    "prompts with `corrupt:` texts"))
     return errors
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from harness.errors import SpecError
 from harness.prompts import corrupt_length_mismatches
-from harness.spec import Spec, load_spec
+from harness.spec import Spec, read_spec, resolve_prompts
 
 
 def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
@@ -81,12 +81,13 @@ class _Light:
 
 
 def validate_spec(path: Path, allow_remote_code: bool = False) -> Spec:
-    """load_spec, the static checks against config and tokenizer files, and the token checks
-    with light tokenizers (clean/corrupt token lengths included); raises the first SpecError
-    (the others attached)."""
+    """The stages of `runner.load_and_check` without torch: read, resolve the prompts, the
+    static checks against config and tokenizer files, and the token checks with light
+    tokenizers (clean/corrupt token lengths included); raises the first SpecError (the others
+    attached)."""
     from harness.static_checks import check_spec
 
-    spec = load_spec(path)
+    spec = resolve_prompts(read_spec(path))
     errors = check_spec(spec, allow_remote_code) or \
         token_errors(spec, lambda name: light_tokenizer(spec, name), light_pieces, _Light)
     if errors:
