@@ -130,7 +130,7 @@ def _run(args) -> int:
     session.timing["import_s"] += time.perf_counter() - start   # torch, transformers
     select = selector(args.keyword, args.last_failed)
     paths = _spec_paths(args.paths)
-    shard = _shard(paths, args.shard) if args.shard else None
+    shard, resolved = _shard(paths, args.shard) if args.shard else (None, {})
     results: list[SpecResult] = []
     with interrupt_flag() as interrupted:
         try:
@@ -138,7 +138,7 @@ def _run(args) -> int:
                 results.append(SpecResult(str(path)))
                 indices = None if shard is None else {i for f, i in shard if f == str(path)}
                 run_spec_file(path, session, results[-1], stop=lambda: interrupted,
-                              select=select, indices=indices)
+                              select=select, indices=indices, spec=resolved.get(str(path)))
                 if results[-1].error:
                     print(f"spec error: {safe_text(str(results[-1].error))}", file=sys.stderr)
                 elif results[-1].spec is not None:
@@ -234,19 +234,20 @@ def _interrupted_line(results, n_specs: int) -> str:
             + "; no report or baseline was written, earlier ones are unchanged")
 
 
-def _shard(paths: list[Path], text: str) -> set[tuple[str, int]]:
-    """This run's part of the claims of the specs that load (spec errors show in every part)."""
+def _shard(paths: list[Path], text: str) -> tuple[set[tuple[str, int]], dict[str, object]]:
+    """This run's part of the claims of the specs that load (spec errors show in every part),
+    and those specs, read and resolved once (the run goes on with them)."""
     from harness.shard import parse_shard, plan
     from harness.spec import load_spec
 
     k, n = parse_shard(text)
-    specs = []
+    specs = {}
     for path in paths:
         try:
-            specs.append(load_spec(path))
+            specs[str(path)] = load_spec(path)
         except SpecError:
             pass
-    return plan(specs, n)[k - 1]
+    return plan(list(specs.values()), n)[k - 1], specs
 
 
 def _merge(args) -> int:

@@ -62,13 +62,16 @@ def check_loaded(spec: Spec, session: Session, allow_remote_code: bool | None = 
 
 
 def run_spec_file(path: Path, session: Session, result: SpecResult | None = None,
-                  stop=None, select=None, indices: set[int] | None = None) -> SpecResult:
+                  stop=None, select=None, indices: set[int] | None = None,
+                  spec: Spec | None = None) -> SpecResult:
     """Load, check and evaluate one spec into `result` (filled as claims finish, so an
     interrupted run still knows what it did); `stop()` true stops between claims. `indices`:
-    only the claims at these indices (a shard's)."""
+    only the claims at these indices (a shard's). `spec`: the file already read and resolved
+    (a shard plan read it), so only the checks run."""
     result = result or SpecResult(str(path))
     try:
-        result.spec = load_and_check(path, session)
+        result.spec = load_and_check(path, session) if spec is None else \
+            check_loaded(spec, session)
     except SpecError as exc:
         result.error = exc
         return result

@@ -126,3 +126,12 @@ def test_a_spec_read_from_text_is_resolved_too(tmp_path):
     spec = load_spec_text(textwrap.dedent(SPEC).replace(
         "  - file: rows.jsonl\n", '  - text: "This movie was really"\n'))
     assert spec.resolved and len(spec.prompt_set(None)) == 1
+
+
+def test_a_sharded_run_reads_each_spec_once(spec_file, reads, tmp_path, monkeypatch):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    spec_file.write_text(SPEC.replace('expect: {">": 0}}', 'expect: {">": 0}, skip: later}'))
+    assert main(["run", str(spec_file), "--shard", "1/1", "--quiet"]) == 0
+    assert len(reads) == 1
