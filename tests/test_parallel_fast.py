@@ -18,7 +18,7 @@ import torch
 from _tiny_models import TEST_DEVICE, assert_close
 
 from harness.errors import MeasureError
-from harness.measure import parallel_fast
+from harness.measure import parallel_fast, rotary_ops
 from harness.measure.attribution import dla, logit_lens
 from harness.measure.patching import PatchingEngine, Run
 from harness.prompts import PromptBatch
@@ -204,7 +204,7 @@ def _full_rotary(self, x, q_pos=None):
     angles = torch.cat([pos[:, None] * inv_freq] * 2, -1)
     shape = (-1, 1, d_head) if q_pos is None else (-1, 1, 1, d_head)
     cos, sin = angles.cos().view(shape).to(x.dtype), angles.sin().view(shape).to(x.dtype)
-    return x * cos + parallel_fast._rotate_half(x) * sin
+    return x * cos + rotary_ops.rotate_half(x) * sin
 
 
 @pytest.mark.parametrize("arch", FAST_ARCHS)

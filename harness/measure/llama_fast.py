@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
 from harness.measure.forward import Acts, Dims
 from harness.measure.readout import Readout
+from harness.measure.rotary_ops import RotaryAttentionOps, affine
 from harness.measure.staggered import StaggeredForward
 from harness.sites import SITES
 
@@ -170,106 +170,28 @@ def _layer_weights(block) -> dict:
                 eps=(e1, e2))
 
 
-def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    if x.dim() == 2:
-        return torch.addmm(bias, x, weight)
-    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
-
-
 def rms_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
     """RMSNorm without its weight (folded into the next projection), in float32 as HF does."""
     h = x.float()
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-
-class LlamaOps:
-    """The Llama family's block computations as the staggered forward's BlockOps."""
-
-    parallel_block = False
+class LlamaOps(RotaryAttentionOps):
+    """The Llama family's block computations as the staggered forward's BlockOps: RMSNorm
+    before attention and MLP, the gated MLP; rotary attention and outputs are shared."""
 
     def __init__(self, weights: LlamaWeights, rotary, readout: Readout, act_fn):
-        self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
-        self.n_layers = weights.W_QKV.shape[0]
-        self.n_heads, self.n_kv_heads = weights.n_heads, weights.n_kv_heads
-        self.d_model = weights.W_E.shape[1]
-        self.d_mlp = weights.W_out.shape[1]
-        self.device, self.dtype = weights.W_E.device, weights.W_E.dtype
-        self._cos_sin: tuple[Tensor, Tensor] | None = None
+        super().__init__(weights, rotary, readout, act_fn, weights.n_kv_heads)
 
-    # ---- rotary ---------------------------------------------------------------------------
-    def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos d_head"], Tensor]:
-        """The model's own rotary cos/sin for positions 0..n_pos-1 (cached, grown on demand)."""
-        if self._cos_sin is None or self._cos_sin[0].shape[0] < n_pos:
-            with torch.inference_mode(False), torch.no_grad():
-                x = torch.zeros(1, n_pos, self.w.d_head, dtype=self.dtype, device=self.device)
-                cos, sin = self.rotary(x, torch.arange(n_pos, device=self.device)[None])
-            self._cos_sin = (cos[0].to(self.dtype), sin[0].to(self.dtype))
-        cos, sin = self._cos_sin
-        return cos[:n_pos], sin[:n_pos]
-
-    def rope(self, x: Float[Tensor, "n pos head d_head"], q_pos: Tensor | None = None
-             ) -> Tensor:
-        """Rotate q or k; positions 0..pos-1, or `q_pos[i]` for row i of a single query."""
-        if q_pos is None:
-            cos, sin = self.cos_sin(x.shape[1])
-            cos, sin = cos[:, None], sin[:, None]
-        else:
-            cos, sin = self.cos_sin(int(q_pos.max()) + 1)
-            cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
-        return x * cos + _rotate_half(x) * sin
-
-    # ---- BlockOps -------------------------------------------------------------------------
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
-        return _affine(rms_norm(resid, self.w.eps[layer][0]), self.w.W_QKV[layer],
-                       self.w.b_QKV[layer])
-
-    def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h, kv, d = self.n_heads, self.n_kv_heads, self.w.d_head
-        q, k, v = flat.split([h * d, kv * d, kv * d], -1)
-        return q.unflatten(-1, (h, d)), k.unflatten(-1, (kv, d)), v.unflatten(-1, (kv, d))
-
-    def _expand(self, kv: Tensor, axis: int) -> Tensor:
-        groups = self.n_heads // self.n_kv_heads
-        return kv if groups == 1 else kv.repeat_interleave(groups, axis)
-
-    def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
-        q, k = self.rope(q, q_pos), self.rope(k)
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2), self._expand(k, 2).transpose(1, 2),
-            self._expand(v, 2).transpose(1, 2), attn_mask=allowed, is_causal=allowed is None,
-            scale=self.w.scaling)
-        return z.transpose(1, 2)
-
-    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]:
-        q, k = self.rope(q), self._expand(self.rope(k), 2)
-        scores = torch.einsum("nqhe,nkhe->nhqk", q, k) * self.w.scaling
-        n_pos = q.shape[1]
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1, dtype=torch.float32
-                                                                  ).to(q.dtype)
-
-    def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:
-        return torch.einsum("nhqk,nkhe->nqhe", pattern, self._expand(v, 2))
-
-    def attn_output(self, layer: int, z: Tensor) -> Tensor:
-        return _affine(z.flatten(-2), self.w.W_O[layer], self.w.b_O[layer])
+        return affine(rms_norm(resid, self.w.eps[layer][0]), self.w.W_QKV[layer],
+                      self.w.b_QKV[layer])
 
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
-        h = _affine(rms_norm(resid_mid, self.w.eps[layer][1]), self.w.W_gate_in[layer],
-                    self.w.b_gate_in[layer])
+        h = affine(rms_norm(resid_mid, self.w.eps[layer][1]), self.w.W_gate_in[layer],
+                   self.w.b_gate_in[layer])
         gate, up = h.chunk(2, -1)
         return self.act_fn(gate) * up
-
-    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
-        return _affine(post, self.w.W_out[layer], self.w.b_out[layer])
-
-    def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
-        return self.readout.logit_diff(resid, answer_ids, foil_ids)
 
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         x = self.w.W_E[tokens]

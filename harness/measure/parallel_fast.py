@@ -24,6 +24,7 @@ from torch import Tensor
 from harness.errors import MeasureError
 from harness.measure.forward import Acts, Dims
 from harness.measure.readout import Readout
+from harness.measure.rotary_ops import RotaryAttentionOps, affine
 from harness.measure.staggered import StaggeredForward
 from harness.sites import SITE_TABLE
 
@@ -159,93 +160,24 @@ def _fold_norms(W: Float[Tensor, "layer d_model d_out"], b: Float[Tensor, "layer
     return torch.stack(Ws), torch.stack(bs)
 
 
-def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    if x.dim() == 2:
-        return torch.addmm(bias, x, weight)
-    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-
-class ParallelOps:
-    """The parallel-block family's computations as the staggered forward's BlockOps."""
+class ParallelOps(RotaryAttentionOps):
+    """The parallel-block family's computations as the staggered forward's BlockOps: a
+    LayerNorm before attention and one before the MLP (Phi: the same one), both reading the
+    block's input; partial rotary attention and outputs are shared."""
 
     parallel_block = True
 
     def __init__(self, weights: ParallelWeights, rotary, readout: Readout, act_fn):
-        self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
-        self.n_layers, self.n_heads = weights.W_QKV.shape[0], weights.n_heads
-        self.d_model, self.d_mlp = weights.W_E.shape[1], weights.W_out.shape[1]
-        self.device, self.dtype = weights.W_E.device, weights.W_E.dtype
-        self._cos_sin: tuple[Tensor, Tensor] | None = None
+        super().__init__(weights, rotary, readout, act_fn, weights.n_heads)
 
-    # ---- partial rotary -------------------------------------------------------------------
-    def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos rotary_dim"], Tensor]:
-        """The model's own rotary cos/sin for positions 0..n_pos-1 (cached, grown on demand);
-        their width is the rotary dimension (the first dims of each head that rotate)."""
-        if self._cos_sin is None or self._cos_sin[0].shape[0] < n_pos:
-            with torch.inference_mode(False), torch.no_grad():
-                x = torch.zeros(1, n_pos, self.w.d_head, dtype=self.dtype, device=self.device)
-                cos, sin = self.rotary(x, torch.arange(n_pos, device=self.device)[None])
-            self._cos_sin = (cos[0].to(self.dtype), sin[0].to(self.dtype))
-        cos, sin = self._cos_sin
-        return cos[:n_pos], sin[:n_pos]
-
-    def rope(self, x: Float[Tensor, "n pos head d_head"], q_pos: Tensor | None = None
-             ) -> Tensor:
-        """Rotate the first rotary_dim dims of q or k (positions 0..pos-1, or `q_pos[i]` for
-        row i of a single query); the rest pass through."""
-        if q_pos is None:
-            cos, sin = self.cos_sin(x.shape[1])
-            cos, sin = cos[:, None], sin[:, None]
-        else:
-            cos, sin = self.cos_sin(int(q_pos.max()) + 1)
-            cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
-        rot, rest = x[..., :cos.shape[-1]], x[..., cos.shape[-1]:]
-        return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], -1)
-
-    # ---- BlockOps -------------------------------------------------------------------------
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
         normed = F.layer_norm(resid, resid.shape[-1:], eps=self.w.eps[layer][0])
-        return _affine(normed, self.w.W_QKV[layer], self.w.b_QKV[layer])
-
-    def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = flat.unflatten(-1, (3, self.n_heads, self.w.d_head)).unbind(-3)
-        return q, k, v
-
-    def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
-        q, k = self.rope(q, q_pos), self.rope(k)
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), attn_mask=allowed,
-                                           is_causal=allowed is None, scale=self.w.scaling)
-        return z.transpose(1, 2)
-
-    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]:
-        scores = torch.einsum("nqhe,nkhe->nhqk", self.rope(q), self.rope(k)) * self.w.scaling
-        n_pos = q.shape[1]
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1, dtype=torch.float32
-                                                                  ).to(q.dtype)
-
-    def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:
-        return torch.einsum("nhqk,nkhe->nqhe", pattern, v)
-
-    def attn_output(self, layer: int, z: Tensor) -> Tensor:
-        return _affine(z.flatten(-2), self.w.W_O[layer], self.w.b_O[layer])
+        return affine(normed, self.w.W_QKV[layer], self.w.b_QKV[layer])
 
     def mlp_post(self, layer: int, resid_pre: Tensor) -> Tensor:
         """The MLP's neurons; on a parallel block the MLP reads the block's input."""
         normed = F.layer_norm(resid_pre, resid_pre.shape[-1:], eps=self.w.eps[layer][1])
-        return self.act_fn(_affine(normed, self.w.W_in[layer], self.w.b_in[layer]))
-
-    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
-        return _affine(post, self.w.W_out[layer], self.w.b_out[layer])
-
-    def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
-        return self.readout.logit_diff(resid, answer_ids, foil_ids)
+        return self.act_fn(affine(normed, self.w.W_in[layer], self.w.b_in[layer]))
 
     def trace(self, tokens: Int[Tensor, "batch pos"], hook=None) -> dict[str, Tensor]:
         """Full forward keeping every site (no resid_mid), stacked over layers:

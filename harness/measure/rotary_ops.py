@@ -1,0 +1,112 @@
+"""Block operations the rotary fast paths share (`llama_fast.py`, `parallel_fast.py`).
+
+Both families rotate q and k with the model's own rotary module (cos/sin read from it once and
+grown on demand; the `q`/`k` sites are before rotation, as the bridge's hooks are), attend with
+key/value heads shared by groups of query heads (one group per head without grouped-query
+attention), and project z and the MLP's neurons back with plain affine maps. What differs —
+the norm and projections before attention, the MLP, how a block adds up — stays in each family.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from harness.measure.readout import Readout
+
+
+def affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x @ weight + bias as one fused `addmm` over all leading axes."""
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class RotaryAttentionOps:
+    """The shared half of a rotary family's BlockOps. `weights` has W_E, W_QKV, W_O, b_O,
+    W_out, b_out, d_head and scaling; subclasses add qkv_flat, mlp_post and trace."""
+
+    parallel_block = False
+
+    def __init__(self, weights, rotary, readout: Readout, act_fn, n_kv_heads: int):
+        self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
+        self.n_layers = weights.W_QKV.shape[0]
+        self.n_heads, self.n_kv_heads = weights.n_heads, n_kv_heads
+        self.d_model, self.d_mlp = weights.W_E.shape[1], weights.W_out.shape[1]
+        self.device, self.dtype = weights.W_E.device, weights.W_E.dtype
+        self._cos_sin: tuple[Tensor, Tensor] | None = None
+
+    # ---- rotary ---------------------------------------------------------------------------
+    def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos rotary_dim"], Tensor]:
+        """The model's own rotary cos/sin for positions 0..n_pos-1 (cached, grown on demand);
+        their width is the rotary dimension: all of a head, or its first dims (partial)."""
+        if self._cos_sin is None or self._cos_sin[0].shape[0] < n_pos:
+            with torch.inference_mode(False), torch.no_grad():
+                x = torch.zeros(1, n_pos, self.w.d_head, dtype=self.dtype, device=self.device)
+                cos, sin = self.rotary(x, torch.arange(n_pos, device=self.device)[None])
+            self._cos_sin = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+        cos, sin = self._cos_sin
+        return cos[:n_pos], sin[:n_pos]
+
+    def rope(self, x: Float[Tensor, "n pos head d_head"], q_pos: Tensor | None = None
+             ) -> Tensor:
+        """Rotate q or k (positions 0..pos-1, or `q_pos[i]` for row i of a single query);
+        with a partial rotary only the first rotary_dim dims turn, the rest pass through."""
+        if q_pos is None:
+            cos, sin = self.cos_sin(x.shape[1])
+            cos, sin = cos[:, None], sin[:, None]
+        else:
+            cos, sin = self.cos_sin(int(q_pos.max()) + 1)
+            cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
+        width = cos.shape[-1]
+        if width == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        rot, rest = x[..., :width], x[..., width:]
+        return torch.cat([rot * cos + rotate_half(rot) * sin, rest], -1)
+
+    # ---- attention ------------------------------------------------------------------------
+    def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h, kv, d = self.n_heads, self.n_kv_heads, self.w.d_head
+        q, k, v = flat.split([h * d, kv * d, kv * d], -1)
+        return q.unflatten(-1, (h, d)), k.unflatten(-1, (kv, d)), v.unflatten(-1, (kv, d))
+
+    def _expand(self, kv: Tensor, axis: int) -> Tensor:
+        """Key/value heads repeated for the query heads that share them."""
+        groups = self.n_heads // self.n_kv_heads
+        return kv if groups == 1 else kv.repeat_interleave(groups, axis)
+
+    def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
+        q, k = self.rope(q, q_pos), self.rope(k)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), self._expand(k, 2).transpose(1, 2),
+            self._expand(v, 2).transpose(1, 2), attn_mask=allowed, is_causal=allowed is None,
+            scale=self.w.scaling)
+        return z.transpose(1, 2)
+
+    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]:
+        q, k = self.rope(q), self._expand(self.rope(k), 2)
+        scores = torch.einsum("nqhe,nkhe->nhqk", q, k) * self.w.scaling
+        n_pos = q.shape[1]
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1, dtype=torch.float32
+                                                                  ).to(q.dtype)
+
+    def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:
+        return torch.einsum("nhqk,nkhe->nqhe", pattern, self._expand(v, 2))
+
+    # ---- outputs --------------------------------------------------------------------------
+    def attn_output(self, layer: int, z: Tensor) -> Tensor:
+        return affine(z.flatten(-2), self.w.W_O[layer], self.w.b_O[layer])
+
+    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
+        return affine(post, self.w.W_out[layer], self.w.b_out[layer])
+
+    def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
+        return self.readout.logit_diff(resid, answer_ids, foil_ids)
