@@ -21,10 +21,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
-from harness.measure.forward import Acts, Dims
 from harness.measure.readout import Readout
-from harness.measure.rotary_ops import RotaryAttentionOps, affine
-from harness.measure.staggered import StaggeredForward
+from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward, affine
 from harness.sites import SITES
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -230,41 +228,11 @@ class LlamaOps(RotaryAttentionOps):
         return out
 
 
-class LlamaForward(StaggeredForward):
+class LlamaForward(RotaryForward):
     """The Llama family's fast path behind the engine's Forward interface."""
 
     path = "llama-fast"
+    sites = SITES
 
-    def __init__(self, bridge):
-        super().__init__(bridge)
-        weights = LlamaWeights.from_bridge(bridge)
-        self.readout = Readout.from_bridge(bridge)
-        rotary = getattr(bridge.rotary_emb, "original_component", bridge.rotary_emb)
-        mlp = bridge.blocks[0].mlp.original_component
-        act_fn = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3
-        self.ops = LlamaOps(weights, rotary, self.readout, act_fn)
-        o = self.ops
-        self.dims = Dims(n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads,
-                         d_model=o.d_model, d_head=weights.d_head, d_mlp=o.d_mlp,
-                         n_ctx=int(bridge.cfg.n_ctx), sites=SITES, device=o.device,
-                         dtype=o.dtype)
-
-    def trace_nbytes(self, batch: int, n_pos: int) -> int:
-        """Bytes of a clean trace: five residual-width sites, z, the packed q/k/v, the MLP's
-        neurons and one attention row per head, per layer and row; plus the final residual."""
-        d = self.dims
-        qkv = (d.n_heads + 2 * d.n_kv_heads) * d.d_head
-        per_row = 5 * d.d_model + d.n_heads * d.d_head + qkv + d.d_mlp + d.n_heads * n_pos
-        return (d.n_layers * per_row + d.d_model) * batch * n_pos * d.element_size
-
-    def verify(self, tokens: Tensor, acts: Acts) -> None:
-        """Our final residuals, read through the model's final norm, must give its logits."""
-        with torch.no_grad():
-            logits = self.bridge(tokens.to(self.ops.device), return_type="logits")[:, -1]
-        self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits)
-        self.ops.readout = self.readout
-
-    def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],
-                                    Float[Tensor, "layer d_model"]]:
-        w = self.ops.w
-        return w.W_O.unflatten(1, (w.n_heads, w.d_head)), w.b_O
+    def make_ops(self, bridge, rotary, readout, act_fn) -> LlamaOps:
+        return LlamaOps(LlamaWeights.from_bridge(bridge), rotary, readout, act_fn)

@@ -22,10 +22,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
-from harness.measure.forward import Acts, Dims
 from harness.measure.readout import Readout
-from harness.measure.rotary_ops import RotaryAttentionOps, affine
-from harness.measure.staggered import StaggeredForward
+from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward, affine
 from harness.sites import SITE_TABLE
 
 # the sites of a parallel block (it has no resid_mid), in the site table's order
@@ -207,40 +205,11 @@ class ParallelOps(RotaryAttentionOps):
         return out
 
 
-class ParallelForward(StaggeredForward):
+class ParallelForward(RotaryForward):
     """The parallel-block family's fast path behind the engine's Forward interface."""
 
     path = "parallel-fast"
+    sites = PARALLEL_SITES
 
-    def __init__(self, bridge):
-        super().__init__(bridge)
-        weights = ParallelWeights.from_bridge(bridge)
-        self.readout = Readout.from_bridge(bridge)
-        rotary = getattr(bridge.rotary_emb, "original_component", bridge.rotary_emb)
-        mlp = bridge.blocks[0].mlp.original_component
-        act_fn = mlp.act if hasattr(mlp, "act") else mlp.activation_fn  # NeoX, Phi
-        self.ops = ParallelOps(weights, rotary, self.readout, act_fn)
-        o = self.ops
-        self.dims = Dims(n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_heads,
-                         d_model=o.d_model, d_head=weights.d_head, d_mlp=o.d_mlp,
-                         n_ctx=int(bridge.cfg.n_ctx), sites=PARALLEL_SITES, device=o.device,
-                         dtype=o.dtype)
-
-    def trace_nbytes(self, batch: int, n_pos: int) -> int:
-        """Bytes of a clean trace: four residual-width sites, z, the packed q/k/v, the MLP's
-        neurons and one attention row per head, per layer and row; plus the final residual."""
-        d = self.dims
-        per_row = 4 * d.d_model + 4 * d.n_heads * d.d_head + d.d_mlp + d.n_heads * n_pos
-        return (d.n_layers * per_row + d.d_model) * batch * n_pos * d.element_size
-
-    def verify(self, tokens: Tensor, acts: Acts) -> None:
-        """Our final residuals, read through the model's final norm, must give its logits."""
-        with torch.no_grad():
-            logits = self.bridge(tokens.to(self.ops.device), return_type="logits")[:, -1]
-        self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits)
-        self.ops.readout = self.readout
-
-    def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],
-                                    Float[Tensor, "layer d_model"]]:
-        w = self.ops.w
-        return w.W_O.unflatten(1, (w.n_heads, w.d_head)), w.b_O
+    def make_ops(self, bridge, rotary, readout, act_fn) -> ParallelOps:
+        return ParallelOps(ParallelWeights.from_bridge(bridge), rotary, readout, act_fn)

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from harness.measure.forward import Acts, Dims
 from harness.measure.readout import Readout
+from harness.measure.staggered import StaggeredForward
 
 
 def affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -110,3 +112,50 @@ class RotaryAttentionOps:
 
     def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
         return self.readout.logit_diff(resid, answer_ids, foil_ids)
+
+
+RESIDUAL_WIDTH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+class RotaryForward(StaggeredForward):
+    """A rotary family's fast path behind the engine's Forward interface: subclasses set
+    `path`, `sites` and `make_ops(bridge, rotary, readout, act_fn)`."""
+
+    sites: tuple[str, ...]
+
+    def make_ops(self, bridge, rotary, readout: Readout, act_fn) -> RotaryAttentionOps:
+        raise NotImplementedError
+
+    def __init__(self, bridge):
+        super().__init__(bridge)
+        self.readout = Readout.from_bridge(bridge)
+        rotary = getattr(bridge.rotary_emb, "original_component", bridge.rotary_emb)
+        mlp = bridge.blocks[0].mlp.original_component
+        act_fn = next(getattr(mlp, name) for name in ("act_fn", "act", "activation_fn")
+                      if hasattr(mlp, name))   # Llama, NeoX, Phi / Phi-3
+        self.ops = o = self.make_ops(bridge, rotary, self.readout, act_fn)
+        self.dims = Dims(n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads,
+                         d_model=o.d_model, d_head=o.w.d_head, d_mlp=o.d_mlp,
+                         n_ctx=int(bridge.cfg.n_ctx), sites=self.sites, device=o.device,
+                         dtype=o.dtype)
+
+    def trace_nbytes(self, batch: int, n_pos: int) -> int:
+        """Bytes of a clean trace: the residual-width sites, z, the packed q/k/v, the MLP's
+        neurons and one attention row per head, per layer and row; plus the final residual."""
+        d = self.dims
+        residual = sum(site in d.sites for site in RESIDUAL_WIDTH_SITES)
+        qkv = (d.n_heads + 2 * d.n_kv_heads) * d.d_head
+        per_row = residual * d.d_model + d.n_heads * d.d_head + qkv + d.d_mlp + d.n_heads * n_pos
+        return (d.n_layers * per_row + d.d_model) * batch * n_pos * d.element_size
+
+    def verify(self, tokens: Tensor, acts: Acts) -> None:
+        """Our final residuals, read through the model's final norm, must give its logits."""
+        with torch.no_grad():
+            logits = self.bridge(tokens.to(self.ops.device), return_type="logits")[:, -1]
+        self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits)
+        self.ops.readout = self.readout
+
+    def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],
+                                    Float[Tensor, "layer d_model"]]:
+        w = self.ops.w
+        return w.W_O.unflatten(1, (w.n_heads, w.d_head)), w.b_O
