@@ -1,0 +1,134 @@
+"""Every registered rotary fast path measures what the general path measures.
+
+Ground truth: the general path runs through the bridge's own hooks (itself checked against
+TransformerLens's patching functions in test_architectures.py). On tiny seeded checkpoints of
+each family — Llama, Llama-GQA, Mistral, Qwen2, Gemma and Phi-3 (fused qkv and gate_up, split by
+the bridge) on `llama-fast`; Pythia (rotary_pct 0.25, fused per-head-interleaved qkv) and Phi
+(one shared LayerNorm, partial_rotary_factor 0.5) on `parallel-fast` — the fast path is chosen,
+and every sweep, patch, ablation, DLA and logit lens agrees with the general path to 1e-5, also
+when the memory budget slices prompts. Family-specific checks: test_llama_fast.py,
+test_parallel_fast.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from _fast_paths import (
+    ATOL,
+    HEAD_SITES,
+    OVERS,
+    PROMPTS,
+    engines,
+    model_to_model,
+    tiny_bridges,
+)
+from _tiny_models import assert_close
+
+from harness.measure.attribution import dla, logit_lens
+from harness.measure.patching import PatchingEngine
+from harness.prompts import PromptBatch
+
+pytest.importorskip("transformer_lens")
+
+FAST = {"llama": "llama-fast", "llama-gqa": "llama-fast", "mistral": "llama-fast",
+        "qwen2": "llama-fast", "gemma": "llama-fast", "phi3": "llama-fast",
+        "pythia": "parallel-fast", "phi": "parallel-fast"}
+QUICK = ("llama-gqa", "pythia", "phi")   # one of each kind in the quick suite, all in the full
+SWEEP_PARAMS = [pytest.param(a, marks=() if a in QUICK else pytest.mark.slow) for a in FAST]
+
+
+@pytest.fixture(scope="module")
+def bridges(tmp_path_factory):
+    return tiny_bridges(tmp_path_factory.mktemp("fast_paths"))
+
+
+@pytest.mark.parametrize("arch", SWEEP_PARAMS)
+def test_every_sweep_agrees_with_the_general_path(bridges, arch):
+    c = model_to_model(bridges, arch)
+    fast, general = engines()
+    assert fast.path_of(c["into_run"]) == FAST[arch]
+    assert general.path_of(c["into_run"]) == "general"
+    sites = fast.forward(c["into_run"]).dims.sites
+    assert sites == general.forward(c["into_run"]).dims.sites  # the bridge's hooks say so too
+    args = (c["from_run"], c["into_run"], c["answer"], c["foil"])
+    checked = 0
+    for site in sites:
+        for method in ("exact", "attribution"):
+            for over in OVERS:
+                if "head" in over and site not in HEAD_SITES:
+                    continue
+                a = fast.patch_sweep(*args, site=site, over=over, method=method)
+                b = general.patch_sweep(*args, site=site, over=over, method=method)
+                assert (a.extras["path"], b.extras["path"]) == (FAST[arch], "general")
+                assert_close(a.raw, b.raw, atol=ATOL, rtol=0, msg=f"{site} {over} {method}")
+                checked += 1
+    # every site under both methods: 2 overs without heads, 4 with
+    assert checked == 2 * sum(4 if s in HEAD_SITES else 2 for s in sites)
+    # the patches move the metric (on these random models attention more than MLPs): the
+    # agreement is not vacuous
+    assert fast.patch_sweep(*args, site="z", over=("layer", "head")).raw.std() > 1e-3
+    assert fast.patch_sweep(*args, site="mlp_out", over=("layer", "pos")).raw.std() > 1e-4
+
+
+@pytest.mark.parametrize("arch", list(FAST))
+def test_patches_ablations_dla_and_lens_agree(bridges, arch):
+    c = model_to_model(bridges, arch)
+    fast, general = engines()
+    args = (c["from_run"], c["into_run"], c["answer"], c["foil"])
+    last = c["a"].cfg.n_layers - 1
+    patches = [dict(site="z", heads=["L0H1"]), dict(site="z", heads=["L0H1", f"L{last}H3"]),
+               dict(site="k", heads=[f"L{last}KV0"], positions=[-1, 1]),
+               dict(site="q", heads=["L0H2"], positions=[2]),
+               dict(site="v", heads=["L0KV0"]),
+               dict(site="attn_out", layers=[0, last], positions=[2]),
+               dict(site="mlp_out", layers=[0]),
+               dict(site="mlp_post", layers=[last], neurons=[3, 17], positions=[-1]),
+               dict(site="mlp_post", layers=[0, last], neurons=[5]),
+               dict(site="resid_pre", layers=[1], positions=[0, 3]),
+               dict(site="resid_post", layers=[0]),
+               dict(site="pattern", heads=[f"L{last}H2"])]
+    for kw in patches:
+        a, b = (e.patch(*args, **kw) for e in (fast, general))
+        assert_close(a.patched, b.patched, atol=ATOL, rtol=0, msg=str(kw))
+    run = c["into_run"]
+    for kw in (dict(site="z", heads=["L0H0"], kind="zero"),
+               dict(site="mlp_out", layers=[0], kind="mean"),
+               dict(site="mlp_post", layers=[last], kind="zero", neurons=[1, 2]),
+               dict(site="v", heads=[f"L{last}KV0"], kind="mean", positions=[-1])):
+        a, b = (e.ablate(run, c["answer"], c["foil"], **kw) for e in (fast, general))
+        assert_close(a.patched, b.patched, atol=ATOL, rtol=0, msg=str(kw))
+    batch = PromptBatch(texts=tuple(PROMPTS), tokens=run.tokens, final_pos=run.final_pos,
+                        answer_ids=c["answer"], foil_ids=c["foil"])
+    for by in ("component", "layer", "head"):
+        a, b = (dla(c["a"], batch, by=by, engine=e) for e in (fast, general))
+        assert (a.extras["path"], b.extras["path"]) == (FAST[arch], "general")
+        assert_close(a.extras["per_prompt"], b.extras["per_prompt"], atol=ATOL, rtol=0)
+    a, b = (logit_lens(c["a"], batch, engine=e) for e in (fast, general))
+    assert_close(a.extras["per_prompt"], b.extras["per_prompt"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "pythia"])
+def test_memory_budget_slices_give_identical_numbers(bridges, arch):
+    c = model_to_model(bridges, arch)
+    args = (c["from_run"], c["into_run"], c["answer"], c["foil"])
+    big = PatchingEngine()
+    per_prompt = big.forward(c["into_run"]).trace_nbytes(1, c["tokens"].shape[1])
+    small = PatchingEngine(memory_budget_mb=1.5 * per_prompt / 0.2 / 2**20)  # 1 prompt a slice
+    assert small.path_of(c["into_run"]) == FAST[arch]
+    for site, over in (("z", ("layer", "head", "pos")), ("resid_pre", ("layer", "pos")),
+                       ("mlp_out", ("layer", "pos")), ("k", ("layer", "head"))):
+        a = big.patch_sweep(*args, site=site, over=over)
+        b = small.patch_sweep(*args, site=site, over=over)
+        assert_close(a.raw, b.raw, atol=1e-6, rtol=0)
+    assert small.cached_trace_bytes() == 0  # nothing fitted the cache: it really sliced
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "phi"])
+def test_trace_nbytes_is_what_the_engine_keeps(bridges, arch):
+    c = model_to_model(bridges, arch)
+    engine = PatchingEngine()
+    acts = engine.clean(c["into_run"])
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in acts.values()}
+    assert sum(storages.values()) == engine.forward(c["into_run"]).trace_nbytes(
+        *c["into_run"].shape)
