@@ -64,21 +64,20 @@ def model_identity(model: str) -> str:
 
 def zoo_checkpoint(name: str) -> Path:
     """The shipped checkpoint dir of a zoo model (model + tokenizer, `save_pretrained`)."""
-    if name not in ZOO_NAMES:
-        raise HarnessError(f"unknown zoo model '{name}'" + did_you_mean(name, ZOO_NAMES))
-    path = ARTIFACTS / name
-    if not (path / "config.json").is_file():
-        raise ModelUnavailable(f"zoo model '{name}' is not built: {path} is missing; run "
-                               "`python -m harness.zoo.build --write-artifacts`")
-    return path
+    return _shipped(name, ZOO_NAMES, "zoo model", "config.json", "harness.zoo.build")
 
 
 def zoo_sae(name: str) -> Path:
     """The shipped folder of a zoo SAE."""
-    if name not in ZOO_SAES:
-        raise HarnessError(f"unknown zoo SAE '{name}'" + did_you_mean(name, ZOO_SAES))
+    return _shipped(name, ZOO_SAES, "zoo SAE", "cfg.json", "harness.zoo.sae")
+
+
+def _shipped(name: str, names, what: str, marker: str, builder: str) -> Path:
+    """ARTIFACTS/name, once the module `builder` has written it (`marker` is one of its files)."""
+    if name not in names:
+        raise HarnessError(f"unknown {what} '{name}'" + did_you_mean(name, names))
     path = ARTIFACTS / name
-    if not (path / "cfg.json").is_file():
-        raise ModelUnavailable(f"zoo SAE '{name}' is not built: {path} is missing; run "
-                               "`python -m harness.zoo.sae --write-artifacts`")
+    if not (path / marker).is_file():
+        raise ModelUnavailable(f"{what} '{name}' is not built: {path} is missing; run "
+                               f"`python -m {builder} --write-artifacts`")
     return path
