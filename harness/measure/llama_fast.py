@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError
@@ -178,6 +178,8 @@ class LlamaOps(RotaryAttentionOps):
     """The Llama family's block computations as the staggered forward's BlockOps: RMSNorm
     before attention and MLP, the gated MLP; rotary attention and outputs are shared."""
 
+    sites = SITES
+
     def __init__(self, weights: LlamaWeights, rotary, readout: Readout, act_fn):
         super().__init__(weights, rotary, readout, act_fn, weights.n_kv_heads)
 
@@ -191,48 +193,11 @@ class LlamaOps(RotaryAttentionOps):
         gate, up = h.chunk(2, -1)
         return self.act_fn(gate) * up
 
-    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        x = self.w.W_E[tokens]
-        if self.w.embed_scale != 1.0:  # Gemma: the scale is rounded to the model's dtype
-            x = x * torch.tensor(self.w.embed_scale, dtype=x.dtype)
-        return x
-
-    def trace(self, tokens: Int[Tensor, "batch pos"], hook=None) -> dict[str, Tensor]:
-        """Full forward keeping every site, stacked over layers: site -> [layer, batch, ...].
-
-        `hook(site, layer, act)` may replace an activation (gradients); "final" is the
-        residual stream after the last block.
-        """
-        acts: dict[str, list[Tensor]] = {s: [] for s in SITES}
-
-        def keep(site: str, layer: int, act: Tensor) -> Tensor:
-            if hook is not None:
-                act = hook(site, layer, act)
-            acts[site].append(act)
-            return act
-
-        resid = self.embed(tokens)
-        for layer in range(self.n_layers):
-            resid = keep("resid_pre", layer, resid)
-            q, k, v = (keep(s, layer, a) for s, a in
-                       zip(("q", "k", "v"), self.split_qkv(self.qkv_flat(layer, resid))))
-            pattern = keep("pattern", layer, self.attention_pattern(q, k))
-            z = keep("z", layer, self.mix_values(pattern, v))
-            attn_out = keep("attn_out", layer, self.attn_output(layer, z))
-            resid = keep("resid_mid", layer, resid + attn_out)
-            post = keep("mlp_post", layer, self.mlp_post(layer, resid))
-            resid = keep("resid_post", layer,
-                         resid + keep("mlp_out", layer, self.mlp_output(layer, post)))
-        out = {s: torch.stack(a) for s, a in acts.items()}
-        out["final"] = resid
-        return out
-
 
 class LlamaForward(RotaryForward):
     """The Llama family's fast path behind the engine's Forward interface."""
 
     path = "llama-fast"
-    sites = SITES
 
     def make_ops(self, bridge, rotary, readout, act_fn) -> LlamaOps:
         return LlamaOps(LlamaWeights.from_bridge(bridge), rotary, readout, act_fn)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError
@@ -163,6 +163,7 @@ class ParallelOps(RotaryAttentionOps):
     LayerNorm before attention and one before the MLP (Phi: the same one), both reading the
     block's input; partial rotary attention and outputs are shared."""
 
+    sites = PARALLEL_SITES
     parallel_block = True
 
     def __init__(self, weights: ParallelWeights, rotary, readout: Readout, act_fn):
@@ -177,39 +178,11 @@ class ParallelOps(RotaryAttentionOps):
         normed = F.layer_norm(resid_pre, resid_pre.shape[-1:], eps=self.w.eps[layer][1])
         return self.act_fn(affine(normed, self.w.W_in[layer], self.w.b_in[layer]))
 
-    def trace(self, tokens: Int[Tensor, "batch pos"], hook=None) -> dict[str, Tensor]:
-        """Full forward keeping every site (no resid_mid), stacked over layers:
-        site -> [layer, batch, ...]; `hook(site, layer, act)` may replace an activation
-        (gradients); "final" is the residual stream after the last block."""
-        acts: dict[str, list[Tensor]] = {s: [] for s in PARALLEL_SITES}
-
-        def keep(site: str, layer: int, act: Tensor) -> Tensor:
-            if hook is not None:
-                act = hook(site, layer, act)
-            acts[site].append(act)
-            return act
-
-        resid = self.w.W_E[tokens]
-        for layer in range(self.n_layers):
-            resid = keep("resid_pre", layer, resid)
-            q, k, v = (keep(s, layer, a) for s, a in
-                       zip(("q", "k", "v"), self.split_qkv(self.qkv_flat(layer, resid))))
-            pattern = keep("pattern", layer, self.attention_pattern(q, k))
-            z = keep("z", layer, self.mix_values(pattern, v))
-            attn_out = keep("attn_out", layer, self.attn_output(layer, z))
-            post = keep("mlp_post", layer, self.mlp_post(layer, resid))
-            mlp_out = keep("mlp_out", layer, self.mlp_output(layer, post))
-            resid = keep("resid_post", layer, mlp_out + attn_out + resid)
-        out = {s: torch.stack(a) for s, a in acts.items()}
-        out["final"] = resid
-        return out
-
 
 class ParallelForward(RotaryForward):
     """The parallel-block family's fast path behind the engine's Forward interface."""
 
     path = "parallel-fast"
-    sites = PARALLEL_SITES
 
     def make_ops(self, bridge, rotary, readout, act_fn) -> ParallelOps:
         return ParallelOps(ParallelWeights.from_bridge(bridge), rotary, readout, act_fn)

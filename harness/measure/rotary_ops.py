@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from harness.measure.forward import Acts, Dims
@@ -103,6 +103,50 @@ class RotaryAttentionOps:
     def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:
         return torch.einsum("nhqk,nkhe->nqhe", pattern, self._expand(v, 2))
 
+    # ---- the clean forward ----------------------------------------------------------------
+    sites: tuple[str, ...]   # what `trace` keeps, in the site table's order
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.w.W_E[tokens]
+        scale = getattr(self.w, "embed_scale", 1.0)
+        if scale != 1.0:  # Gemma: the scale is rounded to the model's dtype
+            x = x * torch.tensor(scale, dtype=x.dtype)
+        return x
+
+    def trace(self, tokens: Int[Tensor, "batch pos"], hook=None) -> dict[str, Tensor]:
+        """Full forward keeping every site, stacked over layers: site -> [layer, batch, ...].
+        `hook(site, layer, act)` may replace an activation (gradients); "final" is the
+        residual stream after the last block. A parallel block's MLP reads the block's input
+        (no resid_mid); a sequential one reads resid_mid = resid_pre + attn_out."""
+        acts: dict[str, list[Tensor]] = {s: [] for s in self.sites}
+
+        def keep(site: str, layer: int, act: Tensor) -> Tensor:
+            if hook is not None:
+                act = hook(site, layer, act)
+            acts[site].append(act)
+            return act
+
+        resid = self.embed(tokens)
+        for layer in range(self.n_layers):
+            resid = keep("resid_pre", layer, resid)
+            q, k, v = (keep(s, layer, a) for s, a in
+                       zip(("q", "k", "v"), self.split_qkv(self.qkv_flat(layer, resid))))
+            pattern = keep("pattern", layer, self.attention_pattern(q, k))
+            z = keep("z", layer, self.mix_values(pattern, v))
+            attn_out = keep("attn_out", layer, self.attn_output(layer, z))
+            if self.parallel_block:
+                post = keep("mlp_post", layer, self.mlp_post(layer, resid))
+                mlp_out = keep("mlp_out", layer, self.mlp_output(layer, post))
+                resid = keep("resid_post", layer, mlp_out + attn_out + resid)
+            else:
+                resid = keep("resid_mid", layer, resid + attn_out)
+                post = keep("mlp_post", layer, self.mlp_post(layer, resid))
+                resid = keep("resid_post", layer,
+                             resid + keep("mlp_out", layer, self.mlp_output(layer, post)))
+        out = {s: torch.stack(a) for s, a in acts.items()}
+        out["final"] = resid
+        return out
+
     # ---- outputs --------------------------------------------------------------------------
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         return affine(z.flatten(-2), self.w.W_O[layer], self.w.b_O[layer])
@@ -119,9 +163,7 @@ RESIDUAL_WIDTH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp
 
 class RotaryForward(StaggeredForward):
     """A rotary family's fast path behind the engine's Forward interface: subclasses set
-    `path`, `sites` and `make_ops(bridge, rotary, readout, act_fn)`."""
-
-    sites: tuple[str, ...]
+    `path` and `make_ops(bridge, rotary, readout, act_fn)`."""
 
     def make_ops(self, bridge, rotary, readout: Readout, act_fn) -> RotaryAttentionOps:
         raise NotImplementedError
@@ -136,7 +178,7 @@ class RotaryForward(StaggeredForward):
         self.ops = o = self.make_ops(bridge, rotary, self.readout, act_fn)
         self.dims = Dims(n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads,
                          d_model=o.d_model, d_head=o.w.d_head, d_mlp=o.d_mlp,
-                         n_ctx=int(bridge.cfg.n_ctx), sites=self.sites, device=o.device,
+                         n_ctx=int(bridge.cfg.n_ctx), sites=o.sites, device=o.device,
                          dtype=o.dtype)
 
     def trace_nbytes(self, batch: int, n_pos: int) -> int:
