@@ -84,9 +84,10 @@ def _full_rotary(self, x, q_pos=None):
 
 @pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_a_full_instead_of_partial_rotary_is_caught(bridges, monkeypatch, arch):
-    """Rotating every dimension of q/k moves the sweeps off the general path's numbers, and on
-    Pythia (rotary on a quarter of each head) the engine's one check against the bridge sees it
-    and falls back to the general path."""
+    """Rotating every dimension of q/k moves the sweeps off the general path's numbers, and the
+    engine's one check against the bridge (the residual stream after every block, then the
+    logits) sees it and falls back to the general path. On tiny Phi the logits alone stay
+    within their tolerance: the residual stream is what catches it there."""
     c = _case(bridges, arch)
     args = (c["from_run"], c["into_run"], c["answer"], c["foil"])
     expected = PatchingEngine(path="general").patch_sweep(*args, site="q", over=("layer", "head"))
@@ -95,8 +96,7 @@ def test_a_full_instead_of_partial_rotary_is_caught(bridges, monkeypatch, arch):
     got = broken.patch_sweep(*args, site="q", over=("layer", "head"))
     assert got.extras["path"] == "parallel-fast"
     assert (got.raw - expected.raw).abs().max() > 10 * ATOL  # the agreement tests see it
-    if arch == "pythia":
-        engine = PatchingEngine()
-        with pytest.warns(UserWarning, match="does not reproduce"):
-            engine.logit_diff(c["into_run"], c["answer"], c["foil"])
-        assert engine.path_of(c["into_run"]) == "general"
+    engine = PatchingEngine()
+    with pytest.warns(UserWarning, match="does not reproduce"):
+        engine.logit_diff(c["into_run"], c["answer"], c["foil"])
+    assert engine.path_of(c["into_run"]) == "general"

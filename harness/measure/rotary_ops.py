@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from harness.errors import MeasureError
 from harness.measure.forward import Acts, Dims
 from harness.measure.readout import Readout
 from harness.measure.staggered import StaggeredForward
+from harness.sites import SITE_TABLE
 
 
 def affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -191,10 +193,21 @@ class RotaryForward(StaggeredForward):
         return (d.n_layers * per_row + d.d_model) * batch * n_pos * d.element_size
 
     def verify(self, tokens: Tensor, acts: Acts) -> None:
-        """Our final residuals, read through the model's final norm, must give its logits."""
+        """Our residual stream after every block must be the bridge's, and our final residuals,
+        read through the model's final norm, must give its logits (a wrong rotary can hide
+        under the logits' tolerance on a small model, not under the residual stream's)."""
+        names = [SITE_TABLE["resid_post"].hook_name(layer) for layer in range(self.dims.n_layers)]
         with torch.no_grad():
-            logits = self.bridge(tokens.to(self.ops.device), return_type="logits")[:, -1]
-        self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits)
+            logits, cache = self.bridge.run_with_cache(tokens.to(self.ops.device),
+                                                       names_filter=lambda n: n in names)
+        theirs = torch.stack([cache[name] for name in names]).float()
+        ours = acts["resid_post"][:, : len(tokens)].float()
+        rtol = 1e-4 if self.ops.dtype == torch.float32 else 3e-2
+        error = (ours - theirs.to(ours.device)).abs().max().item()
+        if not error <= rtol * max(1.0, theirs.abs().max().item()):
+            raise MeasureError(f"the {self.path} forward's residual stream differs from the "
+                               f"model's by {error:.3g}")
+        self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits[:, -1])
         self.ops.readout = self.readout
 
     def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],
