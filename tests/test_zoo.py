@@ -204,3 +204,34 @@ def test_content_key_depends_on_versions(monkeypatch):
     k1 = store.content_key({"a": 1})
     monkeypatch.setattr(store, "versions", lambda: {"torch": "0"})
     assert store.content_key({"a": 1}) != k1
+
+
+def test_cached_build_reuses_rebuilds_and_never_leaves_half_a_build(tmp_path):
+    """A finished build with the key is reused; another key or a torn report rebuilds; a build
+    that fails leaves neither the target folder nor a temporary one."""
+    from harness.zoo.store import cached_build
+
+    calls = []
+
+    def build(work):
+        calls.append(work)
+        (work / "model.txt").write_text(str(len(calls)))
+        return {"stage_seconds": {}}
+
+    root = tmp_path / "cache" / "thing"
+    assert cached_build(root, "k1", build, "test") == root
+    assert cached_build(root, "k1", build, "test") == root and len(calls) == 1
+    cached_build(root, "k2", build, "test")
+    assert len(calls) == 2 and (root / "model.txt").read_text() == "2"
+    (root / "build_report.json").write_text('{"key": "k2"')        # torn
+    cached_build(root, "k2", build, "test")
+    assert len(calls) == 3
+
+    def broken(work):
+        (work / "half.txt").write_text("x")
+        raise RuntimeError("killed")
+
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(RuntimeError):
+        cached_build(other, "k", broken, "test")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["thing"]

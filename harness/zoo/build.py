@@ -23,6 +23,7 @@ from harness.zoo.store import (  # noqa: F401  (ZOO_NAMES, zoo_checkpoint: publi
     ARTIFACTS,
     ZOO_NAMES,
     cache_root,
+    cached_build,
     content_key,
     versions,
     zoo_checkpoint,
@@ -54,26 +55,8 @@ def build_world(seed: int = 0, out_dir: Path | None = None, progress: bool = Tru
     """
     key = world_key(seed)
     root = Path(out_dir) if out_dir is not None else cache_root() / "world" / key
-    paths = {name: root / name for name in ZOO_NAMES}
-    report_file = root / "build_report.json"
-    if report_file.is_file():
-        try:
-            if json.loads(report_file.read_text()).get("key") == key:
-                return paths
-        except json.JSONDecodeError:
-            pass
-    root.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tmp-world-", dir=root.parent))
-    try:
-        report = _build_into(work, seed, key, progress)
-        (work / "build_report.json").write_text(json.dumps(report, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        work.rename(root)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    return paths
+    cached_build(root, key, lambda work: _build_into(work, seed, key, progress), "world")
+    return {name: root / name for name in ZOO_NAMES}
 
 
 def _build_into(work: Path, seed: int, key: str, progress: bool) -> dict:

@@ -26,6 +26,7 @@ from harness.zoo.store import (  # noqa: F401  (zoo_sae: public here too)
     ARTIFACTS,
     ZOO_SAES,
     cache_root,
+    cached_build,
     content_key,
     model_identity,
     zoo_checkpoint,
@@ -132,9 +133,9 @@ def build_sae(source_dir: Path, seed: int = 0, out_dir: Path | None = None,
     """Build (or reuse) the SAE for the source checkpoint in `source_dir`; returns its folder."""
     key = sae_key(source_dir, seed, cfg)
     root = Path(out_dir) if out_dir is not None else cache_root() / "sae" / key
-    report_file = root / "build_report.json"
-    if report_file.is_file() and json.loads(report_file.read_text()).get("key") == key:
-        return root
+    return cached_build(root, key,
+                        lambda work: _build_into(work, Path(source_dir), seed, cfg, progress),
+                        "sae")
     root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".tmp-sae-", dir=root.parent))
     try:

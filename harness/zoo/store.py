@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError, ModelUnavailable, did_you_mean
@@ -81,3 +84,32 @@ def _shipped(name: str, names, what: str, marker: str, builder: str) -> Path:
         raise ModelUnavailable(f"{what} '{name}' is not built: {path} is missing; run "
                                f"`python -m {builder} --write-artifacts`")
     return path
+
+
+def cached_build(root: Path, key: str, build_into: Callable[[Path], dict], kind: str) -> Path:
+    """`root`, once it holds a finished build with this content key; else `build_into` fills
+    a temporary sibling folder (returning the build report), which then replaces `root` in
+    one rename, so an interrupted build never leaves a half-written `root` behind."""
+    if _built_with(root, key):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=root.parent))
+    try:
+        report = {**build_into(work), "key": key}
+        (work / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        work.rename(root)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return root
+
+
+def _built_with(root: Path, key: str) -> bool:
+    """Whether `root/build_report.json` records a finished build with this key."""
+    try:
+        return json.loads((root / "build_report.json").read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):   # missing, torn or not an object
+        return False
+
