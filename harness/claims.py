@@ -734,12 +734,18 @@ def _feature_acts(ctx: ClaimContext, model: LoadedModel, batch, sae) -> torch.Te
                                claim.reduce, model.tokenizer, ctx.session.memory_budget_mb)
 
 
+def _model_with_sae(ctx: ClaimContext, name: str):
+    """A claim's model, its prompt batch and the claim's SAE, gated on that batch."""
+    model = ctx.model(name)
+    batch = ctx.batch(model)
+    sae, gate = _gated_sae(ctx, model, batch)
+    return model, batch, sae, gate
+
+
 @measure("feature")
 def _feature(ctx: ClaimContext) -> Measurement:
     claim = ctx.claim
-    model = ctx.model(claim.model)
-    batch = ctx.batch(model)
-    sae, gate = _gated_sae(ctx, model, batch)
+    model, batch, sae, gate = _model_with_sae(ctx, claim.model)
     _check_features(ctx, sae, [claim.feature])
     acts = _feature_acts(ctx, model, batch, sae)[:, claim.feature]
     return _scalar_over_prompts(ctx, acts, batch.texts, {"sae_gate": {claim.model: gate}})
@@ -748,9 +754,7 @@ def _feature(ctx: ClaimContext) -> Measurement:
 @measure("top_features")
 def _top_features(ctx: ClaimContext) -> Measurement:
     claim = ctx.claim
-    model = ctx.model(claim.model)
-    batch = ctx.batch(model)
-    sae, gate = _gated_sae(ctx, model, batch)
+    model, batch, sae, gate = _model_with_sae(ctx, claim.model)
     score = _feature_acts(ctx, model, batch, sae).mean(0)
     if claim.control:
         control = ctx.session.batch(ctx.spec, ctx.spec.prompt_set(claim.control), model,
@@ -772,12 +776,10 @@ def _feature_diff(ctx: ClaimContext) -> Measurement:
     claim = ctx.claim
     acts, gates, texts = [], {}, None
     for name in claim.models:
-        model = ctx.model(name)
-        batch = ctx.batch(model)
+        model, batch, sae, gates[name] = _model_with_sae(ctx, name)
         if texts is not None and batch.texts != texts:
             raise MeasureError("feature_diff needs both models on the same prompts")
         texts = batch.texts
-        sae, gates[name] = _gated_sae(ctx, model, batch)
         if claim.feature is not None:
             _check_features(ctx, sae, [claim.feature])
         acts.append(_feature_acts(ctx, model, batch, sae))
@@ -799,9 +801,7 @@ def _feature_intervention(ctx: ClaimContext) -> Measurement:
     from harness.measure.logits import logit_diff
 
     claim = ctx.claim
-    model = ctx.model(claim.model)
-    batch = ctx.batch(model)
-    sae, gate = _gated_sae(ctx, model, batch)
+    model, batch, sae, gate = _model_with_sae(ctx, claim.model)
     gates = {claim.model: gate}
     if claim.positions == "final":
         where = F.select_positions(batch, ctx.prepend_bos, "final")
