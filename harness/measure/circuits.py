@@ -20,6 +20,7 @@ from torch import Tensor
 from harness.errors import MeasureError
 from harness.measure.general_forward import write_hooks
 from harness.measure.logits import prompts_per_forward
+from harness.measure.results import check_same_shape
 from harness.sites import n_heads_of, parse_head, site
 
 COMPONENT_RE = re.compile(r"^(?:L(\d+)H(\d+)|mlp(\d+))$")
@@ -285,9 +286,7 @@ def path_patch(bridge, from_tokens: Tensor, into_tokens: Tensor, final_pos: Tens
     if path not in PATHS:
         raise MeasureError(f"unknown path '{path}'; use one of {', '.join(PATHS)}")
     cfg = bridge.cfg
-    if from_tokens.shape != into_tokens.shape:
-        raise MeasureError(f"path patching needs from and into prompts of equal token shape; "
-                           f"got {tuple(from_tokens.shape)} and {tuple(into_tokens.shape)}")
+    check_same_shape(from_tokens.shape, into_tokens.shape)
     names = component_hooks(cfg)
     source, frozen = cache(bridge, from_tokens, names), cache(bridge, into_tokens, names)
     targets: dict[int, list[int]] = {}

@@ -31,7 +31,13 @@ from harness.measure import gpt2_fast, llama_fast, parallel_fast
 from harness.measure.budget import CACHE_SHARE, SLICE_SHARE, WORK_SHARE, budget_bytes
 from harness.measure.forward import Acts, Forward, fast_path_for, register_fast_path
 from harness.measure.general_forward import GeneralForward
-from harness.measure.results import Grid, PatchEffect, normalized_effect
+from harness.measure.results import (
+    Grid,
+    PatchEffect,
+    check_same_shape,
+    normalized_effect,
+    position_labels,
+)
 from harness.measure.selection import (
     Variants,
     check_layers,
@@ -145,7 +151,7 @@ class PatchingEngine:
               positions: Sequence[int] | None = None, neurons: Sequence[int] | None = None
               ) -> PatchEffect:
         """Copy `site` activations of `from_run` into `into_run` at the selection, all at once."""
-        _check_pair(from_run, into_run)
+        check_same_shape(from_run.shape, into_run.shape)
         parts = []
         for rows, (fr, ir), (source, into) in self.slices(from_run, into_run):
             a, f = answer_ids[rows], foil_ids[rows]
@@ -198,7 +204,7 @@ class PatchingEngine:
         forward = self.forward(into_run)
         dims = forward.dims
         over = check_over(site, over, dims)
-        _check_pair(from_run, into_run)
+        check_same_shape(from_run.shape, into_run.shape)
         if method not in ("exact", "attribution"):
             raise MeasureError(f"unknown method {method!r}"
                                + did_you_mean(method, ["exact", "attribution"]))
@@ -302,7 +308,7 @@ def _effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -> PatchEff
 def _sweep_grid(over, layer_list, n_heads, into_run: Run, patched: Tensor, from_value: Tensor,
                 into_value: Tensor, method: str, site: str, path: str) -> Grid:
     labels = {"layer": tuple(layer_list), "head": tuple(range(n_heads)),
-              "pos": _pos_labels(into_run)}
+              "pos": position_labels(into_run.bridge, into_run.tokens)}
     from_value, into_value = from_value.cpu(), into_value.cpu()
     extras = {"from": float(from_value.mean()), "into": float(into_value.mean()), "site": site,
               "positions": tuple(range(into_run.shape[1])), "per_prompt": patched,
@@ -312,17 +318,5 @@ def _sweep_grid(over, layer_list, n_heads, into_run: Run, patched: Tensor, from_
                 raw=patched.mean(-1), method=method, extras=extras)
 
 
-def _pos_labels(run: Run) -> tuple:
-    try:
-        labels = tuple(run.bridge.to_str_tokens(run.tokens[0]))
-        if len(labels) == run.shape[1]:
-            return labels
-    except Exception:  # a bridge without a tokenizer: fall back to column numbers
-        pass
-    return tuple(range(run.shape[1]))
 
 
-def _check_pair(from_run: Run, into_run: Run) -> None:
-    if from_run.shape != into_run.shape:
-        raise MeasureError(f"patching needs from and into runs of equal token shape (batch, "
-                           f"length); got {from_run.shape} and {into_run.shape}")

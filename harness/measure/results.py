@@ -50,3 +50,25 @@ def normalized_effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -
 
 
 __all__ = ["Grid", "PatchEffect", "normalized_effect"]
+
+
+def position_labels(bridge, tokens) -> tuple:
+    """Labels of a patching grid's `pos` axis: the first prompt's tokens as text, or column
+    numbers where the bridge has no tokenizer."""
+    try:
+        labels = tuple(bridge.to_str_tokens(tokens[0]))
+        if len(labels) == tokens.shape[1]:
+            return labels
+    except Exception:  # noqa: BLE001 - a bridge without a tokenizer: column numbers
+        pass
+    return tuple(range(tokens.shape[1]))
+
+
+def check_same_shape(from_shape: tuple, into_shape: tuple) -> None:
+    """Patching copies activations row for row: both runs need one (batch, length) shape."""
+    if tuple(from_shape) != tuple(into_shape):
+        from harness.errors import MeasureError
+
+        raise MeasureError(f"patching needs from and into runs of equal token shape (batch, "
+                           f"length); got {tuple(from_shape)} and {tuple(into_shape)}")
+

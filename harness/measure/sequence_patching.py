@@ -25,7 +25,13 @@ from torch import Tensor
 from harness.errors import MeasureError
 from harness.measure.general_forward import write_hooks
 from harness.measure.logits import _device, prompts_per_forward
-from harness.measure.results import Grid, PatchEffect, normalized_effect
+from harness.measure.results import (
+    Grid,
+    PatchEffect,
+    check_same_shape,
+    normalized_effect,
+    position_labels,
+)
 from harness.measure.sequence import metric_of_logits, sequence_metric
 from harness.sites import SITE_TABLE, n_heads_of
 
@@ -121,7 +127,7 @@ def patch(from_bridge, from_tokens: Tensor, into_bridge, into_tokens: Tensor,
           memory_budget_mb: float = 2048) -> PatchEffect:
     """Copy `site` activations of the from run into the into run at the selection, all at once;
     the metric of the patched, from and into runs per prompt."""
-    _check_pair(from_tokens, into_tokens)
+    check_same_shape(from_tokens.shape, into_tokens.shape)
     variant = selection(site, into_bridge, final_pos, into_tokens.shape[1], layers=layers,
                         heads=heads, positions=positions, neurons=neurons)
     patched = _over_slices(from_bridge, from_tokens, into_bridge, into_tokens, targets, score,
@@ -134,7 +140,7 @@ def patch_sweep(from_bridge, from_tokens: Tensor, into_bridge, into_tokens: Tens
                 targets: Tensor, score: Tensor, metric: str, *, site: str,
                 over: Sequence[str], memory_budget_mb: float = 2048) -> Grid:
     """One patch per cell of `over`; values = normalized effect, raw = patched metric."""
-    _check_pair(from_tokens, into_tokens)
+    check_same_shape(from_tokens.shape, into_tokens.shape)
     over = tuple(over)
     cfg, n_pos = into_bridge.cfg, into_tokens.shape[1]
     variants = sweep_variants(site, into_bridge, over, n_pos)
@@ -145,7 +151,7 @@ def patch_sweep(from_bridge, from_tokens: Tensor, into_bridge, into_tokens: Tens
     n_heads = n_heads_of(site, cfg)
     sizes = {"layer": cfg.n_layers, "head": n_heads, "pos": n_pos}
     labels = {"layer": tuple(range(cfg.n_layers)), "head": tuple(range(n_heads)),
-              "pos": _pos_labels(into_bridge, into_tokens)}
+              "pos": position_labels(into_bridge, into_tokens)}
     patched = patched.reshape(*(sizes[a] for a in over), -1)
     return Grid(axes=over, labels=tuple(labels[a] for a in over),
                 values=normalized_effect(patched, from_value, into_value),
@@ -237,19 +243,7 @@ def _effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -> PatchEff
                        patched=patched, from_value=from_value, into_value=into_value)
 
 
-def _pos_labels(bridge, tokens: Tensor) -> tuple:
-    try:
-        labels = tuple(bridge.to_str_tokens(tokens[0]))
-        if len(labels) == tokens.shape[1]:
-            return labels
-    except Exception:  # a bridge without a tokenizer: column numbers
-        pass
-    return tuple(range(tokens.shape[1]))
 
 
-def _check_pair(from_tokens: Tensor, into_tokens: Tensor) -> None:
-    if from_tokens.shape != into_tokens.shape:
-        raise MeasureError(f"patching needs from and into runs of equal token shape; got "
-                           f"{tuple(from_tokens.shape)} and {tuple(into_tokens.shape)}")
 
 
