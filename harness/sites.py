@@ -126,6 +126,17 @@ def model_traits(cfg) -> set[str]:
     return traits
 
 
+# what a model lacks when it lacks a trait, for error messages
+MISSING_TRAIT = {"mlp": "it is attention-only (no MLP layers)",
+                 "sequential": "its attention and MLP run in parallel (no resid_mid)"}
+
+
+def missing_reason(site_name: str, traits: set[str] | frozenset[str]) -> str | None:
+    """Why a model with these traits has no `site_name` (None: it has it)."""
+    missing = sorted(set(SITE_TABLE[site_name].needs) - set(traits))
+    return "; ".join(MISSING_TRAIT[t] for t in missing) or None
+
+
 def sites_for(cfg) -> tuple[str, ...]:
     """The sites a model with this config has."""
     traits = model_traits(cfg)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness import tl_checkpoints
 from harness.errors import HarnessError, SpecError
-from harness.sites import KV_SITES, SITE_TABLE
+from harness.sites import KV_SITES, missing_reason
 
 REMOTE_CODE_FLAGS = "--allow-remote-code (harness) or --harness-allow-remote-code (pytest)"
 
@@ -266,13 +266,9 @@ def _check_selection(sel, where: tuple, name: str, facts: ModelFacts, add) -> No
             add(where + (key, i), f"{what} {value} is out of range: model '{name}' has "
                                     f"{size} {what}s (0..{size - 1})")
 
-    missing = set(SITE_TABLE[sel.site].needs) - facts.traits if facts.traits is not None \
-        else set()
-    if missing:
-        why = {"mlp": "it is attention-only (no MLP layers)",
-               "sequential": "its attention and MLP run in parallel (no resid_mid)"}
-        add(where + ("site",), f"model '{name}' has no site '{sel.site}': "
-                               + "; ".join(why.get(m, m) for m in sorted(missing)))
+    why = missing_reason(sel.site, facts.traits) if facts.traits is not None else None
+    if why:
+        add(where + ("site",), f"model '{name}' has no site '{sel.site}': {why}")
     for i, layer in enumerate(sel.layers or ()):
         out_of_range("layers", i, layer, facts.n_layers, "layer")
     kv = sel.site in KV_SITES
