@@ -20,6 +20,7 @@ from harness.errors import HarnessError, MeasureError, ModelUnavailable, SpecErr
 from harness.expect import (
     FEATURES,
     GRID,
+    MODIFIERS,
     PAIR,
     PATCH,
     SAMPLES,
@@ -32,7 +33,7 @@ from harness.expect import (
     fmt,
     kind_of,
 )
-from harness.measure.results import Grid
+from harness.measure.results import Grid, PatchEffect
 from harness.models import LoadedModel
 from harness.session import Session
 from harness.spec import ClaimBase, Spec, parse_comparison
@@ -364,14 +365,23 @@ def _site_kwargs(claim) -> dict:
                 positions=claim.positions, neurons=claim.neurons)
 
 
-def _patch_measurement(effect, metric: str, path: str) -> Measurement:
+def _patch_measurement(effect, metric: str, path: str | None) -> Measurement:
+    """A patch effect as the claim reports it: the raw patched value with `metric: logit_diff`,
+    else the normalized effect. `per_prompt` holds the same quantity for each prompt (each
+    prompt's own (patched - into) / (from - into)), so `per_prompt: all` judges what the mean
+    reports; `each` gives per-prompt raw / from / into to operators that read them."""
     raw = float(effect.patched.mean())
     value = raw if metric == "logit_diff" else float(effect.normalized)
+    per_prompt = effect.patched if metric == "logit_diff" else effect.normalized_per_prompt()
     extras = {"raw": raw, "from": float(effect.from_value.mean()),
               "into": float(effect.into_value.mean()), "normalized": float(effect.normalized),
-              "path": path}
-    return Measurement(PATCH, value, tuple(effect.patched.tolist()),
-                       extras)
+              "per_prompt_raw": effect.patched.tolist(),
+              "each": [{"raw": r, "from": f, "into": i} for r, f, i in zip(
+                  effect.patched.tolist(), effect.from_value.tolist(),
+                  effect.into_value.tolist())]}
+    if path is not None:
+        extras["path"] = path
+    return Measurement(PATCH, value, tuple(per_prompt.tolist()), extras)
 
 
 SEQUENCE = ("loss", "accuracy")
@@ -506,11 +516,12 @@ def _ablate_from_reference(ctx: ClaimContext) -> Measurement:
     args = (batch.tokens, batch.final_pos, batch.answer_ids, batch.foil_ids)
     clean = logit_diffs(model.bridge, *args)
     ablated = logit_diffs(model.bridge, *args, hooks=hooks)
-    effect = float((ablated.mean() - clean.mean()) / (0 - clean.mean()))
-    value = float(ablated.mean()) if claim.metric == "logit_diff" else effect
-    extras.update({"raw": float(ablated.mean()), "into": float(clean.mean()), "from": 0.0,
-                   "normalized": effect, "prompts": batch.texts})
-    return Measurement(SCALAR, value, tuple(ablated.tolist()), extras)
+    effect = PatchEffect(float((ablated.mean() - clean.mean()) / (0 - clean.mean())), ablated,
+                         torch.zeros_like(clean), clean)
+    measurement = _patch_measurement(effect, claim.metric, None)
+    extras.update(measurement.extras)
+    extras["prompts"] = batch.texts
+    return Measurement(SCALAR, measurement.value, measurement.per_prompt, extras)
 
 
 def _site_hook(site_name: str, layer: int) -> str:
@@ -632,10 +643,11 @@ def _path_patch(ctx: ClaimContext) -> Measurement:
     normalized = (patched.mean(-1) - into_value.mean()) / (from_value.mean() - into_value.mean())
     extras = {"from": float(from_value.mean()), "into": float(into_value.mean())}
     if claim.senders:
-        raw = float(patched[0].mean())
-        value = raw if claim.metric == "logit_diff" else float(normalized[0])
-        return Measurement(PATCH, value, tuple(patched[0].tolist()),
-                           {**extras, "raw": raw, "normalized": float(normalized[0])})
+        effect = PatchEffect(float(normalized[0]), patched[0].cpu(), from_value.cpu(),
+                             into_value.cpu())
+        measurement = _patch_measurement(effect, claim.metric, None)
+        return Measurement(PATCH, measurement.value, measurement.per_prompt,
+                           {**extras, **measurement.extras})
     values = patched.mean(-1) if claim.metric == "logit_diff" else normalized
     grid = Grid(("layer", "head"), (tuple(range(cfg.n_layers)), tuple(range(cfg.n_heads))),
                 values.view(cfg.n_layers, cfg.n_heads),
@@ -702,10 +714,11 @@ def _gated_sae(ctx: ClaimContext, model: LoadedModel, batch, name: str | None = 
         model.bridge, sae, batch, ctx.prepend_bos, ctx.session.memory_budget_mb))
     gate = source.gate
     problems = []
-    if rec.variance_explained < gate.min_variance_explained:
+    # written so that NaN fails: every comparison with NaN is false
+    if not rec.variance_explained >= gate.min_variance_explained:
         problems.append(f"variance explained {fmt(rec.variance_explained)} < "
                         f"{fmt(gate.min_variance_explained)} (min_variance_explained)")
-    if rec.loss_increase > gate.max_loss_increase:
+    if not rec.loss_increase <= gate.max_loss_increase:
         problems.append(f"next-token loss +{fmt(rec.loss_increase)} nats with the "
                         f"reconstruction spliced in > {fmt(gate.max_loss_increase)} "
                         "(max_loss_increase)")
@@ -764,7 +777,12 @@ def _top_features(ctx: ClaimContext) -> Measurement:
 
 
 def _ranked(score: torch.Tensor, k: int, extras: dict) -> Measurement:
-    """The k highest-scoring features with a positive score (fewer when fewer fire)."""
+    """The k highest-scoring features with a positive score (fewer when fewer fire). A NaN
+    score is never "not firing": it makes the claim an error."""
+    if not bool(torch.isfinite(score).all()):
+        raise MeasureError(f"{int((~torch.isfinite(score)).sum())} feature scores are not "
+                           "finite (NaN or inf): the SAE or the model computes non-finite "
+                           "activations, so no ranking of features can be judged")
     top = score.topk(min(k, score.numel()))
     kept = [(int(i), float(v)) for i, v in zip(top.indices, top.values) if v > 0]
     return Measurement(FEATURES, [i for i, _ in kept], None,
@@ -836,14 +854,24 @@ def _feature_intervention(ctx: ClaimContext) -> Measurement:
 
 def judge(claim, measurement: Measurement, defaults: dict,
           expect: dict) -> tuple[bool, str, float | None]:
-    """Apply the expectation, per prompt where the claim asks for it."""
-    per_prompt = claim.per_prompt
-    if measurement.kind in (SCALAR, TEXT, TOKENS) and measurement.per_prompt and \
-            per_prompt != "mean":
+    """Apply the expectation, per prompt where the claim asks for it. Per prompt means the
+    quantity the claim reports, on each prompt; text and tokens are always judged on every
+    prompt (their `mean` is `all`)."""
+    if judged_per_prompt(claim, measurement):
+        if not measurement.per_prompt:
+            raise MeasureError(f"`per_prompt: {claim.per_prompt}` needs one value per prompt, "
+                               f"and this {claim.measure} measurement has none")
         return _judge_per_prompt(claim, measurement, defaults, expect)
     if getattr(claim, "ci", None) and measurement.per_prompt:
         return _judge_interval(measurement, defaults, expect)
     return _combine(evaluate(expect, measurement, defaults))
+
+
+def judged_per_prompt(claim, measurement: Measurement) -> bool:
+    """Whether the expectation reads each prompt's value rather than one value."""
+    if measurement.kind in (TEXT, TOKENS):
+        return measurement.per_prompt is not None
+    return measurement.kind in (SCALAR, PATCH) and claim.per_prompt != "mean"
 
 
 def _judge_interval(measurement: Measurement, defaults: dict, expect: dict):
@@ -860,6 +888,8 @@ def _judge_interval(measurement: Measurement, defaults: dict, expect: dict):
 
 
 def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:
+    if not outcomes:     # no check ran: nothing held
+        return False, "no expectation was checked", None
     margins = [o.margin for o in outcomes if o.margin is not None]
     return (all(o.ok for o in outcomes), "; ".join(o.detail for o in outcomes),
             min(margins) if margins else None)
@@ -913,10 +943,14 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
             defaults.update(claim.tolerance.model_dump())
         verdict.measured = to_jsonable(measurement)
         verdict.extras.update(_extras(measurement))
-        _refuse_nan(verdict, measurement)
+        _refuse_nan(verdict, measurement, judged_per_prompt(claim, measurement))
         expect = {k: v for k, v in claim.expect.items() if k != "baseline"}
-        ok, message, margin = judge(claim, measurement, defaults, expect) if expect else \
-            (True, "", None)
+        if any(k not in MODIFIERS for k in expect):
+            ok, message, margin = judge(claim, measurement, defaults, expect)
+        elif claim.expect.get("baseline") or spec.defaults.baseline:
+            ok, message, margin = True, "", None     # the baseline comparison below decides
+        else:
+            raise MeasureError("`expect` holds no check (only a tolerance): nothing to judge")
         if claim.search is not None and ok:
             ok, message = _search(spec, claim, session, defaults, expect, verdict, message)
         if claim.expect.get("baseline") or spec.defaults.baseline:
@@ -939,14 +973,18 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
     return _apply_xfail(claim, verdict)
 
 
-def _refuse_nan(verdict: Verdict, measurement: Measurement) -> None:
+def _refuse_nan(verdict: Verdict, measurement: Measurement, per_prompt: bool) -> None:
     """A NaN (or the inf of a division by zero) is not a value any expectation can judge: the
-    claim is an error that says why, and reports hold null instead (strict JSON)."""
+    claim is an error that says why, and reports hold null instead (strict JSON). Per-prompt
+    values count where they are judged (a prompt whose from and into runs agree has no
+    normalized effect of its own, yet the mean over prompts has one)."""
     from harness.jsonfiles import finite, not_finite
 
-    if not_finite(verdict.measured) or not_finite(list(measurement.per_prompt or ())):
+    judged = [verdict.measured, measurement.extras.get("stats")] + \
+        (list(measurement.per_prompt or ()) if per_prompt else [])
+    verdict.extras = finite(verdict.extras)
+    if not_finite(judged):
         verdict.measured = finite(verdict.measured)
-        verdict.extras = finite(verdict.extras)
         raise MeasureError("the measurement is not a finite number (NaN or inf), e.g. a "
                            "normalized effect whose `from` and `into` runs have the same "
                            "logit difference; use `metric: logit_diff` or runs that differ")
@@ -1029,7 +1067,8 @@ def _extras(measurement: Measurement) -> dict:
     out = {}
     if measurement.per_prompt is not None and measurement.kind in (SCALAR, PATCH):
         out["per_prompt"] = list(measurement.per_prompt)
-    for key in ("raw", "from", "into", "normalized", "method", "probabilities", "prompts",
+    for key in ("per_prompt_raw", "raw", "from", "into", "normalized", "method",
+                "probabilities", "prompts",
                 "stats", "path", "approximation", "reference", "inputs", "logit_diffs",
                 "ratio_of_means", "sae_gate", "scores", "clean",
                 "intervened", "mean_a", "mean_b"):

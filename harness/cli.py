@@ -265,14 +265,9 @@ def _merge(args) -> int:
             raise HarnessError(f"cannot read JSON report {path}: {exc}; pass the files that "
                                "`--report-json` wrote") from None
     data = merge_reports(reports)
-    counts: dict[str, int] = {}
-    for spec in data["specs"]:
-        for claim in spec["claims"]:
-            counts[claim["status"]] = counts.get(claim["status"], 0) + 1
-    errors = sum(1 for s in data["specs"] if s.get("error"))
-    print(f"merged {len(reports)} reports: " + ", ".join(
-        f"{n} {s}" for s, n in sorted(counts.items())) + (f", {errors} spec errors"
-                                                         if errors else ""))
+    from harness.report_text import report_summary_line
+
+    print(f"merged {len(reports)} reports: {report_summary_line(data)}")
     details = "\n".join(f"{c['status'].upper()} {s['spec']}::{c['id']}: {c.get('message', '')}"
                         for s in data["specs"] for c in s["claims"]
                         if c["status"] in ("failed", "error"))

@@ -22,6 +22,7 @@ SCALAR, TEXT, TOKENS, GRID, PAIR, PATCH = "scalar", "text", "tokens", "grid", "p
 SAMPLES = "samples"   # several generations, optionally scored by a reward model
 FEATURES = "features"  # SAE feature indices (top_features, feature_diff without `feature`)
 VALUE_KINDS = (SCALAR, TEXT, TOKENS, GRID, PAIR, PATCH, SAMPLES, FEATURES)
+PER_PROMPT_KINDS = (SCALAR, PATCH, TEXT, TOKENS)   # one value per prompt: `per_prompt` applies
 MODIFIERS = ("atol", "rtol")
 
 
@@ -167,7 +168,7 @@ COMPARISONS: dict[str, Callable[[float, float], bool]] = {
 
 
 def compare(value: float, op: str, bound: float) -> Outcome:
-    ok = COMPARISONS[op](value, bound)
+    ok = COMPARISONS[op](value, bound) and math.isfinite(value)   # inf is no measured value
     margin = value - bound if op in (">", ">=") else bound - value
     return Outcome(ok, f"{fmt(value)} {op} {fmt(bound)}", margin)
 
@@ -198,9 +199,16 @@ def _approx(value, arg, mods) -> Outcome:
     if len(want) != len(got):
         return Outcome(False, f"expected {len(want)} values, measured {len(got)}", None)
     atol, rtol = mods.get("atol", 1e-4), mods.get("rtol", 0.0)
-    slack = min(atol + rtol * abs(w) - abs(g - w) for g, w in zip(got, want))
+    slack = _slack(got, want, atol, rtol)
     shown = fmt(got[0]) if len(got) == 1 else f"{len(got)} values"
     return Outcome(slack >= 0, f"{shown} ≈ {arg} (atol {atol:g}, rtol {rtol:g})", slack)
+
+
+def _slack(got: list[float], want: list[float], atol: float, rtol: float) -> float:
+    """The smallest room left inside the tolerance; -inf when any number is NaN or infinite
+    (Python's `min` over NaN depends on the order, and NaN must never be within tolerance)."""
+    slacks = [atol + rtol * abs(w) - abs(g - w) for g, w in zip(got, want)]
+    return min(slacks, default=0.0) if all(map(math.isfinite, slacks)) else -math.inf
 
 
 @operator("flips_sign", (PATCH,), _true)
@@ -458,7 +466,7 @@ def _baseline(measured_json, arg, mods) -> Outcome:
     if len(got) != len(want):
         return Outcome(False, f"baseline has {len(want)} values, measured {len(got)}")
     atol, rtol = mods.get("atol", 1e-4), mods.get("rtol", 0.0)
-    slack = min(atol + rtol * abs(w) - abs(g - w) for g, w in zip(got, want))
+    slack = _slack(got, want, atol, rtol)
     worst = max(abs(g - w) for g, w in zip(got, want))
     return Outcome(slack >= 0, f"drift from baseline {fmt(worst)} (atol {atol:g}, rtol "
                                f"{rtol:g})", slack)

@@ -108,11 +108,16 @@ def write_outputs(data: dict, outputs: Outputs) -> list[Path]:
 
 
 def exit_code(data: dict) -> int:
-    """The harness contract on a JSON report: 2 a spec error, 1 a failed or erroring claim."""
+    """The harness contract on a JSON report: 2 a spec error, 1 a failed or erroring claim,
+    3 every claim held but the report is limited to the first N prompts (`limit`), else 0."""
     if any(s.get("error") for s in data["specs"]):
         return 2
     bad = {"failed", "error"}
-    return 1 if any(c["status"] in bad for s in data["specs"] for c in s["claims"]) else 0
+    if any(c["status"] in bad for s in data["specs"] for c in s["claims"]):
+        return 1
+    from harness.runner import LIMITED
+
+    return LIMITED if data.get("limit") is not None else 0
 
 
 def junit_xml(data: dict) -> str:

@@ -132,7 +132,7 @@ class SpecFile(pytest.File):
             spec = load_and_check(self.path, _session(self.config))
         except HarnessError as exc:
             text = safe_text(str(exc) if isinstance(exc, SpecError) else f"{self.path}: {exc}")
-            self.config.stash[SPEC_ERRORS_KEY].append(text)
+            self.config.stash[SPEC_ERRORS_KEY].append({"file": str(self.path), "error": text})
             yield SpecErrorItem.from_parent(self, name="spec-error", error=text)
             return
         node = SpecNode.from_parent(self, name=spec.spec)
@@ -255,7 +255,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     from harness.report import table
 
     terminalreporter.write_sep("=", "interp-harness claims")
-    terminalreporter.write_line(table(verdicts, spec_errors))
+    terminalreporter.write_line(table(verdicts, [e["error"] for e in spec_errors]))
 
 
 class XdistHooks:
@@ -293,20 +293,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
             print(f"\ninterp-harness: interrupted after {len(verdicts)} claims; no report or "
                   "baseline was written, earlier ones are unchanged")
         return
-    if verdicts:
-        _write_outputs(config, verdicts)
-    if config.stash.get(SPEC_ERRORS_KEY, []) and exitstatus in (0, 1):
+    spec_errors = config.stash.get(SPEC_ERRORS_KEY, [])
+    if verdicts or spec_errors:   # a spec error is in every report: it exits 2, merged too
+        _write_outputs(config, verdicts, spec_errors)
+    if spec_errors and exitstatus in (0, 1):
         session.exitstatus = 2  # the harness contract: a spec error exits 2
 
 
-def _write_outputs(config: pytest.Config, verdicts) -> None:
+def _write_outputs(config: pytest.Config, verdicts, spec_errors: list[dict]) -> None:
     from harness.finish import Outputs, finish
     from harness.runner import SpecResult
 
     by_file: dict[str, SpecResult] = {}
     for v in verdicts:
         by_file.setdefault(v.file, SpecResult(v.file)).verdicts.append(v)
-    results = list(by_file.values())
+    for e in spec_errors:
+        by_file.setdefault(e["file"], SpecResult(e["file"])).error = e["error"]
+    results = [by_file[f] for f in sorted(by_file)]
     outputs = Outputs.from_args(lambda name: config.getoption(f"harness_{name}"))
     session = _session(config)
     data, _ = finish(results, outputs, _worker_device(config), session,

@@ -62,7 +62,10 @@ def plan(specs, n: int) -> list[set[tuple[str, int]]]:
 
 def merge_reports(reports: list[dict]) -> dict:
     """One JSON report from the parts' reports: each spec's claims joined in file order (by
-    line), spec errors kept once, the first part's environment."""
+    line), spec errors kept once, the first part's environment. The merged report is at least
+    as strict as every part: a part limited to its first N prompts (`--limit`) makes the whole
+    limited (the smallest N), and a claim that two parts judged differently is an error, never
+    settled by keeping one of them."""
     if not reports:
         raise HarnessError("harness merge needs at least one JSON report")
     by_file: dict[str, dict] = {}
@@ -72,14 +75,32 @@ def merge_reports(reports: list[dict]) -> dict:
                                                       "claims": []})
             if spec.get("error"):
                 entry["error"] = spec["error"]
-            seen = {c["id"] for c in entry["claims"]}
-            entry["claims"] += [c for c in spec["claims"] if c["id"] not in seen]
+            seen = {c["id"]: c for c in entry["claims"]}
+            for claim in spec["claims"]:
+                first = seen.get(claim["id"])
+                if first is None:
+                    entry["claims"].append(claim)
+                    seen[claim["id"]] = claim
+                elif _verdict(first) != _verdict(claim):
+                    raise HarnessError(
+                        f"{spec['file']}::{claim['id']} is in two reports with different "
+                        f"verdicts ({first['status']}, measured {first.get('measured')!r}; "
+                        f"{claim['status']}, measured {claim.get('measured')!r}): each claim "
+                        "belongs to one shard; merge one report per shard of one run")
     for entry in by_file.values():
         entry["claims"].sort(key=lambda c: c.get("line") or 0)
     merged = {"harness_version": reports[0].get("harness_version"),
               "environment": dict(reports[0].get("environment", {}), shards=len(reports)),
               "specs": list(by_file.values())}
+    limits = [r["limit"] for r in reports if r.get("limit") is not None]
+    if limits:
+        merged["limit"] = min(limits)
     timings = [r["timing"] for r in reports if r.get("timing")]
     if timings:
         merged["timing"] = {"shards": timings}
     return merged
+
+
+def _verdict(claim: dict) -> tuple:
+    """What two copies of one claim's result must agree on to be the same verdict."""
+    return claim.get("status"), json.dumps(claim.get("measured"), sort_keys=True)

@@ -25,8 +25,10 @@ from harness.expect import (
     ANSWER_OPERATORS,
     FEATURES,
     GRID,
+    MODIFIERS,
     PAIR,
     PATCH,
+    PER_PROMPT_KINDS,
     SAMPLES,
     SCALAR,
     TEXT,
@@ -1162,6 +1164,16 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                                      "`feature`, single-feature `feature_diff` and `circuit` "
                                      "faithfulness claims over the mean of their prompts "
                                      "(per_prompt: mean)")
+        if "per_prompt" in claim.model_fields_set and claim.value_kind() not in PER_PROMPT_KINDS:
+            add(("claims", i, "per_prompt"), f"`per_prompt` does not apply here: this "
+                f"{claim.measure} claim measures a {claim.value_kind()} (one value for all its "
+                "prompts, not one per prompt), so the expectation reads that value; remove "
+                "`per_prompt`")
+        if all(key in MODIFIERS for key in claim.expect) and claim.expect \
+                and not spec.defaults.baseline:
+            add(("claims", i, "expect"), f"`expect` holds only a tolerance "
+                f"({', '.join(claim.expect)}), which checks nothing by itself; add what should "
+                "hold, e.g. {approx: 0.5, atol: 0.1} or {baseline: true, atol: 0.1}")
         if getattr(claim, "span", "all") != "all" and claim.measure not in SEQUENCE_METRICS \
                 and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
             add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "

@@ -91,7 +91,7 @@ def test_patch_heads_with_loss_matches_hooks(tmp_path, tiny_checkpoints):
         from_value = scored_mean(b(tokens), tokens, mask, "loss")
         into_value = scored_mean(a(tokens), tokens, mask, "loss")
     v = verdicts["heads"]
-    assert v.extras["per_prompt"] == pytest.approx(patched.tolist(), abs=1e-5)
+    assert v.extras["per_prompt_raw"] == pytest.approx(patched.tolist(), abs=1e-5)
     assert v.extras["from"] == pytest.approx(float(from_value.mean()), abs=1e-5)
     assert v.extras["into"] == pytest.approx(float(into_value.mean()), abs=1e-5)
     normalized = (patched.mean() - into_value.mean()) / (from_value.mean() - into_value.mean())
@@ -159,11 +159,11 @@ def test_ablations_with_loss_and_accuracy_match_hooks(tmp_path, tiny_checkpoints
         clean = scored_mean(a(tokens), tokens, mask, "loss")
         reference = scored_mean(load_bridge(tiny_checkpoints["b"])(tokens), tokens, mask, "loss")
         v = verdicts["zero-mlp"]
-        assert v.extras["per_prompt"] == pytest.approx(ablated.tolist(), abs=1e-5)
+        assert v.extras["per_prompt_raw"] == pytest.approx(ablated.tolist(), abs=1e-5)
         expected = (ablated.mean() - clean.mean()) / (reference.mean() - clean.mean())
         assert v.measured == pytest.approx(float(expected), abs=1e-4)
         accuracy = scored_mean(logits, tokens, mask, "accuracy")
-        assert verdicts["zero-mlp-acc"].extras["per_prompt"] == pytest.approx(accuracy.tolist())
+        assert verdicts["zero-mlp-acc"].extras["per_prompt_raw"] == pytest.approx(accuracy.tolist())
 
         mask = second_half(batch)
         _, cache = a.run_with_cache(tokens)
@@ -181,7 +181,7 @@ def test_ablations_with_loss_and_accuracy_match_hooks(tmp_path, tiny_checkpoints
                                                                    mean_head)]),
                               tokens, mask, "loss")
         v = verdicts["mean-head"]
-        assert v.extras["per_prompt"] == pytest.approx(ablated.tolist(), abs=1e-5)
+        assert v.extras["per_prompt_raw"] == pytest.approx(ablated.tolist(), abs=1e-5)
         reference = math.log(a.cfg.d_vocab)
         expected = (ablated.mean() - clean.mean()) / (reference - clean.mean())
         assert v.measured == pytest.approx(float(expected), abs=1e-4)

@@ -205,6 +205,6 @@ def first_differing_layer(grid_a: Grid, grid_b: Grid, atol: float = 1e-4) -> int
     n_layers = grid_a.extras.get("n_layers") or sum(str(x).startswith("resid_pre")
                                                      for x in labels)
     for i, label in enumerate(labels):
-        if (a[i] - b[i]).abs().max() > atol:
+        if not (a[i] - b[i]).abs().max() <= atol:   # NaN differs
             return producing_layer(label, n_layers)
     return None

@@ -38,10 +38,15 @@ class Grid:
 class PatchEffect:
     """One patch (or ablation) on a batch of prompts."""
 
-    normalized: float                    # mean over prompts of (patched - into) / (from - into)
+    normalized: float                    # (mean patched - mean into) / (mean from - mean into)
     patched: Float[Tensor, " batch"]      # raw patched logit diff per prompt
     from_value: Float[Tensor, " batch"]   # logit diff of the `from` run per prompt
     into_value: Float[Tensor, " batch"]   # logit diff of the unpatched `into` run per prompt
+
+    def normalized_per_prompt(self) -> Tensor:
+        """Each prompt's own (patched - into) / (from - into): what `per_prompt` judges (inf or
+        NaN on a prompt whose from and into runs agree)."""
+        return (self.patched - self.into_value) / (self.from_value - self.into_value)
 
 
 def normalized_effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -> Tensor:
