@@ -193,8 +193,10 @@ def load_hf_causal_lm(location: str, source: ModelSource):
     try:
         if directory.is_dir() and _has_value_head_layout(directory):
             return _load_value_head_checkpoint(directory, kwargs)
-        return AutoModelForCausalLM.from_pretrained(location, attn_implementation="eager",
-                                                    **kwargs).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(
+            location, attn_implementation="eager", output_loading_info=True, **kwargs)
+        _check_loading_info(location, info)
+        return model.eval()
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
     except Exception as exc:  # safetensors raises its own SafetensorError for torn files
@@ -204,6 +206,24 @@ def load_hf_causal_lm(location: str, source: ModelSource):
 
         problem = weights_problem(directory) if directory.is_dir() else None
         raise ModelUnavailable(problem or _unavailable(location, source, exc)) from None
+
+
+def _check_loading_info(location: str, info: dict) -> None:
+    """Weights that config.json does not describe are an error naming the tensors: missing
+    ones would be randomly initialised (values change run to run), unexpected ones dropped (a
+    truncated model measured)."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), \
+        sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                        for k in info.get("mismatched_keys") or ())
+    problems = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing tensors", missing),
+                                   ("unexpected tensors", unexpected),
+                                   ("tensors of the wrong shape", mismatched)) if keys]
+    if problems:
+        raise ModelUnavailable(f"the weights in {location} do not match its config.json: "
+                               f"{'; '.join(problems)}. The config and the weights are from "
+                               "different models: fix config.json or save the model again")
 
 
 def device_map_kwargs(device_map) -> dict:

@@ -9,6 +9,7 @@ hub models not in the local cache are left for load time.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,11 @@ def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
     problem = weights_problem(directory, tl_format=tl_config is not None)
     if problem:
         raise spec.error(loc, problem)
+    n_layers = _first(tl_config, "n_layers") if tl_config is not None else \
+        _first(config, "n_layer", "num_hidden_layers", "num_layers")
+    problem = layers_problem(directory, n_layers)
+    if problem:
+        raise spec.error(loc, problem)
     if tl_config is not None:
         return _tl_facts(tl_config, _read_tokenizer(spec, loc, directory))
     n_heads = _first(config, "n_head", "num_attention_heads")
@@ -207,6 +213,60 @@ def weights_problem(directory: Path, tl_format: bool = False) -> str | None:
         if problem:
             return f"{path} is {problem}; rebuild or re-download it"
     return None
+
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
+
+
+def layers_problem(directory: Path, n_layers: int | None) -> str | None:
+    """Whether config.json's layer count is the layers the safetensors headers hold: a config
+    that says more would have the extra layers randomly initialised, one that says fewer would
+    measure a truncated model. Tensor names only (headers, no torch)."""
+    names = _tensor_names(directory)
+    layers: dict[int, list[str]] = {}
+    for name in names:
+        match = LAYER_RE.search(name)
+        if match:
+            layers.setdefault(int(match[1]), []).append(name)
+    if n_layers is None or not layers or set(layers) == set(range(n_layers)):
+        return None
+    missing = sorted(set(range(n_layers)) - set(layers))
+    extra = sorted(set(layers) - set(range(n_layers)))
+    parts = []
+    if missing:
+        template = sorted(layers[min(layers)])[0]
+        example = LAYER_RE.sub(lambda m: m[0].replace(m[1], str(missing[0])), template, 1)
+        parts.append(f"no weights for layer{'s' * (len(missing) > 1)} "
+                     f"{', '.join(map(str, missing))} (e.g. no tensor {example})")
+    if extra:
+        parts.append(f"weights of layer{'s' * (len(extra) > 1)} {', '.join(map(str, extra))} "
+                     f"that the config does not have (e.g. {sorted(layers[extra[0]])[0]})")
+    return (f"{directory}: config.json says {n_layers} layers, but its safetensors files hold "
+            f"layers {min(layers)}..{max(layers)}: {'; '.join(parts)}. The config and the "
+            "weights are from different models: fix config.json or save the model again")
+
+
+def _tensor_names(directory: Path) -> list[str]:
+    """Tensor names in a folder's safetensors headers (or its shard index); [] when there is
+    nothing readable to compare with."""
+    names: list[str] = []
+    for index in directory.glob("*.safetensors.index.json"):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            return []
+        names += list(weight_map) if isinstance(weight_map, dict) else []
+    if names:
+        return names
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with open(path, "rb") as handle:
+                (n,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(min(n, 100_000_000)))
+        except (OSError, ValueError, struct.error):
+            return []
+        names += [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+    return names
 
 
 def _safetensors_problem(path: Path) -> str | None:
