@@ -4,7 +4,8 @@ The family is every template of the claim's prompt set (any combination of its v
 every word substitution the claim lists. Hypothesis shrinks a failure towards the first value
 of each list, so the reported counterexample is minimal. Runs are derandomized (same examples
 every CI run) and every counterexample found is stored beside the spec
-(`<spec>.counterexamples.json`) and tried first next time.
+(`<spec>.counterexamples.json`) and tried first next time, as long as it is still a prompt of
+the family (one from a removed template value or substitution is ignored).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def search(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
         return None
     store = _read_store(spec_file)
     for choices in store.get(claim_id, []):
-        if _still_fits(entries, choices):
+        if _still_fits(entries, substitute, choices):
             prompt = build_prompt(entries, choices)
             ok, detail = holds(prompt)
             if not ok:
@@ -85,12 +86,19 @@ def search(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
     return Counterexample(prompt, choices, holds(prompt)[1], known=False)
 
 
-def _still_fits(entries: tuple[PromptEntry, ...], choices: dict) -> bool:
-    """A stored counterexample still names an entry and its template's values (the spec may
-    have changed since)."""
+def _still_fits(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
+                choices: dict) -> bool:
+    """A stored counterexample is still a prompt of the claim's family: its entry exists, and
+    each of its template values and substitutions is still listed (the spec may have changed
+    since). One that is not is ignored, never judged: a prompt removed from the family says
+    nothing about the claim (it stays in the store)."""
     entry = choices.get("entry", 0)
-    return entry < len(entries) and \
-        set(choices.get("values", {})) == set(entries[entry].values or {})
+    if not 0 <= entry < len(entries):
+        return False
+    values, listed = choices.get("values", {}), entries[entry].values or {}
+    swaps = choices.get("swap", {})
+    return set(values) == set(listed) and all(v in listed[k] for k, v in values.items()) \
+        and all(w in substitute and r in [w, *substitute[w]] for w, r in swaps.items())
 
 
 def _read_store(spec_file: str) -> dict:

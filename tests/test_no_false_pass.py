@@ -299,3 +299,105 @@ def test_nan_feature_scores_are_an_error_not_silence():
 
     with pytest.raises(MeasureError, match="not finite"):
         _ranked(torch.tensor([math.nan, 1.0, 0.5]), 2, {})
+
+
+# ----------------------------------------------------------------------------- 5. config vs weights
+
+@pytest.fixture
+def reconfigured(tmp_path, tiny_checkpoints):
+    """Copies of the 2-layer model `a` whose config.json says 3 layers, or 1."""
+    import shutil
+
+    out = {}
+    for name, n_layer in (("more", 3), ("fewer", 1)):
+        folder = tmp_path / name
+        shutil.copytree(tiny_checkpoints["a"], folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["n_layer"] = n_layer
+        (folder / "config.json").write_text(json.dumps(config))
+        out[name] = folder
+    return out
+
+
+@pytest.mark.parametrize("name, says", [("more", "no weights for layer 2 (e.g. no tensor "
+                                                  "transformer.h.2."),
+                                        ("fewer", "weights of layer 1 that the config does "
+                                                  "not have (e.g. transformer.h.1.")])
+def test_static_checks_compare_the_config_with_the_weights(tmp_path, reconfigured, name, says):
+    from harness.cli import main as harness_main
+    from harness.validate import validate_spec
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f'models:\n  a: {{path: "{reconfigured[name]}"}}\nprompts:\n{PROMPTS}'
+                    "claims:\n  - {id: c, measure: logit_diff, model: a, expect: {'>': -1000}}\n")
+    with pytest.raises(SpecError) as err:
+        validate_spec(path)
+    assert says in str(err.value) and "config.json says" in str(err.value)
+    assert f"{path}:2: models.a" in str(err.value)
+    assert harness_main(["run", str(path), "-q"]) == 2
+
+
+@pytest.mark.parametrize("name, says", [("more", "missing tensors (transformer.h.2."),
+                                        ("fewer", "unexpected tensors (transformer.h.1.")])
+def test_loading_a_model_whose_config_disagrees_with_its_weights_is_an_error(reconfigured,
+                                                                            name, says):
+    from harness.errors import ModelUnavailable
+    from harness.models import load_hf_causal_lm
+    from harness.spec import ModelSource
+
+    folder = reconfigured[name]
+    with pytest.raises(ModelUnavailable) as err:
+        load_hf_causal_lm(str(folder), ModelSource(path=str(folder)))
+    assert says in str(err.value) and "config.json" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- 7. stale stores
+
+def test_a_stored_counterexample_outside_the_family_is_not_used(tmp_path, tiny_checkpoints):
+    """A counterexample stored for a template value that the spec no longer lists is not a
+    prompt of the claim's family: it must not fail the claim."""
+    from harness.testing import write_spec
+
+    nouns = ["acting", "plot", "movie", "story", "film", "ending", "music", "cast"]
+    prompts = """\
+        - template: "The {noun} was"
+          values: {noun: [%s]}
+          answer: " bad"
+          foil: " good"
+        """
+    probe = write_spec(tmp_path, tiny_checkpoints["a"], prompts % ", ".join(nouns),
+                       "- {id: probe, measure: logit_diff, model: a, per_prompt: all, "
+                       "expect: {'>': -100}}\n", name="probe")
+    values = dict(zip(nouns, evaluate(probe)["probe"].extras["per_prompt"]))
+    worst = max(values, key=values.get)
+    ranked = sorted(values.values())
+    claim = f"""\
+        - id: below
+          measure: logit_diff
+          model: a
+          expect: {{"<": {(ranked[-1] + ranked[-2]) / 2}}}
+          search: {{max_examples: 20}}
+        """
+    spec = write_spec(tmp_path, tiny_checkpoints["a"], prompts % ", ".join(nouns), claim,
+                      name="searched")
+    verdict = evaluate(spec)["below"]
+    assert verdict.status == "failed" and verdict.extras["search"]["found"] == f"The {worst} was"
+    kept = [n for n in nouns if n != worst]
+    write_spec(tmp_path, tiny_checkpoints["a"], prompts % ", ".join(kept), claim,
+               name="searched")
+    verdict = evaluate(spec)["below"]
+    assert verdict.status == "passed", verdict.message
+    assert json.loads((tmp_path / "searched.counterexamples.json").read_text())["below"]
+
+
+def test_a_stored_substitution_no_longer_listed_is_not_used():
+    from harness.search import _still_fits
+    from harness.spec import PromptEntry
+
+    entries = (PromptEntry(template="The {noun} was", values={"noun": ["plot"]}),)
+    stored = {"entry": 0, "values": {"noun": "plot"}, "swap": {"was": "is"}}
+    assert _still_fits(entries, {"was": ["is"]}, stored)
+    assert not _still_fits(entries, {"was": ["seems"]}, stored)
+    assert not _still_fits(entries, {}, stored)
+    assert not _still_fits(entries, {"was": ["is"]}, dict(stored, values={"noun": "cast"}))
+    assert not _still_fits(entries, {"was": ["is"]}, dict(stored, entry=1))
