@@ -367,9 +367,10 @@ def _site_kwargs(claim) -> dict:
 
 def _patch_measurement(effect, metric: str, path: str | None) -> Measurement:
     """A patch effect as the claim reports it: the raw patched value with `metric: logit_diff`,
-    else the normalized effect. `per_prompt` holds the same quantity for each prompt (each
-    prompt's own (patched - into) / (from - into)), so `per_prompt: all` judges what the mean
-    reports; `each` gives per-prompt raw / from / into to operators that read them."""
+    else the normalized effect. `per_prompt` holds the same quantity for each prompt (its
+    patched - into over the mean from - into: their mean is the value), so `per_prompt: all`
+    judges what the mean reports; `each` gives per-prompt raw / from / into to operators that
+    read them."""
     raw = float(effect.patched.mean())
     value = raw if metric == "logit_diff" else float(effect.normalized)
     per_prompt = effect.patched if metric == "logit_diff" else effect.normalized_per_prompt()
@@ -943,7 +944,7 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
             defaults.update(claim.tolerance.model_dump())
         verdict.measured = to_jsonable(measurement)
         verdict.extras.update(_extras(measurement))
-        _refuse_nan(verdict, measurement, judged_per_prompt(claim, measurement))
+        _refuse_nan(verdict, measurement)
         expect = {k: v for k, v in claim.expect.items() if k != "baseline"}
         if any(k not in MODIFIERS for k in expect):
             ok, message, margin = judge(claim, measurement, defaults, expect)
@@ -973,18 +974,17 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
     return _apply_xfail(claim, verdict)
 
 
-def _refuse_nan(verdict: Verdict, measurement: Measurement, per_prompt: bool) -> None:
+def _refuse_nan(verdict: Verdict, measurement: Measurement) -> None:
     """A NaN (or the inf of a division by zero) is not a value any expectation can judge: the
-    claim is an error that says why, and reports hold null instead (strict JSON). Per-prompt
-    values count where they are judged (a prompt whose from and into runs agree has no
-    normalized effect of its own, yet the mean over prompts has one)."""
+    claim is an error that says why, and reports hold null instead (strict JSON). The values
+    judged are the measured value, each prompt's and a `ci` interval's ends."""
     from harness.jsonfiles import finite, not_finite
 
-    judged = [verdict.measured, measurement.extras.get("stats")] + \
-        (list(measurement.per_prompt or ()) if per_prompt else [])
-    verdict.extras = finite(verdict.extras)
+    judged = [verdict.measured, list(measurement.per_prompt or ()),
+              measurement.extras.get("stats")]
     if not_finite(judged):
         verdict.measured = finite(verdict.measured)
+        verdict.extras = finite(verdict.extras)
         raise MeasureError("the measurement is not a finite number (NaN or inf), e.g. a "
                            "normalized effect whose `from` and `into` runs have the same "
                            "logit difference; use `metric: logit_diff` or runs that differ")

@@ -44,9 +44,10 @@ class PatchEffect:
     into_value: Float[Tensor, " batch"]   # logit diff of the unpatched `into` run per prompt
 
     def normalized_per_prompt(self) -> Tensor:
-        """Each prompt's own (patched - into) / (from - into): what `per_prompt` judges (inf or
-        NaN on a prompt whose from and into runs agree)."""
-        return (self.patched - self.into_value) / (self.from_value - self.into_value)
+        """Each prompt's (patched - into) on the claim's scale, the mean (from - into): what
+        `per_prompt` judges. Their mean is `normalized`, so a claim false on the mean is false
+        on some prompt; a prompt whose own from and into agree divides by nothing."""
+        return (self.patched - self.into_value) / (self.from_value.mean() - self.into_value.mean())
 
 
 def normalized_effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -> Tensor:
