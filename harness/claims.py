@@ -858,7 +858,7 @@ def judge(claim, measurement: Measurement, defaults: dict,
     """Apply the expectation, per prompt where the claim asks for it. Per prompt means the
     quantity the claim reports, on each prompt; text and tokens are always judged on every
     prompt (their `mean` is `all`)."""
-    if judged_per_prompt(claim, measurement):
+    if _judged_per_prompt(claim, measurement):
         if not measurement.per_prompt:
             raise MeasureError(f"`per_prompt: {claim.per_prompt}` needs one value per prompt, "
                                f"and this {claim.measure} measurement has none")
@@ -868,7 +868,7 @@ def judge(claim, measurement: Measurement, defaults: dict,
     return _combine(evaluate(expect, measurement, defaults))
 
 
-def judged_per_prompt(claim, measurement: Measurement) -> bool:
+def _judged_per_prompt(claim, measurement: Measurement) -> bool:
     """Whether the expectation reads each prompt's value rather than one value."""
     if measurement.kind in (TEXT, TOKENS):
         return measurement.per_prompt is not None
