@@ -992,7 +992,7 @@ def _refuse_nan(verdict: Verdict, measurement: Measurement) -> None:
 
 def _search(spec, claim, session, defaults, expect, verdict, message):
     """Look for a prompt of the family that breaks the claim; record what was found."""
-    from harness.search import search
+    from harness.search import search, stale_stored
 
     def holds(prompt) -> tuple[bool, str]:
         ctx = ClaimContext(spec, claim, session, prompts=(prompt,))
@@ -1004,14 +1004,19 @@ def _search(spec, claim, session, defaults, expect, verdict, message):
     entries = spec.prompt_sets[claim.prompts] if claim.prompts else spec.prompts
     found = search(entries, claim.search.substitute, holds, claim.search.max_examples,
                    spec.file, claim.id)
+    stale = stale_stored(entries, claim.search.substitute, spec.file, claim.id)
+    ignored = f"; {stale} stored counterexample{'s' * (stale > 1)} ignored: no longer " \
+              "prompts of the claim's family" if stale else ""
     if found is None:
-        verdict.extras["search"] = {"max_examples": claim.search.max_examples, "found": None}
+        verdict.extras["search"] = {"max_examples": claim.search.max_examples, "found": None,
+                                    **({"ignored_stored": stale} if stale else {})}
         return True, f"{message}; search of {claim.search.max_examples} examples found no " \
-                     "counterexample"
+                     f"counterexample{ignored}"
     verdict.extras["search"] = {"found": found.prompt.text, "choices": found.choices,
-                                "known": found.known, "detail": found.detail}
+                                "known": found.known, "detail": found.detail,
+                                **({"ignored_stored": stale} if stale else {})}
     origin = "known counterexample still fails" if found.known else "counterexample found"
-    return False, f"{origin}: {found.prompt.text!r} ({found.detail}); {message}"
+    return False, f"{origin}: {found.prompt.text!r} ({found.detail}); {message}{ignored}"
 
 
 def _with_baseline(spec, claim, session, verdict, defaults, judged):

@@ -86,6 +86,15 @@ def search(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
     return Counterexample(prompt, choices, holds(prompt)[1], known=False)
 
 
+def stale_stored(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
+                 spec_file: str, claim_id: str) -> int:
+    """How many stored counterexamples of a claim are no longer prompts of its family (and so
+    were not tried), for the report."""
+    entries = tuple(e for e in entries if e.text is not None or e.template is not None)
+    return sum(not _still_fits(entries, substitute, c)
+               for c in _read_store(spec_file).get(claim_id, []))
+
+
 def _still_fits(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]],
                 choices: dict) -> bool:
     """A stored counterexample is still a prompt of the claim's family: its entry exists, and

@@ -384,6 +384,8 @@ def test_a_stored_counterexample_outside_the_family_is_not_used(tmp_path, tiny_c
                name="searched")
     verdict = evaluate(spec)["below"]
     assert verdict.status == "passed", verdict.message
+    assert verdict.extras["search"]["ignored_stored"] == 1
+    assert "1 stored counterexample ignored" in verdict.message
     assert json.loads((tmp_path / "searched.counterexamples.json").read_text())["below"]
 
 
