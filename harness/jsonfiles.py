@@ -116,6 +116,38 @@ def read_object(path: Path, fix: str) -> dict:
     return data
 
 
+def companion_path(spec_file: str | Path, kind: str) -> Path:
+    """A file the harness keeps beside a spec: specs/x.yaml -> specs/x.<kind>.json; any other
+    suffix stays in the name (specs/x.yml -> specs/x.yml.<kind>.json), so x.yaml and x.yml in
+    one folder never share a baseline or a counterexample store."""
+    path = Path(spec_file)
+    return path.with_name((path.stem if path.suffix == ".yaml" else path.name) + f".{kind}.json")
+
+
+def _legacy_companion(spec_file: str | Path, kind: str) -> Path | None:
+    """Where older releases kept a `.yml` spec's file (x.<kind>.json), while it is there, the
+    new name is not, and no x.yaml beside it owns that name."""
+    path = Path(spec_file)
+    old = path.with_name(path.stem + f".{kind}.json")
+    if path.suffix == ".yaml" or old == companion_path(path, kind):
+        return None
+    if companion_path(path, kind).exists() or path.with_suffix(".yaml").exists():
+        return None
+    return old if old.exists() else None
+
+
+def companion_to_read(spec_file: str | Path, kind: str) -> Path:
+    """`companion_path`, or the name an older release wrote (still read: nothing is lost)."""
+    return _legacy_companion(spec_file, kind) or companion_path(spec_file, kind)
+
+
+def adopt_legacy_companion(spec_file: str | Path, kind: str) -> None:
+    """Before a write (under the folder lock): move an older release's file to the new name."""
+    old = _legacy_companion(spec_file, kind)
+    if old is not None:
+        os.replace(old, companion_path(spec_file, kind))
+
+
 def keep_backup(path: Path) -> Path:
     """Copy a file the harness is about to replace to `<path>.bak`."""
     import shutil

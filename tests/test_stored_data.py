@@ -7,8 +7,6 @@ import json
 import textwrap
 from pathlib import Path
 
-import pytest
-
 
 def tiny_spec(directory: Path, model_dir: Path, claims: str, name: str = "spec",
               suffix: str = ".yaml") -> Path:
@@ -37,3 +35,43 @@ def test_limited_run_cannot_write_baselines(tmp_path, tiny_checkpoints, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--limit" in err and "--update-baselines" in err
     assert not (tmp_path / "spec.baseline.json").exists()
+
+
+# ----------------------------------------------------------------------------- 9: x.yaml, x.yml
+
+def _verdict(spec_file: str, claim_id: str, value: float):
+    from harness.claims import Verdict
+
+    return Verdict("s", spec_file, 1, claim_id, "logit_diff", ("a",), "passed", {},
+                   measured=value)
+
+
+def test_yaml_and_yml_of_one_stem_keep_their_own_stores(tmp_path):
+    from harness.baselines import read_baseline, update_baseline
+    from harness.search import _read_store, _remember
+
+    a, b = str(tmp_path / "x.yaml"), str(tmp_path / "x.yml")
+    Path(a).write_text("claims: []\n")
+    Path(b).write_text("claims: []\n")
+    update_baseline(a, [_verdict(a, "c", 1.0)], {})
+    update_baseline(b, [_verdict(b, "c", 2.0)], {})
+    assert read_baseline(a)["c"]["measured"] == 1.0
+    assert read_baseline(b)["c"]["measured"] == 2.0
+    assert (tmp_path / "x.baseline.json").exists()      # the common case keeps its name
+    _remember(a, "c", {"entry": 0, "values": {}, "swap": {}})
+    _remember(b, "c", {"entry": 1, "values": {}, "swap": {}})
+    assert _read_store(a)["c"] == [{"entry": 0, "values": {}, "swap": {}}]
+    assert _read_store(b)["c"] == [{"entry": 1, "values": {}, "swap": {}}]
+
+
+def test_a_yml_specs_old_baseline_is_read_and_moved(tmp_path):
+    from harness.baselines import baseline_path, read_baseline, update_baseline
+
+    spec = str(tmp_path / "x.yml")
+    old = tmp_path / "x.baseline.json"     # where releases before the split wrote it
+    old.write_text(json.dumps({"claims": {"c": {"measured": 3.0}}}))
+    assert read_baseline(spec)["c"]["measured"] == 3.0
+    update_baseline(spec, [_verdict(spec, "d", 4.0)], {})
+    stored = read_baseline(spec)
+    assert stored["c"]["measured"] == 3.0 and stored["d"]["measured"] == 4.0
+    assert baseline_path(spec).name == "x.yml.baseline.json" and not old.exists()
