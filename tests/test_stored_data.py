@@ -7,6 +7,8 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
+
 
 def tiny_spec(directory: Path, model_dir: Path, claims: str, name: str = "spec",
               suffix: str = ".yaml") -> Path:
@@ -75,3 +77,37 @@ def test_a_yml_specs_old_baseline_is_read_and_moved(tmp_path):
     stored = read_baseline(spec)
     assert stored["c"]["measured"] == 3.0 and stored["d"]["measured"] == 4.0
     assert baseline_path(spec).name == "x.yml.baseline.json" and not old.exists()
+
+
+# ----------------------------------------------------------------------------- 10: --lf state
+
+@pytest.mark.parametrize("state", ["[]", '{"spec.yaml": 5}', '{"spec.yaml": {"failed": 7}}',
+                                   '{"spec.yaml": {"failed": [1]}}', "{torn"])
+def test_odd_state_file_never_costs_the_report(tmp_path, tiny_checkpoints, state):
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], LOGIT)
+    (tmp_path / ".harness-state.json").write_text(state)
+    report = tmp_path / "r.json"
+    assert run_cli(path, "--lf", "--report-json", report) == 0
+    assert json.loads(report.read_text())["specs"][0]["claims"][0]["status"] == "passed"
+    assert json.loads((tmp_path / ".harness-state.json").read_text())["spec.yaml"] == \
+        {"failed": []}
+
+
+def _record(folder: str, name: str) -> None:
+    from harness.selection import record_run
+
+    for _ in range(20):
+        record_run(Path(folder) / name, {"c": "failed"}, ["c"])
+
+
+def test_concurrent_runs_keep_every_specs_state(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_record, args=(str(tmp_path), f"s{w}.yaml")) for w in range(8)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    state = json.loads((tmp_path / ".harness-state.json").read_text())
+    assert state == {f"s{w}.yaml": {"failed": ["c"]} for w in range(8)}
