@@ -9,6 +9,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -46,12 +47,13 @@ def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over the
     target: an interrupted write leaves the old file or the new one, never a torn file.
     Temporary files a killed writer left behind are removed first (under the folder lock, so
-    none of them belongs to a live writer)."""
+    none of them belongs to a live writer): only names this function makes, matched exactly,
+    never a pattern built from the target's name (`out/*` must not match the user's files)."""
     path = Path(path)
     with locked(path):
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        for stale in _own_temp_files(path):
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; reports are for sharing
@@ -64,6 +66,17 @@ def write_atomic(path: Path, text: str) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.harness-"
+
+
+def _own_temp_files(path: Path) -> list[Path]:
+    """The temporary files `write_atomic(path, ...)` makes: the prefix, then mkstemp's eight
+    random characters, then `.tmp`."""
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"[a-z0-9_]{8}\.tmp")
+    return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
 
 
 def finite(value):

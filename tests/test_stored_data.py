@@ -111,3 +111,19 @@ def test_concurrent_runs_keep_every_specs_state(tmp_path):
         p.join(60)
     state = json.loads((tmp_path / ".harness-state.json").read_text())
     assert state == {f"s{w}.yaml": {"failed": ["c"]} for w in range(8)}
+
+
+# ----------------------------------------------------------------------------- 11: temp files
+
+@pytest.mark.parametrize("name", ["*", "report.md", "[n]otes"])
+def test_cleanup_of_temporary_files_spares_the_users_files(tmp_path, name):
+    from harness.jsonfiles import write_atomic
+
+    mine = [tmp_path / ".notes.2024.tmp", tmp_path / ".report.md.draft.tmp",
+            tmp_path / ".notes.1.tmp", tmp_path / f".{name}.abcdefgh.tmp"]
+    for path in mine:
+        path.write_text("the user's")
+    write_atomic(tmp_path / name, "x\n")
+    assert (tmp_path / name).read_text() == "x\n"
+    assert all(p.read_text() == "the user's" for p in mine)
+    assert not [p for p in tmp_path.iterdir() if "harness-" in p.name]
