@@ -127,3 +127,84 @@ def test_cleanup_of_temporary_files_spares_the_users_files(tmp_path, name):
     assert (tmp_path / name).read_text() == "x\n"
     assert all(p.read_text() == "the user's" for p in mine)
     assert not [p for p in tmp_path.iterdir() if "harness-" in p.name]
+
+
+# ----------------------------------------------------------------------------- 12: freeze
+
+FREEZABLE = """\
+spec: {name}
+models:
+  a: {{path: ../model}}
+saes:
+  s: {{path: sae}}
+prompts:
+  - {{file: rows.txt}}
+  - {{dataset: {{name: json, data_files: rows.jsonl}}}}
+  - {{dataset: {{name: json, data_files: [rows.jsonl]}}}}
+claims:
+  - {{id: c, measure: logit_diff, model: a, expect: {{">": 0}}}}
+"""
+
+
+def _freezable(folder: Path, name: str, suffix: str = ".yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"x{suffix}"
+    path.write_text(FREEZABLE.format(name=name))
+    return path
+
+
+def _report(tmp_path: Path, specs: list[Path]) -> Path:
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"specs": [
+        {"spec": f"s{i}", "file": str(p), "claims": [
+            {"id": "c", "measure": "logit_diff", "status": "passed", "measured": float(i),
+             "params": {}}]} for i, p in enumerate(specs)]}))
+    return report
+
+
+def freeze(*args) -> int:
+    from harness.cli import main
+
+    return main(["freeze", *map(str, args)])
+
+
+def test_freezing_two_specs_of_one_stem_writes_two_files(tmp_path):
+    import yaml
+
+    specs = [_freezable(tmp_path / "a", "one"), _freezable(tmp_path / "b", "two"),
+             _freezable(tmp_path / "b", "three", ".yml")]
+    out = tmp_path / "frozen"
+    assert freeze(_report(tmp_path, specs), "-o", out) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a-x.frozen.yaml", "b-x.frozen.yaml", "b-x.yml.frozen.yaml"]
+    names = {yaml.safe_load((out / n).read_text())["spec"] for n in written}
+    assert names == {"one-frozen", "two-frozen", "three-frozen"}
+
+
+def test_frozen_spec_reads_the_same_files(tmp_path):
+    import yaml
+
+    spec = _freezable(tmp_path / "specs", "one")
+    out = tmp_path / "elsewhere" / "deep" / "frozen.yaml"
+    assert freeze(_report(tmp_path, [spec]), "-o", out) == 0
+    data = yaml.safe_load(out.read_text())
+    here = out.parent
+
+    def same(value: str, original: str) -> bool:
+        return (here / value).resolve() == (spec.parent / original).resolve()
+    assert same(data["models"]["a"]["path"], "../model")
+    assert same(data["saes"]["s"]["path"], "sae")
+    assert same(data["prompts"][0]["file"], "rows.txt")
+    assert same(data["prompts"][1]["dataset"]["data_files"], "rows.jsonl")
+    assert same(data["prompts"][2]["dataset"]["data_files"][0], "rows.jsonl")
+
+
+def test_freeze_into_a_directory(tmp_path, capsys):
+    spec = _freezable(tmp_path / "specs", "one")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert freeze(_report(tmp_path, [spec]), "-o", out) == 0
+    assert (out / "x.frozen.yaml").exists()
+    two = _report(tmp_path, [spec, _freezable(tmp_path / "more", "two")])
+    assert freeze(two, "-o", out / "x.frozen.yaml") == 2
+    assert "names a directory" in capsys.readouterr().err
