@@ -1,0 +1,95 @@
+"""Inputs that would hang a run or exhaust memory are bounded, with an error that says the
+limit (issue 20, items 13-15). Anything that could hang or blow up before its fix runs in a
+subprocess with a timeout and a memory cap, so a regression fails instead of stalling CI."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import harness
+
+REPO = Path(harness.__file__).resolve().parents[1]
+HEAD = """\
+models:
+  a: {zoo: toy-reviews-source}
+prompts:
+"""
+CLAIM = """\
+claims:
+  - {id: c, measure: logit_diff, model: a, expect: {">": 0}}
+"""
+
+
+def bounded(*args: str, timeout: float = 120, memory_mb: int = 2000,
+            cwd: Path | None = None) -> tuple[int, str]:
+    """`python -m harness.cli ARGS` with a wall-clock limit and an address-space cap."""
+    def cap():
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get(
+        "PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=cap, env=env, cwd=cwd)
+    return done.returncode, done.stdout + done.stderr
+
+
+def write_spec(tmp_path: Path, prompts: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(HEAD + prompts + CLAIM)
+    return path
+
+
+# ----------------------------------------------------------------------------- 13: sizes
+
+def test_template_with_ten_billion_expansions(tmp_path):
+    names = "abcdefghij"
+    values = ", ".join(f"{n}: [{', '.join(f'w{i}' for i in range(10))}]" for n in names)
+    path = write_spec(tmp_path, '  - template: "' + "".join(f"{{{n}}}" for n in names)
+                      + f'"\n    values: {{{values}}}\n    answer: " bad"\n    foil: " good"\n')
+    assert path.stat().st_size < 1000
+    code, out = bounded("validate", str(path))
+    assert code == 2 and "Traceback" not in out, out
+    assert f"{path}:4: prompts[0]" in out and "10,000,000,000 prompts" in out \
+        and "100,000" in out, out
+
+
+def test_huge_corpus_with_a_small_limit(tmp_path):
+    path = write_spec(tmp_path, '  - {corpus: {n: 1e9}, limit: 2, answer: " bad", '
+                                'foil: " good"}\n')
+    code, out = bounded("validate", str(path), timeout=60)
+    assert code == 2 and f"{path}:4: prompts[0].corpus.n" in out and "100000" in out, out
+
+
+def test_first_words_beyond_any_prompt(tmp_path):
+    path = write_spec(tmp_path, '  - {corpus: {n: 2}, first_words: 5000000000, '
+                                'answer: " bad", foil: " good"}\n')
+    code, out = bounded("validate", str(path), timeout=60)
+    assert code == 2 and f"{path}:4: prompts[0].first_words" in out and "100000" in out, out
+    assert "Traceback" not in out
+
+
+def test_many_entries_add_up_to_the_limit(tmp_path):
+    from harness.errors import SpecError
+    from harness.spec import load_spec
+
+    values = ", ".join(f"w{i}" for i in range(300))
+    entry = (f'  - template: "{{a}} {{b}}"\n    values: {{a: [{values}], b: [{values}]}}\n'
+             '    answer: " bad"\n    foil: " good"\n')
+    path = write_spec(tmp_path, entry * 2)      # 90,000 each: under the limit alone
+    with pytest.raises(SpecError, match="more than the limit of 100,000 prompts"):
+        load_spec(path)
+
+
+def test_a_billion_shards_is_a_usage_error():
+    from harness.errors import HarnessError
+    from harness.shard import parse_shard
+
+    with pytest.raises(HarnessError, match="N <= 10,000"):
+        parse_shard("1/1000000000")
+    assert parse_shard("3/10000") == (3, 10_000)
