@@ -15,6 +15,9 @@ import threading
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.files import UnreadableFile, read_regular_text
+
+MAX_STORED_BYTES = 1_000_000_000   # a baseline or counterexample store; real ones are MBs
 
 _held: dict[str, int] = {}   # folders this process holds the lock of -> depth (re-entrant)
 _held_lock = threading.Lock()
@@ -115,10 +118,10 @@ def read_object(path: Path, fix: str) -> dict:
     and `fix` when it is unreadable, not JSON or not an object."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path, MAX_STORED_BYTES)
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, UnreadableFile) as exc:
         raise CorruptFile(f"{path} cannot be read ({exc}); {fix}") from None
     try:
         data = json.loads(text)

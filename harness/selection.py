@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.files import UnreadableFile, read_regular_text
 
 STATE_FILE = ".harness-state.json"
 BAD = ("failed", "error")
@@ -42,8 +43,8 @@ def read_state(path: Path) -> dict[str, dict]:
     an unreadable file, or an entry of another shape (hand-edited, another tool's), counts as
     nothing known rather than stopping a run whose claims are already measured."""
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        state = json.loads(read_regular_text(path, 64_000_000))
+    except (OSError, ValueError, UnreadableFile):
         return {}
     if not isinstance(state, dict):
         return {}

@@ -93,3 +93,65 @@ def test_a_billion_shards_is_a_usage_error():
     with pytest.raises(HarnessError, match="N <= 10,000"):
         parse_shard("1/1000000000")
     assert parse_shard("3/10000") == (3, 10_000)
+
+
+# ----------------------------------------------------------------------------- 14: files
+
+def model_copy(tmp_path: Path, src: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(src, tmp_path / "model"))
+
+
+def model_spec(tmp_path: Path, model: Path, prompts: str | None = None, name="spec") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f'models:\n  a: {{path: "{model}"}}\nprompts:\n'
+                    + (prompts or '  - {text: "This movie was really", answer: " bad", '
+                                  'foil: " good"}\n') + CLAIM)
+    return path
+
+
+@pytest.mark.parametrize("source", ["fifo", "/dev/zero"])
+def test_prompt_file_that_is_no_regular_file(tmp_path, tiny_checkpoints, source):
+    if source == "fifo":
+        os.mkfifo(tmp_path / "p.txt")
+        source = "p.txt"
+    path = model_spec(tmp_path, tiny_checkpoints["a"],
+                      f'  - {{file: "{source}", answer: " bad", foil: " good"}}\n')
+    code, out = bounded("validate", str(path), timeout=60)
+    assert code == 2 and f"{path}:3: prompts" in out and "not a regular file" in out, out
+
+
+def test_a_fifo_among_the_specs_of_a_folder(tmp_path, tiny_checkpoints):
+    good = model_spec(tmp_path, tiny_checkpoints["a"])
+    os.mkfifo(tmp_path / "pipe.yaml")
+    code, out = bounded("validate", str(tmp_path), timeout=60)
+    assert code == 2 and f"ok: {good}" in out, out
+    assert f"{tmp_path / 'pipe.yaml'}" in out and "FIFO" in out, out
+
+
+@pytest.mark.parametrize("case", ["fifo-weights", "zero-config", "fifo-tokenizer"])
+def test_model_folder_files_that_are_no_regular_files(tmp_path, tiny_checkpoints, case):
+    model = model_copy(tmp_path, tiny_checkpoints["a"])
+    target = {"fifo-weights": "model.safetensors", "zero-config": "config.json",
+              "fifo-tokenizer": "tokenizer.json"}[case]
+    (model / target).unlink()
+    if case == "zero-config":
+        (model / target).symlink_to("/dev/zero")
+    else:
+        os.mkfifo(model / target)
+    path = model_spec(tmp_path, model)
+    code, out = bounded("validate", str(path), timeout=60)
+    assert code == 2 and f"{path}:2: models.a" in out and str(model / target) in out, out
+    assert "not a regular file" in out and "Traceback" not in out, out
+
+
+def test_a_config_with_a_hundred_million_layers_never_loads(tmp_path, tiny_checkpoints):
+    import json
+
+    model = model_copy(tmp_path, tiny_checkpoints["a"])
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "n_layer": 100_000_000}))
+    path = model_spec(tmp_path, model)
+    code, out = bounded("run", str(path), "-q", timeout=300, memory_mb=6_000)
+    assert code == 2 and f"{path}:2: models.a" in out and "limit of 10,000" in out, out
