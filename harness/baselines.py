@@ -6,21 +6,30 @@ import sys
 from pathlib import Path
 
 from harness.errors import MeasureError
-from harness.jsonfiles import CorruptFile, dumps, keep_backup, locked, not_finite, read_object
+from harness.jsonfiles import (
+    CorruptFile,
+    adopt_legacy_companion,
+    companion_path,
+    companion_to_read,
+    dumps,
+    keep_backup,
+    locked,
+    not_finite,
+    read_object,
+)
 from harness.jsonfiles import write_atomic as write_atomic  # re-exported for report, search
 from harness.version import __version__
 
 
 def baseline_path(spec_file: str | Path) -> Path:
-    """specs/x.yaml -> specs/x.baseline.json"""
-    path = Path(spec_file)
-    return path.with_name(path.stem + ".baseline.json")
+    """specs/x.yaml -> specs/x.baseline.json, specs/x.yml -> specs/x.yml.baseline.json"""
+    return companion_path(spec_file, "baseline")
 
 
 def read_baseline(spec_file: str | Path) -> dict:
     """The stored claims of a spec's baseline, {} when there is none; CorruptFile (naming the
     file and the command that rewrites it) when it is not what the harness wrote."""
-    path = baseline_path(spec_file)
+    path = companion_to_read(spec_file, "baseline")
     fix = (f"rewrite it with `harness run {spec_file} --update-baselines` (the old file is "
            "kept as .bak)")
     claims = read_object(path, fix).get("claims", {})
@@ -35,7 +44,7 @@ def stored_value(spec_file: str, claim_id: str):
     """The stored measurement of one claim; a clear error when it is missing."""
     claims = read_baseline(spec_file)
     if claim_id not in claims:
-        where = baseline_path(spec_file)
+        where = companion_to_read(spec_file, "baseline")
         what = "has no entry for this claim" if where.exists() else "does not exist"
         raise MeasureError(f"baseline {where} {what}; create it with "
                            f"`harness run {spec_file} --update-baselines` (or "
@@ -49,6 +58,7 @@ def update_baseline(spec_file: str | Path, verdicts, environment: dict) -> Path:
     a corrupt old file is kept as `<file>.bak` and replaced."""
     path = baseline_path(spec_file)
     with locked(path):
+        adopt_legacy_companion(spec_file, "baseline")
         try:
             claims = read_baseline(spec_file)
         except CorruptFile as exc:

@@ -116,6 +116,10 @@ def _spec_paths(paths: list[str]) -> list[Path]:
 def _run(args) -> int:
     import time
 
+    if args.limit is not None and args.update_baselines:
+        raise HarnessError("--limit measures each claim on its first N prompts only; such values "
+                           "cannot be a baseline (the next full run would drift from them). Run "
+                           "--update-baselines without --limit")
     start = time.perf_counter()
     from harness import report
     from harness.finish import Outputs, finish

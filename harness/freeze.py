@@ -193,7 +193,8 @@ def _dump(data) -> str:
 
 
 def rebase_paths(spec_data: dict, old_dir: Path, new_dir: Path) -> dict:
-    """Relative `path:` models and `file:` prompt sources, re-pointed from `new_dir`."""
+    """Every path a spec reads relative to its folder — `path:` of models and SAEs, `file:`
+    and `dataset.data_files` of prompt sources — re-pointed from `new_dir`."""
     def rebase(value: str) -> str:
         target = (old_dir / value).resolve()
         try:
@@ -202,14 +203,22 @@ def rebase_paths(spec_data: dict, old_dir: Path, new_dir: Path) -> dict:
             return str(target)
 
     data = json.loads(json.dumps(spec_data))
-    for source in (data.get("models") or {}).values():
-        if isinstance(source, dict) and isinstance(source.get("path"), str):
-            source["path"] = rebase(source["path"])
+    for group in ("models", "saes"):
+        sources = data.get(group)
+        for source in sources.values() if isinstance(sources, dict) else []:
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                source["path"] = rebase(source["path"])
     sets = [data.get("prompts") or [], *(data.get("prompt_sets") or {}).values()]
     for entries in sets:
         for entry in entries if isinstance(entries, list) else []:
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 entry["file"] = rebase(entry["file"])
+            dataset = entry.get("dataset") if isinstance(entry, dict) else None
+            files = dataset.get("data_files") if isinstance(dataset, dict) else None
+            if isinstance(files, str):
+                dataset["data_files"] = rebase(files)
+            elif isinstance(files, list):
+                dataset["data_files"] = [rebase(f) if isinstance(f, str) else f for f in files]
     return data
 
 
@@ -236,14 +245,40 @@ def freeze_report(report_path: Path, out: Path, tolerance: float) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HarnessError(f"{report_path}: not a harness JSON report ({exc}); write one with "
                            "`harness run SPEC --report-json FILE`") from None
-    written = []
-    for entry in specs:
-        source = Path(entry["file"])
+    sources = [Path(entry["file"]) for entry in specs]
+    for entry, source in zip(specs, sources):
         if not source.exists():
             raise HarnessError(f"{report_path}: spec '{entry['spec']}' came from {source}, which "
                                "is gone; freeze from the directory the report was made in")
-        target = out / f"{source.stem}.frozen.yaml" if len(specs) > 1 else out
+    written = []
+    for entry, source, target in zip(specs, sources, frozen_targets(sources, Path(out))):
         written.append(write_frozen(read_yaml(source).data, source.parent, entry["claims"],
                                     target, tolerance, f"{report_path} (spec {source})",
                                     report.get("environment")))
     return written
+
+
+def frozen_targets(sources: list[Path], out: Path) -> list[Path]:
+    """Where each spec's frozen copy goes: `out` itself for one spec (inside it when `out` is a
+    directory); else `out/<stem>.frozen.yaml`, where stems repeat named by the folders below
+    the specs' common folder (`a-x.frozen.yaml`) and a `.yml` suffix (`x.yml.frozen.yaml`), so
+    no spec's copy overwrites another's."""
+    if len(sources) == 1 and not out.is_dir():
+        return [out]
+    if len(sources) > 1 and out.exists() and not out.is_dir():
+        raise HarnessError(f"-o {out}: the report has {len(sources)} specs, so -o names a "
+                           "directory (one frozen spec per spec), not a file")
+    names = [f"{s.stem}.frozen.yaml" for s in sources]
+    if len(set(names)) < len(names):
+        common = Path(os.path.commonpath([s.resolve().parent for s in sources]))
+        names = []
+        for source in sources:
+            rel = source.resolve().relative_to(common)
+            base = rel.stem if rel.suffix == ".yaml" else rel.name
+            names.append("-".join((*rel.parent.parts, base)) + ".frozen.yaml")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):   # the same spec twice in one report, or a-x vs a/x
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = name.replace(".frozen.yaml", f"-{seen[name]}.frozen.yaml")
+    return [out / name for name in names]

@@ -9,11 +9,15 @@ import fcntl
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.files import UnreadableFile, read_regular_text
+
+MAX_STORED_BYTES = 1_000_000_000   # a baseline or counterexample store; real ones are MBs
 
 _held: dict[str, int] = {}   # folders this process holds the lock of -> depth (re-entrant)
 _held_lock = threading.Lock()
@@ -46,12 +50,13 @@ def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over the
     target: an interrupted write leaves the old file or the new one, never a torn file.
     Temporary files a killed writer left behind are removed first (under the folder lock, so
-    none of them belongs to a live writer)."""
+    none of them belongs to a live writer): only names this function makes, matched exactly,
+    never a pattern built from the target's name (`out/*` must not match the user's files)."""
     path = Path(path)
     with locked(path):
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        for stale in _own_temp_files(path):
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; reports are for sharing
@@ -64,6 +69,17 @@ def write_atomic(path: Path, text: str) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.harness-"
+
+
+def _own_temp_files(path: Path) -> list[Path]:
+    """The temporary files `write_atomic(path, ...)` makes: the prefix, then mkstemp's eight
+    random characters, then `.tmp`."""
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"[a-z0-9_]{8}\.tmp")
+    return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
 
 
 def finite(value):
@@ -102,10 +118,10 @@ def read_object(path: Path, fix: str) -> dict:
     and `fix` when it is unreadable, not JSON or not an object."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path, MAX_STORED_BYTES)
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, UnreadableFile) as exc:
         raise CorruptFile(f"{path} cannot be read ({exc}); {fix}") from None
     try:
         data = json.loads(text)
@@ -114,6 +130,38 @@ def read_object(path: Path, fix: str) -> dict:
     if not isinstance(data, dict):
         raise CorruptFile(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
+
+
+def companion_path(spec_file: str | Path, kind: str) -> Path:
+    """A file the harness keeps beside a spec: specs/x.yaml -> specs/x.<kind>.json; any other
+    suffix stays in the name (specs/x.yml -> specs/x.yml.<kind>.json), so x.yaml and x.yml in
+    one folder never share a baseline or a counterexample store."""
+    path = Path(spec_file)
+    return path.with_name((path.stem if path.suffix == ".yaml" else path.name) + f".{kind}.json")
+
+
+def _legacy_companion(spec_file: str | Path, kind: str) -> Path | None:
+    """Where older releases kept a `.yml` spec's file (x.<kind>.json), while it is there, the
+    new name is not, and no x.yaml beside it owns that name."""
+    path = Path(spec_file)
+    old = path.with_name(path.stem + f".{kind}.json")
+    if path.suffix == ".yaml" or old == companion_path(path, kind):
+        return None
+    if companion_path(path, kind).exists() or path.with_suffix(".yaml").exists():
+        return None
+    return old if old.exists() else None
+
+
+def companion_to_read(spec_file: str | Path, kind: str) -> Path:
+    """`companion_path`, or the name an older release wrote (still read: nothing is lost)."""
+    return _legacy_companion(spec_file, kind) or companion_path(spec_file, kind)
+
+
+def adopt_legacy_companion(spec_file: str | Path, kind: str) -> None:
+    """Before a write (under the folder lock): move an older release's file to the new name."""
+    old = _legacy_companion(spec_file, kind)
+    if old is not None:
+        os.replace(old, companion_path(spec_file, kind))
 
 
 def keep_backup(path: Path) -> Path:

@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.files import UnreadableFile, read_regular_text, regular_file_problem
 
+MAX_PROMPT_FILE_BYTES = 256_000_000   # a `file:` family; 100,000 prompts is ~10 MB
 ROW_FIELDS = ("answer", "foil", "corrupt")   # per-row values a source may carry
 
 
@@ -41,9 +43,11 @@ def texts_from_file(path: Path, field: str = "text") -> list[dict]:
     """A .txt file (one prompt per non-empty line) or .jsonl (one object per line, with
     `field` and optionally `answer`, `foil`, `corrupt`; `line` records where)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_regular_text(path, MAX_PROMPT_FILE_BYTES).splitlines()
     except OSError as exc:
         raise HarnessError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    except UnreadableFile as exc:
+        raise HarnessError(f"cannot read prompt file: {exc}") from None
     if path.suffix != ".jsonl":
         return [{"text": line} for line in lines if line.strip()]
     rows = []
@@ -69,6 +73,10 @@ def texts_from_dataset(name: str, split: str, field: str, data_files=None,
     with `data_files`)."""
     import datasets
 
+    for file in [data_files] if isinstance(data_files, str) else data_files or []:
+        problem = regular_file_problem(file)
+        if problem:
+            raise HarnessError(f"cannot load dataset '{name}': {problem}")
     try:
         with _offline_unless_reachable():
             data = datasets.load_dataset(name, split=split, data_files=data_files)

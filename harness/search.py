@@ -19,7 +19,16 @@ from hypothesis import HealthCheck, Phase, find, settings
 from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 
-from harness.jsonfiles import CorruptFile, dumps, locked, read_object, write_atomic
+from harness.jsonfiles import (
+    CorruptFile,
+    adopt_legacy_companion,
+    companion_path,
+    companion_to_read,
+    dumps,
+    locked,
+    read_object,
+    write_atomic,
+)
 from harness.spec import Prompt, PromptEntry
 
 
@@ -32,8 +41,8 @@ class Counterexample:
 
 
 def store_path(spec_file: str) -> Path:
-    path = Path(spec_file)
-    return path.with_name(path.stem + ".counterexamples.json")
+    """specs/x.yaml -> specs/x.counterexamples.json (x.yml -> x.yml.counterexamples.json)"""
+    return companion_path(spec_file, "counterexamples")
 
 
 def family_strategy(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str]]):
@@ -113,7 +122,7 @@ def _still_fits(entries: tuple[PromptEntry, ...], substitute: dict[str, list[str
 def _read_store(spec_file: str) -> dict:
     """Stored counterexamples {claim id: [choices, ...]}; CorruptFile naming the file when it
     is not what the harness wrote (never silently replaced: it holds other claims' finds)."""
-    path = store_path(spec_file)
+    path = companion_to_read(spec_file, "counterexamples")
     store = read_object(path, "fix it or delete it (it holds the counterexamples earlier runs "
                               "found; deleting forgets them)")
     for claim_id, found in store.items():
@@ -131,6 +140,7 @@ def _remember(spec_file: str, claim_id: str, choices: dict) -> None:
     runs since this one read it are kept."""
     path = store_path(spec_file)
     with locked(path):
+        adopt_legacy_companion(spec_file, "counterexamples")
         store = _read_store(spec_file)
         known = store.setdefault(claim_id, [])
         if choices not in known:

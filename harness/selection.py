@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.files import UnreadableFile, read_regular_text
 
 STATE_FILE = ".harness-state.json"
 BAD = ("failed", "error")
@@ -37,32 +38,41 @@ def state_path(spec_file: str | Path) -> Path:
     return Path(spec_file).resolve().parent / STATE_FILE
 
 
+def read_state(path: Path) -> dict[str, dict]:
+    """The state file's entries {spec file name: {"failed": [claim id, ...]}}. It is a cache:
+    an unreadable file, or an entry of another shape (hand-edited, another tool's), counts as
+    nothing known rather than stopping a run whose claims are already measured."""
+    try:
+        state = json.loads(read_regular_text(path, 64_000_000))
+    except (OSError, ValueError, UnreadableFile):
+        return {}
+    if not isinstance(state, dict):
+        return {}
+    return {name: entry for name, entry in state.items()
+            if isinstance(entry, dict) and isinstance(entry.get("failed"), list)
+            and all(isinstance(c, str) for c in entry["failed"])}
+
+
 def read_failed(spec_file: str | Path) -> set[str] | None:
     """The claim ids of a spec that failed or errored in its last run; None if never run."""
-    path = state_path(spec_file)
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    entry = state.get(Path(spec_file).name)
-    return None if entry is None else set(entry.get("failed", []))
+    entry = read_state(state_path(spec_file)).get(Path(spec_file).name)
+    return None if entry is None else set(entry["failed"])
 
 
 def record_run(spec_file: str | Path, statuses: dict[str, str], claim_ids: list[str]) -> Path:
     """Remember which claims failed: claims run now replace what was known about them; claims
-    no longer in the spec are forgotten."""
-    from harness.baselines import write_atomic
+    no longer in the spec are forgotten. Read and write under the folder's lock, so runs of
+    other specs in the folder at the same time keep their entries."""
+    from harness.jsonfiles import locked, write_atomic
 
     path = state_path(spec_file)
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        state = {}
-    before = set(state.get(Path(spec_file).name, {}).get("failed", []))
-    failed = {c for c in before if c not in statuses} | {c for c, s in statuses.items()
-                                                         if s in BAD}
-    state[Path(spec_file).name] = {"failed": [c for c in claim_ids if c in failed]}
-    write_atomic(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
+    with locked(path):
+        state = read_state(path)
+        before = set(state.get(Path(spec_file).name, {}).get("failed", []))
+        failed = {c for c in before if c not in statuses} | {c for c, s in statuses.items()
+                                                             if s in BAD}
+        state[Path(spec_file).name] = {"failed": [c for c in claim_ids if c in failed]}
+        write_atomic(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
     return path
 
 

@@ -14,14 +14,15 @@ import re
 from harness.errors import HarnessError
 
 SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+MAX_SHARDS = 10_000   # parts of one run; far more machines than any CI matrix
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """'K/N' -> (K, N), 1 <= K <= N."""
+    """'K/N' -> (K, N), 1 <= K <= N <= MAX_SHARDS."""
     match = SHARD_RE.match(text or "")
-    if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise HarnessError(f"--shard expects K/N with 1 <= K <= N (e.g. 2/8 for the second of "
-                           f"eight parts), got {text!r}")
+    if not match or not 1 <= int(match[1]) <= int(match[2]) <= MAX_SHARDS:
+        raise HarnessError(f"--shard expects K/N with 1 <= K <= N <= {MAX_SHARDS:,} (e.g. 2/8 "
+                           f"for the second of eight parts), got {text!r}")
     return int(match[1]), int(match[2])
 
 

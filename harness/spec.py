@@ -4,6 +4,7 @@ without loading weights. Every error names the file, the line and the field path
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import string
 from pathlib import Path
@@ -41,6 +42,10 @@ from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_tex
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+MAX_PROMPTS = 100_000       # prompts in one prompt set, however made (templates, files, corpus)
+MAX_FIRST_WORDS = 100_000   # `first_words:`; a prompt is a few dozen words
 
 
 # ----------------------------------------------------------------------------- models
@@ -163,7 +168,7 @@ class CorpusSource(Frozen):
     """`corpus:` reviews from the toy world's grammar."""
 
     name: Literal["toy-reviews"] = "toy-reviews"
-    n: int = Field(100, ge=1)
+    n: int = Field(100, ge=1, le=MAX_PROMPTS)
     seed: int = 0
 
 
@@ -181,7 +186,7 @@ class PromptEntry(Frozen):
     dataset: DatasetSource | None = None
     corpus: CorpusSource | None = None
     field: str = "text"
-    first_words: int | None = Field(None, ge=1)
+    first_words: int | None = Field(None, ge=1, le=MAX_FIRST_WORDS)
     strip: bool = False      # strip surrounding whitespace of `text` and `corrupt` alike
     limit: int | None = Field(None, ge=1)
     answer: str | None = None   # families: the default for rows without their own; loss and
@@ -212,6 +217,12 @@ class PromptEntry(Frozen):
             for name, options in (self.values or {}).items():
                 if not options:
                     raise ValueError(f"`values.{name}` is empty")
+            count = math.prod(len(options) for options in (self.values or {}).values())
+            if count > MAX_PROMPTS:
+                raise ValueError(f"the template expands to {count:,} prompts (the product of "
+                                 f"its `values` lengths), more than the limit of "
+                                 f"{MAX_PROMPTS:,} per prompt set; use fewer values, or sample "
+                                 "them into a `file:` family")
             for text in (self.template, self.corrupt or ""):
                 try:
                     text.format(**{k: v[0] for k, v in (self.values or {}).items()})
@@ -238,8 +249,10 @@ def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
     dataset and corpus families are read (relative paths from the spec's folder)."""
     from harness.prompt_sources import normalize_row
 
-    out = []
+    out: list[Prompt] = []
     for i, entry in enumerate(entries):
+        if len(out) > MAX_PROMPTS:
+            break
         if entry.text is None and entry.template is None:
             out += _read_family(entry, loc + (i,), directory)
             continue
@@ -256,6 +269,9 @@ def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
             row = normalize_row(row, entry.first_words, entry.strip)
             out.append(Prompt(text=row["text"], answer=entry.answer, foil=entry.foil,
                               corrupt=row["corrupt"], loc=loc + (i,)))
+    if len(out) > MAX_PROMPTS:
+        raise HarnessError(f"the prompt set has more than the limit of {MAX_PROMPTS:,} prompts; "
+                           "split it, or cut its families with `limit:`")
     return tuple(out)
 
 
@@ -269,7 +285,8 @@ def _read_family(entry: PromptEntry, loc: tuple, directory: Path) -> list[Prompt
         files = ds.data_files
         if files is not None:
             files = [str(directory / f) for f in ([files] if isinstance(files, str) else files)]
-        rows = sources.texts_from_dataset(ds.name, ds.split, ds.field, files, entry.limit)
+        rows = sources.texts_from_dataset(ds.name, ds.split, ds.field, files,
+                                          entry.limit or MAX_PROMPTS + 1)
     else:
         rows = sources.texts_from_corpus(entry.corpus.n, entry.corpus.seed)
     rows = rows[: entry.limit] if entry.limit else rows

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness import tl_checkpoints
 from harness.errors import HarnessError, SpecError
+from harness.files import MAX_CONFIG_BYTES, UnreadableFile, read_regular_text, regular_file_problem
 from harness.sites import KV_SITES, missing_reason
 
 REMOTE_CODE_FLAGS = "--allow-remote-code (harness) or --harness-allow-remote-code (pytest)"
@@ -131,14 +132,19 @@ def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
     loc = ("models", name)
     config_file = directory / "config.json"
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(read_regular_text(config_file, MAX_CONFIG_BYTES))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except FileNotFoundError:
         raise spec.error(loc, f"{directory} has no config.json; a model folder is what "
                               "`save_pretrained` writes") from None
+    except UnreadableFile as exc:
+        raise spec.error(loc, str(exc)) from None
     except (OSError, ValueError) as exc:
         raise spec.error(loc, f"cannot read {config_file}: {exc}") from None
+    problem = implausible_size(config_file, config)
+    if problem:
+        raise spec.error(loc, problem)
     tl_config = tl_checkpoints.read_config(directory)
     problem = weights_problem(directory, tl_format=tl_config is not None)
     if problem:
@@ -186,8 +192,28 @@ def _first(config: dict, *keys: str) -> int | None:
     return None
 
 
+# Layer and head counts beyond any model: building that many modules would run for hours.
+MAX_BLOCKS = 10_000
+COUNT_FIELDS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "n_head",
+                "num_attention_heads", "n_heads", "num_key_value_heads", "n_key_value_heads")
+
+
+def implausible_size(config_file: Path, config: dict) -> str | None:
+    """A layer or head count above MAX_BLOCKS (`n_layer: 1e8`), naming file and field."""
+    for key in COUNT_FIELDS:
+        value = config.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and value > MAX_BLOCKS:
+            return (f"{config_file}: `{key}` is {value:g}, more than the limit of "
+                    f"{MAX_BLOCKS:,}; the config does not describe a model these weights can be")
+    return None
+
+
 def _read_tokenizer(spec, loc: tuple, directory: Path):
     path = directory / "tokenizer.json"
+    problem = regular_file_problem(path)
+    if problem:
+        raise spec.error(loc, problem)
     if not path.is_file():
         return None   # a slow-only tokenizer: transformers checks tokens later
     from tokenizers import Tokenizer
@@ -200,7 +226,12 @@ def _read_tokenizer(spec, loc: tuple, directory: Path):
 
 def weights_problem(directory: Path, tl_format: bool = False) -> str | None:
     """Why the weight files of a folder cannot be complete (safetensors headers only).
-    TransformerLens-format folders may hold a `.pth` state dict instead."""
+    TransformerLens-format folders may hold a `.pth` state dict instead. A FIFO or device
+    among its files (a loader would block on it, or read forever) is refused too."""
+    for path in sorted(directory.iterdir()):
+        problem = None if path.is_dir() else regular_file_problem(path)
+        if problem:
+            return problem
     safetensors = sorted(directory.glob("*.safetensors"))
     if tl_format and not safetensors and any(directory.glob("*.pth")):
         return None

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from harness.errors import ModelUnavailable
+from harness.files import MAX_CONFIG_BYTES, UnreadableFile, read_regular_text
 
 CONFIG_FIELDS = ("d_model", "d_head", "n_layers", "n_ctx", "n_heads", "d_mlp", "d_vocab",
                  "act_fn", "eps", "attn_only", "normalization_type", "final_rms",
@@ -31,8 +32,9 @@ def read_config(directory: Path) -> dict | None:
     """The folder's config.json when it is a TransformerLens one (no `model_type`, has
     `n_layers` and `d_model`), else None. Pure JSON: no torch."""
     try:
-        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = json.loads(read_regular_text(Path(directory) / "config.json",
+                                              MAX_CONFIG_BYTES))
+    except (OSError, ValueError, UnreadableFile):
         return None
     if not isinstance(config, dict) or "model_type" in config:
         return None

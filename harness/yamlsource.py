@@ -17,6 +17,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from harness.errors import SpecError
+from harness.files import UnreadableFile, read_regular
 
 Loc = tuple  # a field path: ("claims", 3, "expect", "argmax")
 
@@ -77,10 +78,12 @@ def read_yaml(path: Path) -> SourcedYaml:
     """Read a spec file and parse it with `parse_yaml`."""
     file = str(path)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_BYTES + 1)
+        raw = read_regular(path, MAX_BYTES)
     except OSError as exc:
         raise SpecError(f"cannot read spec: {exc.strerror}", file=file) from None
+    except UnreadableFile as exc:
+        raise SpecError(f"cannot read spec: {exc}; move long prompt lists into a `file:` "
+                        "prompt family", file=file) from None
     return parse_yaml(raw, file)
 
 

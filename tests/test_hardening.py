@@ -371,7 +371,7 @@ def test_killed_write_leaves_no_temp_file_behind(tmp_path):
     from harness.jsonfiles import write_atomic
 
     target = tmp_path / "report.json"
-    stale = tmp_path / ".report.json.abc123.tmp"   # what a SIGKILL mid-write leaves
+    stale = tmp_path / ".report.json.harness-abc12345.tmp"   # what a SIGKILL mid-write leaves
     stale.write_text("{half")
     write_atomic(target, "{}\n")
     assert target.read_text() == "{}\n" and not stale.exists()

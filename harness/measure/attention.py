@@ -7,6 +7,8 @@ so it works on every architecture the TransformerBridge loads; patterns are per 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -53,22 +55,25 @@ def source_mask(tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch
     return mask & (src <= dest) & real[:, :, None] & real[:, None, :]
 
 
-def patterns(bridge, tokens: Int[Tensor, "batch pos"], layers: list[int],
-             memory_budget_mb: float = 2048) -> Float[Tensor, "layer batch head dest src"]:
-    """Attention patterns of the given layers, in prompt slices that fit the budget."""
+def pattern_slices(bridge, tokens: Int[Tensor, "batch pos"], layers: list[int],
+                   memory_budget_mb: float = 2048
+                   ) -> Iterator[tuple[slice, Float[Tensor, "layer batch head dest src"]]]:
+    """Attention patterns of the given layers, one prompt slice at a time (the rows it covers
+    and its patterns), each slice sized to the budget with room for a reduction's temporaries:
+    callers reduce a slice before the next is made, so the patterns of all prompts are never
+    held at once."""
     names = [site("pattern").hook_name(layer) for layer in layers]
     n = tokens.shape[1]
     per_prompt = 4 * len(layers) * bridge.cfg.n_heads * n * n * 3 + 1
     step = max(1, budget_bytes(memory_budget_mb, WORK_SHARE) // per_prompt)
     device = next(bridge.parameters()).device
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, tokens.shape[0], step):
+    for start in range(0, tokens.shape[0], step):
+        with torch.inference_mode():
             _, cache = bridge.run_with_cache(tokens[start:start + step].to(device),
                                              names_filter=lambda name: name in names)
-            parts.append(torch.stack([cache[name].float().cpu() for name in names]))
+            pattern = torch.stack([cache[name].float().cpu() for name in names])
             del cache
-    return torch.cat(parts, 1)
+        yield slice(start, start + step), pattern
 
 
 def attention_scores(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch"],
@@ -87,10 +92,12 @@ def attention_scores(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[Te
         raise MeasureError(f"prompt {shown} has no position with a {what} to attend to; "
                            "use prompts where the rule applies (e.g. a repeated word for "
                            "duplicate/induction)")
-    pattern = patterns(bridge, tokens, layers, memory_budget_mb)        # [L, b, h, d, s]
-    to_sources = (pattern * mask[None, :, None]).sum(-1)                 # [L, b, h, dest]
-    per_prompt = (to_sources * eligible[None, :, None]).sum(-1) / eligible.sum(-1)[None, :, None]
-    return per_prompt.permute(0, 2, 1)
+    parts = []
+    for rows, pattern in pattern_slices(bridge, tokens, layers, memory_budget_mb):  # [L,b,h,d,s]
+        to_sources = (pattern * mask[None, rows, None]).sum(-1)          # [L, b, h, dest]
+        live = eligible[None, rows, None]
+        parts.append((to_sources * live).sum(-1) / live.sum(-1))         # [L, b, h]
+    return torch.cat(parts, 1).permute(0, 2, 1)
 
 
 def repeated_random_tokens(vocab: Int[Tensor, " n"], length: int, count: int, seed: int,
@@ -110,14 +117,17 @@ def head_detector_scores(bridge, tokens: Int[Tensor, "batch pos"], role: str, *,
     if role not in ROLES:
         raise MeasureError(f"unknown head role {role!r}" + did_you_mean(role, ROLES))
     n = tokens.shape[1]
-    final = torch.full((tokens.shape[0],), n - 1)
-    mask = source_mask(tokens.cpu(), final, ROLES[role]).float()
-    pattern = patterns(bridge, tokens, list(range(bridge.cfg.n_layers)), memory_budget_mb)
     keep = torch.ones(n, n)
     if exclude_bos:
         keep[:, 0] = 0
     if exclude_current_token:
         keep = keep * (1 - torch.eye(n))
-    kept = pattern * keep
-    score = (kept * mask[None, :, None]).sum((-1, -2)) / kept.sum((-1, -2))  # [L, b, h]
-    return score.permute(0, 2, 1)
+    parts = []
+    layers = list(range(bridge.cfg.n_layers))
+    for rows, pattern in pattern_slices(bridge, tokens, layers, memory_budget_mb):
+        part = tokens[rows].cpu()
+        mask = source_mask(part, torch.full((part.shape[0],), n - 1), ROLES[role]).float()
+        kept = pattern * keep
+        parts.append((kept * mask[None, :, None]).sum((-1, -2)) / kept.sum((-1, -2)))
+        del kept, pattern
+    return torch.cat(parts, 1).permute(0, 2, 1)                              # [L, h, b]
