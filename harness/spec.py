@@ -359,6 +359,14 @@ class ClaimBase(Frozen):
     def model_names(self) -> tuple[str, ...]:
         return ()
 
+    def other_prompt_sets(self) -> tuple[tuple[str, str], ...]:
+        """The named prompt sets the claim reads besides its own prompts, as (field, set):
+        a reference ablation's `reference`, top_features' `control`. The token checks read
+        them as they read the claim's prompts."""
+        sets = (("reference", getattr(self, "reference_prompts", None)),
+                ("control", getattr(self, "control", None)))
+        return tuple((name, value) for name, value in sets if isinstance(value, str))
+
     def value_kind(self) -> str:
         """Which expectation operators apply (expect.py): the kind of value measured."""
         return self.VALUE_KIND
