@@ -70,3 +70,49 @@ def test_spec_error_at_claim_time_stops_only_its_spec(tmp_path, tiny_checkpoints
     assert "prompt_sets.ref[0].answer" in capsys.readouterr().err
     assert good_claims(report) == ["passed"]
     assert [s.get("error") is not None for s in strict_json(report)["specs"]] == [True, False]
+
+
+# ----------------------------------------------------------------------------- item 17
+
+def config_copy(tmp_path: Path, src: Path, name: str, old: str, new: str) -> Path:
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    config = dst / "config.json"
+    assert old in config.read_text()
+    config.write_text(config.read_text().replace(old, new))
+    return dst
+
+
+def test_config_field_of_the_wrong_type(tmp_path, tiny_checkpoints, capsys):
+    """`n_layer: "two"`: validate and run name the file and the field; the other spec runs."""
+    broken = config_copy(tmp_path, tiny_checkpoints["a"], "two", '"n_layer": 2', '"n_layer": "two"')
+    path = tiny_spec(tmp_path, broken, LOGIT)
+    message = f'models.a: {broken}/config.json: field `n_layer` is "two", not an integer'
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:3: {message}" in out, out
+    other_spec(tmp_path, tiny_checkpoints["a"])
+    report = tmp_path / "r.json"
+    assert run_cli(tmp_path, "--report-json", report) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert good_claims(report) == ["passed"]
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ('"n_layer": 2', '"n_layer": 2.5'), ('"n_head": 4', '"n_head": [4]'),
+    ('"vocab_size": 339', '"vocab_size": true'),
+    ('"layer_norm_epsilon": 1e-05', '"layer_norm_epsilon": "x"')])
+def test_optional_model_with_a_broken_config_skips(tmp_path, tiny_checkpoints, capsys, old,
+                                                   new):
+    """Its claims skip and say why (a field the checks read, or one transformers refuses)."""
+    broken = config_copy(tmp_path, tiny_checkpoints["a"], "broken", old, new)
+    path = tiny_spec(tmp_path, broken, LOGIT, model_extra=", optional: true")
+    code, out = validate(capsys, path)
+    assert code == 0, out
+    report = tmp_path / "r.json"
+    assert run_cli(path, "--report-json", report) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    claim = strict_json(report)["specs"][0]["claims"][0]
+    assert claim["status"] == "skipped" and old.split('"')[1] in claim["message"], claim
