@@ -118,11 +118,13 @@ def _run(args) -> int:
 
     start = time.perf_counter()
     from harness import report
-    from harness.finish import Outputs, finish
+    from harness.finish import Outputs, check_outputs, finish
     from harness.runner import SpecResult, exit_code_limited, run_spec_file
     from harness.selection import selector
     from harness.session import Session
 
+    outputs = Outputs.from_args(lambda name: getattr(args, name))
+    check_outputs(outputs)
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
                       verbose=not args.quiet, update_baselines=args.update_baselines,
                       allow_remote_code=args.allow_remote_code, started=start,
@@ -154,8 +156,7 @@ def _run(args) -> int:
     details = report.failure_details(verdicts)
     if details:
         print("\n" + details)
-    _, messages = finish(results, Outputs.from_args(lambda name: getattr(args, name)),
-                         args.device, session, session.timing_report())
+    _, messages = finish(results, outputs, args.device, session, session.timing_report())
     for message in messages:
         print(message)
     return exit_code_limited(results, args.limit)
@@ -252,18 +253,13 @@ def _shard(paths: list[Path], text: str) -> tuple[set[tuple[str, int]], dict[str
 
 def _merge(args) -> int:
     """Join the JSON reports of a sharded run into one report and one exit code."""
-    import json
-
-    from harness.finish import Outputs, exit_code, write_outputs
+    from harness.finish import Outputs, check_outputs, exit_code, write_outputs
+    from harness.report_text import read_report
     from harness.shard import merge_reports
 
-    reports = []
-    for path in args.reports:
-        try:
-            reports.append(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as exc:
-            raise HarnessError(f"cannot read JSON report {path}: {exc}; pass the files that "
-                               "`--report-json` wrote") from None
+    outputs = Outputs(args.report_json, args.report_md, args.report_html, args.junitxml)
+    check_outputs(outputs)
+    reports = [read_report(path) for path in args.reports]
     data = merge_reports(reports)
     counts: dict[str, int] = {}
     for spec in data["specs"]:
@@ -278,7 +274,6 @@ def _merge(args) -> int:
                         if c["status"] in ("failed", "error"))
     if details:
         print(details)
-    outputs = Outputs(args.report_json, args.report_md, args.report_html, args.junitxml)
     for path in write_outputs(data, outputs):
         print(f"wrote {path}")
     return exit_code(data)

@@ -228,14 +228,11 @@ def write_frozen(spec_data: dict, spec_dir: Path, claims: list[dict], path: Path
 def freeze_report(report_path: Path, out: Path, tolerance: float) -> list[Path]:
     """`harness freeze`: one frozen spec per spec of the report (its source spec is re-read
     for models and prompts). One spec: `out` is the file; several: a directory."""
+    from harness.report_text import read_report
     from harness.yamlsource import read_yaml
 
-    try:
-        report = json.loads(Path(report_path).read_text())
-        specs = report["specs"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise HarnessError(f"{report_path}: not a harness JSON report ({exc}); write one with "
-                           "`harness run SPEC --report-json FILE`") from None
+    report = read_report(report_path)
+    specs = report["specs"]
     written = []
     for entry in specs:
         source = Path(entry["file"])

@@ -31,6 +31,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from harness.errors import HarnessError
+    from harness.finish import Outputs, check_outputs
+
+    try:
+        check_outputs(Outputs.from_args(lambda name: config.getoption(f"harness_{name}")),
+                      prefix="harness-")
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config.stash[VERDICTS_KEY] = []
     config.stash[SPEC_ERRORS_KEY] = []
     if config.pluginmanager.hasplugin("xdist"):

@@ -239,7 +239,11 @@ def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
     out = []
     for i, entry in enumerate(entries):
         if entry.text is None and entry.template is None:
-            out += _read_family(entry, loc + (i,), directory)
+            try:
+                out += _read_family(entry, loc + (i,), directory)
+            except HarnessError as exc:   # the entry's line and field, for the spec error
+                exc.loc = loc + (i, next(k for k in PROMPT_SOURCES if getattr(entry, k)))
+                raise
             continue
         if entry.text is not None:
             rows = [{"text": entry.text, "corrupt": entry.corrupt}]
@@ -1207,7 +1211,7 @@ def resolve_prompts(spec: Spec) -> Spec:
             resolved[name or ""] = expand(spec.prompt_sets[name] if name else spec.prompts,
                                           loc, spec.directory)
         except HarnessError as exc:
-            errors.append(spec.error(loc, str(exc)))
+            errors.append(spec.error(getattr(exc, "loc", loc), str(exc)))
     if errors:
         raise _combine(errors)
     out = spec.model_copy()

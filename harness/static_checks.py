@@ -269,8 +269,19 @@ def _safetensors_problem(path: Path) -> str | None:
         return f"unreadable ({exc.strerror})"
     except ValueError:
         return "corrupt (its header is not JSON)"
-    ends = [t["data_offsets"][1] for k, t in header.items()
-            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    if not isinstance(header, dict):
+        return "corrupt (its header is not a JSON object)"
+    ends = []
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = tensor.get("data_offsets") if isinstance(tensor, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                        for o in offsets) and offsets[0] <= offsets[1]):
+            return (f"corrupt (tensor {json.dumps(name)[:60]} has data_offsets "
+                    f"{json.dumps(offsets)[:40]}, not [begin, end] byte offsets)")
+        ends.append(offsets[1])
     if 8 + n + max(ends, default=0) > size:
         return f"truncated ({size} bytes, its header needs {8 + n + max(ends)})"
     return None

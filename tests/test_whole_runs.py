@@ -4,6 +4,7 @@ inject markup; frozen specs cannot inject keys."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,123 @@ def test_optional_model_with_a_broken_config_skips(tmp_path, tiny_checkpoints, c
     assert "Traceback" not in capsys.readouterr().err
     claim = strict_json(report)["specs"][0]["claims"][0]
     assert claim["status"] == "skipped" and old.split('"')[1] in claim["message"], claim
+
+
+# ----------------------------------------------------------------------------- item 18
+
+def file_spec(tmp_path: Path, model_dir: Path, name: str, content: bytes) -> Path:
+    """A spec whose prompts (line 5, `prompts[0].file`) are read from `name`."""
+    (tmp_path / name).write_bytes(content)
+    return tiny_spec(tmp_path, model_dir, LOGIT,
+                     f'- {{file: {name}, answer: " bad", foil: " good"}}\n')
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("p.txt", b"This movie was fine\nThis movie was r\xe9ally\n", "p.txt:2: not UTF-8 (byte 0xe9)"),
+    ("p.jsonl", b'{"text": "r\xe9ally"}\n', "p.jsonl:1: not UTF-8 (byte 0xe9)"),
+    ("p.jsonl", b'{"text": "This movie was"}\n5\n', "p.jsonl:2: a row must be a JSON object"),
+    ("p.jsonl", b'{"text": "This movie was"}\n\nnull\n', "p.jsonl:3: a row must be a JSON object"),
+])
+def test_unreadable_prompt_files_are_spec_errors(tmp_path, tiny_checkpoints, capsys, name,
+                                                 content, words):
+    path = file_spec(tmp_path, tiny_checkpoints["a"], name, content)
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:5: prompts[0].file: {tmp_path}/{words}" in out, out
+    assert "Traceback" not in out
+
+
+def test_non_utf8_prompt_file_under_pytest(pytester, tiny_checkpoints):
+    """A spec error item; the session goes on to the good spec."""
+    specs = pytester.mkdir("specs")
+    file_spec(specs, tiny_checkpoints["a"], "p.txt", b"r\xe9ally\n")
+    other_spec(specs, tiny_checkpoints["a"])
+    result = pytester.runpytest(str(specs), "-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=1)
+    assert result.ret == 2 and "not UTF-8" in result.stdout.str()
+
+
+@pytest.mark.parametrize("header", [
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "x"]}}, [0, 4],
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}},
+    {"w": {"dtype": "F32", "shape": [1]}}, {"w": 5}])
+def test_malformed_safetensors_header(tmp_path, tiny_checkpoints, capsys, header):
+    import shutil
+    import struct
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoints["a"], folder)
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    code, out = validate(capsys, tiny_spec(tmp_path, folder, LOGIT))
+    assert code == 2 and f"models.a: {folder}/model.safetensors is corrupt" in out, out
+    assert "Traceback" not in out
+
+
+def harness_main(capsys, *args) -> tuple[int, str]:
+    from harness.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_report_paths_that_cannot_be_written(tmp_path, tiny_checkpoints, capsys):
+    """Refused before anything runs (usage, exit 2), in both front ends."""
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], LOGIT)
+    a_file = tmp_path / "existing.html"
+    a_file.write_text("mine\n")
+    code, out = harness_main(capsys, "run", path, "-q", "--report-html", a_file)
+    assert code == 2 and "--report-html" in out and "is a file" in out, out
+    assert a_file.read_text() == "mine\n" and "passed" not in out
+    code, out = harness_main(capsys, "run", path, "-q", "--report-json", a_file / "r.json")
+    assert code == 2 and f"cannot write in {a_file} (not a folder)" in out, out
+    code, out = harness_main(capsys, "run", path, "-q", "--report-md", tmp_path)
+    assert code == 2 and "is a folder" in out, out
+    assert "Traceback" not in out
+
+
+def test_pytest_refuses_an_html_report_path_that_is_a_file(pytester, tiny_checkpoints):
+    specs = pytester.mkdir("specs")
+    other_spec(specs, tiny_checkpoints["a"])
+    (pytester.path / "r.html").write_text("mine\n")
+    result = pytester.runpytest(str(specs), "--harness-report-html", "r.html")
+    assert result.ret == 4 and "--harness-report-html r.html is a file" in result.stderr.str()
+
+
+def test_report_write_failure_is_an_error_not_a_traceback(tmp_path, tiny_checkpoints, capsys,
+                                                         monkeypatch):
+    import harness.baselines
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(harness.baselines, "write_atomic", refuse)
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], LOGIT)
+    code, out = harness_main(capsys, "run", path, "-q", "--report-json", tmp_path / "r.json")
+    assert code == 2 and f"cannot write a report: {tmp_path}/r.json: Permission denied" in out
+    assert "Traceback" not in out
+
+
+FOREIGN = ['{"a": 1}', "[1, 2]", '{"specs": [5]}', '{"specs": [{"spec": "x", "claims": [7]}]}',
+           '{"specs": [{"spec": "x", "file": "x.yaml", "claims": [{"id": "c", "measure": "m", '
+           '"status": "won"}]}]}', "\xff", "[" * 100_000]
+
+
+@pytest.mark.parametrize("content", FOREIGN)
+@pytest.mark.parametrize("command", ["merge", "diff", "freeze"])
+def test_foreign_json_is_refused(tmp_path, capsys, content, command):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(content, encoding="latin-1")
+    good = tmp_path / "good.json"
+    good.write_text('{"specs": []}')
+    args = {"merge": ["merge", foreign], "diff": ["diff", good, foreign],
+            "freeze": ["freeze", foreign, "-o", tmp_path / "out.yaml"]}[command]
+    code, out = harness_main(capsys, *args)
+    assert code == 2 and str(foreign) in out and "--report-json" in out, out
+    assert "Traceback" not in out and not (tmp_path / "out.yaml").exists()
+
+
+@pytest.mark.parametrize("expression", ["(" * 5000 + "a" + ")" * 5000, "not " * 5000 + "a"])
+def test_deeply_nested_k_expression(tmp_path, tiny_checkpoints, capsys, expression):
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], LOGIT)
+    code, out = harness_main(capsys, "run", path, "-q", "-k", expression)
+    assert code == 2 and "nests too deeply" in out and "Traceback" not in out
