@@ -273,7 +273,7 @@ def _merge(args) -> int:
                         for s in data["specs"] for c in s["claims"]
                         if c["status"] in ("failed", "error"))
     if details:
-        print(details)
+        print(safe_text(details))
     for path in write_outputs(data, outputs):
         print(f"wrote {path}")
     return exit_code(data)

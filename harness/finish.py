@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, safe_text
 
 
 def positive_int(text: str) -> int:
@@ -146,6 +146,12 @@ def exit_code(data: dict) -> int:
     return 1 if any(c["status"] in bad for s in data["specs"] for c in s["claims"]) else 0
 
 
+def xml_attr(value) -> str:
+    """A quoted XML attribute holding any text: characters XML cannot hold (escape codes, NUL;
+    none of them printable) shown escaped, markup characters as entities."""
+    return quoteattr(safe_text(str(value)))
+
+
 def junit_xml(data: dict) -> str:
     """JUnit XML like pytest's: one testcase per claim, measured/expected as properties."""
     import json
@@ -155,16 +161,16 @@ def junit_xml(data: dict) -> str:
         if spec.get("error"):
             counts["tests"] += 1
             counts["errors"] += 1
-            cases.append(f'  <testcase classname={quoteattr(spec["file"])} name="spec-error">'
-                         f'<error message={quoteattr(spec["error"])}/></testcase>')
+            cases.append(f'  <testcase classname={xml_attr(spec["file"])} name="spec-error">'
+                         f'<error message={xml_attr(spec["error"])}/></testcase>')
         for c in spec["claims"]:
             counts["tests"] += 1
-            props = "".join(f"<property name={quoteattr(k)} value="
-                            f"{quoteattr(json.dumps(c.get(k), default=str))}/>"
+            props = "".join(f"<property name={xml_attr(k)} value="
+                            f"{xml_attr(json.dumps(c.get(k), default=str))}/>"
                             for k in ("measure", "measured", "expected"))
-            props += f'<property name="status" value={quoteattr(c["status"])}/>'
+            props += f'<property name="status" value={xml_attr(c["status"])}/>'
             body = f"<properties>{props}</properties>"
-            message = quoteattr(c.get("message", ""))
+            message = xml_attr(c.get("message", ""))
             if c["status"] == "failed":
                 counts["failures"] += 1
                 body += f"<failure message={message}/>"
@@ -174,9 +180,9 @@ def junit_xml(data: dict) -> str:
             elif c["status"] in ("skipped", "xfailed"):
                 counts["skipped"] += 1
                 body += f"<skipped message={message}/>"
-            name = quoteattr(f"{spec['spec']}::{c['id']}")
-            cases.append(f"  <testcase classname={quoteattr(spec['file'])} name={name} "
-                         f'time="{c.get("seconds", 0)}">{body}</testcase>')
+            name = xml_attr(f"{spec['spec']}::{c['id']}")
+            cases.append(f"  <testcase classname={xml_attr(spec['file'])} name={name} "
+                         f'time={xml_attr(c.get("seconds", 0))}>{body}</testcase>')
     attrs = " ".join(f'{k}="{v}"' for k, v in counts.items())
     return ('<?xml version="1.0" encoding="utf-8"?>\n<testsuites>\n'
             f'<testsuite name="interp-harness" {attrs}>\n' + "\n".join(cases)

@@ -203,6 +203,7 @@ class ClaimItem(pytest.Item):
 
 
 def _describe(verdict, exc) -> str:
+    from harness.errors import safe_text
     from harness.expect import fmt
     from harness.report_text import expected_text
 
@@ -217,7 +218,7 @@ def _describe(verdict, exc) -> str:
     if verdict.margin is not None:
         lines.append(f"  margin:   {fmt(verdict.margin)}")
     lines.append(f"  {verdict.message}")
-    return "\n".join(lines)
+    return safe_text("\n".join(lines))   # prompt texts may hold escape codes
 
 
 def _short(measured) -> str:

@@ -5,12 +5,52 @@ cells of a claim of the JSON report. No torch, no report writing."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, safe_text
 from harness.expect import fmt
 
 STATUS_ORDER = {"error": 0, "failed": 1, "xfailed": 2, "skipped": 3, "passed": 4}
+
+
+def one_line(value) -> str:
+    """Text on one line: control characters (escape codes) and line breaks shown escaped."""
+    return safe_text(str(value)).replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
+
+
+MARKDOWN_PUNCTUATION = set("\\`*_[]#!|~$")   # inline markup; backslash escapes keep it literal
+HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def md_text(value) -> str:
+    """Any text as it reads, in a Markdown heading or table cell: one line, every Markdown
+    punctuation mark backslash-escaped (no links, images, emphasis, table breaks) and HTML's
+    `&`, `<`, `>` as entities (no raw HTML)."""
+    return "".join(HTML_ENTITIES.get(c) or ("\\" + c if c in MARKDOWN_PUNCTUATION else c)
+                   for c in one_line(value))
+
+
+def md_code(value, in_table: bool = True) -> str:
+    """Text as an inline code span on one line: a fence longer than any backtick run in it."""
+    text = one_line(value)
+    if in_table:   # GitHub splits table cells at `|` even inside code spans
+        text = text.replace("|", "\\|")
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_block(text: str) -> list[str]:
+    """Lines of a fenced code block holding `text` as written (control characters escaped): the
+    fence is longer than any backtick run inside, so nothing in it can close the block."""
+    text = safe_text(str(text))
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return [fence, text, fence]
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
 
 def read_report(path: str | Path) -> dict:
@@ -58,6 +98,9 @@ def check_report(data, source) -> dict:
             need(claim.get("params", {}), dict, f"{at}.params", "must be an object")
             need(claim.get("models", []), list, f"{at}.models", "must be a list")
             need(claim.get("message", ""), str, f"{at}.message", "must be a string")
+            for key in ("seconds", "margin", "line"):
+                if claim.get(key) is not None:
+                    need(claim[key], (int, float), f"{at}.{key}", "must be a number")
     return data
 
 

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from harness.errors import HarnessError, SpecError, did_you_mean
+from harness.errors import HarnessError, SpecError, did_you_mean, safe_text
 from harness.expect import (
     ANSWER_OPERATORS,
     FEATURES,
@@ -35,6 +35,17 @@ from harness.expect import (
 )
 from harness.sites import HEAD_RE, HEAD_SITES, SITES, parse_head
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")   # spec names and claim ids
+
+
+def checked_name(value: str, what: str, hint: str = "") -> str:
+    """A spec name or claim id: letters, digits, '_', '-', '.' (at most 100), so that it reads
+    the same in a pytest node id (`spec::claim`), `-k`, `--lf`, and every report format."""
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(f"{what} {safe_text(repr(value))} may use only letters, digits, '_', "
+                         f"'-' and '.' (at most 100 characters){hint}")
+    return value
 
 
 class Frozen(BaseModel):
@@ -347,9 +358,7 @@ class ClaimBase(Frozen):
     @field_validator("id")
     @classmethod
     def _id_chars(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
-            raise ValueError(f"claim id '{value}' may use only letters, digits, '_', '-', '.'")
-        return value
+        return checked_name(value, "claim id")
 
     @field_validator("per_prompt")
     @classmethod
@@ -989,6 +998,11 @@ class Spec(Frozen):
     field_lines: dict[str, int] = {}   # formatted field path -> line, for later errors
     _resolved: dict | None = PrivateAttr(default=None)   # set name ("" default) -> prompts
 
+    @field_validator("spec")
+    @classmethod
+    def _name_chars(cls, value: str) -> str:
+        return checked_name(value, "spec name")
+
     @property
     def resolved(self) -> bool:
         """Whether `resolve_prompts` has read this spec's prompt sets."""
@@ -1059,7 +1073,12 @@ def spec_from_source(source: SourcedYaml, name: str) -> Spec:
     if unknown_measure:
         raise unknown_measure
     payload = dict(data, file=source.file)
-    payload.setdefault("spec", name)
+    if "spec" not in data:
+        try:
+            payload["spec"] = checked_name(name, "spec name", "; it defaults to the file's "
+                                           "stem: rename the file or set `spec: NAME`")
+        except ValueError as exc:
+            raise SpecError(str(exc), file=source.file, path="spec") from None
     payload["field_lines"] = {format_loc(loc): line for loc, line in source.lines.items()}
     try:
         spec = Spec.model_validate(payload)

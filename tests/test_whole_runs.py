@@ -215,7 +215,9 @@ def test_report_write_failure_is_an_error_not_a_traceback(tmp_path, tiny_checkpo
 
 FOREIGN = ['{"a": 1}', "[1, 2]", '{"specs": [5]}', '{"specs": [{"spec": "x", "claims": [7]}]}',
            '{"specs": [{"spec": "x", "file": "x.yaml", "claims": [{"id": "c", "measure": "m", '
-           '"status": "won"}]}]}', "\xff", "[" * 100_000]
+           '"status": "won"}]}]}', "\xff", "[" * 100_000,
+           '{"specs": [{"spec": "x", "file": "x.yaml", "claims": [{"id": "c", "measure": "m", '
+           '"status": "passed", "seconds": "1\\" injected=\\"yes"}]}]}']
 
 
 @pytest.mark.parametrize("content", FOREIGN)
@@ -237,3 +239,83 @@ def test_deeply_nested_k_expression(tmp_path, tiny_checkpoints, capsys, expressi
     path = tiny_spec(tmp_path, tiny_checkpoints["a"], LOGIT)
     code, out = harness_main(capsys, "run", path, "-q", "-k", expression)
     assert code == 2 and "nests too deeply" in out and "Traceback" not in out
+
+
+# ----------------------------------------------------------------------------- item 19
+
+HOSTILE = "x\n# injected\n![img](http://evil.example/x.png) <img src=x> <b>hi</b> \x1b[31mred|`"
+
+
+@pytest.mark.parametrize("name", [HOSTILE, "a::b", "a[1]", "a b", "\x1b[2J", "<b>x</b>",
+                                  "x" * 101])
+def test_spec_names_outside_the_character_set_are_spec_errors(tmp_path, tiny_checkpoints,
+                                                              capsys, name):
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], LOGIT)
+    path.write_text(f"spec: {json.dumps(name)}\n" + path.read_text().split("\n", 1)[1])
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:1: spec: spec name" in out, out
+    assert "may use only letters, digits, '_', '-' and '.'" in out and "\x1b" not in out
+
+
+def test_a_file_stem_outside_the_character_set_says_how_to_fix_it(tmp_path, tiny_checkpoints,
+                                                                  capsys):
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], LOGIT, name="a::b[1]")
+    path.write_text(path.read_text().split("\n", 1)[1])      # no `spec:`: the stem names it
+    code, out = validate(capsys, path)
+    assert code == 2 and "spec name 'a::b[1]'" in out and "set `spec: NAME`" in out, out
+
+
+def hostile_report(tmp_path: Path) -> Path:
+    """A JSON report (hand-edited, or from an older harness) whose every text field is hostile:
+    merge must write it out without letting any field become markup."""
+    claim = {"id": HOSTILE, "measure": HOSTILE, "status": "failed", "models": [HOSTILE],
+             "measured": HOSTILE, "expected": {"contains": "a|b\n| c |"}, "message": HOSTILE,
+             "seconds": 1.5}
+    report = {"harness_version": HOSTILE, "environment": {"python": HOSTILE},
+              "specs": [{"spec": HOSTILE, "file": HOSTILE, "error": HOSTILE + "\n```\n# out",
+                         "claims": [claim, dict(claim, id="ok", status="passed")]}]}
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def unescaped_pipes(line: str) -> int:
+    import re
+
+    return len(re.findall(r"(?<!\\)\|", line))
+
+
+def test_hostile_report_fields_are_escaped_in_every_format(tmp_path, capsys):
+    import re
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "out"
+    code, printed = harness_main(capsys, "merge", hostile_report(tmp_path), "--report-md",
+                                 out / "r.md", "--report-html", out / "html", "--junitxml",
+                                 out / "junit.xml")
+    assert code == 2 and "\x1b" not in printed                 # terminal: shown, not obeyed
+    md = (out / "r.md").read_text()
+    outside_fences, fence = [], None
+    for line in md.splitlines():
+        if fence is None and line.startswith("```"):
+            fence = line
+        elif fence is not None and line == fence:
+            fence = None
+        elif fence is None:
+            outside_fences.append(line)
+    assert fence is None                                       # the error's block is closed
+    headings = [line for line in outside_fences if line.startswith("#")]
+    assert headings[0] == "# interp-harness report" and len(headings) == 2
+    assert headings[1].startswith(r"## x\\n\# injected")      # shown as written, on one line
+    text = re.sub(r"(?<!\\)(`+).+?\1", "", "\n".join(outside_fences))   # code spans are literal
+    for markup in ("![", "<img", "<b>", "\x1b"):
+        assert markup not in text, markup
+    assert not re.search(r"(?<!\\)\]\(", text)                # no link or image target
+    table = [line for line in outside_fences if line.startswith("|")]
+    assert len(table) == 4 and len({unescaped_pipes(line) for line in table}) == 1, table
+    junit = ET.parse(out / "junit.xml").getroot()               # well-formed XML
+    names = [case.get("name") for case in junit.iter("testcase")]
+    assert names[1].startswith("x\n# injected") and "\\x1b[31mred" in names[1]
+    html = (out / "html" / "report.html").read_text()
+    for markup in ("<img src=x>", "<b>hi</b>", "\x1b"):
+        assert markup not in html, markup
