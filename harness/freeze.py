@@ -145,8 +145,8 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
     env = environment or {}
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformer_lens", "device")
                          if k in env)
-    header = [f"# Frozen from {origin} on {datetime.date.today().isoformat()}"
-              + (f" ({versions})" if versions else "") + ".",
+    header = ["# " + _comment(f"Frozen from {origin} on {datetime.date.today().isoformat()}"
+                              + (f" ({versions})" if versions else "") + "."),
               f"# Every expectation is a measured value (numbers within ±{tolerance:g}); "
               "the comment above a claim says what was measured.",
               "# Re-freeze after an intended change: harness freeze REPORT.json -o THIS_FILE"]
@@ -160,6 +160,10 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
         found = by_id.get(claim.get("id"))
         if found is None:
             parts.append(_item(claim, "not frozen: the report has no such claim"))
+            continue
+        if found["measure"] != claim.get("measure"):   # another spec's report, or edited
+            parts.append(_item(claim, f"not frozen: the report measured '{found['measure']}', "
+                                      f"this claim is '{claim.get('measure')}'"))
             continue
         expect, note = frozen_expectation(found, tolerance)
         if expect is not None:
@@ -176,7 +180,16 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
 
 def _item(claim: dict, note: str) -> str:
     body = _dump([claim]).rstrip().splitlines()
-    return "\n".join([f"  # {note}", *("  " + line for line in body)]) + "\n"
+    return "\n".join([f"  # {_comment(note)}", *("  " + line for line in body)]) + "\n"
+
+
+def _comment(text: str) -> str:
+    """Text for one YAML comment line: the report's strings (names, labels, versions) may hold
+    line breaks, which would end the comment and write YAML of their own; they and every other
+    control character are shown escaped. Values go through yaml.safe_dump, never text."""
+    from harness.report_text import one_line
+
+    return one_line(text)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -4,6 +4,7 @@ without loading weights. Every error names the file, the line and the field path
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import string
 from pathlib import Path
@@ -288,15 +289,20 @@ def _read_family(entry: PromptEntry, loc: tuple, directory: Path) -> list[Prompt
     rows = rows[: entry.limit] if entry.limit else rows
     prompts = []
     for number, row in enumerate(rows, 1):
+        if not isinstance(row.get("text"), str):   # 0, false, [] or null: never dropped
+            field = entry.dataset.field if entry.dataset else entry.field
+            raise HarnessError(f"{_row_origin(entry, row, number)}: `{field}` must be "
+                               f"a string, got {json.dumps(row.get('text'), default=str)[:40]}"
+                               "; write the prompt's text in quotes")
         row = {"corrupt": entry.corrupt, "answer": entry.answer, "foil": entry.foil,
                **{k: v for k, v in row.items() if v is not None}}
-        row = sources.normalize_row(row, entry.first_words, entry.strip)
-        if not row["text"]:
-            continue
         for name in ("text", "answer", "foil", "corrupt"):
             if row[name] is not None and not isinstance(row[name], str):
                 raise HarnessError(f"{_row_origin(entry, row, number)}: `{name}` must be a "
-                                   f"string, got {row[name]!r}")
+                                   f"string, got {json.dumps(row[name], default=str)[:40]}")
+        row = sources.normalize_row(row, entry.first_words, entry.strip)
+        if not row["text"]:   # a blank row, as a .txt file's blank lines
+            continue
         prompts.append(Prompt(text=row["text"], answer=row["answer"], foil=row["foil"],
                               corrupt=row["corrupt"], loc=loc, row=_row_origin(entry, row, number)))
     return prompts
@@ -1269,10 +1275,12 @@ def prompt_errors(spec: Spec) -> list[SpecError]:
                         f"add `{missing[0]}: TOKEN` (one token, e.g. \" bad\") to the prompt, "
                         "its rows or its entry"))
                     break
-        if _needs_corrupt(claim) and claim.prompts is None and not any(
-                p.corrupt for p in spec.prompt_set(None)):
+        if _needs_corrupt(claim) and not any(p.corrupt for p in spec.claim_prompts(claim)):
+            where = f"prompt set '{claim.prompts}'" if claim.prompts else "the spec's prompts"
             errors.append(spec.error(("claims", i), "patching from/into `input: corrupt` needs "
-                                                    "prompts with `corrupt:` texts"))
+                                     f"prompts with `corrupt:` texts, and {where} has none"
+                                     + (" matching `prompt:`" if claim.prompt else "")
+                                     + "; add `corrupt: TEXT` to the prompts (or their rows)"))
     return errors
 
 

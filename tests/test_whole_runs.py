@@ -319,3 +319,109 @@ def test_hostile_report_fields_are_escaped_in_every_format(tmp_path, capsys):
     html = (out / "html" / "report.html").read_text()
     for markup in ("<img src=x>", "<b>hi</b>", "\x1b"):
         assert markup not in html, markup
+
+
+# ----------------------------------------------------------------------------- item 20
+
+INJECTED = ("\nprompt_sets:\n  pw: [{file: /etc/passwd}]\nclaims:\n- {id: evil, measure: "
+            "logit_diff, model: a, expect: {'<': 1.0e9}}\n#")
+
+
+@pytest.mark.parametrize("where", ["environment", "measure", "metric", "seed", "labels"])
+def test_freeze_of_a_hostile_report_injects_no_keys(tmp_path, tiny_checkpoints, capsys, where):
+    import yaml
+
+    source = tiny_spec(tmp_path, tiny_checkpoints["a"], {
+        "metric": "- {id: c, measure: patch, from: a, into: a, site: resid_pre, layers: [0], "
+                  "expect: {'>': 0}}\n",
+        "seed": "- {id: c, measure: generate, model: a, max_new_tokens: 2, "
+                "expect: {contains: This}}\n",
+        "labels": "- {id: c, measure: patch_sweep, from: a, into: a, site: resid_pre, "
+                  "over: [layer], expect: {argmax: 0}}\n"}.get(where, LOGIT))
+    claim = {"id": "c", "measure": "logit_diff", "status": "passed", "measured": 1.0,
+             "expected": {}, "params": {}}
+    if where == "measure":   # a report of another spec: not frozen, and the note is one line
+        claim["measure"] = "x" + INJECTED
+    if where in ("metric", "seed"):
+        claim.update(measure="patch" if where == "metric" else "generate",
+                     measured=1.0 if where == "metric" else "a text",
+                     params={"metric" if where == "metric" else "seed": "x" + INJECTED})
+    if where == "labels":
+        claim.update(measure="patch_sweep", measured={
+            "axes": ["layer"], "labels": [["x" + INJECTED, "y"]], "values": [1.0, 0.0]})
+    report = {"environment": {"device": "cpu" + INJECTED if where == "environment" else "cpu"},
+              "specs": [{"spec": "spec", "file": str(source), "claims": [claim]}]}
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(report))
+    out = tmp_path / "frozen.yaml"
+    code, printed = harness_main(capsys, "freeze", path, "-o", out)
+    assert code == 0, printed
+    frozen = yaml.safe_load(out.read_text())
+    assert set(frozen) == set(yaml.safe_load(source.read_text())), out.read_text()
+    assert [c["id"] for c in frozen["claims"]] == ["c"]
+    assert "/etc/passwd" not in json.dumps({k: v for k, v in frozen.items() if k != "claims"})
+    if where != "labels":    # a label is pinned as written: a value, never a key
+        code, printed = validate(capsys, out)
+        assert code == 0, printed
+
+
+# ----------------------------------------------------------------------------- item 21
+
+@pytest.mark.parametrize(("row", "shown"), [("0", "0"), ("false", "false"), ("[]", "[]"),
+                                            ("null", "null"), ('{"a": 1}', '{"a": 1}')])
+def test_non_string_text_in_a_jsonl_row_is_a_spec_error(tmp_path, tiny_checkpoints, capsys, row,
+                                                        shown):
+    """Never dropped silently: the error names the file, its line and the field."""
+    content = f'{{"text": "This movie was"}}\n{{"text": {row}}}\n'.encode()
+    path = file_spec(tmp_path, tiny_checkpoints["a"], "p.jsonl", content)
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:5: prompts[0].file: p.jsonl:2: `text` must be a string, got " \
+        f"{shown}" in out, out
+
+
+def test_a_non_string_answer_in_a_row_is_a_spec_error(tmp_path, tiny_checkpoints, capsys):
+    content = b'{"text": "This movie was", "answer": 5}\n'
+    path = file_spec(tmp_path, tiny_checkpoints["a"], "p.jsonl", content)
+    code, out = validate(capsys, path)
+    assert code == 2 and "p.jsonl:1: `answer` must be a string, got 5" in out, out
+
+
+CORRUPT_CLAIM = ("- {{id: c, measure: patch, {sel}from: {{model: a, input: corrupt}}, into: a, "
+                 "site: resid_pre, layers: [0], expect: {{'<': 1000}}}}\n")
+
+
+@pytest.mark.parametrize("sel", ["prompts: plain, ", "prompt: 'This movie was', "])
+def test_corrupt_input_without_corrupt_texts_is_a_spec_error(tmp_path, tiny_checkpoints, capsys,
+                                                            sel):
+    """Not a claim-time `'NoneType' object has no attribute 'shape'`."""
+    prompts = ('- {text: "This movie was really", answer: " bad", foil: " good", '
+               'corrupt: "This movie was truly"}\n')
+    path = tiny_spec(tmp_path, tiny_checkpoints["a"], CORRUPT_CLAIM.format(sel=sel), prompts)
+    path.write_text(path.read_text().replace("claims:\n", "prompt_sets:\n  plain:\n    - {text: "
+                                             "\"This movie was\", answer: \" bad\", foil: "
+                                             "\" good\"}\nclaims:\n"))
+    code, out = validate(capsys, path)
+    assert code == 2 and f"{path}:10: claims[0]: patching from/into `input: corrupt` needs " \
+        "prompts with `corrupt:` texts" in out, out
+    other_spec(tmp_path, tiny_checkpoints["a"])
+    report = tmp_path / "r.json"
+    assert run_cli(tmp_path, "--report-json", report) == 2
+    assert "NoneType" not in capsys.readouterr().err and good_claims(report) == ["passed"]
+
+
+def test_file_paths_are_read_as_written(tmp_path, tiny_checkpoints):
+    """The documented choice (docs/spec-format.md, "Trust"): specs are trusted input, and a
+    `file:` path is read as written, absolute or through `..` (no confinement to the folder)."""
+    from harness.spec import load_spec
+
+    outside = tmp_path / "shared" / "prompts.txt"
+    outside.parent.mkdir()
+    outside.write_text("This movie was\n")
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    for name, where in (("absolute", outside), ("relative", "../shared/prompts.txt")):
+        path = tiny_spec(specs, tiny_checkpoints["a"], LOGIT, name=name,
+                         prompts=f'- {{file: "{where}", answer: " bad", foil: " good"}}\n')
+        assert [p.text for p in load_spec(path).prompt_set(None)] == ["This movie was"]
+    text = (Path(__file__).parent.parent / "docs" / "spec-format.md").read_text()
+    assert "Specs are trusted input" in text
