@@ -194,7 +194,7 @@ def _show(args) -> int:
         ids = [c.id for c in result.spec.claims]
         raise HarnessError(f"{path}: no claim '{claim_id}'" + did_you_mean(claim_id, ids))
     data = report.json_report([result], args.device, session)
-    print(claim_text(result.spec.spec, data["specs"][0]["claims"][0]))
+    print(safe_text(claim_text(result.spec.spec, data["specs"][0]["claims"][0])))
     return 0
 
 

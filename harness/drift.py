@@ -7,8 +7,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 from harness.baselines import drift
+from harness.errors import safe_text
 from harness.expect import fmt
-from harness.report_text import measured_cell, read_report
+from harness.report_text import md_text, measured_cell, read_report
 
 HEADERS = ["spec", "claim", "old status", "new status", "old measured", "new measured", "moved"]
 
@@ -58,4 +59,7 @@ def diff_table(old: dict, new: dict, markdown: bool = False, changed_only: bool 
     rows = diff_rows(old, new, changed_only)
     if not rows:
         return "no claims differ"
-    return tabulate(rows, HEADERS, tablefmt="github" if markdown else "simple")
+    if markdown:   # every field shown as written: no markup, no broken table
+        return tabulate([[md_text(cell) for cell in row] for row in rows], HEADERS,
+                        tablefmt="github")
+    return safe_text(tabulate(rows, HEADERS, tablefmt="simple"))

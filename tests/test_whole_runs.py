@@ -425,3 +425,16 @@ def test_file_paths_are_read_as_written(tmp_path, tiny_checkpoints):
         assert [p.text for p in load_spec(path).prompt_set(None)] == ["This movie was"]
     text = (Path(__file__).parent.parent / "docs" / "spec-format.md").read_text()
     assert "Specs are trusted input" in text
+
+
+def test_hostile_fields_in_harness_diff(tmp_path, capsys):
+    old = hostile_report(tmp_path)
+    new = tmp_path / "new.json"
+    new.write_text(old.read_text().replace('"failed"', '"passed"'))
+    code, md = harness_main(capsys, "diff", old, new, "--markdown")
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert code == 0 and len({unescaped_pipes(line) for line in table}) == 1, md
+    assert len(table) == len(md.strip().splitlines())          # no row broken over lines
+    assert "<img" not in md and "\x1b" not in md
+    code, text = harness_main(capsys, "diff", old, new)
+    assert code == 0 and "\x1b" not in text
