@@ -122,11 +122,13 @@ def _run(args) -> int:
                            "--update-baselines without --limit")
     start = time.perf_counter()
     from harness import report
-    from harness.finish import Outputs, finish
+    from harness.finish import Outputs, check_outputs, finish
     from harness.runner import SpecResult, exit_code_limited, run_spec_file
     from harness.selection import selector
     from harness.session import Session
 
+    outputs = Outputs.from_args(lambda name: getattr(args, name))
+    check_outputs(outputs)
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
                       verbose=not args.quiet, update_baselines=args.update_baselines,
                       allow_remote_code=args.allow_remote_code, started=start,
@@ -158,8 +160,7 @@ def _run(args) -> int:
     details = report.failure_details(verdicts)
     if details:
         print("\n" + details)
-    _, messages = finish(results, Outputs.from_args(lambda name: getattr(args, name)),
-                         args.device, session, session.timing_report())
+    _, messages = finish(results, outputs, args.device, session, session.timing_report())
     for message in messages:
         print(message)
     return exit_code_limited(results, args.limit)
@@ -197,7 +198,7 @@ def _show(args) -> int:
         ids = [c.id for c in result.spec.claims]
         raise HarnessError(f"{path}: no claim '{claim_id}'" + did_you_mean(claim_id, ids))
     data = report.json_report([result], args.device, session)
-    print(claim_text(result.spec.spec, data["specs"][0]["claims"][0]))
+    print(safe_text(claim_text(result.spec.spec, data["specs"][0]["claims"][0])))
     return 0
 
 
@@ -256,18 +257,13 @@ def _shard(paths: list[Path], text: str) -> tuple[set[tuple[str, int]], dict[str
 
 def _merge(args) -> int:
     """Join the JSON reports of a sharded run into one report and one exit code."""
-    import json
-
-    from harness.finish import Outputs, exit_code, write_outputs
+    from harness.finish import Outputs, check_outputs, exit_code, write_outputs
+    from harness.report_text import read_report
     from harness.shard import merge_reports
 
-    reports = []
-    for path in args.reports:
-        try:
-            reports.append(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as exc:
-            raise HarnessError(f"cannot read JSON report {path}: {exc}; pass the files that "
-                               "`--report-json` wrote") from None
+    outputs = Outputs(args.report_json, args.report_md, args.report_html, args.junitxml)
+    check_outputs(outputs)
+    reports = [read_report(path) for path in args.reports]
     data = merge_reports(reports)
     from harness.report_text import report_summary_line
 
@@ -276,8 +272,7 @@ def _merge(args) -> int:
                         for s in data["specs"] for c in s["claims"]
                         if c["status"] in ("failed", "error"))
     if details:
-        print(details)
-    outputs = Outputs(args.report_json, args.report_md, args.report_html, args.junitxml)
+        print(safe_text(details))
     for path in write_outputs(data, outputs):
         print(f"wrote {path}")
     return exit_code(data)

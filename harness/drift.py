@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tabulate import tabulate
 
 from harness.baselines import drift
-from harness.errors import HarnessError
+from harness.errors import safe_text
 from harness.expect import fmt
-from harness.report_text import measured_cell
+from harness.report_text import md_text, measured_cell, read_report
 
 HEADERS = ["spec", "claim", "old status", "new status", "old measured", "new measured", "moved"]
 
 
 def load_report(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HarnessError(f"cannot read JSON report {path}: {exc}") from None
-    if "specs" not in data:
-        raise HarnessError(f"{path} is not a harness JSON report (no 'specs')")
-    return data
+    return read_report(path)
 
 
 def _claims(report: dict) -> dict[tuple[str, str], dict]:
@@ -66,4 +59,7 @@ def diff_table(old: dict, new: dict, markdown: bool = False, changed_only: bool 
     rows = diff_rows(old, new, changed_only)
     if not rows:
         return "no claims differ"
-    return tabulate(rows, HEADERS, tablefmt="github" if markdown else "simple")
+    if markdown:   # every field shown as written: no markup, no broken table
+        return tabulate([[md_text(cell) for cell in row] for row in rows], HEADERS,
+                        tablefmt="github")
+    return safe_text(tabulate(rows, HEADERS, tablefmt="simple"))

@@ -8,9 +8,12 @@ pytest), so the two cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
+
+from harness.errors import HarnessError, safe_text
 
 
 def positive_int(text: str) -> int:
@@ -95,15 +98,43 @@ def finish(results, outputs: Outputs, device: str | None = None, session=None,
     return data, messages
 
 
+def check_outputs(outputs: Outputs, prefix: str = "") -> None:
+    """Refuse report paths that cannot be written before anything runs (a usage error, exit
+    2): a report file that names a folder, an HTML folder that names a file, a folder that
+    cannot be made or written."""
+    files = [("report-json", outputs.report_json), ("report-md", outputs.report_md),
+             ("junitxml", outputs.junitxml)]
+    for name, path in files:
+        if path and Path(path).is_dir():
+            raise HarnessError(f"--{prefix}{name} {path} is a folder; name the report's file")
+    html = outputs.report_html
+    if html and Path(html).exists() and not Path(html).is_dir():
+        raise HarnessError(f"--{prefix}report-html {html} is a file; it names a folder, where "
+                           "report.html is written")
+    folders = [(name, Path(p).parent) for name, p in files if p]
+    folders += [("report-html", Path(html))] if html else []
+    for name, folder in folders:
+        existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
+        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+            raise HarnessError(f"--{prefix}{name}: cannot write in {existing} ("
+                               + ("not a folder" if not existing.is_dir() else "not writable")
+                               + "); choose another path")
+
+
 def write_outputs(data: dict, outputs: Outputs) -> list[Path]:
-    """Write the JSON, Markdown, HTML and JUnit reports that `outputs` asks for."""
+    """Write the JSON, Markdown, HTML and JUnit reports that `outputs` asks for; a report that
+    cannot be written is a HarnessError naming it (exit 2), not a traceback."""
     from harness import report
 
-    written = report.write_reports(data, outputs.report_json, outputs.report_md,
-                                   outputs.report_html)
-    if outputs.junitxml:
-        report.write_text(Path(outputs.junitxml), junit_xml(data))
-        written.append(Path(outputs.junitxml))
+    try:
+        written = report.write_reports(data, outputs.report_json, outputs.report_md,
+                                       outputs.report_html)
+        if outputs.junitxml:
+            report.write_text(Path(outputs.junitxml), junit_xml(data))
+            written.append(Path(outputs.junitxml))
+    except OSError as exc:
+        raise HarnessError(f"cannot write a report: {exc.filename or ''}: "
+                           f"{exc.strerror or exc}; choose a writable path") from None
     return written
 
 
@@ -120,6 +151,12 @@ def exit_code(data: dict) -> int:
     return LIMITED if data.get("limit") is not None else 0
 
 
+def xml_attr(value) -> str:
+    """A quoted XML attribute holding any text: characters XML cannot hold (escape codes, NUL;
+    none of them printable) shown escaped, markup characters as entities."""
+    return quoteattr(safe_text(str(value)))
+
+
 def junit_xml(data: dict) -> str:
     """JUnit XML like pytest's: one testcase per claim, measured/expected as properties."""
     import json
@@ -129,16 +166,16 @@ def junit_xml(data: dict) -> str:
         if spec.get("error"):
             counts["tests"] += 1
             counts["errors"] += 1
-            cases.append(f'  <testcase classname={quoteattr(spec["file"])} name="spec-error">'
-                         f'<error message={quoteattr(spec["error"])}/></testcase>')
+            cases.append(f'  <testcase classname={xml_attr(spec["file"])} name="spec-error">'
+                         f'<error message={xml_attr(spec["error"])}/></testcase>')
         for c in spec["claims"]:
             counts["tests"] += 1
-            props = "".join(f"<property name={quoteattr(k)} value="
-                            f"{quoteattr(json.dumps(c.get(k), default=str))}/>"
+            props = "".join(f"<property name={xml_attr(k)} value="
+                            f"{xml_attr(json.dumps(c.get(k), default=str))}/>"
                             for k in ("measure", "measured", "expected"))
-            props += f'<property name="status" value={quoteattr(c["status"])}/>'
+            props += f'<property name="status" value={xml_attr(c["status"])}/>'
             body = f"<properties>{props}</properties>"
-            message = quoteattr(c.get("message", ""))
+            message = xml_attr(c.get("message", ""))
             if c["status"] == "failed":
                 counts["failures"] += 1
                 body += f"<failure message={message}/>"
@@ -148,9 +185,9 @@ def junit_xml(data: dict) -> str:
             elif c["status"] in ("skipped", "xfailed"):
                 counts["skipped"] += 1
                 body += f"<skipped message={message}/>"
-            name = quoteattr(f"{spec['spec']}::{c['id']}")
-            cases.append(f"  <testcase classname={quoteattr(spec['file'])} name={name} "
-                         f'time="{c.get("seconds", 0)}">{body}</testcase>')
+            name = xml_attr(f"{spec['spec']}::{c['id']}")
+            cases.append(f"  <testcase classname={xml_attr(spec['file'])} name={name} "
+                         f'time={xml_attr(c.get("seconds", 0))}>{body}</testcase>')
     attrs = " ".join(f'{k}="{v}"' for k, v in counts.items())
     return ('<?xml version="1.0" encoding="utf-8"?>\n<testsuites>\n'
             f'<testsuite name="interp-harness" {attrs}>\n' + "\n".join(cases)

@@ -145,8 +145,8 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
     env = environment or {}
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformer_lens", "device")
                          if k in env)
-    header = [f"# Frozen from {origin} on {datetime.date.today().isoformat()}"
-              + (f" ({versions})" if versions else "") + ".",
+    header = ["# " + _comment(f"Frozen from {origin} on {datetime.date.today().isoformat()}"
+                              + (f" ({versions})" if versions else "") + "."),
               f"# Every expectation is a measured value (numbers within ±{tolerance:g}); "
               "the comment above a claim says what was measured.",
               "# Re-freeze after an intended change: harness freeze REPORT.json -o THIS_FILE"]
@@ -160,6 +160,10 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
         found = by_id.get(claim.get("id"))
         if found is None:
             parts.append(_item(claim, "not frozen: the report has no such claim"))
+            continue
+        if found["measure"] != claim.get("measure"):   # another spec's report, or edited
+            parts.append(_item(claim, f"not frozen: the report measured '{found['measure']}', "
+                                      f"this claim is '{claim.get('measure')}'"))
             continue
         expect, note = frozen_expectation(found, tolerance)
         if expect is not None:
@@ -176,7 +180,16 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
 
 def _item(claim: dict, note: str) -> str:
     body = _dump([claim]).rstrip().splitlines()
-    return "\n".join([f"  # {note}", *("  " + line for line in body)]) + "\n"
+    return "\n".join([f"  # {_comment(note)}", *("  " + line for line in body)]) + "\n"
+
+
+def _comment(text: str) -> str:
+    """Text for one YAML comment line: the report's strings (names, labels, versions) may hold
+    line breaks, which would end the comment and write YAML of their own; they and every other
+    control character are shown escaped. Values go through yaml.safe_dump, never text."""
+    from harness.report_text import one_line
+
+    return one_line(text)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -237,14 +250,11 @@ def write_frozen(spec_data: dict, spec_dir: Path, claims: list[dict], path: Path
 def freeze_report(report_path: Path, out: Path, tolerance: float) -> list[Path]:
     """`harness freeze`: one frozen spec per spec of the report (its source spec is re-read
     for models and prompts). One spec: `out` is the file; several: a directory."""
+    from harness.report_text import read_report
     from harness.yamlsource import read_yaml
 
-    try:
-        report = json.loads(Path(report_path).read_text())
-        specs = report["specs"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise HarnessError(f"{report_path}: not a harness JSON report ({exc}); write one with "
-                           "`harness run SPEC --report-json FILE`") from None
+    report = read_report(report_path)
+    specs = report["specs"]
     sources = [Path(entry["file"]) for entry in specs]
     for entry, source in zip(specs, sources):
         if not source.exists():

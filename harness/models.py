@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from harness import tl_checkpoints
@@ -22,6 +23,9 @@ from harness.spec import ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VALUE_HEAD_PREFIXES = ("pretrained_model.", "base_model.")
+# What transformers raises for folders it cannot read, config fields of the wrong type
+# included: the model is unavailable (an optional one's claims skip), not a crash.
+LOAD_ERRORS = (OSError, ValueError, StrictDataclassError)
 
 
 @dataclass
@@ -96,11 +100,19 @@ def _offline(location: str) -> bool:
 
 
 def load_tokenizer(location: str, source: ModelSource) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; loaded first of a model's files, so a local folder the static
+    checks refuse (config.json, weight headers) is unavailable here, saying why."""
+    if Path(location).is_dir():
+        from harness.static_checks import folder_problem
+
+        problem = folder_problem(Path(location))
+        if problem:
+            raise ModelUnavailable(problem)
     try:
         return AutoTokenizer.from_pretrained(location, revision=source.revision,
                                              trust_remote_code=source.trust_remote_code,
                                              local_files_only=_offline(location))
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
 
 
@@ -197,7 +209,7 @@ def load_hf_causal_lm(location: str, source: ModelSource):
             location, attn_implementation="eager", output_loading_info=True, **kwargs)
         _check_loading_info(location, info)
         return model.eval()
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
     except Exception as exc:  # safetensors raises its own SafetensorError for torn files
         if not type(exc).__module__.startswith("safetensors"):

@@ -31,6 +31,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from harness.errors import HarnessError
+    from harness.finish import Outputs, check_outputs
+
+    try:
+        check_outputs(Outputs.from_args(lambda name: config.getoption(f"harness_{name}")),
+                      prefix="harness-")
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config.stash[VERDICTS_KEY] = []
     config.stash[SPEC_ERRORS_KEY] = []
     if config.pluginmanager.hasplugin("xdist"):
@@ -195,6 +203,7 @@ class ClaimItem(pytest.Item):
 
 
 def _describe(verdict, exc) -> str:
+    from harness.errors import safe_text
     from harness.expect import fmt
     from harness.report_text import expected_text
 
@@ -209,7 +218,7 @@ def _describe(verdict, exc) -> str:
     if verdict.margin is not None:
         lines.append(f"  margin:   {fmt(verdict.margin)}")
     lines.append(f"  {verdict.message}")
-    return "\n".join(lines)
+    return safe_text("\n".join(lines))   # prompt texts may hold escape codes
 
 
 def _short(measured) -> str:

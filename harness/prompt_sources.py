@@ -48,6 +48,10 @@ def texts_from_file(path: Path, field: str = "text") -> list[dict]:
         raise HarnessError(f"cannot read prompt file {path}: {exc.strerror}") from None
     except UnreadableFile as exc:
         raise HarnessError(f"cannot read prompt file: {exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise HarnessError(f"{path}:{line}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
+                           "save the prompt file as UTF-8") from None
     if path.suffix != ".jsonl":
         return [{"text": line} for line in lines if line.strip()]
     rows = []
@@ -58,10 +62,11 @@ def texts_from_file(path: Path, field: str = "text") -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise HarnessError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise HarnessError(f"{path}:{number}: a row must be a JSON object such as "
+                               f'{{"{field}": "..."}}, got {line.strip()[:40]}')
         if field not in row:
             raise HarnessError(f"{path}:{number}: no field '{field}' (set `field:`)")
-        if not isinstance(row, dict):
-            raise HarnessError(f"{path}:{number}: a row must be a JSON object")
         rows.append({**{k: row[k] for k in ROW_FIELDS if k in row}, "text": row[field],
                      "line": number})
     return rows

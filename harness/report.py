@@ -16,6 +16,9 @@ from harness.report_text import (
     STATUS_ORDER,
     cut,
     expected_text,
+    md_block,
+    md_code,
+    md_text,
     measured_cell,
     report_summary_line,
     summary_line,
@@ -187,19 +190,20 @@ STATUS_ICON = {"passed": "✅", "failed": "❌", "error": "💥", "skipped": "�
 def markdown_report(report: dict) -> str:
     """One table per spec, failures first: fit for a CI job summary or a PR comment."""
     env = report["environment"]
-    lines = ["# interp-harness report", "", f"**{report_summary_line(report)}**", "",
-             f"harness {report['harness_version']} · " + " · ".join(
-                 f"{k} {v}" for k, v in env.items() if isinstance(v, str)), ""]
+    lines = ["# interp-harness report", "", f"**{md_text(report_summary_line(report))}**", "",
+             md_text(f"harness {report.get('harness_version')} · " + " · ".join(
+                 f"{k} {v}" for k, v in env.items() if isinstance(v, str))), ""]
     for spec in report["specs"]:
         claims = sorted(spec["claims"], key=lambda c: STATUS_ORDER.get(c["status"], 9))
-        lines += [f"## {spec['spec']} (`{spec['file']}`)", "",
-                  summary_line([c["status"] for c in claims]), ""]
+        lines += [f"## {md_text(spec['spec'])} ({md_code(spec['file'], in_table=False)})",
+                  "", summary_line([c["status"] for c in claims]), ""]
         if spec.get("error"):
-            lines += ["**Spec error:**", "", "```", spec["error"], "```", ""]
-        rows_md = [[f"{STATUS_ICON.get(c['status'], '')} {c['status']}", f"`{c['id']}`",
-                    c["measure"], measured_cell(c), cut(expected_text(c["expected"]), 60),
+            lines += ["**Spec error:**", "", *md_block(spec["error"]), ""]
+        rows_md = [[f"{STATUS_ICON.get(c['status'], '')} {md_text(c['status'])}",
+                    md_code(c["id"]), md_text(c["measure"]), md_text(measured_cell(c)),
+                    md_text(cut(expected_text(c["expected"]), 60)),
                     fmt(c["margin"]) if c.get("margin") is not None else "",
-                    cut(c.get("message", ""), 120).replace("|", "\\|")] for c in claims]
+                    md_text(cut(c.get("message", ""), 120))] for c in claims]
         if rows_md:
             lines += [tabulate(rows_md, ["status", "claim", "measure", "measured", "expected",
                                          "margin", "details"], tablefmt="github"), ""]

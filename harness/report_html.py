@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import uuid
 
+from harness.errors import safe_text
 from harness.expect import fmt
 from harness.report_text import STATUS_ORDER, expected_text, measured_cell, report_summary_line
 
@@ -49,6 +50,12 @@ FILTER_JS = """
 """
 
 
+def esc(value) -> str:
+    """Any text shown as written in HTML: markup characters as entities, control characters
+    (escape codes) escaped as in the terminal."""
+    return html.escape(safe_text(str(value)))
+
+
 def html_report(report: dict) -> str:
     """The whole page: one file that opens offline."""
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>interp-harness report"
@@ -73,7 +80,6 @@ def html_fragment(report: dict) -> str:
 
 
 def _summary(report: dict, claims: list[dict]) -> str:
-    esc = html.escape
     counts: dict[str, int] = {}
     for c in sorted(claims, key=lambda c: STATUS_ORDER.get(c["status"], 9)):
         counts[c["status"]] = counts.get(c["status"], 0) + 1
@@ -102,7 +108,7 @@ def _summary(report: dict, claims: list[dict]) -> str:
 
 
 def _anchor(spec: dict, c: dict) -> str:
-    return html.escape(f"claim-{spec['spec']}-{c['id']}")
+    return esc(f"claim-{spec['spec']}-{c['id']}")
 
 
 def _environment(report: dict) -> str:
@@ -110,8 +116,8 @@ def _environment(report: dict) -> str:
            **{k: v for k, v in report["environment"].items() if k != "models"}}
     if report.get("limit") is not None:
         env["limit"] = f"first {report['limit']} prompts of each claim"
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in env)
-    cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in env.values())
+    head = "".join(f"<th>{esc(str(k))}</th>" for k in env)
+    cells = "".join(f"<td>{esc(str(v))}</td>" for v in env.values())
     return f"<table class='environment'><tr>{head}</tr><tr>{cells}</tr></table>"
 
 
@@ -120,18 +126,18 @@ def _models(report: dict) -> str:
     if not models:
         return ""
     columns = list(dict.fromkeys(k for m in models for k in m))
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(m.get(k, '')))}</td>"
+    head = "".join(f"<th>{esc(k)}</th>" for k in columns)
+    rows = "".join("<tr>" + "".join(f"<td>{esc(str(m.get(k, '')))}</td>"
                                     for k in columns) + "</tr>" for m in models)
     return f"<h3>Models</h3><table class='models'><tr>{head}</tr>{rows}</table>"
 
 
 def _spec_section(spec: dict) -> str:
     claims = sorted(spec["claims"], key=lambda c: STATUS_ORDER.get(c["status"], 9))
-    out = [f"<h2>{html.escape(spec['spec'])} <small><code>{html.escape(spec['file'])}</code>"
+    out = [f"<h2>{esc(spec['spec'])} <small><code>{esc(spec['file'])}</code>"
            "</small></h2>"]
     if spec.get("error"):
-        out.append(f"<pre class='error'>{html.escape(spec['error'])}</pre>")
+        out.append(f"<pre class='error'>{esc(spec['error'])}</pre>")
     head = "".join(f"<th>{h}</th>" for h in ("status", "claim", "measure", "models", "measured",
                                              "expected", "margin", "details", "seconds",
                                              "figure"))
@@ -141,7 +147,6 @@ def _spec_section(spec: dict) -> str:
 
 
 def _row(spec: dict, c: dict) -> str:
-    esc = html.escape
     cells = [f"<span class='{esc(c['status'])}'>{esc(c['status'])}</span>",
              f"<code>{esc(c['id'])}</code>",
              esc(c["measure"] + (" (attribution approx.)" if c.get("method") == "attribution"
@@ -170,7 +175,14 @@ def _figure(c: dict) -> str | None:
 
 def token_labels(tokens: list) -> list[str]:
     """Positions labelled by their tokens, numbered so repeated tokens stay apart."""
-    return [f"{i}: {tok!r}" if isinstance(tok, str) else str(tok) for i, tok in enumerate(tokens)]
+    return [_plot_text(f"{i}: {tok!r}" if isinstance(tok, str) else tok)
+            for i, tok in enumerate(tokens)]
+
+
+def _plot_text(value) -> str:
+    """Text plotly shows as written: it reads a subset of HTML (links, bold) in labels and
+    titles, and decodes entities."""
+    return html.escape(safe_text(str(value)), quote=False)
 
 
 def _heatmap(c: dict, grid: dict):
@@ -178,16 +190,17 @@ def _heatmap(c: dict, grid: dict):
 
     axes, labels, values = grid["axes"], grid["labels"], grid["values"]
     if len(axes) == 1:
-        fig = go.Figure(go.Bar(x=[str(x) for x in labels[0]], y=values))
+        fig = go.Figure(go.Bar(x=[_plot_text(x) for x in labels[0]], y=values))
     else:
         y_labels, z = _rows_of(axes, labels, values)
-        x_labels = token_labels(labels[-1]) if axes[-1] == "pos" else [str(x) for x in labels[-1]]
+        x_labels = token_labels(labels[-1]) if axes[-1] == "pos" else \
+            [_plot_text(x) for x in labels[-1]]
         fig = go.Figure(go.Heatmap(z=z, x=x_labels, y=y_labels, zmid=0, colorscale="RdBu",
                                    colorbar={"title": "normalized"}))
         fig.update_yaxes(autorange="reversed", title=" x ".join(axes[:-1]), type="category")
         fig.update_xaxes(title=axes[-1] + (" (token)" if axes[-1] == "pos" else ""),
                          type="category")
-    title = f"{c['id']}: {c['measure']} " + ("(attribution approximation)"
+    title = _plot_text(f"{c['id']}: {c['measure']} ") + ("(attribution approximation)"
                                               if grid.get("method") == "attribution" else "")
     fig.update_layout(title=title, width=520, height=360, margin={"t": 50})
     return fig
@@ -196,7 +209,7 @@ def _heatmap(c: dict, grid: dict):
 def _rows_of(axes, labels, values):
     """2-D grids as they are; [layer, head, pos] flattened to rows L{l}H{h}."""
     if len(axes) == 2:
-        return [str(x) for x in labels[0]], values
+        return [_plot_text(x) for x in labels[0]], values
     rows, names = [], []
     for li, layer in enumerate(labels[0]):
         for hi, head in enumerate(labels[1]):
@@ -213,9 +226,9 @@ def _lines(c: dict, grid: dict):
     series = per_model.items() if per_model else [(", ".join(c.get("models", [])), grid)]
     kind = go.Scatter if c["measure"] == "logit_lens" else go.Bar
     for name, g in series:
-        x = [str(x) for x in g["labels"][0]]
-        trace = kind(x=x, y=g["values"], name=name)
+        x = [_plot_text(x) for x in g["labels"][0]]
+        trace = kind(x=x, y=g["values"], name=_plot_text(name))
         fig.add_trace(trace)
-    fig.update_layout(title=f"{c['id']}: {c['measure']} (logit diff)", width=520, height=360,
-                      margin={"t": 50}, barmode="group")
+    fig.update_layout(title=_plot_text(f"{c['id']}: {c['measure']} (logit diff)"), width=520,
+                      height=360, margin={"t": 50}, barmode="group")
     return fig

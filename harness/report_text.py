@@ -5,10 +5,105 @@ cells of a claim of the JSON report. No torch, no report writing."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+from harness.errors import HarnessError, safe_text
 from harness.expect import fmt
+from harness.files import UnreadableFile, read_regular_text
+from harness.jsonfiles import MAX_STORED_BYTES
 
 STATUS_ORDER = {"error": 0, "failed": 1, "xfailed": 2, "skipped": 3, "passed": 4}
+
+
+def one_line(value) -> str:
+    """Text on one line: control characters (escape codes) and line breaks shown escaped."""
+    return safe_text(str(value)).replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
+
+
+MARKDOWN_PUNCTUATION = set("\\`*_[]#!|~$")   # inline markup; backslash escapes keep it literal
+HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def md_text(value) -> str:
+    """Any text as it reads, in a Markdown heading or table cell: one line, every Markdown
+    punctuation mark backslash-escaped (no links, images, emphasis, table breaks) and HTML's
+    `&`, `<`, `>` as entities (no raw HTML)."""
+    return "".join(HTML_ENTITIES.get(c) or ("\\" + c if c in MARKDOWN_PUNCTUATION else c)
+                   for c in one_line(value))
+
+
+def md_code(value, in_table: bool = True) -> str:
+    """Text as an inline code span on one line: a fence longer than any backtick run in it."""
+    text = one_line(value)
+    if in_table:   # GitHub splits table cells at `|` even inside code spans
+        text = text.replace("|", "\\|")
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_block(text: str) -> list[str]:
+    """Lines of a fenced code block holding `text` as written (control characters escaped): the
+    fence is longer than any backtick run inside, so nothing in it can close the block."""
+    text = safe_text(str(text))
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return [fence, text, fence]
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def read_report(path: str | Path) -> dict:
+    """A JSON report from a file, as `harness merge`, `diff` and `freeze` read it; any other
+    file is a HarnessError naming it and what is wrong (exit 2), never a traceback."""
+    try:
+        data = json.loads(read_regular_text(path, MAX_STORED_BYTES))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, UnreadableFile) as exc:
+        raise HarnessError(f"cannot read JSON report {path}: {exc}; pass a file that "
+                           "`--report-json` wrote") from None
+    return check_report(data, path)
+
+
+def check_report(data, source) -> dict:
+    """`data` if it has the shape every reader of a JSON report relies on (specs with names,
+    files and claims; claims with an id, a measure, a known status, an `expected` mapping);
+    else a HarnessError naming `source` and the first field that is not."""
+    def refuse(where: str, what: str):
+        raise HarnessError(f"{source}: not a harness JSON report: {where} {what}; pass a file "
+                           "that `--report-json` wrote")
+
+    def need(value, kind, where: str, what: str) -> None:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            refuse(where, f"{what}, got {json.dumps(value, default=str)[:40]}")
+
+    need(data, dict, "the file", "must hold a JSON object")
+    need(data.get("specs"), list, "`specs`", "must be a list")
+    for i, spec in enumerate(data["specs"]):
+        where = f"specs[{i}]"
+        need(spec, dict, where, "must be an object")
+        for key in ("spec", "file"):
+            need(spec.get(key), str, f"{where}.{key}", "must be a string")
+        if spec.get("error") is not None:
+            need(spec["error"], str, f"{where}.error", "must be a string")
+        need(spec.get("claims"), list, f"{where}.claims", "must be a list")
+        for j, claim in enumerate(spec["claims"]):
+            at = f"{where}.claims[{j}]"
+            need(claim, dict, at, "must be an object")
+            for key in ("id", "measure"):
+                need(claim.get(key), str, f"{at}.{key}", "must be a string")
+            if claim.get("status") not in STATUS_ORDER:
+                refuse(f"{at}.status", f"must be one of {', '.join(STATUS_ORDER)}, got "
+                       f"{json.dumps(claim.get('status'), default=str)[:40]}")
+            need(claim.get("expected", {}), dict, f"{at}.expected", "must be an object")
+            need(claim.get("params", {}), dict, f"{at}.params", "must be an object")
+            need(claim.get("models", []), list, f"{at}.models", "must be a list")
+            need(claim.get("message", ""), str, f"{at}.message", "must be a string")
+            for key in ("seconds", "margin", "line"):
+                if claim.get(key) is not None:
+                    need(claim[key], (int, float), f"{at}.{key}", "must be a number")
+    return data
 
 
 def expected_text(expected: dict) -> str:

@@ -78,7 +78,12 @@ def run_spec_file(path: Path, session: Session, result: SpecResult | None = None
     except HarnessError as exc:
         result.error = SpecError(str(exc), file=str(path))
         return result
-    return run_spec(result.spec, session, result, select=select, stop=stop, indices=indices)
+    try:
+        return run_spec(result.spec, session, result, select=select, stop=stop,
+                        indices=indices)
+    except SpecError as exc:   # found only at claim time: this spec stops, the run goes on
+        result.error = exc
+        return result
 
 
 def run_spec(spec: Spec, session: Session, result: SpecResult | None = None, select=None,

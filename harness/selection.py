@@ -25,13 +25,20 @@ def keyword_matcher(expression: str) -> Callable[[list[str]], bool]:
     try:
         compiled = Expression.compile(expression)
     except SyntaxError as exc:   # pytest raises its own SyntaxError subclass
-        raise HarnessError(f"-k: invalid expression {expression!r}: {exc.msg}; write it as "
-                           "for pytest, e.g. -k 'flip and not approx'") from None
+        raise HarnessError(f"-k: invalid expression {_shown(expression)}: {exc.msg}; write "
+                           "it as for pytest, e.g. -k 'flip and not approx'") from None
+    except RecursionError:       # the parser recurses once per level of nesting
+        raise HarnessError(f"-k: expression {_shown(expression)} nests too deeply; write it "
+                           "with fewer parentheses or `not`s") from None
 
     def matches(names: list[str]) -> bool:
         lowered = [n.lower() for n in names]
         return compiled.evaluate(lambda sub, **_: any(sub.lower() in n for n in lowered))
     return matches
+
+
+def _shown(expression: str) -> str:
+    return repr(expression if len(expression) <= 80 else expression[:77] + "...")
 
 
 def state_path(spec_file: str | Path) -> Path:

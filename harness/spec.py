@@ -4,6 +4,7 @@ without loading weights. Every error names the file, the line and the field path
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import string
@@ -21,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from harness.errors import HarnessError, SpecError, did_you_mean
+from harness.errors import HarnessError, SpecError, did_you_mean, safe_text
 from harness.expect import (
     ANSWER_OPERATORS,
     FEATURES,
@@ -38,6 +39,17 @@ from harness.expect import (
 )
 from harness.sites import HEAD_RE, HEAD_SITES, SITES, parse_head
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")   # spec names and claim ids
+
+
+def checked_name(value: str, what: str, hint: str = "") -> str:
+    """A spec name or claim id: letters, digits, '_', '-', '.' (at most 100), so that it reads
+    the same in a pytest node id (`spec::claim`), `-k`, `--lf`, and every report format."""
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(f"{what} {safe_text(repr(value))} may use only letters, digits, '_', "
+                         f"'-' and '.' (at most 100 characters){hint}")
+    return value
 
 
 class Frozen(BaseModel):
@@ -254,7 +266,11 @@ def expand(entries: tuple[PromptEntry, ...], loc: tuple = ("prompts",),
         if len(out) > MAX_PROMPTS:
             break
         if entry.text is None and entry.template is None:
-            out += _read_family(entry, loc + (i,), directory)
+            try:
+                out += _read_family(entry, loc + (i,), directory)
+            except HarnessError as exc:   # the entry's line and field, for the spec error
+                exc.loc = loc + (i, next(k for k in PROMPT_SOURCES if getattr(entry, k)))
+                raise
             continue
         if entry.text is not None:
             rows = [{"text": entry.text, "corrupt": entry.corrupt}]
@@ -292,15 +308,20 @@ def _read_family(entry: PromptEntry, loc: tuple, directory: Path) -> list[Prompt
     rows = rows[: entry.limit] if entry.limit else rows
     prompts = []
     for number, row in enumerate(rows, 1):
+        if not isinstance(row.get("text"), str):   # 0, false, [] or null: never dropped
+            field = entry.dataset.field if entry.dataset else entry.field
+            raise HarnessError(f"{_row_origin(entry, row, number)}: `{field}` must be "
+                               f"a string, got {json.dumps(row.get('text'), default=str)[:40]}"
+                               "; write the prompt's text in quotes")
         row = {"corrupt": entry.corrupt, "answer": entry.answer, "foil": entry.foil,
                **{k: v for k, v in row.items() if v is not None}}
-        row = sources.normalize_row(row, entry.first_words, entry.strip)
-        if not row["text"]:
-            continue
         for name in ("text", "answer", "foil", "corrupt"):
             if row[name] is not None and not isinstance(row[name], str):
                 raise HarnessError(f"{_row_origin(entry, row, number)}: `{name}` must be a "
-                                   f"string, got {row[name]!r}")
+                                   f"string, got {json.dumps(row[name], default=str)[:40]}")
+        row = sources.normalize_row(row, entry.first_words, entry.strip)
+        if not row["text"]:   # a blank row, as a .txt file's blank lines
+            continue
         prompts.append(Prompt(text=row["text"], answer=row["answer"], foil=row["foil"],
                               corrupt=row["corrupt"], loc=loc, row=_row_origin(entry, row, number)))
     return prompts
@@ -362,9 +383,7 @@ class ClaimBase(Frozen):
     @field_validator("id")
     @classmethod
     def _id_chars(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
-            raise ValueError(f"claim id '{value}' may use only letters, digits, '_', '-', '.'")
-        return value
+        return checked_name(value, "claim id")
 
     @field_validator("per_prompt")
     @classmethod
@@ -377,6 +396,14 @@ class ClaimBase(Frozen):
 
     def model_names(self) -> tuple[str, ...]:
         return ()
+
+    def other_prompt_sets(self) -> tuple[tuple[str, str], ...]:
+        """The named prompt sets the claim reads besides its own prompts, as (field, set):
+        a reference ablation's `reference`, top_features' `control`. The token checks read
+        them as they read the claim's prompts."""
+        sets = (("reference", getattr(self, "reference_prompts", None)),
+                ("control", getattr(self, "control", None)))
+        return tuple((name, value) for name, value in sets if isinstance(value, str))
 
     def value_kind(self) -> str:
         """Which expectation operators apply (expect.py): the kind of value measured."""
@@ -996,6 +1023,11 @@ class Spec(Frozen):
     field_lines: dict[str, int] = {}   # formatted field path -> line, for later errors
     _resolved: dict | None = PrivateAttr(default=None)   # set name ("" default) -> prompts
 
+    @field_validator("spec")
+    @classmethod
+    def _name_chars(cls, value: str) -> str:
+        return checked_name(value, "spec name")
+
     @property
     def resolved(self) -> bool:
         """Whether `resolve_prompts` has read this spec's prompt sets."""
@@ -1066,7 +1098,12 @@ def spec_from_source(source: SourcedYaml, name: str) -> Spec:
     if unknown_measure:
         raise unknown_measure
     payload = dict(data, file=source.file)
-    payload.setdefault("spec", name)
+    if "spec" not in data:
+        try:
+            payload["spec"] = checked_name(name, "spec name", "; it defaults to the file's "
+                                           "stem: rename the file or set `spec: NAME`")
+        except ValueError as exc:
+            raise SpecError(str(exc), file=source.file, path="spec") from None
     payload["field_lines"] = {format_loc(loc): line for loc, line in source.lines.items()}
     try:
         spec = Spec.model_validate(payload)
@@ -1228,7 +1265,7 @@ def resolve_prompts(spec: Spec) -> Spec:
             resolved[name or ""] = expand(spec.prompt_sets[name] if name else spec.prompts,
                                           loc, spec.directory)
         except HarnessError as exc:
-            errors.append(spec.error(loc, str(exc)))
+            errors.append(spec.error(getattr(exc, "loc", loc), str(exc)))
     if errors:
         raise _combine(errors)
     out = spec.model_copy()
@@ -1267,10 +1304,12 @@ def prompt_errors(spec: Spec) -> list[SpecError]:
                         f"add `{missing[0]}: TOKEN` (one token, e.g. \" bad\") to the prompt, "
                         "its rows or its entry"))
                     break
-        if _needs_corrupt(claim) and claim.prompts is None and not any(
-                p.corrupt for p in spec.prompt_set(None)):
+        if _needs_corrupt(claim) and not any(p.corrupt for p in spec.claim_prompts(claim)):
+            where = f"prompt set '{claim.prompts}'" if claim.prompts else "the spec's prompts"
             errors.append(spec.error(("claims", i), "patching from/into `input: corrupt` needs "
-                                                    "prompts with `corrupt:` texts"))
+                                     f"prompts with `corrupt:` texts, and {where} has none"
+                                     + (" matching `prompt:`" if claim.prompt else "")
+                                     + "; add `corrupt: TEXT` to the prompts (or their rows)"))
     return errors
 
 

@@ -128,32 +128,52 @@ def _cached_hub_dir(repo: str, revision: str | None) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
-    loc = ("models", name)
+def _read_config(directory: Path) -> dict:
+    """A model folder's config.json as a dict; HarnessError saying why it cannot be read."""
     config_file = directory / "config.json"
     try:
         config = json.loads(read_regular_text(config_file, MAX_CONFIG_BYTES))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except FileNotFoundError:
-        raise spec.error(loc, f"{directory} has no config.json; a model folder is what "
-                              "`save_pretrained` writes") from None
+        raise HarnessError(f"{directory} has no config.json; a model folder is what "
+                           "`save_pretrained` writes") from None
     except UnreadableFile as exc:
-        raise spec.error(loc, str(exc)) from None
+        raise HarnessError(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise spec.error(loc, f"cannot read {config_file}: {exc}") from None
-    problem = implausible_size(config_file, config)
+        raise HarnessError(f"cannot read {config_file}: {exc}") from None
+    return config
+
+
+def folder_problem(directory: Path) -> str | None:
+    """What the static checks find wrong with a local model folder's files (config.json, its
+    size fields, the weight headers, the layers they hold), or None. Loading asks it first, so
+    an optional model with a broken folder is unavailable for this reason instead of failing
+    in transformers."""
+    try:
+        config = _read_config(directory)
+    except HarnessError as exc:
+        return str(exc)
+    config_file = directory / "config.json"
+    problem = implausible_size(config_file, config) or config_field_problem(config_file, config)
     if problem:
-        raise spec.error(loc, problem)
+        return problem
     tl_config = tl_checkpoints.read_config(directory)
     problem = weights_problem(directory, tl_format=tl_config is not None)
     if problem:
-        raise spec.error(loc, problem)
+        return problem
     n_layers = _first(tl_config, "n_layers") if tl_config is not None else \
         _first(config, "n_layer", "num_hidden_layers", "num_layers")
-    problem = layers_problem(directory, n_layers)
+    return layers_problem(directory, n_layers)
+
+
+def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
+    loc = ("models", name)
+    problem = folder_problem(directory)
     if problem:
         raise spec.error(loc, problem)
+    config = _read_config(directory)
+    tl_config = tl_checkpoints.read_config(directory)
     if tl_config is not None:
         return _tl_facts(tl_config, _read_tokenizer(spec, loc, directory))
     n_heads = _first(config, "n_head", "num_attention_heads")
@@ -184,10 +204,35 @@ def _tl_facts(config: dict, tokenizer) -> ModelFacts:
         traits=frozenset(model_traits(SimpleNamespace(**config))))
 
 
+# Sizes these checks read from an HF or a TransformerLens config.json: an integer each, or
+# null / absent (unknown here, as is a sentinel such as an attention-only model's d_mlp -1).
+SIZE_FIELDS = ("n_head", "num_attention_heads", "n_embd", "hidden_size", "d_model", "n_inner",
+               "intermediate_size", "ffn_dim", "d_mlp", "n_layer", "num_hidden_layers",
+               "num_layers", "num_key_value_heads", "n_positions", "max_position_embeddings",
+               "n_ctx", "vocab_size", "n_heads", "n_layers", "n_key_value_heads", "d_vocab")
+
+
+def config_field_problem(config_file: Path, config: dict) -> str | None:
+    """Why a size field of a config.json cannot be read (`n_layer: "two"`), naming the file
+    and the field; None when every one present is an integer or null. Loading would
+    otherwise fail deep in transformers, or measure a model of the wrong shape."""
+    for key in SIZE_FIELDS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            shown = json.dumps(value)
+            return (f"{config_file}: field `{key}` is {shown[:40]}, not an integer; "
+                    f"fix the model's config.json (e.g. `\"{key}\": 2`)")
+    return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _first(config: dict, *keys: str) -> int | None:
     for key in keys:
         value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if _positive_int(value):
             return value
     return None
 
@@ -317,8 +362,19 @@ def _safetensors_problem(path: Path) -> str | None:
         return f"unreadable ({exc.strerror})"
     except ValueError:
         return "corrupt (its header is not JSON)"
-    ends = [t["data_offsets"][1] for k, t in header.items()
-            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    if not isinstance(header, dict):
+        return "corrupt (its header is not a JSON object)"
+    ends = []
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = tensor.get("data_offsets") if isinstance(tensor, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                        for o in offsets) and offsets[0] <= offsets[1]):
+            return (f"corrupt (tensor {json.dumps(name)[:60]} has data_offsets "
+                    f"{json.dumps(offsets)[:40]}, not [begin, end] byte offsets)")
+        ends.append(offsets[1])
     if 8 + n + max(ends, default=0) > size:
         return f"truncated ({size} bytes, its header needs {8 + n + max(ends)})"
     return None

@@ -31,8 +31,8 @@ def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
             if tokenizer is None:
                 continue
             prompts = spec.claim_prompts(claim)
-            if getattr(claim, "control", None):   # top_features' control prompt set
-                prompts += spec.prompt_set(claim.control)
+            for _, other in claim.other_prompt_sets():   # reference, control sets
+                prompts += spec.prompt_set(other)
             for prompt in prompts:
                 for field_name in ("answer", "foil"):
                     text = getattr(prompt, field_name)

@@ -224,4 +224,5 @@ def test_harness_freeze_cli(tmp_path, capsys):
 def test_harness_freeze_of_a_missing_report_is_exit_2(tmp_path, capsys):
     assert harness_main(["freeze", str(tmp_path / "nope.json"), "-o",
                          str(tmp_path / "x.yaml")]) == 2
-    assert "not a harness JSON report" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot read JSON report" in err and "nope.json" in err

@@ -69,7 +69,8 @@ def test_a_missing_prompt_file_is_a_resolve_error_naming_the_spec(spec_file):
     spec = read_spec(spec_file)            # the read stage does not look
     with pytest.raises(SpecError) as info:
         resolve_prompts(spec)
-    assert info.value.file == str(spec_file) and info.value.line == 3   # `prompts:`
+    assert info.value.file == str(spec_file) and info.value.line == 4   # `- file: ...`
+    assert info.value.path == "prompts[0].file"
     assert "rows.jsonl" in str(info.value)
 
 
