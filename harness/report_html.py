@@ -145,7 +145,9 @@ def _row(spec: dict, c: dict) -> str:
     cells = [f"<span class='{esc(c['status'])}'>{esc(c['status'])}</span>",
              f"<code>{esc(c['id'])}</code>",
              esc(c["measure"] + (" (attribution approx.)" if c.get("method") == "attribution"
-                                 else "")),
+                                 else "")
+                 + (" (post-norm scale frozen)" if "post-norm scale frozen"
+                    in str(c.get("approximation", "")) else "")),
              esc(", ".join(c.get("models", []))), esc(measured_cell(c)),
              esc(expected_text(c["expected"])),
              fmt(c["margin"]) if c.get("margin") is not None else "",
