@@ -33,6 +33,8 @@ from harness.expect import (
     TOKENS,
     check_expectation_spec,
 )
+from harness.roles import DETECTOR_ROLES, role_name
+from harness.roles import RULES as ROLE_RULES
 from harness.sites import HEAD_RE, HEAD_SITES, SITES, parse_head
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
 
@@ -713,7 +715,6 @@ class AblateClaim(SingleModelClaim, SiteSelection):
         return (self.model,) + ((self.reference_model,) if self.reference_model else ())
 
 
-ATTENTION_RULES = ("previous", "first", "bos", "self", "duplicate", "induction")
 
 
 class AttentionClaim(SingleModelClaim):
@@ -728,10 +729,12 @@ class AttentionClaim(SingleModelClaim):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value):
-        if isinstance(value, str) and value not in ATTENTION_RULES:
-            raise ValueError(f"unknown attention source '{value}'"
-                             + did_you_mean(value, ATTENTION_RULES)
-                             + "; or write {position: N} or {token: ' word'}")
+        if isinstance(value, str):
+            try:
+                return role_name(value, ROLE_RULES, "attention source")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; or write {{position: N}} or {{token: ' word'}}") \
+                    from None
         if isinstance(value, dict):
             if len(value) != 1:
                 raise ValueError("`source` takes one of {position: N} or {token: ' word'}")
@@ -779,10 +782,15 @@ class HeadScoresClaim(SingleModelClaim):
 
     measure: Literal["head_scores"]
     VALUE_KIND = GRID
-    role: Literal["induction", "previous_token", "duplicate_token"]
+    role: str                # roles.DETECTOR_ROLES, or TransformerLens's names
     random_tokens: RandomTokens = RandomTokens()
     exclude_bos: bool = False
     exclude_current_token: bool = False
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        return role_name(value, DETECTOR_ROLES, "head role")
 
     def reads_answers(self) -> bool:
         return False
