@@ -560,10 +560,17 @@ class FeatureEdit(Frozen):
 
 
 class GenerationPatch(SiteSelection):
-    """`patch:` of a generate claim: activations copied from `from` at every step."""
+    """`patch:` of a generate claim: activations copied from `from` at every step. `from: M`
+    is M on the clean prompts; `from: {model: M, input: clean}` into a claim on `input:
+    corrupt` is causal tracing inside one model (prompt positions patched, generated ones not)."""
 
-    from_: str = Field(alias="from")
+    from_: RunRef = Field(alias="from")
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("from_", mode="before")
+    @classmethod
+    def _ref(cls, value):
+        return _run_ref(value)
 
 
 class GenerateClaim(SingleModelClaim):
@@ -577,13 +584,23 @@ class GenerateClaim(SingleModelClaim):
     samples: int = Field(1, ge=1, le=10_000)   # per prompt, seeds seed, seed+1, ...
     score_with: str | None = None              # a reward model of the spec
     score_target: Literal["negative", "positive"] = "negative"
-    patch: GenerationPatch | None = None       # generate while patching from another model
+    input: Literal["clean", "corrupt"] = "clean"   # the prompts' texts or their corrupt ones
+    patch: GenerationPatch | None = None       # generate while patching from another run
     intervene: FeatureEdit | None = None       # generate while editing SAE features
 
     @model_validator(mode="after")
     def _sampling_needs_temperature(self):
         if self.patch is not None and self.intervene is not None:
             raise ValueError("give either `patch:` or `intervene:` on one generate claim")
+        if self.intervene is not None and self.input != "clean":
+            raise ValueError("`intervene:` generates from the clean prompts; drop `input:`")
+        if self.patch is not None and self.patch.from_ == RunRef(model=self.model,
+                                                                 input=self.input):
+            raise ValueError(f"`patch: {{from: ...}}` is the generating run itself (model "
+                             f"'{self.model}' on the {self.input} prompts), which changes "
+                             "nothing; patch from the other input (e.g. `from: {model: "
+                             f"{self.model}, input: clean}}` with `input: corrupt`) or another "
+                             "model")
         if self.samples > 1 and self.temperature == 0:
             raise ValueError("`samples` > 1 needs `temperature` > 0 (greedy samples are all "
                              "the same)")
@@ -600,7 +617,7 @@ class GenerateClaim(SingleModelClaim):
         return bool(set(self.expect) & set(ANSWER_OPERATORS))   # answer expectations only
 
     def model_names(self) -> tuple[str, ...]:
-        names = (self.model,) + ((self.patch.from_,) if self.patch else ())
+        names = (self.model,) + ((self.patch.from_.model,) if self.patch else ())
         if self.intervene is not None and self.intervene.patch is not None:
             names += (self.intervene.patch.from_,)
         return names
@@ -1090,8 +1107,10 @@ def _spec_errors(exc: ValidationError, source: SourcedYaml) -> SpecError:
 def _clean_loc(loc: tuple) -> tuple:
     """Drop pydantic's union-member names from a location; restore `from`."""
     out: list = []
-    for part in loc:
-        tag = part in MEASURES and bool(out) and isinstance(out[-1], int)  # union member
+    for i, part in enumerate(loc):
+        # the union member right after a claim's index (not a field named like a measure:
+        # a generate claim's `patch`)
+        tag = part in MEASURES and i > 0 and isinstance(loc[i - 1], int)
         if isinstance(part, str) and (tag or part.startswith("function-")
                                       or part in ("str", "dict[literal['fraction'],str]",
                                                   "literal['all','any','mean']",
@@ -1246,10 +1265,11 @@ def prompt_errors(spec: Spec) -> list[SpecError]:
                         f"add `{missing[0]}: TOKEN` (one token, e.g. \" bad\") to the prompt, "
                         "its rows or its entry"))
                     break
-        if _needs_corrupt(claim) and claim.prompts is None and not any(
-                p.corrupt for p in spec.prompt_set(None)):
-            errors.append(spec.error(("claims", i), "patching from/into `input: corrupt` needs "
-                                                    "prompts with `corrupt:` texts"))
+        if _needs_corrupt(claim) and not any(p.corrupt for p in spec.claim_prompts(claim)):
+            errors.append(spec.error(("claims", i), "`input: corrupt` needs prompts with "
+                                                    "`corrupt:` texts"
+                                     + (f" (prompt set '{claim.prompts}' has none)"
+                                        if claim.prompts else "")))
     return errors
 
 
@@ -1280,7 +1300,7 @@ def _model_refs(claim) -> list[tuple[str, str]]:
         return [("from", claim.from_.model), ("into", claim.into.model)]
     if isinstance(claim, GenerateClaim):
         refs = [("model", claim.model)]
-        refs += [("patch.from", claim.patch.from_)] if claim.patch else []
+        refs += [("patch.from", claim.patch.from_.model)] if claim.patch else []
         if claim.intervene is not None and claim.intervene.patch is not None:
             refs += [("intervene.patch.from", claim.intervene.patch.from_)]
         return refs + ([("score_with", claim.score_with)] if claim.score_with else [])
@@ -1292,6 +1312,8 @@ def _model_refs(claim) -> list[tuple[str, str]]:
 
 
 def _needs_corrupt(claim) -> bool:
+    if isinstance(claim, GenerateClaim):
+        return "corrupt" in (claim.input, claim.patch.from_.input if claim.patch else None)
     return isinstance(claim, PatchClaim | PathPatchClaim) and \
         "corrupt" in (claim.from_.input, claim.into.input)
 
