@@ -149,7 +149,8 @@ class CheckResult:
         from harness.report_html import html_fragment
 
         global _plotly_shown
-        page = html_fragment(self.report, include_plotlyjs=not _plotly_shown)
+        page = html_fragment(self.report, include_plotlyjs=not _plotly_shown
+                             or _outputs_in_own_frames())
         _plotly_shown = True
         return page
 
@@ -162,6 +163,14 @@ class CheckResult:
 # Whether this kernel has shown plotly.js in an output yet (as plotly's own notebook renderer
 # tracks it): the library is embedded once, offline, and every later figure uses that copy.
 _plotly_shown = False
+
+
+def _outputs_in_own_frames() -> bool:
+    """Google Colab shows each output in its own frame, where an earlier output's library is
+    not loaded (plotly's renderers single it out too): there every result carries its copy."""
+    import sys
+
+    return "google.colab" in sys.modules
 
 
 class NotebookInit:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,9 @@ def test_plotly_js_travels_once_per_kernel(toy_bridges, monkeypatch):
     monkeypatch.setattr(harness.notebook, "_plotly_shown", False)
     init = harness.init_notebook()._repr_html_()
     assert init.count(library) == 1 and library not in result._repr_html_()
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert library in result._repr_html_()     # Colab: each output in its own frame
 
 
 # ----------------------------------------------------------------------------- freeze
