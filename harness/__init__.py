@@ -28,4 +28,11 @@ def claim(id: str, measure: str, expect: dict, **fields) -> dict:
     return _claim(id, measure, expect, **fields)
 
 
-__all__ = ["load_spec", "evaluate", "check", "claim", "__version__"]
+def init_notebook():
+    """plotly.js for the notebook, once: see harness.notebook.init_notebook."""
+    from harness.notebook import init_notebook as _init
+
+    return _init()
+
+
+__all__ = ["load_spec", "evaluate", "check", "claim", "init_notebook", "__version__"]

@@ -218,10 +218,12 @@ def _generate(ctx: ClaimContext) -> Measurement:
     claim = ctx.claim
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
-    patch = _generation_patch(ctx, claim.patch) if claim.patch else None
-    extras = {"prompts": batch.texts}
-    prompts = [batch.tokens[i, : int(f) + 1] for i, f in enumerate(batch.final_pos)
+    prompts = [t[: int(f) + 1] for t, f in zip(*_generation_input(batch, claim.input))
                for _ in range(claim.samples)]
+    patch = _generation_patch(ctx, claim, prompts) if claim.patch else None
+    extras = {"prompts": batch.texts if claim.input == "clean" else tuple(
+        model.tokenizer.decode(p.tolist(), skip_special_tokens=True)
+        for p in prompts[:: claim.samples])}
     seeds = [claim.seed + i for i in range(len(prompts))]   # prompt-major: seed + i*samples + s
     if claim.intervene is not None:   # SAE features: bridge hooks, the token loop
         from harness.measure.generation import generate_uncached
@@ -234,8 +236,8 @@ def _generate(ctx: ClaimContext) -> Measurement:
         texts = tuple(generate_texts(model, prompts, seeds, claim.max_new_tokens,
                                      claim.temperature, patch, ctx.session.memory_budget_mb))
     if not claim.sampled:
-        continuations = [_continuation(model.tokenizer, batch.tokens[i, : int(f) + 1], text)
-                         for i, (f, text) in enumerate(zip(batch.final_pos, texts))]
+        continuations = [_continuation(model.tokenizer, prompt, text)
+                         for prompt, text in zip(prompts, texts)]
         return Measurement(TEXT, texts[0], texts, {
             **extras, "each": _answers(
                 ctx, continuation=[c for c, _ in continuations],
@@ -286,12 +288,38 @@ def _continuation(tokenizer, prompt_ids, text: str) -> tuple[str, str | None]:
     return rest, tokenizer.decode(ids[:1]) if ids else None
 
 
-def _generation_patch(ctx: ClaimContext, patch):
+def _generation_input(batch, which: str):
+    """The tokens and final positions a generate claim (or its `from` run) reads."""
+    if which == "corrupt":
+        if batch.corrupt_tokens is None:
+            raise MeasureError("`input: corrupt` needs prompts with `corrupt:` texts")
+        return batch.corrupt_tokens, batch.corrupt_final_pos
+    return batch.tokens, batch.final_pos
+
+
+def _generation_patch(ctx: ClaimContext, claim, prompts: list):
+    """The claim's `patch:`. From the same input as the generating run: the `from` model in
+    lockstep on the same tokens. From the other input (causal tracing): the `from` run's own
+    prompts, of equal token lengths, patched at prompt positions only."""
     from harness.measure.generation import patch_hooks
 
-    source = ctx.model(patch.from_)
+    patch = claim.patch
+    source = ctx.model(patch.from_.model)
+    from_prompts = None
+    if patch.from_.input != claim.input:
+        tokens, final = _generation_input(ctx.batch(source), patch.from_.input)
+        from_prompts = [t[: int(f) + 1] for t, f in zip(tokens, final)
+                        for _ in range(claim.samples)]
+        if [len(p) for p in from_prompts] != [len(p) for p in prompts]:
+            from harness.prompts import corrupt_length_mismatches
+
+            problems = corrupt_length_mismatches(source.tokenizer,
+                                                 ctx.spec.claim_prompts(claim), ctx.prepend_bos)
+            raise MeasureError("; ".join(problems) or (
+                f"models '{claim.model}' and '{patch.from_.model}' tokenize the prompts to "
+                "different lengths; patching pairs positions one to one"))
     return patch_hooks(source, patch.site, patch.layers, patch.head_pairs(),
-                       patch.neurons, patch.positions)
+                       patch.neurons, patch.positions, from_prompts)
 
 
 def _reward(ctx: ClaimContext, name: str):

@@ -144,11 +144,47 @@ class CheckResult:
                             origin, self.report["environment"])
 
     def _repr_html_(self) -> str:
+        """The HTML report; plotly.js only in the first one this kernel shows (see
+        `init_notebook`), so each later result weighs what its data and figures weigh."""
         from harness.report_html import html_fragment
 
-        return html_fragment(self.report)
+        global _plotly_shown
+        page = html_fragment(self.report, include_plotlyjs=not _plotly_shown
+                             or _outputs_in_own_frames())
+        _plotly_shown = True
+        return page
 
     def __repr__(self) -> str:
         from harness import report
 
         return report.table(self.verdicts)
+
+
+# Whether this kernel has shown plotly.js in an output yet (as plotly's own notebook renderer
+# tracks it): the library is embedded once, offline, and every later figure uses that copy.
+_plotly_shown = False
+
+
+def _outputs_in_own_frames() -> bool:
+    """Google Colab shows each output in its own frame, where an earlier output's library is
+    not loaded (plotly's renderers single it out too): there every result carries its copy."""
+    import sys
+
+    return "google.colab" in sys.modules
+
+
+class NotebookInit:
+    """`harness.init_notebook()` shown in a cell: plotly.js, once, for every result after it."""
+
+    def _repr_html_(self) -> str:
+        from harness.report_html import plotly_js_html
+
+        global _plotly_shown
+        _plotly_shown = True
+        return plotly_js_html()
+
+
+def init_notebook() -> NotebookInit:
+    """Show this at the top of a notebook to carry plotly.js in that cell's output (e.g. after
+    clearing the output that carried it); results shown after it leave the library out."""
+    return NotebookInit()

@@ -2,7 +2,8 @@
 (counts by status, failing claims first with their messages, filters by status and measure),
 then the environment and models as tables, then a row per claim with its figure beside it:
 heatmaps for sweeps (positions labelled by their tokens), lines for the logit lens and DLA.
-`html_fragment` is the same without the page around it, for Jupyter (`_repr_html_`)."""
+`html_fragment` is the same without the page around it, for Jupyter (`_repr_html_`), with or
+without the library (a notebook loads it once: `notebook.py`)."""
 
 from __future__ import annotations
 
@@ -62,21 +63,28 @@ def html_report(report: dict) -> str:
             f"</title></head><body style='margin:2em'>{html_fragment(report)}</body></html>")
 
 
-def html_fragment(report: dict) -> str:
-    """The report inside one <div> (styles and plotly included): a page's body, or a Jupyter
-    cell's output. Its filters act only on its own rows."""
-    from plotly.offline import get_plotlyjs
-
+def html_fragment(report: dict, include_plotlyjs: bool = True) -> str:
+    """The report inside one <div> (styles included): a page's body, or a Jupyter cell's
+    output. Its filters act only on its own rows. `include_plotlyjs=False` leaves out the
+    plotly.js library (~4.6 MB), for a page that has loaded it already (`plotly_js_html`)."""
     root = f"harness-report-{uuid.uuid4().hex[:8]}"
     claims = [c for spec in report["specs"] for c in spec["claims"]]
     parts = [f"<div class='harness-report' id='{root}'><style>{CSS}</style>",
-             f"<script>{get_plotlyjs()}</script>", "<h1>interp-harness report</h1>",
+             plotly_js_html() if include_plotlyjs else "", "<h1>interp-harness report</h1>",
              _summary(report, claims), "<h2>Environment</h2>", _environment(report),
              _models(report)]
     for spec in report["specs"]:
         parts.append(_spec_section(spec))
     parts.append(f"<script>{FILTER_JS % root}</script></div>")
     return "\n".join(parts)
+
+
+def plotly_js_html() -> str:
+    """The plotly.js library as one script tag, embedded (the report opens offline): what a
+    page or a notebook needs once before any figure draws."""
+    from plotly.offline import get_plotlyjs
+
+    return f"<script>{get_plotlyjs()}</script>"
 
 
 def _summary(report: dict, claims: list[dict]) -> str:
@@ -150,7 +158,9 @@ def _row(spec: dict, c: dict) -> str:
     cells = [f"<span class='{esc(c['status'])}'>{esc(c['status'])}</span>",
              f"<code>{esc(c['id'])}</code>",
              esc(c["measure"] + (" (attribution approx.)" if c.get("method") == "attribution"
-                                 else "")),
+                                 else "")
+                 + (" (post-norm scale frozen)" if "post-norm scale frozen"
+                    in str(c.get("approximation", "")) else "")),
              esc(", ".join(c.get("models", []))), esc(measured_cell(c)),
              esc(expected_text(c["expected"])),
              fmt(c["margin"]) if c.get("margin") is not None else "",

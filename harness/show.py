@@ -17,6 +17,8 @@ def claim_text(spec_name: str, claim: dict) -> str:
              f"{models})", f"expected: {expected_text(claim['expected']) or '(nothing)'}"]
     if claim.get("message"):
         lines.append(f"verdict:  {claim['message']}")
+    if isinstance(claim.get("approximation"), str):   # e.g. DLA's "post-norm scale frozen"
+        lines.append(f"note:     {claim['approximation']}")
     measured = claim.get("measured")
     sections: list[tuple[str, str]] = []
     if isinstance(measured, dict) and "values" in measured:

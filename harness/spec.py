@@ -37,6 +37,8 @@ from harness.expect import (
     TOKENS,
     check_expectation_spec,
 )
+from harness.roles import DETECTOR_ROLES, role_name
+from harness.roles import RULES as ROLE_RULES
 from harness.sites import HEAD_RE, HEAD_SITES, SITES, parse_head
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
 
@@ -604,10 +606,17 @@ class FeatureEdit(Frozen):
 
 
 class GenerationPatch(SiteSelection):
-    """`patch:` of a generate claim: activations copied from `from` at every step."""
+    """`patch:` of a generate claim: activations copied from `from` at every step. `from: M`
+    is M on the clean prompts; `from: {model: M, input: clean}` into a claim on `input:
+    corrupt` is causal tracing inside one model (prompt positions patched, generated ones not)."""
 
-    from_: str = Field(alias="from")
+    from_: RunRef = Field(alias="from")
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("from_", mode="before")
+    @classmethod
+    def _ref(cls, value):
+        return _run_ref(value)
 
 
 class GenerateClaim(SingleModelClaim):
@@ -621,13 +630,23 @@ class GenerateClaim(SingleModelClaim):
     samples: int = Field(1, ge=1, le=10_000)   # per prompt, seeds seed, seed+1, ...
     score_with: str | None = None              # a reward model of the spec
     score_target: Literal["negative", "positive"] = "negative"
-    patch: GenerationPatch | None = None       # generate while patching from another model
+    input: Literal["clean", "corrupt"] = "clean"   # the prompts' texts or their corrupt ones
+    patch: GenerationPatch | None = None       # generate while patching from another run
     intervene: FeatureEdit | None = None       # generate while editing SAE features
 
     @model_validator(mode="after")
     def _sampling_needs_temperature(self):
         if self.patch is not None and self.intervene is not None:
             raise ValueError("give either `patch:` or `intervene:` on one generate claim")
+        if self.intervene is not None and self.input != "clean":
+            raise ValueError("`intervene:` generates from the clean prompts; drop `input:`")
+        if self.patch is not None and self.patch.from_ == RunRef(model=self.model,
+                                                                 input=self.input):
+            raise ValueError(f"`patch: {{from: ...}}` is the generating run itself (model "
+                             f"'{self.model}' on the {self.input} prompts), which changes "
+                             "nothing; patch from the other input (e.g. `from: {model: "
+                             f"{self.model}, input: clean}}` with `input: corrupt`) or another "
+                             "model")
         if self.samples > 1 and self.temperature == 0:
             raise ValueError("`samples` > 1 needs `temperature` > 0 (greedy samples are all "
                              "the same)")
@@ -644,7 +663,7 @@ class GenerateClaim(SingleModelClaim):
         return bool(set(self.expect) & set(ANSWER_OPERATORS))   # answer expectations only
 
     def model_names(self) -> tuple[str, ...]:
-        names = (self.model,) + ((self.patch.from_,) if self.patch else ())
+        names = (self.model,) + ((self.patch.from_.model,) if self.patch else ())
         if self.intervene is not None and self.intervene.patch is not None:
             names += (self.intervene.patch.from_,)
         return names
@@ -759,7 +778,6 @@ class AblateClaim(SingleModelClaim, SiteSelection):
         return (self.model,) + ((self.reference_model,) if self.reference_model else ())
 
 
-ATTENTION_RULES = ("previous", "first", "bos", "self", "duplicate", "induction")
 
 
 class AttentionClaim(SingleModelClaim):
@@ -774,10 +792,12 @@ class AttentionClaim(SingleModelClaim):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value):
-        if isinstance(value, str) and value not in ATTENTION_RULES:
-            raise ValueError(f"unknown attention source '{value}'"
-                             + did_you_mean(value, ATTENTION_RULES)
-                             + "; or write {position: N} or {token: ' word'}")
+        if isinstance(value, str):
+            try:
+                return role_name(value, ROLE_RULES, "attention source")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; or write {{position: N}} or {{token: ' word'}}") \
+                    from None
         if isinstance(value, dict):
             if len(value) != 1:
                 raise ValueError("`source` takes one of {position: N} or {token: ' word'}")
@@ -825,10 +845,15 @@ class HeadScoresClaim(SingleModelClaim):
 
     measure: Literal["head_scores"]
     VALUE_KIND = GRID
-    role: Literal["induction", "previous_token", "duplicate_token"]
+    role: str                # roles.DETECTOR_ROLES, or TransformerLens's names
     random_tokens: RandomTokens = RandomTokens()
     exclude_bos: bool = False
     exclude_current_token: bool = False
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        return role_name(value, DETECTOR_ROLES, "head role")
 
     def reads_answers(self) -> bool:
         return False
@@ -1138,8 +1163,10 @@ def _spec_errors(exc: ValidationError, source: SourcedYaml) -> SpecError:
 def _clean_loc(loc: tuple) -> tuple:
     """Drop pydantic's union-member names from a location; restore `from`."""
     out: list = []
-    for part in loc:
-        tag = part in MEASURES and bool(out) and isinstance(out[-1], int)  # union member
+    for i, part in enumerate(loc):
+        # the union member right after a claim's index (not a field named like a measure:
+        # a generate claim's `patch`)
+        tag = part in MEASURES and i > 0 and isinstance(loc[i - 1], int)
         if isinstance(part, str) and (tag or part.startswith("function-")
                                       or part in ("str", "dict[literal['fraction'],str]",
                                                   "literal['all','any','mean']",
@@ -1340,7 +1367,7 @@ def _model_refs(claim) -> list[tuple[str, str]]:
         return [("from", claim.from_.model), ("into", claim.into.model)]
     if isinstance(claim, GenerateClaim):
         refs = [("model", claim.model)]
-        refs += [("patch.from", claim.patch.from_)] if claim.patch else []
+        refs += [("patch.from", claim.patch.from_.model)] if claim.patch else []
         if claim.intervene is not None and claim.intervene.patch is not None:
             refs += [("intervene.patch.from", claim.intervene.patch.from_)]
         return refs + ([("score_with", claim.score_with)] if claim.score_with else [])
@@ -1352,6 +1379,8 @@ def _model_refs(claim) -> list[tuple[str, str]]:
 
 
 def _needs_corrupt(claim) -> bool:
+    if isinstance(claim, GenerateClaim):
+        return "corrupt" in (claim.input, claim.patch.from_.input if claim.patch else None)
     return isinstance(claim, PatchClaim | PathPatchClaim) and \
         "corrupt" in (claim.from_.input, claim.into.input)
 

@@ -10,7 +10,17 @@ from pathlib import Path
 
 from harness.errors import SpecError
 from harness.prompts import corrupt_length_mismatches
-from harness.spec import Spec, read_spec, resolve_prompts
+from harness.spec import GenerateClaim, Spec, read_spec, resolve_prompts
+
+
+def _pairs_clean_and_corrupt(claim) -> bool:
+    """Whether a claim patches between the clean and the corrupt prompts, position by
+    position (so each pair must tokenize to equal lengths): a patch claim from one input into
+    the other, or a generate claim whose `patch.from` reads the other input."""
+    if isinstance(claim, GenerateClaim):
+        return claim.patch is not None and claim.patch.from_.input != claim.input
+    ends = [getattr(claim, "from_", None), getattr(claim, "into", None)]
+    return all(ends) and ends[0].input != ends[1].input
 
 
 def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
@@ -53,8 +63,7 @@ def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
                                    f"span marker {marker!r} is {len(pieces)} tokens for "
                                    f"model '{name}': {pieces}; use a single token")
                 errors.setdefault(str(error), error)
-            ends = [getattr(claim, "from_", None), getattr(claim, "into", None)]
-            if all(ends) and ends[0].input != ends[1].input:  # clean/corrupt patching
+            if _pairs_clean_and_corrupt(claim):
                 prepend = spec.defaults.prepend_bos if claim.prepend_bos is None \
                     else claim.prepend_bos
                 for problem in corrupt_length_mismatches(hf_view(tokenizer),

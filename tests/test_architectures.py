@@ -160,13 +160,13 @@ def test_dla_sums_to_the_logit_diff_and_lens_ends_there(bridges, arch):
                  atol=1e-4, rtol=1e-4)
     lens = logit_lens(bridge, batch)
     assert_close(lens.extras["per_prompt"][-1], expected, atol=1e-4, rtol=1e-4)
-    if arch == "gemma2":  # post-attention norms: per-head pieces do not add up; say so
+    heads = dla(bridge, batch, by="head")
+    assert_close(heads.extras["per_prompt"].sum(0), expected, atol=1e-4, rtol=1e-4)
+    if arch == "gemma2":  # post-attention norms: heads pass through them, scale frozen
         assert "soft-capped" in by_component.extras["approximation"]
-        with pytest.raises(Exception, match="not the sum of per-head outputs"):
-            dla(bridge, batch, by="head")
+        assert "post-norm scale frozen" in heads.extras["approximation"]
     else:
-        heads = dla(bridge, batch, by="head")
-        assert_close(heads.extras["per_prompt"].sum(0), expected, atol=1e-4, rtol=1e-4)
+        assert "post-norm" not in heads.extras.get("approximation", "")
 
 
 def test_gqa_query_and_kv_heads(bridges):
@@ -283,3 +283,58 @@ def test_every_claim_kind_passes(tmp_path, arch):
     expected_path = fast.get(arch, "general")
     for cid in ("restore_resid", "head_sweep", "two_heads", "ablate_zero", "dla"):
         assert matrix[cid][1] == expected_path, (cid, matrix[cid])
+
+
+def test_gemma2_heads_pass_through_the_post_attention_norm(bridges, checkpoints, tmp_path):
+    """Gemma 2 normalizes each block's attention output (post-attention RMSNorm, weight 1 + w).
+    With that norm's scale frozen at the run's value, the heads sum to the block's attention
+    output exactly: per layer, the heads' DLA equals the component DLA of `attn{L}` (the model
+    has no attention bias), and a claim naming the wrong top head fails."""
+    from harness.measure.attribution import _components, _slices
+    from harness.measure.readout import post_attention_norms
+    from harness.runner import run_spec_file
+    from harness.session import Session
+    from harness.testing import write_spec
+
+    bridge = bridges("gemma2")
+    tokens, _, final_pos, answer, foil = _setup(bridge)
+    batch = PromptBatch(texts=tuple(PROMPTS), tokens=tokens, final_pos=final_pos,
+                        answer_ids=answer, foil_ids=foil)
+    forward, slices = _slices(bridge, batch)
+    (_, run, acts), = slices
+    labels, heads = _components(forward, acts, run.final_pos, "head",
+                                post_attention_norms(bridge))
+    n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
+    per_layer = heads[:-1].reshape(n_layers, n_heads, *heads.shape[1:]).sum(1)
+    rows = torch.arange(len(tokens))
+    attn_out = acts["attn_out"][:, rows, run.final_pos].float()
+    assert_close(per_layer, attn_out, atol=1e-5, rtol=1e-4)
+    assert attn_out.abs().max() > 1e-2  # not trivially zero
+
+    by_head = dla(bridge, batch, by="head")
+    by_component = dla(bridge, batch, by="component")
+    attn_rows = [by_component.labels[0].index(f"attn{layer}") for layer in range(n_layers)]
+    head_rows = by_head.extras["per_prompt"][:-1].reshape(n_layers, n_heads, -1).sum(1)
+    assert_close(head_rows, by_component.extras["per_prompt"][attn_rows], atol=1e-5, rtol=1e-4)
+
+    def run(claims: str):
+        spec = write_spec(tmp_path, checkpoints("gemma2"), """\
+            - {text: "This movie was really", answer: " bad", foil: " good"}
+            - {text: "The acting was", answer: " good", foil: " bad"}
+            """, claims)
+        result = run_spec_file(spec, Session(verbose=False, device=TEST_DEVICE))
+        assert result.error is None
+        return {v.claim_id: v for v in result.verdicts}
+
+    measured = run("- {id: heads, measure: dla, model: a, by: head, expect: {sum: {'>': -1e9}}}")
+    grid = measured["heads"].measured
+    assert "post-norm scale frozen" in measured["heads"].extras["approximation"]
+    heads = grid["values"][:-1]  # the last entry is "rest"
+    top = grid["labels"][0][heads.index(max(heads))]
+    bottom = grid["labels"][0][heads.index(min(heads))]
+    verdicts = run(f"""\
+        - {{id: top_head, measure: dla, model: a, by: head, expect: {{argmax: {top}}}}}
+        - {{id: wrong_head, measure: dla, model: a, by: head, expect: {{argmax: {bottom}}}}}
+        """)
+    assert verdicts["top_head"].status == "passed", verdicts["top_head"].message
+    assert verdicts["wrong_head"].status == "failed", verdicts["wrong_head"].message

@@ -446,6 +446,12 @@ claims:
      "reference: {prompts: ref}, expect: {'>': 0}}", "read the logit difference"),
     ("{id: x, measure: head_scores, model: m, role: induction_head, expect: {argmax: L0H0}}",
      "role"),
+    ("{id: x, measure: head_scores, model: m, role: previos, expect: {argmax: L0H0}}",
+     "unknown head role 'previos'; did you mean 'previous'?"),
+    ("{id: x, measure: head_scores, model: m, role: first, expect: {argmax: L0H0}}",
+     "use `measure: attention` with `source: first`"),
+    ("{id: x, measure: attention, model: m, source: previous_tokn, expect: {argmax: L0H0}}",
+     "did you mean 'previous_token'"),
 ])
 def test_spec_errors_name_the_field(tmp_path, claim, message):
     path = tmp_path / "s.yaml"
@@ -454,6 +460,21 @@ def test_spec_errors_name_the_field(tmp_path, claim, message):
         load_spec(path)
     text = str(info.value) + "".join(str(o) for o in getattr(info.value, "others", []))
     assert message in text and "s.yaml" in text and ":10" in text
+
+
+@pytest.mark.parametrize("kind,field", [("attention", "source"), ("head_scores", "role")])
+@pytest.mark.parametrize("name,canonical", [("previous", "previous"),
+                                            ("previous_token", "previous"),
+                                            ("duplicate", "duplicate"),
+                                            ("duplicate_token", "duplicate"),
+                                            ("induction", "induction")])
+def test_both_kinds_take_the_same_role_names(tmp_path, kind, field, name, canonical):
+    """`attention`'s `source:` and `head_scores`' `role:` share one vocabulary (harness.roles),
+    TransformerLens's names accepted as aliases; claims hold the harness's name."""
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE + f"  - {{id: x, measure: {kind}, model: m, {field}: {name}, "
+                           "expect: {argmax: L0H0}}\n")
+    assert getattr(load_spec(path).claims[-1], field) == canonical
 
 
 def test_head_scores_need_no_prompts(tmp_path):

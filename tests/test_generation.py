@@ -4,6 +4,7 @@ reference loop: greedy, sampled, and while patching from another model."""
 from __future__ import annotations
 
 import json
+import textwrap
 
 import pytest
 import torch
@@ -107,6 +108,140 @@ def test_patching_a_model_with_itself_changes_nothing(models):
     patch = patch_hooks(a, "z", heads=[(0, 0), (1, 1)])
     assert generate_texts(a, prompts, [0] * 4, 8, patch=patch) == \
         generate_texts(a, prompts, [0] * 4, 8)
+
+
+CLEAN = ["This movie was", "The acting was", "I thought the plot was", "This movie was really"]
+CORRUPT = ["This film was", "The plot was", "I thought the film was", "This film was really"]
+TRACES = {  # causal tracing: the clean prompt's activations into the corrupt prompt, one model
+    "resid_post-all": dict(site="resid_post", layers=[1]),
+    "z-heads": dict(site="z", heads=[(0, h) for h in range(4)] + [(1, 0), (1, 3)]),
+    "resid_pre-final-prompt-pos": dict(site="resid_pre", layers=[3], positions=[-1]),
+    "mlp_out": dict(site="mlp_out", layers=[0, 2]),
+}
+
+
+@pytest.mark.parametrize("name", list(TRACES))
+def test_causal_tracing_in_generation_equals_the_token_loop(models, name, monkeypatch):
+    """`patch: {from: {model: a, input: clean}}` on `input: corrupt`: the cached path (one run
+    of the clean prompt, prompt positions patched, generated ones not) gives the token loop's
+    texts token for token, greedy and sampled."""
+    from harness.measure import generation
+
+    a, _ = models
+    clean, corrupt = ([a.bridge.to_tokens(t, prepend_bos=True)[0] for t in texts]
+                      for texts in (CLEAN, CORRUPT))
+    assert [len(t) for t in clean] == [len(t) for t in corrupt]
+    patch = patch_hooks(a, **TRACES[name], from_prompts=clean)
+    loop = [generate_uncached(a, p, 10, patch=patch.rows([i])) for i, p in enumerate(corrupt)]
+    sampled_loop = [generate_uncached(a, p, 8, 1.0, s, patch.rows([i]))
+                    for i, (p, s) in enumerate(zip(corrupt, [3, 4, 5, 6]))]
+    monkeypatch.setattr(generation, "generate_uncached", _refuse)   # cached path or failure
+    assert generate_texts(a, corrupt, [0] * 4, 10, patch=patch) == loop
+    assert generate_texts(a, corrupt, [3, 4, 5, 6], 8, 1.0, patch) == sampled_loop
+    plain = (generate_texts(a, corrupt, [0] * 4, 10),
+             generate_texts(a, corrupt, [3, 4, 5, 6], 8, 1.0))
+    assert (loop, sampled_loop) != plain                      # the patch does something
+
+
+def test_causal_tracing_restores_the_next_token_and_leaves_generated_positions(models):
+    """Ground truth: the clean residual after the last block at every prompt position gives
+    the clean prompt's next token; generated positions are not patched, so what follows it is
+    the corrupt prompt's model reading that token (the rule docs/spec-format.md states)."""
+    a, _ = models
+    clean, corrupt = ([a.bridge.to_tokens(t, prepend_bos=True)[0] for t in texts]
+                      for texts in (CLEAN, CORRUPT))
+    last = a.bridge.cfg.n_layers - 1
+    restored = generate_texts(a, corrupt, [0] * 4, 6, patch=patch_hooks(
+        a, "resid_post", layers=[last], from_prompts=clean))
+    first = [generate_uncached(a, p, 1) for p in clean]       # clean prompt + its next token
+    corrupt_first = [generate_uncached(a, p, 1) for p in corrupt]
+    for text, c, cc, bad in zip(restored, first, CLEAN, CORRUPT):
+        assert text.startswith(bad + c[len(cc):])
+    assert [c[len(cc):] for c, cc in zip(first, CLEAN)] != \
+        [c[len(bad):] for c, bad in zip(corrupt_first, CORRUPT)]   # the prompts disagree
+    # the later tokens: the corrupt prompt followed by the restored token, unpatched
+    for text, c, cc, p in zip(restored, first, CLEAN, corrupt):
+        token = a.bridge.to_tokens(c[len(cc):], prepend_bos=False)[0]
+        assert text == generate_uncached(a, torch.cat([p, token]), 5)
+
+
+TRACING_SPEC = """\
+spec: tracing
+models:
+  a: {{zoo: toy-reviews-source}}
+prompts:
+{prompts}
+prompt_sets:
+  plain:
+    - {{text: "This movie was", answer: " bad", foil: " good"}}
+claims:
+  - id: restored
+    measure: generate
+    model: a
+    input: corrupt
+    max_new_tokens: 6
+    patch: {{from: {{model: a, input: clean}}, site: resid_post, layers: [3]}}
+    expect: {{equals: {restored}}}
+  - id: restored-is-the-corrupt-text
+    measure: generate
+    model: a
+    input: corrupt
+    max_new_tokens: 6
+    patch: {{from: {{model: a, input: clean}}, site: resid_post, layers: [3]}}
+    expect: {{equals: {unpatched}}}
+{extra}"""
+
+
+def _tracing_spec(tmp_path, models, extra: str = "") -> object:
+    """One clean/corrupt pair whose next tokens differ; the expected texts from the token loop."""
+    a, _ = models
+    pair = next((c, b) for c, b in zip(CLEAN, CORRUPT)
+                if generate_uncached(a, a.bridge.to_tokens(c, prepend_bos=True)[0], 1)[len(c):]
+                != generate_uncached(a, a.bridge.to_tokens(b, prepend_bos=True)[0], 1)[len(b):])
+    clean, corrupt = (a.bridge.to_tokens(t, prepend_bos=True)[0] for t in pair)
+    restored = generate_uncached(a, corrupt, 6, patch=patch_hooks(
+        a, "resid_post", layers=[3], from_prompts=[clean]))
+    unpatched = generate_uncached(a, corrupt, 6)
+    assert restored != unpatched
+    path = tmp_path / "tracing.yaml"
+    path.write_text(TRACING_SPEC.format(
+        prompts=f"  - {{text: {json.dumps(pair[0])}, corrupt: {json.dumps(pair[1])}, "
+                "answer: ' bad', foil: ' good'}",
+        restored=json.dumps(restored), unpatched=json.dumps(unpatched), extra=extra))
+    return path
+
+
+def test_causal_tracing_claim_in_a_spec(tmp_path, models):
+    """Through a spec: the clean run's last residual into the corrupt prompt gives the token
+    loop's text; the claim that it changes nothing fails."""
+    from harness.runner import run_spec_file
+    from harness.session import Session
+
+    result = run_spec_file(_tracing_spec(tmp_path, models), Session(verbose=False))
+    assert result.error is None, result.error
+    status = {v.claim_id: (v.status, v.message) for v in result.verdicts}
+    assert status["restored"][0] == "passed", status
+    assert status["restored-is-the-corrupt-text"][0] == "failed", status
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("  - {id: x, measure: generate, model: a, input: corrupt, prompts: plain, "
+     "patch: {from: {model: a, input: clean}, site: z, heads: [L0H0]}, "
+     "expect: {contains: a}}\n", "prompt set 'plain' has none"),
+    ("  - {id: x, measure: generate, model: a, input: corrupt, "
+     "patch: {from: {model: a, input: corrupt}, site: z, heads: [L0H0]}, "
+     "expect: {contains: a}}\n", "changes nothing"),
+    ("  - {id: x, measure: generate, model: a, "
+     "patch: {from: {model: a, input: dirty}, site: z, heads: [L0H0]}, "
+     "expect: {contains: a}}\n", "patch.from.input"),
+])
+def test_causal_tracing_spec_errors(tmp_path, models, extra, message):
+    from harness.errors import SpecError
+    from harness.spec import load_spec
+
+    with pytest.raises(SpecError) as info:
+        load_spec(_tracing_spec(tmp_path, models, extra))
+    assert message in str(info.value) and "tracing.yaml" in str(info.value)
 
 
 SAMPLING_SPEC = """\
@@ -344,3 +479,27 @@ def test_heads_and_positions_select_their_outer_product():
     act[patch.select(act, [0, 2], prompt_len=4, first=0)] = 1
     assert act.sum((0, 3)).nonzero().tolist() == [[1, 0], [1, 2], [3, 0], [3, 2]]
     assert act.sum() == 4 * 3
+
+
+def test_causal_tracing_needs_equal_token_lengths_before_anything_runs(tmp_path):
+    """Clean and corrupt prompts of a generate claim patched across inputs pair positions one
+    to one: unequal token lengths are a spec error of the token checks (run and validate)."""
+    from harness.cli import main
+    from harness.runner import run_spec_file
+    from harness.session import Session
+
+    path = tmp_path / "uneven.yaml"
+    path.write_text(textwrap.dedent("""\
+        spec: uneven
+        models:
+          a: {zoo: toy-reviews-source}
+        prompts:
+          - {text: "This movie was", corrupt: "This film was really"}
+        claims:
+          - {id: x, measure: generate, model: a, input: corrupt, max_new_tokens: 2,
+             patch: {from: {model: a, input: clean}, site: z, heads: [L0H0]},
+             expect: {contains: a}}
+        """))
+    result = run_spec_file(path, Session(verbose=False))
+    assert result.error is not None and "claims[0]" in str(result.error)
+    assert main(["validate", str(path)]) == 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,32 @@ def test_repr_html_has_the_summary_and_the_rows(toy_bridges):
     assert "3 claims: 1 failed, 2 passed" in page
     assert "toy-negative-reviews::prefers-bad" in page       # failing claims listed first
     assert page.count("<tr class='claim'") == 3 and "status-filter" in page
+
+
+def test_plotly_js_travels_once_per_kernel(toy_bridges, monkeypatch):
+    """The first result shown carries plotly.js (offline, ~4.6 MB); later ones carry only
+    their rows and figures, which draw with that copy. `init_notebook()` carries it instead."""
+    from plotly.offline import get_plotlyjs
+
+    import harness.notebook
+
+    library = get_plotlyjs()
+    figures = [*NOTEBOOK_CLAIMS, harness.claim("dla", "dla", {"sum": {">": -1e9}},
+                                               model="source", by="layer")]
+    result = harness.check(TOY, models=toy_bridges, claims=figures)
+    monkeypatch.setattr(harness.notebook, "_plotly_shown", False)
+    first, second = result._repr_html_(), result._repr_html_()
+    assert first.count(library) == 1 and library not in second
+    assert second.count("plotly-graph-div") == first.count("plotly-graph-div") == 1
+    assert len(second) < 100_000 < len(library) < len(first)
+    assert len(first) - len(second) < len(library) + 1000     # the library, and nothing else
+
+    monkeypatch.setattr(harness.notebook, "_plotly_shown", False)
+    init = harness.init_notebook()._repr_html_()
+    assert init.count(library) == 1 and library not in result._repr_html_()
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert library in result._repr_html_()     # Colab: each output in its own frame
 
 
 # ----------------------------------------------------------------------------- freeze

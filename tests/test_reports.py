@@ -174,3 +174,19 @@ def test_diff_rejects_non_reports(tmp_path, capsys, bad):
     path.write_text(bad)
     assert harness_main(["diff", str(path), str(path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_html_and_show_label_post_norm_dla():
+    """Per-head DLA through post-attention norms says so where the claim is listed."""
+    from harness.measure.attribution import POST_NORM_FROZEN
+    from harness.report_html import _row
+
+    claim = {"status": "passed", "id": "heads", "measure": "dla", "models": ["a"],
+             "measured": 1.0, "expected": {}, "margin": None, "message": "", "seconds": 0.1,
+             "approximation": f"{POST_NORM_FROZEN}: each head passes through its layer's norm"}
+    from harness.show import claim_text
+
+    assert "dla (post-norm scale frozen)" in _row({"spec": "s"}, claim)
+    assert "post-norm" not in _row({"spec": "s"}, {**claim, "approximation": "linear"})
+    assert "note:     post-norm scale frozen: each head" in claim_text("s", claim)
+    assert "note" not in claim_text("s", {**claim, "approximation": True})   # a flag, no text

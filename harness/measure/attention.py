@@ -15,10 +15,8 @@ from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
 from harness.measure.budget import WORK_SHARE, budget_bytes
+from harness.roles import ALIASES, DETECTOR_ROLES, RULES, role_name
 from harness.sites import site
-
-RULES = ("previous", "first", "bos", "self", "duplicate", "induction")
-ROLES = {"previous_token": "previous", "duplicate_token": "duplicate", "induction": "induction"}
 
 
 def source_mask(tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch"],
@@ -27,8 +25,10 @@ def source_mask(tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch
 
     previous: dest - 1; first/bos: position 0; self: dest; duplicate: earlier positions with
     dest's token; induction: the positions right after those (TransformerLens's head-detector
-    patterns); an int: that position; `token_id`: positions holding that token.
+    patterns; their names are aliases, `harness.roles`); an int: that position; `token_id`:
+    positions holding that token.
     """
+    rule = ALIASES.get(rule, rule) if isinstance(rule, str) else rule
     batch, n = tokens.shape
     dest = torch.arange(n)[:, None]
     src = torch.arange(n)[None, :]
@@ -50,7 +50,8 @@ def source_mask(tokens: Int[Tensor, "batch pos"], final_pos: Int[Tensor, " batch
         shifted[:, :, 1:] = same[:, :, :-1] & (src[:, :-1] < dest)       # src - 1 is a duplicate
         mask = shifted
     else:
-        raise MeasureError(f"unknown attention source {rule!r}" + did_you_mean(str(rule), RULES))
+        raise MeasureError(f"unknown attention source {rule!r}" + did_you_mean(str(rule), RULES)
+                           + " (names: docs/spec-format.md, `harness.roles`)")
     real = torch.arange(n)[None, :] <= final_pos[:, None]                 # [b, pos]
     return mask & (src <= dest) & real[:, :, None] & real[:, None, :]
 
@@ -114,8 +115,10 @@ def head_detector_scores(bridge, tokens: Int[Tensor, "batch pos"], role: str, *,
                          memory_budget_mb: float = 2048) -> Float[Tensor, "layer head batch"]:
     """TransformerLens `detect_head(..., error_measure="mul")` per sequence: the share of all
     attention (every destination row) that falls on the role's detection pattern."""
-    if role not in ROLES:
-        raise MeasureError(f"unknown head role {role!r}" + did_you_mean(role, ROLES))
+    try:
+        role = role_name(role, DETECTOR_ROLES, "head role")
+    except ValueError as exc:
+        raise MeasureError(str(exc)) from None
     n = tokens.shape[1]
     keep = torch.ones(n, n)
     if exclude_bos:
@@ -126,7 +129,7 @@ def head_detector_scores(bridge, tokens: Int[Tensor, "batch pos"], role: str, *,
     layers = list(range(bridge.cfg.n_layers))
     for rows, pattern in pattern_slices(bridge, tokens, layers, memory_budget_mb):
         part = tokens[rows].cpu()
-        mask = source_mask(part, torch.full((part.shape[0],), n - 1), ROLES[role]).float()
+        mask = source_mask(part, torch.full((part.shape[0],), n - 1), role).float()
         kept = pattern * keep
         parts.append((kept * mask[None, :, None]).sum((-1, -2)) / kept.sum((-1, -2)))
         del kept, pattern

@@ -18,10 +18,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
+from harness.measure.readout import post_attention_norms
 from harness.measure.results import Grid
 from harness.prompts import PromptBatch
 
 DLA_BY = ("component", "head", "layer")
+POST_NORM_FROZEN = "post-norm scale frozen"  # the label reports give per-head DLA behind a norm
 
 
 def _slices(bridge, batch: PromptBatch, engine=None, key: str | None = None):
@@ -49,16 +51,19 @@ def dla(bridge, batch: PromptBatch, by: str = "component", *, engine=None,
     Each piece goes through the model's own final norm (LayerNorm: centred; RMSNorm: not)
     with the scale of the model's own run. Where the logits are soft-capped (Gemma 2) the
     pieces decompose the raw logit difference and are scaled to sum to the capped one: a linear
-    approximation, said in `extras["approximation"]`.
+    approximation, said in `extras["approximation"]`. Behind a post-attention norm (Gemma 2)
+    each head goes through that norm with its scale frozen at the run's value, as the final
+    norm's is, so heads still sum to the attention output; labelled "post-norm scale frozen".
     """
     if by not in DLA_BY:
         raise MeasureError(f"unknown dla by={by!r}" + did_you_mean(by, DLA_BY))
     forward, slices = _slices(bridge, batch, engine, key)
+    post_norms = post_attention_norms(bridge) if by == "head" else None
     per_prompt, scale = [], []
     with torch.no_grad():
         for rows, run, acts in slices:
             readout = forward.readout
-            labels, parts = _components(forward, acts, run.final_pos, by)
+            labels, parts = _components(forward, acts, run.final_pos, by, post_norms)
             final = _at_final(acts["final"], run.final_pos).float()
             ids = torch.stack([batch.answer_ids[rows], batch.foil_ids[rows]], -1)
             directions = readout.directions(ids)
@@ -77,18 +82,25 @@ def dla(bridge, batch: PromptBatch, by: str = "component", *, engine=None,
     per_prompt = torch.cat(per_prompt, -1)
     extras = {"per_prompt": per_prompt, "final_ln_scale": torch.cat(scale).cpu(),
               "logit_diff": per_prompt.sum(0), "by": by, "path": forward.path}
+    notes = []
+    if post_norms is not None:
+        notes.append(f"{POST_NORM_FROZEN}: each head passes through its layer's post-attention "
+                     "norm with the norm's scale fixed at this run's value")
     if forward.readout.softcap is not None:
-        extras["approximation"] = (f"linear: the logits are soft-capped at "
-                                   f"{forward.readout.softcap:g}; pieces of the raw logit "
-                                   "difference are scaled to sum to the capped one")
+        notes.append(f"linear: the logits are soft-capped at {forward.readout.softcap:g}; "
+                     "pieces of the raw logit difference are scaled to sum to the capped one")
+    if notes:
+        extras["approximation"] = "; ".join(notes)
     return Grid(axes=("component",), labels=(tuple(labels),), values=per_prompt.mean(-1),
                 extras=extras)
 
 
-def _components(forward, acts, final_pos: Tensor, by: str
+def _components(forward, acts, final_pos: Tensor, by: str, post_norms=None
                 ) -> tuple[list, Float[Tensor, "component batch d_model"]]:
     """Residual-stream pieces at the final position (biases handled by the caller); checked
-    to add up to the final residual, so no decomposition is silently wrong."""
+    to add up to the final residual, so no decomposition is silently wrong. `post_norms`: the
+    post-attention norms (`readout.post_attention_norms`) heads pass through, where the model
+    has them."""
     at = lambda t: _at_final(t, final_pos).float()  # noqa: E731
     final = at(acts["final"])
     pos_embed = at(acts["pos_embed"]) if "pos_embed" in acts else None
@@ -114,17 +126,45 @@ def _components(forward, acts, final_pos: Tensor, by: str
     W_O, b_O = forward.head_weights()
     z = torch.stack([at(acts["z"][layer]) for layer in range(n_layers)])  # [L, B, H, dh]
     heads = torch.einsum("lbhe,lhed->lhbd", z, W_O.float())  # [L, H, B, d]
-    _check_sum(attn, heads.sum(1) + b_O.float()[:, None],
-               "attention outputs are not the sum of per-head outputs (e.g. a norm after "
-               "attention, as in Gemma 2): use by: component or by: layer")
+    if post_norms is not None:
+        heads = _through_post_norms(heads, b_O.float(), attn, post_norms)
+    else:
+        _check_sum(attn, heads.sum(1) + b_O.float()[:, None],
+                   "attention outputs are not the sum of per-head outputs")
     labels = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(heads.shape[1])]
     heads = heads.flatten(0, 1)
     return labels + ["rest"], torch.cat([heads, (final - heads.sum(0))[None]])
 
 
+def _through_post_norms(heads: Float[Tensor, "layer head batch d_model"],
+                        b_O: Float[Tensor, "layer d_model"],
+                        attn: Float[Tensor, "layer batch d_model"], post_norms
+                        ) -> Float[Tensor, "layer head batch d_model"]:
+    """Each head's output through its layer's post-attention norm with the norm's scale frozen
+    at the clean run's value (w * head / scale): a linear map, so the heads and the output bias
+    add up to the block's attention output exactly. Which weight convention the norm uses
+    (w or 1 + w, Gemma's) is read off the attention output itself; neither matching refuses."""
+    pre = heads.sum(1) + b_O[:, None]                          # [L, B, d] before the norm
+    out = []
+    for layer, norm in enumerate(post_norms):
+        normed = norm.centered(pre[layer]) / norm.scale(pre[layer])   # [B, d]
+        weight = next((w for w in norm.weights
+                       if _close(attn[layer], normed * w + norm.bias)), None)
+        if weight is None:
+            _check_sum(attn[layer], normed * norm.weights[0] + norm.bias,
+                       f"layer {layer}'s attention output is not its post-attention norm of "
+                       "the per-head outputs")
+        out.append(norm.centered(heads[layer]) * weight / norm.scale(pre[layer]))
+    return torch.stack(out)
+
+
+def _close(whole: Tensor, parts: Tensor, rtol: float = 1e-3) -> bool:
+    return (whole - parts).abs().max().item() <= rtol * max(1.0, whole.abs().max().item())
+
+
 def _check_sum(whole: Tensor, parts: Tensor, why: str, rtol: float = 1e-3) -> None:
-    err = (whole - parts).abs().max().item()
-    if err > rtol * max(1.0, whole.abs().max().item()):
+    if not _close(whole, parts, rtol):
+        err = (whole - parts).abs().max().item()
         raise MeasureError(f"direct logit attribution refused: {why} on this model (off by "
                            f"{err:.3g})")
 

@@ -5,7 +5,9 @@ gives wrong logits in TransformerLens 4.3, so the bridge is used for the token-l
 Each row has its own seed, so a sample's text does not depend on which rows share its batch.
 Generation while patching: at every step a `from` model runs on the same tokens (with its own
 KV cache) and its activations replace the chosen ones of the generating model; patched activations
-at earlier steps live on in the cache, exactly as when the whole sequence is rerun. Sites are
+at earlier steps live on in the cache, exactly as when the whole sequence is rerun. Causal
+tracing (`Patch.from_prompts`: the same model's clean prompt into its corrupt one) patches the
+prompt positions only, from one run of the `from` model on its own prompt. Sites are
 read and written through forward hooks on the HF modules that `hf_sites` locates from the
 bridge and verifies against its hooks, on every architecture the bridge loads; `pattern`, and any
 site a model fails that check for, run on the token loop instead.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Float, Int
@@ -32,7 +34,12 @@ from harness.sites import SITE_TABLE
 class Patch:
     """What generation while patching copies from `from_model` (a LoadedModel). `positions`
     index the prompt (negative ones count from its end) and stay fixed while tokens are added;
-    without `positions` every position is patched, generated ones included."""
+    without `positions` every position is patched, generated ones included.
+
+    `from_prompts` (one per generated row, each as long as that row's prompt): the `from`
+    model runs on these tokens instead (causal tracing: the clean prompt into the corrupt
+    one, same model). Only prompt positions are patched then; generated positions, which
+    have no counterpart in that run, are left to the generating model."""
 
     from_model: object
     site: str
@@ -40,6 +47,13 @@ class Patch:
     heads: tuple[tuple[int, int], ...] | None = None
     neurons: tuple[int, ...] | None = None
     positions: tuple[int, ...] | None = None
+    from_prompts: tuple[Tensor, ...] | None = None
+
+    def rows(self, rows: Sequence[int]) -> Patch:
+        """The patch for these rows of the generated batch (their own `from_prompts`)."""
+        if self.from_prompts is None:
+            return self
+        return replace(self, from_prompts=tuple(self.from_prompts[r] for r in rows))
 
     def layer_heads(self) -> dict[int, list[int] | None]:
         """Layer -> heads patched there (None: the whole activation)."""
@@ -60,9 +74,12 @@ class Patch:
             index[1 + entry.head_axis] = heads
         if self.neurons is not None:
             index[-1] = list(self.neurons)
-        if self.positions is not None:
+        positions = self.positions
+        if positions is None and self.from_prompts is not None:
+            positions = range(prompt_len)     # the prompt only: see the class docstring
+        if positions is not None:
             n = activation.shape[pos_dim]
-            wanted = sorted({p % prompt_len for p in self.positions})
+            wanted = sorted({p % prompt_len for p in positions})
             index[pos_dim] = [p - first for p in wanted if first <= p < first + n]
             if not index[pos_dim]:
                 return None
@@ -80,11 +97,12 @@ def _outer(index: list, device) -> tuple:
 
 
 def patch_hooks(from_model, site: str, layers=None, heads=None, neurons=None,
-                positions=None) -> Patch:
+                positions=None, from_prompts=None) -> Patch:
     """A `Patch` from a spec's selection."""
     return Patch(from_model, site, tuple(layers) if layers else None,
                  tuple(map(tuple, heads)) if heads else None,
-                 tuple(neurons) if neurons else None, tuple(positions) if positions else None)
+                 tuple(neurons) if neurons else None, tuple(positions) if positions else None,
+                 tuple(from_prompts) if from_prompts is not None else None)
 
 
 # ----------------------------------------------------------------------------- cached, batched
@@ -102,8 +120,12 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
     models without an HF copy and prompts that would outgrow the context use the token loop."""
     from harness.measure.logits import prompts_per_forward
 
-    if patch is not None and patch.from_model is model:
+    if patch is not None and patch.from_model is model and patch.from_prompts is None:
         patch = None      # a model patched with itself is itself
+    if patch is not None and patch.from_prompts is not None and (
+            len(patch.from_prompts) != len(prompts)
+            or any(len(a) != len(b) for a, b in zip(patch.from_prompts, prompts))):
+        raise ValueError("from_prompts must pair one to one with the prompts, of equal lengths")
     cfg = model.bridge.cfg
     texts: list[str | None] = [None] * len(prompts)
     groups: dict[int, list[int]] = {}
@@ -116,7 +138,7 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
         if not cached or length + max_new_tokens > cfg.n_ctx:
             for row in rows:
                 texts[row] = generate_uncached(model, prompts[row], max_new_tokens, temperature,
-                                               seeds[row], patch)
+                                               seeds[row], patch and patch.rows([row]))
             continue
         per_chunk = prompts_per_forward(cfg, length + max_new_tokens, memory_budget_mb)
         if patch is not None:
@@ -125,7 +147,7 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
             chunk = rows[i: i + per_chunk]
             tokens = torch.stack([prompts[r] for r in chunk])
             ids = _generate_rows(model, tokens, [seeds[r] for r in chunk], max_new_tokens,
-                                 temperature, patch)
+                                 temperature, patch and patch.rows(chunk))
             for r, row_ids in zip(chunk, ids):
                 texts[r] = model.tokenizer.decode(row_ids.tolist(), skip_special_tokens=True)
     return texts
@@ -170,7 +192,8 @@ class SeededSampler:
 def _patching(model, patch: Patch | None, prompt_len: int):
     """While active, every forward of the model's HF copy first runs `patch.from_model`'s on
     the same new tokens (continuing its own KV cache) and then patches its activations in,
-    through the verified site maps of both models (`hf_sites`)."""
+    through the verified site maps of both models (`hf_sites`). With `from_prompts` the
+    `from` model runs once, on those prompts, and only the prompt pass is patched."""
     if patch is None:
         yield
         return
@@ -188,6 +211,9 @@ def _patching(model, patch: Patch | None, prompt_len: int):
 
     def run_source(module, args, kwargs):
         ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        if patch.from_prompts is not None:   # ran on its own prompts before generation
+            state["start"], state["next"] = state["next"], state["next"] + ids.shape[1]
+            return
         out = source(input_ids=ids, use_cache=True, **{cache_arg: state["cache"]})
         cache = getattr(out, "cache", None)
         state["cache"] = cache if cache is not None else out.past_key_values
@@ -207,6 +233,15 @@ def _patching(model, patch: Patch | None, prompt_len: int):
     layers = patch.layer_heads()
     handles = [h for layer in layers for h in attach(source, take, layer, capture(layer),
                                                        write=False)]
+    if patch.from_prompts is not None:   # one run, before generation (`source` may be `hf`)
+        try:
+            with torch.inference_mode():
+                source(input_ids=torch.stack(patch.from_prompts).to(
+                    next(source.parameters()).device), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        handles = []
     handles.append(hf.register_forward_pre_hook(run_source, with_kwargs=True))
     handles += [h for layer, heads in layers.items()
                 for h in attach(hf, into, layer, write(layer, heads), write=True)]
@@ -226,6 +261,8 @@ def generate_uncached(model, tokens: Int[Tensor, " pos"], max_new_tokens: int,
     through the bridge's hook points by rerunning the `from` model on the whole sequence.
     `hooks_for(window)` adds bridge hooks at every step (SAE feature interventions)."""
     bridge, tokenizer = model.bridge, model.tokenizer
+    if patch is not None and patch.from_prompts is not None and len(patch.from_prompts) != 1:
+        raise ValueError("the token loop generates one row: pass patch.rows([row])")
     generator = torch.Generator().manual_seed(seed)
     ids = tokens.tolist()
     prompt_len = len(ids)
@@ -233,8 +270,13 @@ def generate_uncached(model, tokens: Int[Tensor, " pos"], max_new_tokens: int,
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             window = torch.tensor([ids[-bridge.cfg.n_ctx:]], device=device)
+            if patch is not None and patch.from_prompts is not None:   # its own prompt
+                source = patch.from_prompts[0].tolist() + ids[prompt_len:]
+                source_window = torch.tensor([source[-bridge.cfg.n_ctx:]], device=device)
+            else:
+                source_window = window
             hooks = [] if patch is None else \
-                _bridge_hooks(patch, window, prompt_len, len(ids) - window.shape[1])
+                _bridge_hooks(patch, source_window, prompt_len, len(ids) - window.shape[1])
             if hooks_for is not None:
                 hooks = hooks + list(hooks_for(window))
             logits = bridge.run_with_hooks(window, fwd_hooks=hooks, return_type="logits")
@@ -251,6 +293,8 @@ def generate_uncached(model, tokens: Int[Tensor, " pos"], max_new_tokens: int,
 
 
 def _bridge_hooks(patch: Patch, window: Tensor, prompt_len: int, start: int) -> list:
+    """Hooks writing `patch.from_model`'s activations on `window` (the generating window, or
+    the `from` prompt followed by the generated tokens: same length) into the selection."""
     from harness.measure.general_forward import write_hooks
 
     site = SITE_TABLE[patch.site]

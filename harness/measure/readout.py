@@ -139,3 +139,43 @@ def _norm_affine(bridge, d_model: int, like: Tensor) -> tuple[Tensor, Tensor]:
     if isinstance(b, Tensor) and b.shape == (d_model,):
         bias = b.detach().to(like.dtype)
     return weight, bias
+
+
+@dataclass(frozen=True)
+class PostNorm:
+    """A norm on a block's attention output (Gemma 2's post-attention RMSNorm), read so that,
+    with its scale frozen, it is a linear map: weight * centred(x) / scale + bias."""
+
+    weights: tuple[Tensor, ...]  # candidate elementwise scales: w, and Gemma's 1 + w
+    bias: Tensor
+    eps: float
+    center: bool                 # LayerNorm (centre first) or RMSNorm
+
+    def centered(self, x: Tensor) -> Tensor:
+        return x - x.mean(-1, keepdim=True) if self.center else x
+
+    def scale(self, x: Tensor) -> Tensor:
+        return (self.centered(x).pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+
+def post_attention_norms(bridge) -> list[PostNorm] | None:
+    """Each block's post-attention norm (`ln1_post`), float32; None where blocks have none."""
+    blocks = getattr(bridge, "blocks", None)
+    if not blocks or getattr(blocks[0], "ln1_post", None) is None:
+        return None
+    norm_type = str(getattr(bridge.cfg, "normalization_type", None) or "")
+    norms = []
+    for block in blocks:
+        inner = getattr(block.ln1_post, "_original_component", block.ln1_post)
+        w = getattr(inner, "weight", None)
+        if not isinstance(w, Tensor):
+            raise MeasureError("a post-attention norm without an elementwise weight: per-head "
+                               "DLA cannot pass heads through it; use by: component or layer")
+        w = w.detach().float()
+        b = getattr(inner, "bias", None)
+        eps = getattr(inner, "eps", getattr(inner, "variance_epsilon", bridge.cfg.eps))
+        norms.append(PostNorm(weights=(w, w + 1),
+                              bias=b.detach().float() if isinstance(b, Tensor) else
+                              torch.zeros_like(w), eps=float(eps),
+                              center=norm_type.startswith("LN")))
+    return norms
