@@ -19,6 +19,7 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,9 +75,8 @@ def bench_model(model: str, args) -> None:
           + (f"{'hooks s':>9}{'max |diff|':>12}" if args.reference else ""))
     print(f"{'head sweep z over [layer, head]':<36}{sweep_s:>9.3f}{1.0:>13.2f}x")
     for path, receivers in (("resid", ()), ("q", (f"L{mid}H0",)), ("k", (f"L{mid}KV0",))):
-        got, seconds = best_time(lambda: engine.path_patch(from_run, into_run, answer, foil,
-                                                           senders, path, receivers),
-                                 args.repeat)
+        got, seconds = best_time(partial(engine.path_patch, from_run, into_run, answer, foil,
+                                         senders, path, receivers), args.repeat)
         label = f"path patch -> {path} {' '.join(receivers)}".rstrip()
         row = f"{label:<36}{seconds:>9.3f}{seconds / sweep_s:>13.2f}x"
         if args.reference:
