@@ -653,24 +653,24 @@ def _head_scores(ctx: ClaimContext) -> Measurement:
 
 @measure("path_patch")
 def _path_patch(ctx: ClaimContext) -> Measurement:
-    from harness.measure.circuits import Component, logit_diffs, parse_component, path_patch
+    from harness.measure.circuits import Component, parse_component
 
     claim = ctx.claim
     from_run, into_run, batch = _runs(ctx)
-    bridge, cfg = into_run.bridge, into_run.bridge.cfg
+    cfg = into_run.bridge.cfg
     if claim.senders:
         sender_sets = [[parse_component(s, cfg) for s in claim.senders]]
     else:
         sender_sets = [[Component(layer, h)] for layer in range(cfg.n_layers)
                        for h in range(cfg.n_heads)]
     args = (batch.answer_ids, batch.foil_ids)
-    patched = path_patch(bridge, from_run.tokens, into_run.tokens, into_run.final_pos, *args,
-                         sender_sets, claim.path, claim.receivers,
-                         ctx.session.memory_budget_mb)                 # [variant, batch]
-    from_value = logit_diffs(bridge, from_run.tokens, from_run.final_pos, *args)
-    into_value = logit_diffs(bridge, into_run.tokens, into_run.final_pos, *args)
+    engine = ctx.session.engine
+    patched = engine.path_patch(from_run, into_run, *args, sender_sets, claim.path,
+                                claim.receivers)                       # [variant, batch]
+    from_value, into_value = engine.logit_diff(from_run, *args), engine.logit_diff(into_run, *args)
     normalized = (patched.mean(-1) - into_value.mean()) / (from_value.mean() - into_value.mean())
-    extras = {"from": float(from_value.mean()), "into": float(into_value.mean())}
+    extras = {"from": float(from_value.mean()), "into": float(into_value.mean()),
+              "path": engine.path_of(into_run)}
     if claim.senders:
         effect = PatchEffect(float(normalized[0]), patched[0].cpu(), from_value.cpu(),
                              into_value.cpu())

@@ -283,25 +283,11 @@ def path_patch(bridge, from_tokens: Tensor, into_tokens: Tensor, final_pos: Tens
     2. Forward the into tokens again, normally, with only the receivers' q/k/v replaced by
        the recorded values. Receivers are head labels (`L1H0`; `L1KV0` for k and v).
     """
-    if path not in PATHS:
-        raise MeasureError(f"unknown path '{path}'; use one of {', '.join(PATHS)}")
     cfg = bridge.cfg
     check_same_shape(from_tokens.shape, into_tokens.shape)
+    targets = receiver_heads(cfg, path, receivers)
     names = component_hooks(cfg)
     source, frozen = cache(bridge, from_tokens, names), cache(bridge, into_tokens, names)
-    targets: dict[int, list[int]] = {}
-    if path != "resid":
-        if not receivers:
-            raise MeasureError(f"path '{path}' needs `receivers:` (heads whose {path} input "
-                               "the senders' effect must pass through)")
-        for label in receivers:
-            try:
-                layer, head = parse_head(label, path)
-            except ValueError as exc:
-                raise MeasureError(str(exc)) from None
-            if not (0 <= layer < cfg.n_layers and 0 <= head < n_heads_of(path, cfg)):
-                raise MeasureError(f"receiver {label} is not a head of this model")
-            targets.setdefault(layer, []).append(head)
     batch, n_pos = into_tokens.shape
     out = []
     for chunk in _variant_chunks(bridge, len(senders), batch, n_pos, memory_budget_mb,
@@ -335,17 +321,46 @@ def path_patch(bridge, from_tokens: Tensor, into_tokens: Tensor, final_pos: Tens
     return torch.cat(out)
 
 
-def _frozen_hooks(cfg, sender_sets, source: dict, frozen: dict, batch: int) -> list:
-    """Hooks setting every z / MLP output to its into value, senders (per row) to `from`."""
-    n = len(sender_sets)
-    heads = torch.zeros(n, cfg.n_layers, cfg.n_heads, dtype=torch.bool)
-    mlps = torch.zeros(n, cfg.n_layers, dtype=torch.bool)
+def receiver_heads(cfg, path: str, receivers: Sequence[str]) -> dict[int, list[int]]:
+    """Receiver layer -> its heads of the `path` site (KV heads for k and v); checked."""
+    if path not in PATHS:
+        raise MeasureError(f"unknown path '{path}'; use one of {', '.join(PATHS)}")
+    targets: dict[int, list[int]] = {}
+    if path == "resid":
+        return targets
+    if not receivers:
+        raise MeasureError(f"path '{path}' needs `receivers:` (heads whose {path} input "
+                           "the senders' effect must pass through)")
+    for label in receivers:
+        try:
+            layer, head = parse_head(label, path)
+        except ValueError as exc:
+            raise MeasureError(str(exc)) from None
+        if not (0 <= layer < cfg.n_layers and 0 <= head < n_heads_of(path, cfg)):
+            raise MeasureError(f"receiver {label} is not a head of this model")
+        if head not in targets.setdefault(layer, []):
+            targets[layer].append(head)
+    return targets
+
+
+def sender_masks(cfg, sender_sets: Sequence[Sequence[Component]]
+                 ) -> tuple[Bool[Tensor, "variant layer head"], Bool[Tensor, "variant layer"]]:
+    """Which heads and MLP layers each sender set holds."""
+    heads = torch.zeros(len(sender_sets), cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+    mlps = torch.zeros(len(sender_sets), cfg.n_layers, dtype=torch.bool)
     for i, senders in enumerate(sender_sets):
         for comp in senders:
             if comp.head is None:
                 mlps[i, comp.layer] = True
             else:
                 heads[i, comp.layer, comp.head] = True
+    return heads, mlps
+
+
+def _frozen_hooks(cfg, sender_sets, source: dict, frozen: dict, batch: int) -> list:
+    """Hooks setting every z / MLP output to its into value, senders (per row) to `from`."""
+    n = len(sender_sets)
+    heads, mlps = sender_masks(cfg, sender_sets)
     hooks = []
     for name in frozen:
         layer = int(name.split(".")[1])

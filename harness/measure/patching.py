@@ -27,7 +27,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
-from harness.measure import gpt2_fast, llama_fast, parallel_fast
+from harness.measure import circuits, gpt2_fast, llama_fast, parallel_fast
+from harness.measure import path_patching as staggered_paths
 from harness.measure.budget import CACHE_SHARE, SLICE_SHARE, WORK_SHARE, budget_bytes
 from harness.measure.forward import Acts, Forward, fast_path_for, register_fast_path
 from harness.measure.general_forward import GeneralForward
@@ -47,6 +48,7 @@ from harness.measure.selection import (
     selection_masks,
     sweep_variants,
 )
+from harness.measure.staggered import StaggeredForward
 from harness.measure.traces import Run, TraceCache
 from harness.sites import HEAD_SITES
 
@@ -225,6 +227,31 @@ class PatchingEngine:
         patched, from_value, into_value = (torch.cat(part, -1) for part in zip(*parts))
         return _sweep_grid(over, layer_list, n_heads, into_run, patched.reshape(*shape, -1),
                            from_value, into_value, method, site, forward.path)
+
+    def path_patch(self, from_run: Run, into_run: Run, answer_ids: Tensor, foil_ids: Tensor,
+                   sender_sets: Sequence[Sequence[circuits.Component]], path: str,
+                   receivers: Sequence[str] = ()) -> Float[Tensor, "variant batch"]:
+        """IOI path patching (`circuits.path_patch`): the into run's logit diff per sender set
+        and prompt. On a fast path from the clean traces (`measure/path_patching.py`), every
+        sender set batched; on the general path through the bridge's hooks."""
+        check_same_shape(from_run.shape, into_run.shape)
+        cfg = into_run.bridge.cfg
+        targets = circuits.receiver_heads(cfg, path, receivers)
+        heads, mlps = circuits.sender_masks(cfg, sender_sets)
+        parts = []
+        if isinstance(self.forward(into_run), StaggeredForward):
+            for rows, (_, ir), (source, into) in self.slices(from_run, into_run):
+                forward = self.forward(ir)
+                if not isinstance(forward, StaggeredForward):  # it failed its check
+                    break
+                parts.append(staggered_paths.path_patch(
+                    forward.ops, into, source, ir.final_pos, answer_ids[rows], foil_ids[rows],
+                    heads, mlps, path, targets, self._bytes(WORK_SHARE)))
+            else:
+                return torch.cat(parts, -1)
+        return circuits.path_patch(into_run.bridge, from_run.tokens, into_run.tokens,
+                                   into_run.final_pos, answer_ids, foil_ids, sender_sets, path,
+                                   receivers, self.memory_budget_mb)
 
     def site_mean(self, run: Run, site: str) -> Tensor:
         """Mean of `site` over prompts and real positions (patterns: over prompts), per layer:

@@ -50,19 +50,23 @@ class RotaryAttentionOps:
     # ---- rotary ---------------------------------------------------------------------------
     def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos rotary_dim"], Tensor]:
         """The model's own rotary cos/sin for positions 0..n_pos-1 (cached, grown on demand);
-        their width is the rotary dimension: all of a head, or its first dims (partial)."""
+        their width is the rotary dimension: all of a head, or its first dims (partial).
+        The sin's first half is negated: rotate_half(x) * sin = roll(x, half) * this."""
         if self._cos_sin is None or self._cos_sin[0].shape[0] < n_pos:
             with torch.inference_mode(False), torch.no_grad():
                 x = torch.zeros(1, n_pos, self.w.d_head, dtype=self.dtype, device=self.device)
                 cos, sin = self.rotary(x, torch.arange(n_pos, device=self.device)[None])
-            self._cos_sin = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+            cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+            half = sin.shape[-1] // 2
+            self._cos_sin = (cos, torch.cat([-sin[:, :half], sin[:, half:]], -1))
         cos, sin = self._cos_sin
         return cos[:n_pos], sin[:n_pos]
 
     def rope(self, x: Float[Tensor, "n pos head d_head"], q_pos: Tensor | None = None
              ) -> Tensor:
         """Rotate q or k (positions 0..pos-1, or `q_pos[i]` for row i of a single query);
-        with a partial rotary only the first rotary_dim dims turn, the rest pass through."""
+        with a partial rotary only the first rotary_dim dims turn, the rest pass through.
+        Three kernels (x * cos, a roll, a fused multiply-add), not rotate_half's five."""
         if q_pos is None:
             cos, sin = self.cos_sin(x.shape[1])
             cos, sin = cos[:, None], sin[:, None]
@@ -71,9 +75,9 @@ class RotaryAttentionOps:
             cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
         width = cos.shape[-1]
         if width == x.shape[-1]:
-            return x * cos + rotate_half(x) * sin
+            return torch.addcmul(x * cos, x.roll(width // 2, -1), sin)
         rot, rest = x[..., :width], x[..., width:]
-        return torch.cat([rot * cos + rotate_half(rot) * sin, rest], -1)
+        return torch.cat([torch.addcmul(rot * cos, rot.roll(width // 2, -1), sin), rest], -1)
 
     # ---- attention ------------------------------------------------------------------------
     def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,11 +91,13 @@ class RotaryAttentionOps:
         return kv if groups == 1 else kv.repeat_interleave(groups, axis)
 
     def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
+        """Causal attention; grouped key/value heads go to the kernel as they are
+        (`enable_gqa`), not repeated per query head."""
         q, k = self.rope(q, q_pos), self.rope(k)
         z = F.scaled_dot_product_attention(
-            q.transpose(1, 2), self._expand(k, 2).transpose(1, 2),
-            self._expand(v, 2).transpose(1, 2), attn_mask=allowed, is_causal=allowed is None,
-            scale=self.w.scaling)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+            is_causal=allowed is None, scale=self.w.scaling,
+            enable_gqa=self.n_heads != self.n_kv_heads)
         return z.transpose(1, 2)
 
     def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]:

@@ -169,24 +169,24 @@ def _run_blocks(ops: BlockOps, into: Acts, x: Float[Tensor, "n pos d_model"],
         layer, n = step // 2, int(entered[step])
         rows = (pos[None] >= start[:n, None]).flatten()
         flat = None if bool(rows.all()) else rows.nonzero().squeeze(1)
-        if step % 2 == 0:
-            out = _attention_step(ops, layer, x[:n], flat, into["qkv"][layer][prompt[:n]])
+        if step % 2 == 0:  # both steps write into x
+            clean_qkv = None if flat is None else into["qkv"][layer][prompt[:n]]
+            _attention_step(ops, layer, x[:n], flat, clean_qkv)
         else:
-            out = _mlp_step(ops, layer, x[:n], flat)
-        if flat is None:  # partial steps wrote into x already
-            x[:n] = out
+            _mlp_step(ops, layer, x[:n], flat)
     return _last_block(ops, into, x, enter_at, start, prompt, final_pos)
 
 
 def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
-                    clean_qkv: Float[Tensor, "n pos qkv"]) -> Tensor:
-    """Attention sublayer on the rows `flat` of x viewed as [n*pos, d], in place.
-
-    flat=None: every row, returned as a new tensor.
-    """
+                    clean_qkv: Float[Tensor, "n pos qkv"] | None) -> Tensor:
+    """Attention sublayer on the rows `flat` of x viewed as [n*pos, d] (None: every row), in
+    place; `clean_qkv`, the into run's q/k/v of these variants' prompts, only with `flat`."""
     if flat is None:
         q, k, v = ops.split_qkv(ops.qkv_flat(layer, x))
-        return _add_attention(ops, layer, x, ops.attn_output(layer, ops.attend(q, k, v)))
+        attn = ops.attn_output(layer, ops.attend(q, k, v))
+        if ops.parallel_block:  # the whole block, summed in the HF order
+            return x.copy_(_add_attention(ops, layer, x, attn))
+        return x.add_(attn)
     n, n_pos, d_model = x.shape
     rows = x.reshape(-1, d_model).index_select(0, flat)
     qkv = clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, ops.qkv_flat(layer, rows))
@@ -207,8 +207,9 @@ def _add_attention(ops: BlockOps, layer: int, x: Tensor, attn_out: Tensor) -> Te
 
 
 def _mlp_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None) -> Tensor:
+    """MLP sublayer on the rows `flat` of x (None: every row), in place."""
     if flat is None:
-        return x + ops.mlp_output(layer, ops.mlp_post(layer, x))
+        return x.add_(ops.mlp_output(layer, ops.mlp_post(layer, x)))
     n, n_pos, d_model = x.shape
     rows = x.reshape(-1, d_model).index_select(0, flat)
     out = rows + ops.mlp_output(layer, ops.mlp_post(layer, rows))
