@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=positive_int, metavar="N",
                      help="measure each claim on its first N prompts only: a quick look; the "
                           "reports say LIMITED and a passing run exits 3, not 0")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    run.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress: no line per claim, no bars, no loading messages")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also the libraries' own progress bars (weight loading; "
+                          "HARNESS_LIBRARY_PROGRESS=1 does the same)")
     run.set_defaults(func=_run)
     merge = sub.add_parser("merge", help="join the JSON reports of a sharded run (--shard)")
     merge.add_argument("reports", nargs="+", metavar="REPORT_JSON")
@@ -123,6 +127,7 @@ def _run(args) -> int:
     start = time.perf_counter()
     from harness import report
     from harness.finish import Outputs, check_outputs, finish
+    from harness.progress import ClaimProgress, quiet_libraries
     from harness.runner import SpecResult, exit_code_limited, run_spec_file
     from harness.selection import selector
     from harness.session import Session
@@ -132,8 +137,10 @@ def _run(args) -> int:
     session = Session(device=args.device, memory_budget_mb=args.memory_budget_mb,
                       verbose=not args.quiet, update_baselines=args.update_baselines,
                       allow_remote_code=args.allow_remote_code, started=start,
-                      limit=args.limit)
+                      limit=args.limit, progress=ClaimProgress(quiet=args.quiet))
     session.timing["import_s"] += time.perf_counter() - start   # torch, transformers
+    if not args.verbose:
+        quiet_libraries()
     select = selector(args.keyword, args.last_failed)
     paths = _spec_paths(args.paths)
     shard, resolved = _shard(paths, args.shard) if args.shard else (None, {})

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from harness import tl_checkpoints
 from harness.errors import HarnessError, ModelUnavailable
 from harness.hub import hub_offline, hub_reachable
+from harness.plain_hf import module_copy, plain_copy
 from harness.spec import ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,10 +45,11 @@ class LoadedModel:
 
     def plain_hf(self):
         """The HF model on its own, for cached generation: inside the bridge its KV cache
-        path gives wrong logits (measured, TransformerLens 4.3), so generation loads a second,
-        unwrapped copy of the weights once, on first use. None where there is no HF model
-        to copy (TransformerLens-native checkpoints, models handed over in memory): generation
-        then runs the bridge's token loop."""
+        path gives wrong logits (measured, TransformerLens 4.3). Made at load time from the
+        bridge's own modules, sharing their weights (`plain_hf.py`); a `device_map` model
+        loads a second copy once, on first use. None where there is no HF model to copy
+        (TransformerLens-native checkpoints, bridges handed over in memory): generation then
+        runs the bridge's token loop."""
         if self._plain is None:
             from transformers import PreTrainedModel
 
@@ -131,6 +133,7 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
         hf_model = hf_model.to(device)
     else:
         device = str(next(hf_model.parameters()).device)  # where the embeddings landed
+    before = module_copy(hf_model) if source.device_map is None else None
     try:
         bridge = TransformerBridge.boot_transformers(
             location, hf_model=hf_model, tokenizer=tokenizer, device=device,
@@ -146,7 +149,8 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
                                f"on {placed}")
     key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
     return LoadedModel(key, bridge, tokenizer, _origin(source, location), str(placed),
-                       source.dtype, location, source)
+                       source.dtype, location, source,
+                       None if before is None else plain_copy(bridge, before))
 
 
 def _load_tl_checkpoint(name: str, source: ModelSource, location: str, device: str,

@@ -178,7 +178,8 @@ class ClaimItem(pytest.Item):
         self.user_properties += [("measure", verdict.measure),
                                  ("measured", json.dumps(verdict.measured, default=str)),
                                  ("expected", json.dumps(verdict.expected, default=str)),
-                                 ("status", verdict.status)]
+                                 ("status", verdict.status),
+                                 ("seconds", round(verdict.seconds, 3))]
         if verdict.status == SKIPPED:
             pytest.skip(verdict.message)
         if verdict.status == ERROR:
@@ -254,6 +255,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             isinstance(call.excinfo.value, ClaimError) and hasattr(item, "repr_failure"):
         report.longrepr = item.repr_failure(call.excinfo)
     return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_teststatus(report, config):
+    """A claim's status word under -v carries its seconds: `PASSED (1.23 s)`, as
+    `harness run` prints each claim as it finishes."""
+    result = yield
+    seconds = dict(getattr(report, "user_properties", ())).get("seconds")
+    if seconds is None or not result or not result[2]:
+        return result
+    category, letter, word = result
+    if isinstance(word, tuple):
+        return category, letter, (f"{word[0]} ({seconds:.2f} s)", word[1])
+    return category, letter, f"{word} ({seconds:.2f} s)"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -98,8 +98,20 @@ def run_spec(spec: Spec, session: Session, result: SpecResult | None = None, sel
         if indices is not None and index not in indices:
             continue
         if select is None or select(spec.file, spec.spec, claim.id, claim.measure):
-            result.verdicts.append(evaluate_claim(spec, index, session))
+            result.verdicts.append(_evaluate_shown(spec, index, session))
     return result
+
+
+def _evaluate_shown(spec: Spec, index: int, session: Session) -> Verdict:
+    """`evaluate_claim`, shown as it runs when the session has a `progress` (a bar on a
+    terminal) and as it finishes (a line)."""
+    progress = session.progress
+    if progress is None:
+        return evaluate_claim(spec, index, session)
+    with progress.claim(f"{spec.spec}::{spec.claims[index].id}"):
+        verdict = evaluate_claim(spec, index, session)
+    progress.line(verdict)
+    return verdict
 
 
 def exit_code(results: list[SpecResult]) -> int:

@@ -29,6 +29,7 @@ class Session:
     update_baselines: bool = False       # baseline comparisons read the new values
     allow_remote_code: bool = False      # a spec's trust_remote_code needs the user's flag too
     limit: int | None = None             # measure each claim on its first N prompts only
+    progress: object = None              # progress.ClaimProgress: claims shown as they run
     _models: dict[str, object] = field(default_factory=dict)   # loaded, or why not
     _locations: dict[str, str] = field(default_factory=dict)
     _batches: dict[tuple, PromptBatch] = field(default_factory=dict)

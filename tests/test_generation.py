@@ -11,7 +11,7 @@ import torch
 
 from harness.measure.generation import generate_texts, generate_uncached, patch_hooks
 from harness.measure.hf_sites import site_map
-from harness.models import load_model
+from harness.models import load_hf_causal_lm, load_model
 from harness.sites import SITE_TABLE
 from harness.spec import ModelSource
 from harness.testing import TINY_ARCHITECTURES, build_tiny_checkpoint
@@ -458,7 +458,8 @@ def test_a_site_that_does_not_reproduce_the_bridge_uses_the_token_loop(tmp_path,
     dirs = [build_tiny_checkpoint("llama", tmp_path / str(s), seed=s) for s in (0, 1)]
     a, b = (load_model(f"m{s}", ModelSource(path=str(d)), str(d), "cpu")
             for s, d in zip((0, 1), dirs))
-    with torch.no_grad():
+    a._plain = load_hf_causal_lm(str(dirs[0]), ModelSource(path=str(dirs[0])))  # its own
+    with torch.no_grad():                     # weights (the usual copy shares the bridge's)
         a.plain_hf().model.layers[1].self_attn.o_proj.weight.mul_(1.5)
     assert site_map(a, "attn_out") is None
     assert site_map(a, "z") is not None       # o_proj's input is unaffected

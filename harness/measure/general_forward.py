@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from harness import progress
 from harness.errors import MeasureError
 from harness.measure.forward import Acts, Dims
 from harness.measure.readout import Readout
@@ -134,6 +135,7 @@ class GeneralForward:
         batch, n_pos = tokens.shape
         chunk = max(1, self.rows_per_forward(n_pos, work_bytes) // batch)
         out = torch.empty(len(variants), batch)
+        done = progress.steps(len(variants))
         with torch.no_grad():
             for start in range(0, len(variants), chunk):
                 part = variants.take(torch.arange(start, min(start + chunk, len(variants))))
@@ -143,6 +145,7 @@ class GeneralForward:
                 final = self._final(_repeat(tokens, n), _repeat(final_pos, n), hooks)
                 diff = self._metric(final, _repeat(answer_ids, n), _repeat(foil_ids, n))
                 out[start:start + n] = diff.reshape(n, batch).float().cpu()
+                done(n)
         return out
 
     def _variant_hooks(self, part, layer: int, source: Acts, batch: int):

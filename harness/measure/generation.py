@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from harness import progress
 from harness.measure.hf_sites import attach, shift, site_map
 from harness.sites import SITE_TABLE
 
@@ -134,11 +135,13 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
     cached = model.plain_hf() is not None and (
         patch is None or (site_map(model, patch.site) is not None
                           and site_map(patch.from_model, patch.site) is not None))
+    done = progress.steps(len(prompts), "samples")
     for length, rows in groups.items():
         if not cached or length + max_new_tokens > cfg.n_ctx:
             for row in rows:
                 texts[row] = generate_uncached(model, prompts[row], max_new_tokens, temperature,
                                                seeds[row], patch and patch.rows([row]))
+                done(1)
             continue
         per_chunk = prompts_per_forward(cfg, length + max_new_tokens, memory_budget_mb)
         if patch is not None:
@@ -150,6 +153,7 @@ def generate_texts(model, prompts: Sequence[Int[Tensor, " pos"]], seeds: Sequenc
                                  temperature, patch and patch.rows(chunk))
             for r, row_ids in zip(chunk, ids):
                 texts[r] = model.tokenizer.decode(row_ids.tolist(), skip_special_tokens=True)
+            done(len(chunk))
     return texts
 
 

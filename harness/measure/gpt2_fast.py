@@ -94,9 +94,10 @@ class GPT2Forward(StaggeredForward):
             batch * n_pos * self.dims.d_model * self.dims.element_size
 
     def verify(self, tokens: Tensor, acts: Acts) -> None:
-        fw.check_against_bridge(self.model, self.bridge, tokens, acts["final"][: len(tokens)])
-        with torch.no_grad():
+        with torch.no_grad():   # one bridge forward serves both checks
             logits = self.bridge(tokens.to(self.model.device), return_type="logits")[:, -1]
+        fw.check_against_bridge(self.model, self.bridge, tokens, acts["final"][: len(tokens)],
+                                theirs=logits)
         self.readout = self.readout.check(acts["final"][: len(tokens), -1], logits)
 
     def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],

@@ -267,10 +267,12 @@ def final_rows(resid: Float[Tensor, "batch pos d_model"], final_pos: Int[Tensor,
 
 
 def check_against_bridge(model: FoldedGPT2, bridge, tokens: Tensor, final: Tensor,
-                         atol: float = 1e-3) -> None:
-    """One bridge forward: our final-position logits must match, or the engine refuses the model."""
+                         atol: float = 1e-3, theirs: Tensor | None = None) -> None:
+    """One bridge forward (none when its last-position logits `theirs` are given): our
+    final-position logits must match, or the engine refuses the model."""
     with torch.no_grad():
-        theirs = bridge(tokens.to(model.device), return_type="logits")[:, -1]
+        if theirs is None:
+            theirs = bridge(tokens.to(model.device), return_type="logits")[:, -1]
         ours = layer_norm(final[:, -1], model.eps) @ model.W_U + model.b_U
     err = (theirs.float() - ours.float()).abs().max().item()
     if not err <= atol * max(1.0, theirs.abs().max().item()):

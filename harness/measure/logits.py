@@ -7,6 +7,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from harness import progress
 from harness.measure.budget import SLICE_SHARE, WORK_SHARE, budget_bytes
 from harness.prompts import PromptBatch
 
@@ -24,6 +25,7 @@ def read_final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[T
     """
     step = prompts_per_forward(bridge.cfg, tokens.shape[1], memory_budget_mb, share)
     parts = []
+    done = progress.steps(tokens.shape[0], "prompts") if tokens.shape[0] > step else None
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], step):
             rows = slice(start, start + step)
@@ -37,6 +39,8 @@ def read_final_logits(bridge, tokens: Int[Tensor, "batch pos"], final_pos: Int[T
                 final = _at(logits, slice_final)
                 del logits
             parts.append(read(final.float().cpu(), rows))
+            if done is not None:
+                done(len(parts[-1][0]) if isinstance(parts[-1], tuple) else len(parts[-1]))
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from harness import progress
 from harness.measure.forward import Acts, Dims
 from harness.measure.general_forward import GeneralForward
 from harness.measure.readout import Readout
@@ -99,11 +100,13 @@ class StaggeredForward:
         chunk = _chunk_size(ops, tokens.shape, work_bytes)
         order = torch.argsort(variants.layers, stable=True)
         out = torch.empty(len(variants), tokens.shape[0], device=ops.device)
+        done = progress.steps(len(variants))
         with torch.no_grad():
             for i in range(0, len(variants), chunk):
                 idx = order[i:i + chunk]
                 out[idx] = _run_chunk(ops, into, source, variants.take(idx), final_pos,
                                       answer_ids, foil_ids).to(out.dtype)
+                done(len(idx))
         return out.cpu()
 
     def patch_layers(self, tokens, final_pos, site, masks, source, answer_ids, foil_ids):
