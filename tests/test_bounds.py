@@ -119,7 +119,7 @@ def test_prompt_file_that_is_no_regular_file(tmp_path, tiny_checkpoints, source)
     path = model_spec(tmp_path, tiny_checkpoints["a"],
                       f'  - {{file: "{source}", answer: " bad", foil: " good"}}\n')
     code, out = bounded("validate", str(path), timeout=60)
-    assert code == 2 and f"{path}:3: prompts" in out and "not a regular file" in out, out
+    assert code == 2 and f"{path}:4: prompts[0].file" in out and "not a regular file" in out, out
 
 
 def test_a_fifo_among_the_specs_of_a_folder(tmp_path, tiny_checkpoints):
