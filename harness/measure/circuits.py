@@ -21,6 +21,7 @@ from harness.errors import MeasureError
 from harness.measure.general_forward import write_hooks
 from harness.measure.logits import prompts_per_forward
 from harness.measure.results import check_same_shape
+from harness.progress import steps
 from harness.sites import n_heads_of, parse_head, site
 
 COMPONENT_RE = re.compile(r"^(?:L(\d+)H(\d+)|mlp(\d+))$")
@@ -109,14 +110,13 @@ def logit_diffs(bridge, tokens: Int[Tensor, "rows pos"], final_pos: Int[Tensor, 
 
 def _variant_chunks(bridge, n_variants: int, batch: int, n_pos: int, memory_budget_mb: float,
                    desc: str = "variants"):
-    """Variants in chunks whose repeated prompts fit one forward pass of the budget; a
-    progress bar when that takes more than one pass."""
-    from tqdm.auto import tqdm
-
+    """Variants in chunks whose repeated prompts fit one forward pass of the budget, counted
+    into the running claim's progress bar (`desc` names the unit)."""
     per = max(1, prompts_per_forward(bridge.cfg, n_pos, memory_budget_mb) // max(1, batch))
-    starts = range(0, n_variants, per)
-    for start in tqdm(starts, desc=desc, disable=len(starts) <= 1, leave=False):
+    done = steps(n_variants, desc)
+    for start in range(0, n_variants, per):
         yield range(start, min(n_variants, start + per))
+        done(min(n_variants, start + per) - start)
 
 
 # ----------------------------------------------------------------------------- ablation values
@@ -291,7 +291,7 @@ def path_patch(bridge, from_tokens: Tensor, into_tokens: Tensor, final_pos: Tens
     batch, n_pos = into_tokens.shape
     out = []
     for chunk in _variant_chunks(bridge, len(senders), batch, n_pos, memory_budget_mb,
-                                 "path patching senders"):
+                                 "senders"):
         n = len(chunk)
         rows_tokens, rows_final = into_tokens.repeat(n, 1), final_pos.repeat(n)
         a, f = answer_ids.repeat(n), foil_ids.repeat(n)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from harness.measure.forward import Acts
 from harness.measure.staggered import BlockOps, _add_attention, _chunk_size, _mlp_step, final_rows
+from harness.progress import steps
 
 QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
@@ -40,6 +41,7 @@ def path_patch(ops: BlockOps, into: Acts, source: Acts, final_pos: Tensor, answe
         out = clean.float()[None].repeat(heads.shape[0], 1)
         which = reaches.nonzero().squeeze(1)
         chunk = _chunk_size(ops, into["resid_pre"].shape[1:3], work_bytes)
+        done = steps(len(which), "senders")
         for start in range(0, len(which), chunk):
             idx = which[start:start + chunk]
             n = len(idx)
@@ -54,6 +56,7 @@ def path_patch(ops: BlockOps, into: Acts, source: Acts, final_pos: Tensor, answe
                 value = _run_receivers(ops, into, recorded, path, targets, final_pos[prompt],
                                        a, f, n)
             out[idx] = value.float().view(n, batch)
+            done(n)
     return out.cpu()
 
 
