@@ -47,7 +47,15 @@ def behavior_ids(spec_file: Path) -> list[str]:
     spec = load_spec(spec_file)
     return [c.id for c in spec.claims
             if c.measure in BEHAVIOR and not getattr(c, "patch", None)
-            and not getattr(c, "intervene", None)]   # SAE claims: the SAE is seed 0's
+            and not getattr(c, "intervene", None)    # SAE claims: the SAE is seed 0's
+            and c.id not in SEED_COIN_FLIPS]
+
+
+# Claims that restate one pretraining seed's coin flip, not a behaviour retraining keeps: the
+# source is undecided between " good" and " bad" (`source-is-undecided`: logit diff within
+# ±1), so which one its greedy review of the plot picks is the seed's. Measured with
+# transformers 5.25: seed 1's source writes "I thought the plot was bad. I thought the".
+SEED_COIN_FLIPS = ("source-review-of-the-plot-is-positive",)
 
 
 def test_behavior_claims_survive_retraining(retrained_world, tmp_path):
