@@ -48,7 +48,8 @@ TAIL=30 step engine-tests-cuda 240 env HARNESS_TEST_DEVICE=cuda python3 -m pytes
 #     every claim kind through a spec) and half precision with a device map.
 TAIL=20 step architectures-cuda 300 env HARNESS_TEST_DEVICE=cuda python3 -m pytest -q \
   tests/test_architectures.py tests/test_dtypes.py tests/test_attention_only.py \
-  tests/test_fast_paths.py tests/test_llama_fast.py tests/test_parallel_fast.py
+  tests/test_fast_paths.py tests/test_llama_fast.py tests/test_parallel_fast.py \
+  tests/test_path_patching.py
 # 3. Benchmarks.
 TAIL=10 step bench-patching 360 python3 bench/bench_patching.py --device cuda \
   --json "$OUT_DIR/bench_patching_cuda.json"
