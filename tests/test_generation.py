@@ -437,18 +437,30 @@ def test_sites_are_located_from_the_bridge(arch_models, arch, site):
 
 def test_value_bias_offsets_are_measured_where_the_bridge_folds_them(arch_models):
     """z and v of a LayerNorm model differ from the HF ones by the value bias the bridge folds
-    into b_O: b_V plus the LayerNorm bias through W_V, i.e. v_proj(ln1.bias); q has no offset
-    (its bias stays), nor the residual stream (compared without its mean)."""
-    a, _ = arch_models("opt")
-    layer = a.plain_hf().model.decoder.layers[1]
+    into b_O: b_V plus the LayerNorm bias through W_V, i.e. the value part of
+    c_attn(ln_1.bias); q has no offset (its bias stays), nor the residual stream (compared
+    without its mean). GPT-2: its plain copy keeps the HF weights (taken before the bridge
+    processed them), where a shared-weight copy (OPT) would have nothing to offset."""
+    a, _ = arch_models("gpt2")
+    layer = a.plain_hf().transformer.h[1]
+    d_model = a.plain_hf().config.n_embd
     with torch.no_grad():
-        b_v = layer.self_attn.v_proj(layer.self_attn_layer_norm.bias)
-    n_kv = a.plain_hf().config.num_attention_heads
+        b_v = layer.attn.c_attn(layer.ln_1.bias)[2 * d_model:]
+    assert b_v.abs().max() > 1e-3          # the random checkpoint has a value bias to fold
+    n_heads = a.plain_hf().config.n_head
     offset = site_map(a, "v").offsets[1]
-    torch.testing.assert_close(offset, -b_v.unflatten(0, (n_kv, -1)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(offset, -b_v.unflatten(0, (n_heads, -1)), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(site_map(a, "z").offsets[1], offset)
     assert site_map(a, "q").offsets[1] is None
     assert site_map(a, "resid_post").offsets[1] is None
+
+
+def test_a_shared_weight_copy_needs_no_value_bias_offset(arch_models):
+    """OPT's plain copy is the bridge's own modules (weights shared, biases already folded),
+    so its z and v equal the bridge's with no offset."""
+    a, _ = arch_models("opt")
+    assert site_map(a, "v").offsets[1] is None
+    assert site_map(a, "z").offsets[1] is None
 
 
 def test_a_site_that_does_not_reproduce_the_bridge_uses_the_token_loop(tmp_path, monkeypatch):
