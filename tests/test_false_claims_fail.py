@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from _review_prompts import PROMPTS
 from _tiny_models import TEST_DEVICE
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -23,20 +24,6 @@ from harness.spec import load_spec
 PROPERTY = settings(max_examples=80, derandomize=True, database=None, deadline=None,
                     suppress_health_check=list(HealthCheck))
 
-PROMPTS = """\
-  - text: "This movie was really good. The acting was"
-    corrupt: "This film was really bad. The story was"
-    answer: " bad"
-    foil: " good"
-  - text: "The plot was fun and the story"
-    corrupt: "The plot was boring and the film"
-    answer: " bad"
-    foil: " good"
-  - text: "This film was very"
-    corrupt: "This movie was very"
-    answer: " bad"
-    foil: " good"
-"""
 RUNS = "from: {model: a, input: clean}, into: {model: a, input: corrupt}"
 
 # measures whose value is one number per prompt (per_prompt applies)

@@ -7,27 +7,13 @@ import json
 import math
 
 import pytest
+from _review_prompts import PROMPTS
 from _tiny_models import TEST_DEVICE
 
 from harness.errors import SpecError
 from harness.runner import run_spec_file
 from harness.session import Session
 from harness.spec import load_spec
-
-PROMPTS = """\
-  - text: "This movie was really good. The acting was"
-    corrupt: "This film was really bad. The story was"
-    answer: " bad"
-    foil: " good"
-  - text: "The plot was fun and the story"
-    corrupt: "The plot was boring and the film"
-    answer: " bad"
-    foil: " good"
-  - text: "This film was very"
-    corrupt: "This movie was very"
-    answer: " bad"
-    foil: " good"
-"""
 
 
 def write(tmp_path, checkpoints, claims: str, name: str = "nofalse", extra: str = ""):
