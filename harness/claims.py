@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness import labels
 from harness import spec as spec_module
 from harness.errors import HarnessError, MeasureError, ModelUnavailable, SpecError
 from harness.expect import (
@@ -413,7 +414,7 @@ def _patch_measurement(effect, metric: str, path: str | None) -> Measurement:
     return Measurement(PATCH, value, tuple(per_prompt.tolist()), extras)
 
 
-SEQUENCE = ("loss", "accuracy")
+SEQUENCE = labels.SEQUENCE_METRICS
 SEQUENCE_PATH = "sequence-hooks"   # the engine path that computed a loss/accuracy patch
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from harness.errors import did_you_mean
+from harness.labels import LabelError, label_cell, parse_label
 from harness.measure.results import Grid
-from harness.sites import HEAD_RE
 
 if TYPE_CHECKING:   # torch only where a measured tensor is read: validate stays light
     import torch
@@ -294,15 +294,20 @@ def resolve_cell(grid: Grid, cell) -> tuple[int, ...]:
         if set(cell) != set(grid.axes):
             raise ValueError(f"cell {cell} must give every axis of {list(grid.axes)}")
         return tuple(_axis_index(grid, a, cell[a]) for a in grid.axes)
-    if isinstance(cell, str) and grid.axes[:2] == ("layer", "head") and len(grid.axes) == 2:
-        match = HEAD_RE.match(cell)
-        if match:
-            return (_axis_index(grid, "layer", int(match.group(1))),
-                    _axis_index(grid, "head", int(match.group(2))))
+    named = _label_cell(cell)   # L3H7 on a [layer, head] grid, L3N12 on [layer, neuron]
+    if named is not None and set(named) == set(grid.axes):
+        return tuple(_axis_index(grid, a, named[a]) for a in grid.axes)
     if len(grid.axes) != 1:
         raise ValueError(f"cell {cell!r} must name every axis of {list(grid.axes)}, "
                          f"e.g. {{{', '.join(f'{a}: 0' for a in grid.axes)}}}")
     return (_axis_index(grid, grid.axes[0], cell),)
+
+
+def _label_cell(cell) -> dict[str, int] | None:
+    try:
+        return label_cell(parse_label(cell, ("head", "kv_head", "neuron")))
+    except LabelError:
+        return None
 
 
 def _axis_index(grid: Grid, axis: str, value) -> int:

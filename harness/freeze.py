@@ -113,18 +113,17 @@ def ranked_cells(grid: dict) -> list[tuple[tuple[int, ...], float]]:
 
 
 def cell_name(grid: dict, index: tuple[int, ...]):
-    """How a spec names a cell: a label for one axis, LxHy for heads, else {axis: label};
-    positions by index (counted from the end: the final token is -1)."""
+    """How a spec names a cell: a label for one axis, a head's or neuron's label (`L3H7`,
+    `L3N12`: labels.cell_label) for its cell, else {axis: label}; positions by index (counted
+    from the end: the final token is -1)."""
+    from harness.labels import cell_label
+
     axes, labels = grid["axes"], grid["labels"]
     if len(axes) == 1:
         return labels[0][index[0]]
-    if list(axes) == ["layer", "head"]:
-        return f"L{labels[0][index[0]]}H{labels[1][index[1]]}"
-    out = {}
-    for axis, i in zip(axes, index):
-        out[axis] = i - len(labels[axes.index(axis)]) if axis == "pos" else \
-            labels[axes.index(axis)][i]
-    return out
+    cell = {axis: labels[k][i] for k, (axis, i) in enumerate(zip(axes, index))}
+    return cell_label(cell) or {axis: i - len(labels[k]) if axis == "pos" else cell[axis]
+                                for k, (axis, i) in enumerate(zip(axes, index))}
 
 
 def _shown(cell) -> str:

@@ -12,6 +12,7 @@ import uuid
 
 from harness.errors import safe_text
 from harness.expect import fmt
+from harness.labels import Head, format_label
 from harness.report_text import STATUS_ORDER, expected_text, measured_cell, report_summary_line
 
 CSS = """
@@ -223,7 +224,7 @@ def _rows_of(axes, labels, values):
     rows, names = [], []
     for li, layer in enumerate(labels[0]):
         for hi, head in enumerate(labels[1]):
-            names.append(f"L{layer}H{head}")
+            names.append(format_label(Head(layer, head)))
             rows.append(values[li][hi])
     return names, rows
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from harness.expect import fmt
+from harness.labels import Head, format_label
 from harness.report_text import expected_text
 
 
@@ -62,7 +63,7 @@ def grid_table(grid: dict) -> str:
     if len(axes) == 2:
         rows = [[str(lab)] + [fmt(v) for v in row] for lab, row in zip(labels[0], values)]
     else:
-        rows = [[f"L{layer}H{head}"] + [fmt(v) for v in values[li][hi]]
+        rows = [[format_label(Head(layer, head))] + [fmt(v) for v in values[li][hi]]
                 for li, layer in enumerate(labels[0]) for hi, head in enumerate(labels[1])]
     corner = f"{' x '.join(axes[:-1])} \\ {axes[-1]}"
     return tabulate(rows, [corner, *columns], tablefmt="simple", disable_numparse=True)

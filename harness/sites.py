@@ -4,9 +4,9 @@ Spec validation, the patching engine (fast and general paths), generation hooks,
 resolution and the docs all read this table; nothing else spells a hook name. Importing it
 costs no torch, so `harness validate` stays light.
 
-Head labels: per-query-head sites (`z`, `q`, `pattern`) name query heads `L3H7`; `k` and `v`
-name key/value heads `L3KV1` (on a grouped-query model several query heads share one KV head;
-on other models KV head i is query head i's own).
+Head labels (their grammar: labels.py): per-query-head sites (`z`, `q`, `pattern`) name query
+heads `L3H7`; `k` and `v` name key/value heads `L3KV1` (on a grouped-query model several query
+heads share one KV head; on other models KV head i is query head i's own).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 
 from harness.errors import did_you_mean
+from harness.labels import HEAD_RE as HEAD_RE  # spec.py still imports it from here
+from harness.labels import Head, LabelError, format_label, parse_label
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,6 @@ SITES: tuple[str, ...] = tuple(SITE_TABLE)
 HEAD_SITES: tuple[str, ...] = tuple(n for n, s in SITE_TABLE.items() if s.heads)
 KV_SITES: tuple[str, ...] = tuple(n for n, s in SITE_TABLE.items() if s.heads == "kv")
 
-QUERY_HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
-KV_HEAD_RE = re.compile(r"^L(\d+)KV(\d+)$")
-HEAD_RE = re.compile(r"^L(\d+)(?:H|KV)(\d+)$")  # either: query heads L3H7, key/value heads L3KV1
-
 
 def site(name: str) -> Site:
     """The table entry of `name`; an unknown name is a KeyError that lists the known ones."""
@@ -88,8 +86,7 @@ def site(name: str) -> Site:
 
 def head_label(site_name: str, layer: int, head: int) -> str:
     """`L3H7` for query-head sites, `L3KV1` for key/value sites."""
-    kind = "KV" if SITE_TABLE[site_name].heads == "kv" else "H"
-    return f"L{layer}{kind}{head}"
+    return format_label(Head(layer, head, SITE_TABLE[site_name].heads == "kv"))
 
 
 def parse_head(label: str, site_name: str) -> tuple[int, int]:
@@ -98,22 +95,23 @@ def parse_head(label: str, site_name: str) -> tuple[int, int]:
     Raises ValueError with the fix when a query-head label names a key/value site or back.
     """
     kv = SITE_TABLE[site_name].heads == "kv"
-    q_match, kv_match = QUERY_HEAD_RE.match(label), KV_HEAD_RE.match(label)
-    if kv and q_match:
-        layer, head = q_match.groups()
-        raise ValueError(f"site '{site_name}' has key/value heads: write L{layer}KV{head} for "
-                         f"key/value head {head} of layer {layer} ('{label}' names a query head; "
-                         "query-head labels are for z, q and pattern)")
-    if not kv and kv_match:
-        layer, head = kv_match.groups()
-        raise ValueError(f"site '{site_name}' has query heads: write L{layer}H{head} ('{label}' "
-                         "names a key/value head; KV labels are for sites k and v)")
-    match = kv_match if kv else q_match
-    if not match:
+    try:
+        head = parse_label(label, ("head", "kv_head"), "head name")
+    except LabelError:
         example = "L3KV1" if kv else "L10H4"
         raise ValueError(f"'{label}' is not a head name for site '{site_name}'; write "
-                         f"{'L{layer}KV{head}' if kv else 'L{layer}H{head}'}, e.g. {example}")
-    return int(match.group(1)), int(match.group(2))
+                         f"{'L{layer}KV{head}' if kv else 'L{layer}H{head}'}, e.g. {example}"
+                         ) from None
+    if kv and not head.kv:
+        raise ValueError(f"site '{site_name}' has key/value heads: write "
+                         f"{Head(head.layer, head.head, kv=True)} for key/value head {head.head} "
+                         f"of layer {head.layer} ('{label}' names a query head; query-head "
+                         "labels are for z, q and pattern)")
+    if not kv and head.kv:
+        raise ValueError(f"site '{site_name}' has query heads: write "
+                         f"{Head(head.layer, head.head)} ('{label}' names a key/value head; KV "
+                         "labels are for sites k and v)")
+    return head.layer, head.head
 
 
 def model_traits(cfg) -> set[str]:

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from harness import labels
 from harness.errors import HarnessError, SpecError, did_you_mean, safe_text
 from harness.expect import (
     ANSWER_OPERATORS,
@@ -467,7 +468,7 @@ class SpanAfter(Frozen):
     after: str
 
 
-SEQUENCE_METRICS = ("loss", "accuracy")
+SEQUENCE_METRICS = labels.SEQUENCE_METRICS
 SPAN_HELP = "a span is all, second_half, {start: A, stop: B} or {after: TOKEN}"
 
 
@@ -719,7 +720,7 @@ class PatchClaim(ClaimBase, SiteSelection):
         return tuple(dict.fromkeys((self.from_.model, self.into.model)))
 
 
-SWEEP_AXES = {("layer", "pos"), ("layer",), ("layer", "head"), ("layer", "head", "pos")}
+SWEEP_AXES = labels.SWEEP_AXES
 
 
 class PatchSweepClaim(PatchClaim):
@@ -953,7 +954,7 @@ class CircuitClaim(SingleModelClaim):
 
 # ----------------------------------------------------------------------------- SAE features
 
-Position = Union[Literal["final", "all"], dict[Literal["token"], str]]  # noqa: UP007
+Position = labels.Position
 
 
 class FeatureReading(Frozen):
@@ -1241,10 +1242,7 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i, "expect", "mean_score"), "`mean_score` needs `score_with: "
                                                        "REWARD_MODEL` on the claim")
         if claim.ci is not None and (not claim.has_intervals() or claim.per_prompt != "mean"):
-            add(("claims", i, "ci"), "`ci` applies to `logit_diff`, `loss`, `accuracy`, "
-                                     "`feature`, single-feature `feature_diff` and `circuit` "
-                                     "faithfulness claims over the mean of their prompts "
-                                     "(per_prompt: mean)")
+            add(("claims", i, "ci"), labels.ci_rule(CLAIM_KINDS))
         if "per_prompt" in claim.model_fields_set and claim.value_kind() not in PER_PROMPT_KINDS:
             add(("claims", i, "per_prompt"), f"`per_prompt` does not apply here: this "
                 f"{claim.measure} claim measures a {claim.value_kind()} (one value for all its "

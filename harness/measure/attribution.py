@@ -11,13 +11,12 @@ Values are means over prompts; `extras["per_prompt"]` keeps [entry, batch].
 
 from __future__ import annotations
 
-import re
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
+from harness.labels import Head, LabelError, LayerPart, format_label, parse_label
 from harness.measure.readout import post_attention_norms
 from harness.measure.results import Grid
 from harness.prompts import PromptBatch
@@ -117,7 +116,8 @@ def _components(forward, acts, final_pos: Tensor, by: str, post_norms=None
         if pos_embed is not None:
             labels, pieces = labels + ["pos_embed"], pieces + [pos_embed]
         for layer in range(n_layers):
-            labels += [f"attn{layer}"] + ([f"mlp{layer}"] if "mlp_out" in acts else [])
+            parts = ("attn", "mlp") if "mlp_out" in acts else ("attn",)
+            labels += [format_label(LayerPart(part, layer)) for part in parts]
             pieces += [attn[layer]] + ([mlp[layer]] if "mlp_out" in acts else [])
         return labels + ["bias"], torch.stack(pieces)
     if by == "layer":
@@ -131,7 +131,8 @@ def _components(forward, acts, final_pos: Tensor, by: str, post_norms=None
     else:
         _check_sum(attn, heads.sum(1) + b_O.float()[:, None],
                    "attention outputs are not the sum of per-head outputs")
-    labels = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(heads.shape[1])]
+    labels = [format_label(Head(layer, h)) for layer in range(n_layers)
+              for h in range(heads.shape[1])]
     heads = heads.flatten(0, 1)
     return labels + ["rest"], torch.cat([heads, (final - heads.sum(0))[None]])
 
@@ -183,7 +184,7 @@ def logit_lens(bridge, batch: PromptBatch, incl_mid: bool = False, *, engine=Non
                            "attention and MLP) does not have")
     sites = ("resid_pre", "resid_mid") if incl_mid else ("resid_pre",)
     entries = [(site, layer) for layer in range(forward.dims.n_layers) for site in sites]
-    labels = [f"{site}{layer}" for site, layer in entries] + ["final"]
+    labels = [format_label(LayerPart(site, layer)) for site, layer in entries] + ["final"]
     per_prompt = []
     with torch.no_grad():
         for rows, run, acts in slices:
@@ -212,19 +213,20 @@ def logit_lens_difference(bridge_a, bridge_b, batch: PromptBatch, incl_mid: bool
 
 def producing_layer(label, n_layers: int) -> int:
     """The layer whose output an entry is the first to include (-1: the embeddings)."""
-    text = str(label)
-    for pattern, offset in ((r"resid_pre(\d+)", -1), (r"resid_mid(\d+)", 0),
-                            (r"resid_post(\d+)", 0), (r"(?:attn|mlp)(\d+)", 0),
-                            (r"L(\d+)H\d+", 0)):
-        m = re.fullmatch(pattern, text)
-        if m:
-            return int(m.group(1)) + offset
-    if text == "final":
-        return n_layers - 1
-    if text in ("embed", "pos_embed"):
-        return -1
     if isinstance(label, int):
         return label
+    try:
+        parsed = parse_label(label)
+    except LabelError:
+        parsed = None
+    if isinstance(parsed, LayerPart):
+        return parsed.layer - 1 if parsed.part == "resid_pre" else parsed.layer  # resid_pre3: 2's
+    if isinstance(parsed, Head):
+        return parsed.layer
+    if parsed == "final":
+        return n_layers - 1
+    if parsed in ("embed", "pos_embed"):
+        return -1
     raise MeasureError(f"cannot tell which layer produced entry {label!r}")
 
 

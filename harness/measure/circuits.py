@@ -9,7 +9,6 @@ measures many variants. Hook names come from `harness.sites` only.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,13 +17,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
+from harness.labels import Head, LabelError, LayerPart, format_label
+from harness.labels import parse_component as parse_component_label
 from harness.measure.general_forward import write_hooks
 from harness.measure.logits import prompts_per_forward
 from harness.measure.results import check_same_shape
 from harness.progress import steps
 from harness.sites import n_heads_of, parse_head, site
 
-COMPONENT_RE = re.compile(r"^(?:L(\d+)H(\d+)|mlp(\d+))$")
 ABLATIONS = ("zero", "mean", "resample")
 
 
@@ -37,17 +37,17 @@ class Component:
 
     @property
     def name(self) -> str:
-        return f"mlp{self.layer}" if self.head is None else f"L{self.layer}H{self.head}"
+        return format_label(LayerPart("mlp", self.layer) if self.head is None
+                            else Head(self.layer, self.head))
 
 
 def parse_component(label: str, cfg=None) -> Component:
     """`L1H0` -> head 0 of layer 1; `mlp3` -> the MLP of layer 3 (checked against `cfg`)."""
-    match = COMPONENT_RE.match(label)
-    if not match:
-        raise MeasureError(f"'{label}' is not a component; write heads as L{{layer}}H{{head}} "
-                           "(e.g. L1H0) and MLP layers as mlp{layer} (e.g. mlp0)")
-    comp = Component(int(match.group(1)), int(match.group(2))) if match.group(1) else \
-        Component(int(match.group(3)))
+    try:
+        parsed = parse_component_label(label)
+    except LabelError as exc:
+        raise MeasureError(str(exc)) from None
+    comp = Component(parsed.layer, parsed.head if isinstance(parsed, Head) else None)
     if cfg is not None:
         if not 0 <= comp.layer < cfg.n_layers:
             raise MeasureError(f"{label}: layer {comp.layer} is out of range (the model has "

@@ -18,6 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
+from harness.labels import LabelError, parse_position
 from harness.measure.budget import WORK_SHARE, budget_bytes
 from harness.measure.logits import logit_diff_reader, prompts_per_forward, read_final_logits
 from harness.prompts import PromptBatch
@@ -64,11 +65,8 @@ def feature_activations(bridge, sae: Sae, batch: PromptBatch, prepend_bos: bool,
                         position: str | dict = "final", reduce: str = "max",
                         tokenizer=None, memory_budget_mb: float = 2048
                         ) -> Float[Tensor, "batch d_sae"]:
-    """Every feature's activation per prompt at a position rule.
-
-    `position`: "final" (each prompt's last token), "all" (its tokens, BOS excluded) or
-    {"token": " bad"} (where that token occurs); `reduce` (max | mean) joins several positions.
-    """
+    """Every feature's activation per prompt at a position rule (labels.parse_position: "final",
+    "all" or {"token": " bad"}); `reduce` (max | mean) joins several positions."""
     mask = select_positions(batch, prepend_bos, position, tokenizer)
     n_pos = batch.tokens.shape[1]
     # prompts per step: the forward pass's share, and the [rows, pos, d_sae] features' share
@@ -93,15 +91,21 @@ def _check_width(sae: Sae, x: Tensor) -> None:
 
 def select_positions(batch: PromptBatch, prepend_bos: bool, position: str | dict,
                      tokenizer=None) -> Bool[Tensor, "batch pos"]:
-    """The positions a rule reads, per prompt; a prompt without the token is an error."""
+    """The positions a rule (labels.parse_position) reads, per prompt: "final" each prompt's
+    last token, "all" its tokens but BOS, {"token": T} where T occurs (a prompt without it is
+    an error)."""
+    try:
+        rule = parse_position(position)
+    except LabelError as exc:
+        raise MeasureError(str(exc)) from None
     real = real_positions(batch, prepend_bos)
-    if position == "final":
+    if rule == "final":
         mask = torch.zeros_like(real)
         mask[torch.arange(len(mask)), batch.final_pos.cpu()] = True
         return mask
-    if position == "all":
+    if rule == "all":
         return real
-    token = position["token"]
+    token = rule.token   # a TokenPosition
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise MeasureError(f"position token {token!r} is {len(ids)} tokens for this model's "

@@ -18,10 +18,9 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from harness.errors import MeasureError, did_you_mean
+from harness.labels import sweep_axes_problem
 from harness.measure.forward import Dims
 from harness.sites import HEAD_SITES, SITE_TABLE, SITES, head_label
-
-OVERS = (("layer",), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"))
 
 
 @dataclass(frozen=True)
@@ -169,9 +168,9 @@ def check_site(site: str, dims: Dims | None = None) -> None:
 def check_over(site: str, over, dims: Dims | None = None) -> tuple[str, ...]:
     check_site(site, dims)
     over = tuple(over)
-    if over not in OVERS:
-        raise MeasureError(f"over={list(over)} is not a sweep; use one of "
-                           + ", ".join(str(list(o)) for o in OVERS))
+    problem = sweep_axes_problem(over)
+    if problem:
+        raise MeasureError(problem)
     if "head" in over and site not in HEAD_SITES:
         raise MeasureError(f"over={list(over)} needs a head site ({', '.join(HEAD_SITES)}), "
                            f"not {site!r}")

@@ -1,0 +1,324 @@
+"""The one grammar of the names a spec writes and a report shows: component labels (`L3H7`,
+`L3KV1`, `L3N12`, `mlp3`, `resid_pre3`, ...), position rules, sweep axes, sequence metrics and
+which claims take `ci`.
+
+Each is defined here once and parsed and formatted by the same code, so a label a report prints
+is one a spec can name (`parse_label(format_label(x)) == x`). docs/spec-format.md's tables are
+generated from these definitions (`doc_tables`; tests/test_labels.py fails when they differ).
+Standard library only: the spec loader, static checks, measurements and reports all import it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from harness.errors import safe_text
+
+# ----------------------------------------------------------------------------- component labels
+
+
+@dataclass(frozen=True)
+class Head:
+    """An attention head: query head `L3H7`, or key/value head `L3KV1` (`kv`: sites k and v,
+    where on a grouped-query model several query heads share one key/value head)."""
+
+    layer: int
+    head: int
+    kv: bool = False
+
+    def __str__(self) -> str:
+        return f"L{self.layer}{'KV' if self.kv else 'H'}{self.head}"
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """A neuron of one layer's MLP (site `mlp_post`): `L3N12`."""
+
+    layer: int
+    neuron: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}N{self.neuron}"
+
+
+LAYER_PARTS = ("resid_pre", "resid_mid", "resid_post", "attn", "mlp")
+
+
+@dataclass(frozen=True)
+class LayerPart:
+    """A whole piece of one layer: a residual stream (`resid_pre3`) or a block's attention or
+    MLP output (`attn3`, `mlp3`)."""
+
+    part: str      # one of LAYER_PARTS
+    layer: int
+
+    def __str__(self) -> str:
+        return f"{self.part}{self.layer}"
+
+
+# labels that name no layer, and what each names
+WORDS: dict[str, str] = {
+    "embed": "the token embeddings (`dla`; `logit_lens` reads them as `resid_pre0`)",
+    "pos_embed": "the learned position embeddings (`dla` by component, where the model has them)",
+    "bias": "the output biases no component owns (`dla` by layer and by component)",
+    "rest": "everything but the heads: embeddings, MLPs, biases (`dla` by head)",
+    "final": "the residual stream after the last block (`logit_lens`)",
+    "circuit": "the whole circuit (`circuit` completeness)",
+}
+
+Label = Union[Head, Neuron, LayerPart, str]  # noqa: UP007  (str: one of WORDS)
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way of writing a label, as the docs' table and the error messages show it."""
+
+    key: str
+    written: str     # the form, e.g. "L{layer}H{head}"
+    example: str
+    plural: str      # what labels of this form name, for messages: "query heads"
+    names: str       # what the example names
+
+
+FORMS: dict[str, Form] = {f.key: f for f in (
+    Form("head", "L{layer}H{head}", "L3H7", "query heads",
+         "query head 7 of layer 3: `heads` of sites `z`, `q`, `pattern`; `dla` by head; "
+         "[layer, head] grids; circuit components"),
+    Form("kv_head", "L{layer}KV{head}", "L3KV1", "key/value heads",
+         "key/value head 1 of layer 3: `heads` of sites `k`, `v`; `path_patch` receivers "
+         "on `k`, `v`"),
+    Form("neuron", "L{layer}N{neuron}", "L3N12", "MLP neurons",
+         "neuron 12 of layer 3's MLP (site `mlp_post`): [layer, neuron] grids"),
+    Form("mlp", "mlp{layer}", "mlp3", "MLP layers",
+         "layer 3's MLP output: `dla` by component; circuit components"),
+    Form("attn", "attn{layer}", "attn3", "attention layers",
+         "layer 3's attention output: `dla` by component"),
+    Form("resid", "resid_pre{layer}, resid_mid{layer}, resid_post{layer}", "resid_pre3",
+         "residual streams",
+         "the residual stream entering layer 3 (`resid_mid`: between its attention and MLP; "
+         "`resid_post`: leaving it): `logit_lens` entries"),
+    Form("word", ", ".join(WORDS), "final", "named pieces",
+         "see below"),
+)}
+
+_N = r"([0-9]+)"
+HEAD_RE = re.compile(rf"\AL{_N}(?:H|KV){_N}\Z")   # both head forms: groups layer, head
+_NEURON_RE = re.compile(rf"\AL{_N}N{_N}\Z")
+_PART_RE = re.compile(rf"\A({'|'.join(LAYER_PARTS)}){_N}\Z")
+_RESID = ("resid_pre", "resid_mid", "resid_post")
+
+
+def _parse(text: str, key: str) -> Label | None:
+    if key in ("head", "kv_head"):
+        match = HEAD_RE.match(text)
+        kv = key == "kv_head"
+        if match and ("KV" in text) == kv:
+            return Head(int(match.group(1)), int(match.group(2)), kv)
+        return None
+    if key == "neuron":
+        match = _NEURON_RE.match(text)
+        return Neuron(int(match.group(1)), int(match.group(2))) if match else None
+    if key == "word":
+        return text if text in WORDS else None
+    match = _PART_RE.match(text)
+    if not match or (match.group(1) in _RESID) != (key == "resid") \
+            or (key != "resid" and match.group(1) != key):
+        return None
+    return LayerPart(match.group(1), int(match.group(2)))
+
+
+class LabelError(ValueError):
+    """A label that is not one of the forms asked for; the message lists them."""
+
+
+def forms_help(forms: Iterable[str]) -> str:
+    """'query heads as L{layer}H{head} (e.g. L3H7) or MLP layers as mlp{layer} (e.g. mlp3)'."""
+    parts = [f"{FORMS[k].plural} as {FORMS[k].written} (e.g. {FORMS[k].example})"
+             if k != "word" else f"one of {FORMS[k].written}" for k in forms]
+    return ", ".join(parts[:-1]) + (" or " if len(parts) > 1 else "") + parts[-1]
+
+
+def parse_label(text: object, forms: Iterable[str] = tuple(FORMS), what: str = "label"
+                ) -> Label:
+    """The label `text` names, in one of `forms` (keys of FORMS). Raises LabelError saying what
+    was given, which forms are valid, and an example of each."""
+    forms = tuple(forms)
+    if isinstance(text, str):
+        for key in forms:
+            label = _parse(text, key)
+            if label is not None:
+                return label
+    raise LabelError(f"{safe_text(repr(text))} is not a {what}; write {forms_help(forms)}")
+
+
+def format_label(label: Label) -> str:
+    """The text of a label: the inverse of `parse_label`."""
+    if isinstance(label, str):
+        if label not in WORDS:
+            raise LabelError(f"{safe_text(repr(label))} is not a named label ({', '.join(WORDS)})")
+        return label
+    return str(label)
+
+
+def parse_component(text: object) -> Head | LayerPart:
+    """A circuit component: a query head (`L1H0`) or a layer's MLP (`mlp0`)."""
+    return parse_label(text, ("head", "mlp"), "component")  # type: ignore[return-value]
+
+
+# grid cells a label names: the axes of a [layer, head] or [layer, neuron] grid
+def label_cell(label: Label) -> dict[str, int] | None:
+    """`L3H7` -> {layer: 3, head: 7}; `L3N12` -> {layer: 3, neuron: 12}; other labels None."""
+    if isinstance(label, Head):
+        return {"layer": label.layer, "head": label.head}
+    if isinstance(label, Neuron):
+        return {"layer": label.layer, "neuron": label.neuron}
+    return None
+
+
+def cell_label(cell: Mapping[str, object]) -> str | None:
+    """The label that names a grid cell given by its axes (the inverse of `label_cell`), or
+    None where no label form names exactly those axes."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+               for v in cell.values()):
+        return None
+    if set(cell) == {"layer", "head"}:
+        return format_label(Head(cell["layer"], cell["head"]))  # type: ignore[arg-type]
+    if set(cell) == {"layer", "neuron"}:
+        return format_label(Neuron(cell["layer"], cell["neuron"]))  # type: ignore[arg-type]
+    return None
+
+
+# ----------------------------------------------------------------------------- position rules
+
+# where a feature is read in each prompt: a word, or {token: TEXT}
+POSITION_WORDS: dict[str, str] = {
+    "final": "each prompt's last token (the default)",
+    "all": "every token but BOS",
+}
+TOKEN_POSITION_HELP = "every occurrence of that token (one token; a prompt without it is an error)"
+POSITION_HELP = "a position is final, all or {token: ' word'}"
+
+# the pydantic type of a `position:` field (spec.py)
+Position = Union[Literal[tuple(POSITION_WORDS)], dict[Literal["token"], str]]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class TokenPosition:
+    """`{token: " bad"}`: the positions holding that token."""
+
+    token: str
+
+
+PositionRule = Union[str, TokenPosition]  # noqa: UP007  (str: one of POSITION_WORDS)
+
+
+def parse_position(value: object) -> PositionRule:
+    """A position rule as a spec writes it -> "final", "all" or a TokenPosition."""
+    if isinstance(value, str) and value in POSITION_WORDS:
+        return value
+    if isinstance(value, TokenPosition):
+        return value
+    if isinstance(value, Mapping) and set(value) == {"token"} and isinstance(value["token"], str):
+        return TokenPosition(value["token"])
+    raise LabelError(f"{POSITION_HELP}; got {safe_text(repr(value))}")
+
+
+def format_position(rule: PositionRule) -> str | dict[str, str]:
+    """The inverse of `parse_position`: how a spec writes the rule."""
+    return {"token": rule.token} if isinstance(rule, TokenPosition) else rule
+
+
+# ----------------------------------------------------------------------------- sweep axes
+
+# `over:` of a patch sweep -> which sites take it and what the grid holds
+SWEEP_AXES: dict[tuple[str, ...], str] = {
+    ("layer", "pos"): "every site: one cell per layer and position",
+    ("layer",): "every site: all positions of a layer at once",
+    ("layer", "head"): "head sites: one cell per layer and head (key/value heads on `k`, `v`)",
+    ("layer", "head", "pos"): "head sites: one cell per layer, head and position",
+}
+
+
+def format_axes(axes: Iterable[str]) -> str:
+    """("layer", "pos") -> "[layer, pos]", as a spec writes `over:`."""
+    return f"[{', '.join(map(str, axes))}]"
+
+
+def sweep_axes_problem(over: Iterable[str]) -> str | None:
+    """Why `over` is not a sweep (None: it is one)."""
+    over = tuple(over)
+    if over in SWEEP_AXES:
+        return None
+    return (f"`over: {safe_text(format_axes(over))}` is not a sweep; use one of "
+            + ", ".join(format_axes(a) for a in SWEEP_AXES))
+
+
+# ----------------------------------------------------------------------------- sequence metrics
+
+# metrics that score a span of each prompt's tokens instead of reading its answer and foil
+SEQUENCE_METRIC_HELP: dict[str, str] = {
+    "loss": "mean next-token cross-entropy (nats) over the span's tokens",
+    "accuracy": "share of the span's tokens that are the previous position's argmax",
+}
+SEQUENCE_METRICS: tuple[str, ...] = tuple(SEQUENCE_METRIC_HELP)
+
+
+# ----------------------------------------------------------------------------- `ci`
+
+# claims that take `ci:` in some of their forms only: measure -> (words before, words after)
+CI_CONDITIONS: dict[str, tuple[str, str]] = {
+    "feature_diff": ("single-feature ", ""),
+    "circuit": ("", " faithfulness"),
+}
+
+
+def ci_claims(kinds: Mapping[str, type]) -> str:
+    """Which claims take `ci:`, in words, from the claim classes (measure -> class): those
+    with `HAS_INTERVALS`, and those of CI_CONDITIONS (whose `has_intervals()` decides)."""
+    named = [f"{CI_CONDITIONS[m][0]}`{m}`{CI_CONDITIONS[m][1]}" if m in CI_CONDITIONS
+             else f"`{m}`" for m, cls in kinds.items()
+             if m in CI_CONDITIONS or getattr(cls, "HAS_INTERVALS", False)]
+    return ", ".join(named[:-1]) + " and " + named[-1] + " claims"
+
+
+def ci_rule(kinds: Mapping[str, type]) -> str:
+    """The spec error for `ci:` where it does not apply."""
+    return (f"`ci` applies to {ci_claims(kinds)} over the mean of their prompts "
+            "(per_prompt: mean)")
+
+
+# ----------------------------------------------------------------------------- docs
+
+def markdown_table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _code_list(text: str) -> str:
+    return ", ".join(f"`{part}`" for part in text.split(", "))
+
+
+def doc_tables() -> dict[str, str]:
+    """docs/spec-format.md's tables of this grammar, by the name of their marker comment."""
+    forms = [f for f in FORMS.values() if f.key != "word"]
+    return {
+        "labels": markdown_table(
+            ("label", "example", "names"),
+            [(_code_list(f.written), f"`{f.example}`", f.names) for f in forms]
+            + [(f"`{word}`", f"`{word}`", meaning) for word, meaning in WORDS.items()]),
+        "positions": markdown_table(
+            ("position", "reads"),
+            [(f"`{word}`", meaning) for word, meaning in POSITION_WORDS.items()]
+            + [('`{token: " bad"}`', TOKEN_POSITION_HELP)]),
+        "sweep_axes": markdown_table(
+            ("over", "sites and cells"),
+            [(f"`{format_axes(axes)}`", meaning) for axes, meaning in SWEEP_AXES.items()]),
+        "sequence_metrics": markdown_table(
+            ("metric", "each prompt's value"),
+            [(f"`{m}`", meaning) for m, meaning in SEQUENCE_METRIC_HELP.items()]),
+    }
