@@ -61,10 +61,10 @@ class LayerPart:
 
 # labels that name no layer, and what each names
 WORDS: dict[str, str] = {
-    "embed": "the token embeddings (`dla`; `logit_lens` reads them as `resid_pre0`)",
+    "embed": "the embeddings (`dla`; by component without the position embeddings)",
     "pos_embed": "the learned position embeddings (`dla` by component, where the model has them)",
-    "bias": "the output biases no component owns (`dla` by layer and by component)",
-    "rest": "everything but the heads: embeddings, MLPs, biases (`dla` by head)",
+    "bias": "the unembedding's bias (`dla` by layer and by component)",
+    "rest": "everything but the heads, the unembedding's bias included (`dla` by head)",
     "final": "the residual stream after the last block (`logit_lens`)",
     "circuit": "the whole circuit (`circuit` completeness)",
 }
@@ -100,8 +100,7 @@ FORMS: dict[str, Form] = {f.key: f for f in (
          "residual streams",
          "the residual stream entering layer 3 (`resid_mid`: between its attention and MLP; "
          "`resid_post`: leaving it): `logit_lens` entries"),
-    Form("word", ", ".join(WORDS), "final", "named pieces",
-         "see below"),
+    Form("word", ", ".join(WORDS), "final", "named pieces", "one of WORDS"),
 )}
 
 _N = r"([0-9]+)"

@@ -1,0 +1,191 @@
+"""The one grammar (harness/labels.py): every label form parses what it formats, bad labels get
+a message that says what was given and what to write, and docs/spec-format.md's tables and
+`ci` rule are the ones labels.py defines."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harness import labels
+from harness.expect import resolve_cell
+from harness.freeze import cell_name
+from harness.labels import (
+    LAYER_PARTS,
+    WORDS,
+    Head,
+    LabelError,
+    LayerPart,
+    Neuron,
+    TokenPosition,
+    format_label,
+    format_position,
+    parse_label,
+    parse_position,
+)
+from harness.measure.results import Grid
+from harness.spec import CLAIM_KINDS, ClaimBase
+
+DOCS = Path(__file__).parent.parent / "docs" / "spec-format.md"
+
+index = st.integers(0, 10**6)
+any_label = st.one_of(
+    st.builds(Head, index, index, st.booleans()),
+    st.builds(Neuron, index, index),
+    st.builds(LayerPart, st.sampled_from(LAYER_PARTS), index),
+    st.sampled_from(sorted(WORDS)),
+)
+
+
+@given(any_label)
+def test_every_label_parses_what_it_formats(label):
+    assert parse_label(format_label(label)) == label
+
+
+@given(st.text(max_size=30))
+def test_any_text_is_a_label_that_formats_back_or_a_label_error(text):
+    try:
+        label = parse_label(text)
+    except LabelError as exc:
+        assert "is not a label; write" in str(exc)
+    else:
+        assert parse_label(format_label(label)) == label
+
+
+@pytest.mark.parametrize("text, label", [
+    ("L3H7", Head(3, 7)), ("L3KV1", Head(3, 1, kv=True)), ("L3N12", Neuron(3, 12)),
+    ("mlp3", LayerPart("mlp", 3)), ("attn0", LayerPart("attn", 0)),
+    ("resid_pre3", LayerPart("resid_pre", 3)), ("resid_mid10", LayerPart("resid_mid", 10)),
+    ("final", "final"), ("L03H7", Head(3, 7)),
+])
+def test_each_form(text, label):
+    assert parse_label(text) == label
+
+
+@pytest.mark.parametrize("text", ["L3H7\n", " L3H7", "L3-H0", "L٣H7", "mlp", "H3", "L3H",
+                                  "resid3", "attn_out3", "Final", 3, None])
+def test_malformed_labels_are_refused(text):
+    with pytest.raises(LabelError, match="is not a label"):
+        parse_label(text)
+
+
+def test_the_message_says_what_was_given_what_to_write_and_an_example():
+    with pytest.raises(LabelError) as info:
+        parse_label("L3-H0", ("head", "kv_head"), "head name")
+    assert str(info.value) == ("'L3-H0' is not a head name; write query heads as "
+                               "L{layer}H{head} (e.g. L3H7) or key/value heads as "
+                               "L{layer}KV{head} (e.g. L3KV1)")
+    with pytest.raises(LabelError, match=r"'attn3' is not a component; .* mlp\{layer\}"):
+        labels.parse_component("attn3")
+    with pytest.raises(LabelError, match=r"'\\x1b\[31m' is not"):   # escapes shown, not obeyed
+        parse_label("\x1b[31m")
+
+
+def test_restricted_forms_refuse_the_others():
+    with pytest.raises(LabelError):
+        parse_label("L3KV1", ("head",))
+    assert parse_label("L3KV1", ("head", "kv_head")) == Head(3, 1, kv=True)
+    assert labels.parse_component("mlp2") == LayerPart("mlp", 2)
+
+
+@given(st.builds(Head, index, index, st.booleans()) | st.builds(Neuron, index, index))
+def test_cells_and_labels_are_inverse(label):
+    cell = labels.label_cell(label)
+    named = labels.cell_label(cell)
+    assert parse_label(named) == (Head(label.layer, label.head) if isinstance(label, Head)
+                                  else label)
+
+
+def _grid(axes, sizes):
+    import torch
+
+    values = torch.arange(float(torch.tensor(sizes).prod())).reshape(sizes)
+    return Grid(tuple(axes), tuple(tuple(range(n)) for n in sizes), values)
+
+
+@pytest.mark.parametrize("axes, cell, label", [
+    (("layer", "head"), (1, 2), "L1H2"), (("layer", "neuron"), (2, 5), "L2N5"),
+])
+def test_freeze_writes_a_cell_name_that_expectations_read_back(axes, cell, label):
+    grid = _grid(axes, (3, 8))
+    as_json = {"axes": list(axes), "labels": [list(x) for x in grid.labels]}
+    assert cell_name(as_json, cell) == label
+    assert resolve_cell(grid, label) == cell
+
+
+def test_a_kv_label_names_a_layer_head_cell_and_a_neuron_label_not():
+    grid = _grid(("layer", "head"), (3, 4))
+    assert resolve_cell(grid, "L2KV1") == (2, 1)
+    with pytest.raises(ValueError, match="must name every axis"):
+        resolve_cell(grid, "L2N1")
+
+
+@given(st.sampled_from(sorted(labels.POSITION_WORDS)) | st.builds(TokenPosition, st.text()))
+def test_position_rules_parse_what_they_format(rule):
+    assert parse_position(format_position(rule)) == rule
+
+
+@pytest.mark.parametrize("value", ["last", {"token": 3}, {"tok": " a"}, {}, None, ["all"]])
+def test_bad_position_rules_are_refused(value):
+    with pytest.raises(LabelError, match="a position is final, all or"):
+        parse_position(value)
+
+
+def test_sweep_axes():
+    for axes in labels.SWEEP_AXES:
+        assert labels.sweep_axes_problem(list(axes)) is None
+    assert labels.sweep_axes_problem(["pos", "layer"]) == (
+        "`over: [pos, layer]` is not a sweep; use one of [layer, pos], [layer], "
+        "[layer, head], [layer, head, pos]")
+
+
+def test_the_spec_and_the_engine_share_sweep_axes_and_sequence_metrics():
+    from harness import claims, spec
+    from harness.errors import MeasureError
+    from harness.measure.selection import check_over
+
+    assert spec.SWEEP_AXES is labels.SWEEP_AXES
+    assert spec.SEQUENCE_METRICS is claims.SEQUENCE is labels.SEQUENCE_METRICS
+    with pytest.raises(MeasureError, match=re.escape(labels.sweep_axes_problem(["head"]))):
+        check_over("z", ["head"])
+
+
+# ----------------------------------------------------------------------------- the ci rule
+
+def test_the_ci_conditions_are_the_kinds_that_decide_per_claim():
+    """CI_CONDITIONS words exactly the kinds whose `has_intervals()` reads their fields."""
+    deciding = {m for m, cls in CLAIM_KINDS.items()
+                if cls.has_intervals is not ClaimBase.has_intervals}
+    assert deciding == set(labels.CI_CONDITIONS)
+
+
+def test_the_ci_rule_names_the_kinds_that_take_ci():
+    rule = labels.ci_rule(CLAIM_KINDS)
+    for measure, cls in CLAIM_KINDS.items():
+        takes = cls.HAS_INTERVALS or measure in labels.CI_CONDITIONS
+        assert (f"`{measure}`" in rule) == takes, measure
+
+
+def test_the_docs_state_the_ci_rule():
+    text = " ".join(DOCS.read_text().split())
+    assert f"`ci: 0.95` applies to {labels.ci_claims(CLAIM_KINDS)} over the mean" in text
+
+
+# ----------------------------------------------------------------------------- docs tables
+
+GENERATED = re.compile(r"<!-- generated from harness/labels.py: (\w+) -->\n(.*?)\n"
+                       r"<!-- end generated -->", re.S)
+
+
+def test_the_docs_tables_are_the_ones_labels_py_generates():
+    found = dict(GENERATED.findall(DOCS.read_text()))
+    expected = labels.doc_tables()
+    assert set(found) == set(expected), "docs/spec-format.md needs one block per table"
+    for name, table in expected.items():
+        assert found[name] == table, (
+            f"docs/spec-format.md's {name} table differs from harness/labels.py; write:\n"
+            f"{table}")
