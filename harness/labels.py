@@ -105,6 +105,7 @@ FORMS: dict[str, Form] = {f.key: f for f in (
 
 _N = r"([0-9]+)"
 HEAD_RE = re.compile(rf"\AL{_N}(?:H|KV){_N}\Z")   # both head forms: groups layer, head
+COMPONENT_RE = re.compile(rf"\A(?:L{_N}H{_N}|mlp{_N})\Z")   # matches what parse_component reads
 _NEURON_RE = re.compile(rf"\AL{_N}N{_N}\Z")
 _PART_RE = re.compile(rf"\A({'|'.join(LAYER_PARTS)}){_N}\Z")
 _RESID = ("resid_pre", "resid_mid", "resid_post")

@@ -860,7 +860,7 @@ class HeadScoresClaim(SingleModelClaim):
         return False
 
 
-COMPONENT_RE = re.compile(r"^(?:L(\d+)H(\d+)|mlp(\d+))$")
+COMPONENT_RE = labels.COMPONENT_RE
 
 
 def _components(value):

@@ -92,6 +92,18 @@ def test_restricted_forms_refuse_the_others():
     assert labels.parse_component("mlp2") == LayerPart("mlp", 2)
 
 
+@given(st.text(max_size=12) | any_label.map(format_label))
+def test_the_spec_checks_components_as_circuits_parse_them(text):
+    from harness.spec import COMPONENT_RE
+
+    try:
+        labels.parse_component(text)
+        parsed = True
+    except LabelError:
+        parsed = False
+    assert bool(COMPONENT_RE.match(text)) == parsed
+
+
 @given(st.builds(Head, index, index, st.booleans()) | st.builds(Neuron, index, index))
 def test_cells_and_labels_are_inverse(label):
     cell = labels.label_cell(label)
