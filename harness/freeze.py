@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,22 +57,29 @@ def frozen_expectation(claim: dict, tolerance: float) -> Frozen:
     """The expectation that pins a claim's measured value, and a comment saying where it came
     from; None when the claim has nothing to freeze (error, skip, unscored samples, a kind
     that declares it cannot be frozen)."""
+    if claim["status"] in ("error", "skipped") or claim.get("measured") is None:
+        return None, f"not frozen: the claim was {claim['status']}"
+    found, why = rule_for(claim)
+    return found.freeze(claim, tolerance) if found else (None, f"not frozen: {why}")
+
+
+def rule_for(claim: dict) -> tuple[Rule | None, str]:
+    """The rule that freezes a report entry: the first of its claim class's `FREEZE` rules
+    whose shape the measured value has; else None and why."""
     from harness.spec import CLAIM_KINDS
 
-    measured, measure = claim.get("measured"), claim["measure"]
-    if claim["status"] in ("error", "skipped") or measured is None:
-        return None, f"not frozen: the claim was {claim['status']}"
+    measure = claim["measure"]
     kind = CLAIM_KINDS.get(measure)
     if kind is None:
-        return None, f"not frozen: this harness has no measure '{measure}'"
+        return None, f"this harness has no measure '{measure}'"
     names = getattr(kind, "FREEZE", None)
     if names is None:
-        why = getattr(kind, "FREEZE_WHY", "") or f"measure '{measure}' declares no freeze rule"
-        return None, f"not frozen: {why}"
+        return None, getattr(kind, "FREEZE_WHY", "") or \
+            f"measure '{measure}' declares no freeze rule"
     for found in rules_of(names):
-        if found.fits(measured):
-            return found.freeze(claim, tolerance)
-    return None, f"not frozen: the measured value is not of a shape '{names}' freezes"
+        if found.fits(claim.get("measured")):
+            return found, ""
+    return None, f"the measured value has none of the shapes '{names}' freezes"
 
 
 # ----------------------------------------------------------------------------- value shapes
@@ -101,7 +109,8 @@ def _is_samples(value) -> bool:
 
 
 def _is_features(value) -> bool:
-    return isinstance(value, list) and all(_is_number(v) and int(v) == v for v in value)
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                           for v in value)
 
 
 def _on(claim: dict) -> str:
@@ -215,21 +224,29 @@ def _samples(claim: dict, tolerance: float) -> Frozen:
 
 @rule("features", _is_features)
 def _features(claim: dict, tolerance: float) -> Frozen:
-    """Ranked SAE features: `equals` the ranking; `includes` them where two adjacent scores
-    are too close for their order to be a finding."""
-    ranked = [int(f) for f in claim["measured"]]
-    if not ranked:
-        return None, "not frozen: no feature scored above 0, so there is no ranking to pin"
-    scores = [abs(s) for _, s in claim.get("scores") or []]
-    close = len(scores) == len(ranked) and any(
-        abs(a - b) <= tolerance / 10 for a, b in zip(scores, scores[1:]))
-    shown = ", ".join(f"{i} ({_num(s)})" for i, s in claim.get("scores") or [])
-    note = f"measured top {len(ranked)} features of {_what(claim)} {_on(claim)}" + \
-        (f": {shown}" if shown else "")
-    if close:
-        return {"includes": ranked}, note + " (order not pinned: adjacent scores within " \
-                                            f"{_num(tolerance / 10)})"
-    return {"equals": ranked}, note
+    """Ranked SAE features: `equals` the ranking when every feature's score stands clear of
+    zero and of the next one's (by a tenth of the tolerance); else `includes` the leading
+    features that do — near-ties and features barely firing are no finding to pin."""
+    ranked = claim["measured"]
+    scored = [s for s in claim.get("scores") or [] if isinstance(s, list) and len(s) == 2
+              and _is_number(s[1])]
+    # feature_diff's scores are signed changes, ranked by size; no scores: as measured
+    scores = [abs(s) for _, s in scored] if len(scored) == len(ranked) else \
+        [math.inf] * len(ranked)
+    clear = []
+    for i, feature in enumerate(ranked):
+        after = scores[i + 1] if i + 1 < len(scores) else 0.0
+        if scores[i] - max(after, 0.0) <= tolerance / 10:
+            break
+        clear.append(feature)
+    shown = ", ".join(f"{i} ({_num(s)})" for i, s in scored)
+    note = f"measured {_what(claim)} {_on(claim)}, ranked: {shown or ranked}"
+    if not clear:
+        return None, f"not frozen: no feature stands clear of the next ({note})"
+    if clear == ranked:
+        return {"equals": ranked}, note
+    return {"includes": clear}, f"{note}; pinned those clear of the next by " \
+                                f"{_num(tolerance / 10)}"
 
 
 def ranked_cells(grid: dict) -> list[tuple[tuple[int, ...], float]]:
