@@ -172,6 +172,21 @@ def test_frozen_claims_pass_on_the_same_models_and_fail_on_changed_ones(round_tr
         assert moved.status == "failed", (cid, expect, moved.measured, moved.message)
 
 
+def test_the_docs_say_how_each_kind_freezes():
+    """docs/notebooks.md's table has a row per rule, naming every kind that uses it."""
+    text = (Path(__file__).parent.parent / "docs" / "notebooks.md").read_text()
+    rows = {}
+    for line in text.split("| rule | value | frozen expectation | kinds |")[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[-1]
+    assert set(rows) == set(freeze.RULES)
+    for measure, kind in CLAIM_KINDS.items():
+        for rule in freeze.rules_of(kind.FREEZE) if kind.FREEZE else ():
+            assert f"`{measure}`" in rows[rule.name], (measure, rule.name)
+
+
 # ----------------------------------------------------------------------------- the rules alone
 
 def entry(measure: str, measured, **more) -> dict:
