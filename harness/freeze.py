@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,7 +213,7 @@ def _text(claim: dict, tolerance: float) -> Frozen:
 def _samples(claim: dict, tolerance: float) -> Frozen:
     """Sampled texts scored by a reward model: their mean score within the tolerance."""
     scores, seed = claim["measured"].get("scores"), claim["params"].get("seed", 0)
-    if not scores:
+    if not scores or not all(map(_is_number, scores)):
         return None, "not frozen: samples without `score_with` have no number to pin"
     mean = sum(scores) / len(scores)
     return ({"mean_score": {"between": [_num(mean - tolerance), _num(mean + tolerance)]}},
@@ -230,17 +229,17 @@ def _features(claim: dict, tolerance: float) -> Frozen:
     ranked = claim["measured"]
     scored = [s for s in claim.get("scores") or [] if isinstance(s, list) and len(s) == 2
               and _is_number(s[1])]
-    # feature_diff's scores are signed changes, ranked by size; no scores: as measured
-    scores = [abs(s) for _, s in scored] if len(scored) == len(ranked) else \
-        [math.inf] * len(ranked)
+    shown = ", ".join(f"{i} ({_num(s)})" for i, s in scored)
+    note = f"measured {_what(claim)} {_on(claim)}, ranked: {shown or ranked}"
+    if ranked and len(scored) != len(ranked):   # no scores to judge gaps by: as measured
+        return {"equals": ranked}, note
+    scores = [abs(s) for _, s in scored]   # feature_diff's are signed changes
     clear = []
     for i, feature in enumerate(ranked):
         after = scores[i + 1] if i + 1 < len(scores) else 0.0
         if scores[i] - max(after, 0.0) <= tolerance / 10:
             break
         clear.append(feature)
-    shown = ", ".join(f"{i} ({_num(s)})" for i, s in scored)
-    note = f"measured {_what(claim)} {_on(claim)}, ranked: {shown or ranked}"
     if not clear:
         return None, f"not frozen: no feature stands clear of the next ({note})"
     if clear == ranked:
