@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from _induction_model import build_induction_model
+from _tiny_models import TEST_DEVICE
 from test_features import _planted_model, _planted_sae
 from transformers import GPT2LMHeadModel
 
@@ -126,7 +127,7 @@ def round_trip(tmp_path_factory):
             "claims": yaml.safe_load(textwrap.dedent(CLAIMS))}
     path = root / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    session = Session(verbose=False, device="cpu")
+    session = Session(verbose=False, device=TEST_DEVICE)   # HARNESS_TEST_DEVICE=cuda: a GPU
     found = harness.check(path, session=session)
     assert found.ok, found.raise_for_failures()
     frozen_path = found.to_spec(root / "frozen" / "spec.yaml", tolerance=TOLERANCE)
