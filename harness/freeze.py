@@ -1,9 +1,11 @@
 """Freeze a finding: a report's measured values -> a spec whose expectations are those values.
 
 An exploration becomes a regression test in one call (`result.to_spec(path)`, `harness freeze
-REPORT.json -o spec.yaml`). Numbers become `approx` with a tolerance, grids their argmax and top
-cells, patches the sign they flip; every claim says in a comment where its numbers came from.
-Pure functions of the JSON report and the source spec's YAML data, apart from `write_frozen`.
+REPORT.json -o spec.yaml`). How a claim freezes follows from the shape of its measured value,
+through the rule its claim class names (`FREEZE` in spec.py, one of `RULES` below): numbers
+become `approx` with a tolerance, grids their argmax and top cells, patches the sign they
+flip; every claim says in a comment where its numbers came from. Pure functions of the JSON
+report and the source spec's YAML data, apart from `write_frozen`.
 """
 
 from __future__ import annotations
@@ -11,74 +13,147 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from harness.errors import HarnessError
 
-GRID_MEASURES = ("patch_sweep", "dla", "logit_lens")
 DROPPED = ("xfail", "search", "ci", "per_prompt", "tolerance", "skip")   # about old expectations
 
+Frozen = tuple[dict | None, str]   # (the expectation, or None; the comment above the claim)
 
-def frozen_expectation(claim: dict, tolerance: float) -> tuple[dict | None, str]:
+
+@dataclass(frozen=True)
+class Rule:
+    """How one shape of measured value (as the JSON report holds it) becomes an expectation."""
+
+    name: str
+    fits: Callable[[object], bool]             # the JSON value has this rule's shape
+    freeze: Callable[[dict, float], Frozen]    # (report entry, tolerance) -> expectation, note
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(name: str, fits: Callable[[object], bool]):
+    def register(freeze):
+        RULES[name] = Rule(name, fits, freeze)
+        return freeze
+    return register
+
+
+def rules_of(freeze: str) -> list[Rule]:
+    """A claim class's `FREEZE` -> its rules: "grid|scalar" names a rule per shape the class's
+    fields can give its value (attention: a grid, or one number with `heads`). Raises KeyError
+    for a name that is no rule."""
+    return [RULES[name] for name in freeze.split("|")]
+
+
+def frozen_expectation(claim: dict, tolerance: float) -> Frozen:
     """The expectation that pins a claim's measured value, and a comment saying where it came
-    from; None when the claim has nothing to freeze (error, skip, unscored samples)."""
-    measured, measure = claim.get("measured"), claim["measure"]
-    if claim["status"] in ("error", "skipped") or measured is None:
+    from; None when the claim has nothing to freeze (error, skip, unscored samples, a kind
+    that declares it cannot be frozen)."""
+    if claim["status"] in ("error", "skipped") or claim.get("measured") is None:
         return None, f"not frozen: the claim was {claim['status']}"
+    found, why = rule_for(claim)
+    return found.freeze(claim, tolerance) if found else (None, f"not frozen: {why}")
+
+
+def rule_for(claim: dict) -> tuple[Rule | None, str]:
+    """The rule that freezes a report entry: the first of its claim class's `FREEZE` rules
+    whose shape the measured value has; else None and why."""
+    from harness.spec import CLAIM_KINDS
+
+    measure = claim["measure"]
+    kind = CLAIM_KINDS.get(measure)
+    if kind is None:
+        return None, f"this harness has no measure '{measure}'"
+    names = getattr(kind, "FREEZE", None)
+    if names is None:
+        return None, getattr(kind, "FREEZE_WHY", "") or \
+            f"measure '{measure}' declares no freeze rule"
+    for found in rules_of(names):
+        if found.fits(claim.get("measured")):
+            return found, ""
+    return None, f"the measured value has none of the shapes '{names}' freezes"
+
+
+# ----------------------------------------------------------------------------- value shapes
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_grid(value) -> bool:
+    return isinstance(value, dict) and {"axes", "labels", "values"} <= set(value)
+
+
+def _is_strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_texts(value) -> bool:
+    return isinstance(value, str) or _is_strings(value)
+
+
+def _is_token_rows(value) -> bool:
+    return _is_strings(value) or (isinstance(value, list) and all(map(_is_strings, value)))
+
+
+def _is_samples(value) -> bool:
+    return isinstance(value, dict) and "texts" in value
+
+
+def _is_features(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                           for v in value)
+
+
+def _on(claim: dict) -> str:
     n = len(claim.get("prompts") or claim.get("per_prompt") or [None])
-    on = f"on {n} prompt{'s' * (n != 1)}"
-    if measure in ("logit_diff", "ablate"):
-        what = "mean logit diff" if measure == "logit_diff" else "ablation effect"
-        return ({"approx": _num(measured), "atol": tolerance},
-                f"measured {what} {_num(measured)} {on}")
-    if measure == "patch":
-        expect = {"approx": _num(measured), "atol": tolerance}
-        src, dst, raw = claim.get("from"), claim.get("into"), claim.get("raw")
-        note = f"measured {_num(measured)} ({claim['params'].get('metric', 'normalized')}) {on}"
-        if None not in (src, dst, raw):
-            note += f"; logit diff from {_num(src)}, into {_num(dst)}, patched {_num(raw)}"
-            if src * dst < 0 and raw * src > 0:
-                expect = {"flips_sign": True, **expect}
-            else:
-                expect = {"sign": "positive" if raw > 0 else "negative", **expect}
-        return expect, note
-    if measure in GRID_MEASURES and isinstance(measured, dict):
-        return _grid_expectation(measured, tolerance, claim)
-    if measure == "top_k":
-        rows = measured if measured and isinstance(measured[0], list) else [measured]
-        if len(rows) == 1:
-            return {"equals": rows[0]}, f"measured top {len(rows[0])} tokens {on}"
-        common = [t for t in rows[0] if all(t in row for row in rows)]
-        if not common:
-            return None, f"not frozen: the {len(rows)} prompts share no top token"
-        return {"includes": common}, f"tokens in the top {len(rows[0])} of every prompt ({on})"
-    if measure == "generate":
-        return _generation_expectation(claim, measured, tolerance, on)
-    return None, f"not frozen: no rule for measure '{measure}'"
+    return f"on {n} prompt{'s' * (n != 1)}"
 
 
-def _generation_expectation(claim: dict, measured, tolerance: float, on: str):
-    seed = claim["params"].get("seed", 0)
-    if isinstance(measured, dict):   # sampled: texts and reward scores
-        scores = measured.get("scores")
-        if not scores:
-            return None, "not frozen: samples without `score_with` have no number to pin"
-        mean = sum(scores) / len(scores)
-        return ({"mean_score": {"between": [_num(mean - tolerance), _num(mean + tolerance)]}},
-                f"measured mean score {_num(mean)} of {len(scores)} samples (seed {seed}) {on}")
-    texts = measured if isinstance(measured, list) else [measured]
-    if len(texts) == 1:
-        return {"equals": texts[0]}, f"measured greedy text (seed {seed}) {on}"
-    prefix = os.path.commonprefix(texts)
-    if not prefix:
-        return None, f"not frozen: the {len(texts)} generations share no prefix"
-    return {"contains": prefix}, f"the prefix all {len(texts)} generations share"
+def _what(claim: dict) -> str:
+    """The measure and its metric, as the comments name what was measured."""
+    metric = (claim.get("params") or {}).get("metric")
+    return claim["measure"] + (f" ({metric})" if isinstance(metric, str) else "")
 
 
-def _grid_expectation(grid: dict, tolerance: float, claim: dict) -> tuple[dict | None, str]:
+# ----------------------------------------------------------------------------- the rules
+
+@rule("scalar", _is_number)
+def _scalar(claim: dict, tolerance: float) -> Frozen:
+    """One number (the mean over prompts): `approx` within the tolerance."""
+    value = _num(claim["measured"])
+    return {"approx": value, "atol": tolerance}, f"measured {_what(claim)} {value} {_on(claim)}"
+
+
+@rule("patch", _is_number)
+def _patch(claim: dict, tolerance: float) -> Frozen:
+    """A patch effect: `approx`, and the sign its raw logit diffs show — `flips_sign` when
+    the patch flipped `into`'s sign to `from`'s."""
+    measured = claim["measured"]
+    expect = {"approx": _num(measured), "atol": tolerance}
+    src, dst, raw = claim.get("from"), claim.get("into"), claim.get("raw")
+    note = f"measured {_num(measured)} ({claim['params'].get('metric', 'normalized')}) " \
+           f"{_on(claim)}"
+    if all(map(_is_number, (src, dst, raw))):
+        note += f"; logit diff from {_num(src)}, into {_num(dst)}, patched {_num(raw)}"
+        if src * dst < 0 and raw * src > 0:
+            expect = {"flips_sign": True, **expect}
+        elif raw != 0:   # 0 has no sign (an accuracy of 0): `approx` pins it
+            expect = {"sign": "positive" if raw > 0 else "negative", **expect}
+    return expect, note
+
+
+@rule("grid", _is_grid)
+def _grid(claim: dict, tolerance: float) -> Frozen:
     """argmax and the top cells (as many as stand clear of the next one), and the max."""
+    grid = claim["measured"]
     cells = ranked_cells(grid)
     values = [v for _, v in cells]
     expect: dict = {}
@@ -92,10 +167,85 @@ def _grid_expectation(grid: dict, tolerance: float, claim: dict) -> tuple[dict |
     models = claim.get("models", [])
     shape = "x".join(str(len(lab)) for lab in grid["labels"])
     what = f"{' x '.join(grid['axes'])} grid ({shape})"
-    if claim["measure"] != "patch_sweep" and len(models) == 2:
+    if "models_measured" in claim and len(models) == 2:   # a pair: b - a
         what += f" of {models[1]} - {models[0]}"
     top = ", ".join(f"{_shown(cell_name(grid, c))} = {_num(v)}" for c, v in cells[:3])
     return expect, f"measured {what}; largest cells {top}"
+
+
+@rule("cells", _is_grid)
+def _cells(claim: dict, tolerance: float) -> Frozen:
+    """A short labelled grid (circuit members): the grid rule, and every cell's value."""
+    expect, note = _grid(claim, tolerance)
+    expect["approx"] = [_num(v) for v in _flat(claim["measured"]["values"])]
+    expect["atol"] = tolerance
+    return expect, note
+
+
+@rule("tokens", _is_token_rows)
+def _tokens(claim: dict, tolerance: float) -> Frozen:
+    """The top tokens: `equals` them (several prompts: `includes` those every prompt has)."""
+    measured = claim["measured"]
+    rows = measured if measured and isinstance(measured[0], list) else [measured]
+    if len(rows) == 1:
+        return {"equals": rows[0]}, f"measured top {len(rows[0])} tokens {_on(claim)}"
+    common = [t for t in rows[0] if all(t in row for row in rows)]
+    if not common:
+        return None, f"not frozen: the {len(rows)} prompts share no top token"
+    return {"includes": common}, f"tokens in the top {len(rows[0])} of every prompt " \
+                                 f"({_on(claim)})"
+
+
+@rule("text", _is_texts)
+def _text(claim: dict, tolerance: float) -> Frozen:
+    """Greedy text: `equals` it (several prompts: `contains` their common prefix)."""
+    measured, seed = claim["measured"], claim["params"].get("seed", 0)
+    texts = measured if isinstance(measured, list) else [measured]
+    if len(texts) == 1:
+        return {"equals": texts[0]}, f"measured greedy text (seed {seed}) {_on(claim)}"
+    prefix = os.path.commonprefix(texts)
+    if not prefix:
+        return None, f"not frozen: the {len(texts)} generations share no prefix"
+    return {"contains": prefix}, f"the prefix all {len(texts)} generations share"
+
+
+@rule("samples", _is_samples)
+def _samples(claim: dict, tolerance: float) -> Frozen:
+    """Sampled texts scored by a reward model: their mean score within the tolerance."""
+    scores, seed = claim["measured"].get("scores"), claim["params"].get("seed", 0)
+    if not scores or not all(map(_is_number, scores)):
+        return None, "not frozen: samples without `score_with` have no number to pin"
+    mean = sum(scores) / len(scores)
+    return ({"mean_score": {"between": [_num(mean - tolerance), _num(mean + tolerance)]}},
+            f"measured mean score {_num(mean)} of {len(scores)} samples (seed {seed}) "
+            f"{_on(claim)}")
+
+
+@rule("features", _is_features)
+def _features(claim: dict, tolerance: float) -> Frozen:
+    """Ranked SAE features: `equals` the ranking when every feature's score stands clear of
+    zero and of the next one's (by a tenth of the tolerance); else `includes` the leading
+    features that do — near-ties and features barely firing are no finding to pin."""
+    ranked = claim["measured"]
+    scored = [s for s in claim.get("scores") or [] if isinstance(s, list) and len(s) == 2
+              and _is_number(s[1])]
+    shown = ", ".join(f"{i} ({_num(s)})" for i, s in scored)
+    note = f"measured {_what(claim)} {_on(claim)}, ranked: {shown or ranked}"
+    if ranked and len(scored) != len(ranked):   # no scores to judge gaps by: as measured
+        return {"equals": ranked}, note
+    scores = [abs(s) for _, s in scored]   # feature_diff's are signed changes
+    clear = []
+    for i, feature in enumerate(ranked):
+        after = scores[i + 1] if i + 1 < len(scores) else 0.0
+        if scores[i] - max(after, 0.0) <= tolerance / 10:
+            break
+        clear.append(feature)
+    if not clear:
+        return None, f"not frozen: no feature stands clear of the next ({note})"
+    if clear == ranked:
+        return {"equals": ranked}, note
+    return {"includes": clear}, f"{note}; pinned those clear of the next by " \
+                                f"{_num(tolerance / 10)}"
 
 
 def ranked_cells(grid: dict) -> list[tuple[tuple[int, ...], float]]:
@@ -124,6 +274,10 @@ def cell_name(grid: dict, index: tuple[int, ...]):
     cell = {axis: labels[k][i] for k, (axis, i) in enumerate(zip(axes, index))}
     return cell_label(cell) or {axis: i - len(labels[k]) if axis == "pos" else cell[axis]
                                 for k, (axis, i) in enumerate(zip(axes, index))}
+
+
+def _flat(values) -> list[float]:
+    return [x for v in values for x in _flat(v)] if isinstance(values, list) else [values]
 
 
 def _shown(cell) -> str:

@@ -369,6 +369,11 @@ class ClaimBase(Frozen):
     VALUE_KIND: ClassVar[str]          # what expectations read: expect.SCALAR, GRID, ...
     SEARCHABLE: ClassVar[bool] = False   # `search:` hunts counterexamples among its prompts
     HAS_INTERVALS: ClassVar[bool] = False   # `ci:` bootstraps the mean over prompts
+    # how `harness freeze` pins the measured value: a rule of freeze.RULES, or one per shape
+    # the fields can give the value ("grid|scalar"); None: the kind cannot be frozen, and
+    # FREEZE_WHY says why (the frozen spec writes it as a comment)
+    FREEZE: ClassVar[str | None]
+    FREEZE_WHY: ClassVar[str] = ""
 
     id: str = Field(min_length=1)
     description: str | None = None
@@ -439,6 +444,7 @@ class SingleModelClaim(ClaimBase):
 
 class LogitDiffClaim(SingleModelClaim):
     measure: Literal["logit_diff"]
+    FREEZE = "scalar"
     VALUE_KIND = SCALAR
     SEARCHABLE = True
     HAS_INTERVALS = True
@@ -446,6 +452,7 @@ class LogitDiffClaim(SingleModelClaim):
 
 class TopKClaim(SingleModelClaim):
     measure: Literal["top_k"]
+    FREEZE = "tokens"
     VALUE_KIND = TOKENS
     SEARCHABLE = True
     k: int = Field(10, ge=1)
@@ -513,12 +520,14 @@ class LossClaim(SequenceClaim):
     """Mean next-token cross-entropy (nats) over a span, per prompt."""
 
     measure: Literal["loss"]
+    FREEZE = "scalar"
 
 
 class AccuracyClaim(SequenceClaim):
     """Share of a span's tokens that are the previous position's argmax, per prompt."""
 
     measure: Literal["accuracy"]
+    FREEZE = "scalar"
 
 
 class RunRef(Frozen):
@@ -622,6 +631,7 @@ class GenerationPatch(SiteSelection):
 
 class GenerateClaim(SingleModelClaim):
     measure: Literal["generate"]
+    FREEZE = "text|samples"
     VALUE_KIND = TEXT        # SAMPLES when sampled
     SEARCHABLE = True
     max_new_tokens: int = Field(10, ge=1, le=1024)
@@ -693,16 +703,19 @@ class OneOrTwoModels(ClaimBase):
 
 class LogitLensClaim(OneOrTwoModels):
     measure: Literal["logit_lens"]
+    FREEZE = "grid"
     incl_mid: bool = False
 
 
 class DlaClaim(OneOrTwoModels):
     measure: Literal["dla"]
+    FREEZE = "grid"
     by: Literal["layer", "component", "head"] = "component"
 
 
 class PatchClaim(ClaimBase, SiteSelection):
     measure: Literal["patch"]
+    FREEZE = "patch"
     VALUE_KIND = PATCH
     from_: RunRef = Field(alias="from")
     into: RunRef
@@ -725,6 +738,7 @@ SWEEP_AXES = labels.SWEEP_AXES
 
 class PatchSweepClaim(PatchClaim):
     measure: Literal["patch_sweep"]
+    FREEZE = "grid"
     VALUE_KIND = GRID
     over: tuple[str, ...]
     method: Literal["exact", "attribution"] = "exact"
@@ -748,6 +762,7 @@ class ReferencePrompts(Frozen):
 
 class AblateClaim(SingleModelClaim, SiteSelection):
     measure: Literal["ablate"]
+    FREEZE = "scalar"
     VALUE_KIND = SCALAR
     kind: Literal["zero", "mean", "resample"] = "zero"
     # a model name: its logit diff counts as "fully ablated"; {prompts: SET}: the prompts
@@ -785,6 +800,7 @@ class AttentionClaim(SingleModelClaim):
     """How much heads attend from each destination to the sources a rule picks."""
 
     measure: Literal["attention"]
+    FREEZE = "grid|scalar"
     VALUE_KIND = GRID        # SCALAR with `heads`
     source: str | dict[Literal["position", "token"], int | str]
     heads: tuple[str, ...] | None = None     # named query heads -> a value (their mean)
@@ -845,6 +861,7 @@ class HeadScoresClaim(SingleModelClaim):
     """TransformerLens head-detector scores of every head, as a [layer, head] grid."""
 
     measure: Literal["head_scores"]
+    FREEZE = "grid"
     VALUE_KIND = GRID
     role: str                # roles.DETECTOR_ROLES, or TransformerLens's names
     random_tokens: RandomTokens = RandomTokens()
@@ -876,6 +893,7 @@ class PathPatchClaim(ClaimBase):
     residual) directly, every other component frozen at its `into` value."""
 
     measure: Literal["path_patch"]
+    FREEZE = "grid|patch"
     VALUE_KIND = GRID        # PATCH with `senders`
     from_: RunRef = Field(alias="from")
     into: RunRef
@@ -921,6 +939,7 @@ class CircuitClaim(SingleModelClaim):
     """A set of components compared with the full model, everything outside it ablated."""
 
     measure: Literal["circuit"]
+    FREEZE = "cells|scalar"
     VALUE_KIND = GRID        # SCALAR for faithfulness
     members: tuple[str, ...] = Field(min_length=1)
     kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
@@ -968,6 +987,7 @@ class FeatureReading(Frozen):
 
 class FeatureClaim(SingleModelClaim, FeatureReading):
     measure: Literal["feature"]
+    FREEZE = "scalar"
     VALUE_KIND = SCALAR
     HAS_INTERVALS = True
     feature: int = Field(ge=0)
@@ -975,6 +995,7 @@ class FeatureClaim(SingleModelClaim, FeatureReading):
 
 class TopFeaturesClaim(SingleModelClaim, FeatureReading):
     measure: Literal["top_features"]
+    FREEZE = "features"
     VALUE_KIND = FEATURES
     k: int = Field(10, ge=1)
     control: str | None = None          # a prompt set: rank by mean(prompts) - mean(control)
@@ -982,6 +1003,7 @@ class TopFeaturesClaim(SingleModelClaim, FeatureReading):
 
 class FeatureDiffClaim(ClaimBase, FeatureReading):
     measure: Literal["feature_diff"]
+    FREEZE = "features|scalar"
     VALUE_KIND = FEATURES    # SCALAR for one `feature`
     models: tuple[str, str]
     feature: int | None = Field(None, ge=0)   # given: its b - a; else the top k changed
@@ -1000,6 +1022,7 @@ class FeatureDiffClaim(ClaimBase, FeatureReading):
 
 class FeatureInterventionClaim(SingleModelClaim, FeatureEdit):
     measure: Literal["feature_intervention"]
+    FREEZE = "scalar"
     VALUE_KIND = SCALAR
     metric: Literal["logit_diff", "change"] = "logit_diff"
 
