@@ -31,6 +31,7 @@ CONVERSION_VERSION = 1    # bump when the saved folder's layout changes
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
             11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q").unpack_from
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
 
 
@@ -60,12 +61,25 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return values
 
-    def string(self, keep: bool = True) -> str | None:
+    def string(self) -> str:
         (length,) = self.unpack("<Q")
         if length > len(self.data) - self.pos:
             raise struct.error("string past the end")
         start, self.pos = self.pos, self.pos + length
-        return bytes(self.data[start:self.pos]).decode("utf-8", "replace") if keep else None
+        return bytes(self.data[start:self.pos]).decode("utf-8", "replace")
+
+    def strings(self, count: int, keep: bool):
+        """An array of strings (a vocabulary: ~50,000), or only walked past when not kept."""
+        data, pos, values = self.data, self.pos, []
+        for _ in range(count):
+            (length,) = _LENGTH(data, pos)
+            if keep:
+                values.append(bytes(data[pos + 8:pos + 8 + length]).decode("utf-8", "replace"))
+            pos += 8 + length
+        if pos > len(data):
+            raise struct.error("strings past the end")
+        self.pos = pos
+        return values if keep else count
 
     def value(self, value_type: int, keep_strings: bool):
         if value_type in _SCALARS:
@@ -79,8 +93,7 @@ class _Cursor:
             if element_type in _SCALARS:
                 return list(self.unpack(f"<{count}{_SCALARS[element_type][1]}"))
             if element_type == _STRING:
-                values = [self.string(keep_strings) for _ in range(count)]
-                return values if keep_strings else count
+                return self.strings(count, keep_strings)
             raise ValueError(f"an array of value type {element_type}")
         raise ValueError(f"a value of type {value_type}")
 
@@ -146,11 +159,11 @@ def read_header(path: Path, arrays=()) -> GgufHeader:
     return GgufHeader(path, metadata, tensors, data_start, header_end, size)
 
 
-def facts(path: Path) -> dict:
+def facts(path: Path, header: GgufHeader | None = None) -> dict:
     """The sizes a spec may ask of the model in a GGUF file, read from its header: layers,
     heads, key/value heads, MLP width, context length, vocabulary (None where it does not say).
     Keyed as `static_checks.ModelFacts`' fields."""
-    header = read_header(path)
+    header = header or read_header(path)
     meta, arch = header.metadata, header.architecture
 
     def size(key: str) -> int | None:
@@ -170,13 +183,13 @@ def facts(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def light_tokenizer(path: Path):
+def light_tokenizer(path: Path, header: GgufHeader | None = None):
     """The `tokenizers.Tokenizer` the file carries, built by transformers' own GGUF tokenizer
     conversion (no torch) from the header's vocabulary, and kept as tokenizer.json in the cache
     under the header's sha256 (the header holds the whole tokenizer)."""
     from tokenizers import Tokenizer
 
-    cached = _tokenizer_cache(path)
+    cached = _tokenizer_cache(path, header or read_header(path))
     if cached.is_file():
         return Tokenizer.from_file(str(cached))
     header = read_header(path, TOKENIZER_ARRAYS)
@@ -214,10 +227,9 @@ def build_tokenizer(header: GgufHeader):
     return tokenizer
 
 
-def _tokenizer_cache(path: Path) -> Path:
+def _tokenizer_cache(path: Path, header: GgufHeader) -> Path:
     from harness.zoo.store import cache_root
 
-    header = read_header(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         digest.update(handle.read(header.header_end))

@@ -95,8 +95,9 @@ def _facts_of(spec, name: str) -> ModelFacts | None:
         from harness import gguf_files
 
         try:
-            return ModelFacts(**gguf_files.facts(found.gguf_file),
-                              tokenizer=gguf_files.light_tokenizer(found.gguf_file))
+            header = gguf_files.read_header(found.gguf_file)
+            return ModelFacts(**gguf_files.facts(found.gguf_file, header),
+                              tokenizer=gguf_files.light_tokenizer(found.gguf_file, header))
         except HarnessError as exc:
             raise spec.error(("models", name, found.kind), str(exc)) from None
     if found.directory is None:
