@@ -96,7 +96,12 @@ def locate(source, spec_dir: Path) -> Located:
                            load_args=args)
         return Located(kind, key, str(path), path, load_args=args)
     if kind == "gguf":
+        from harness.files import regular_file_problem
+
         path = (spec_dir / source.gguf).resolve()
+        problem = regular_file_problem(path)     # a FIFO would block the header read
+        if problem:
+            return Located(kind, key, problem=problem, load_args=args)
         if not path.is_file():
             return Located(kind, key, problem=f"GGUF file {path} does not exist (`gguf:` is "
                            f"relative to the spec's folder, {spec_dir})", load_args=args)

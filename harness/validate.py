@@ -120,9 +120,13 @@ def light_tokenizer(spec: Spec, name: str):
     if found.problem:                       # the run says so
         return None
     if found.gguf_file is not None:
+        from harness.errors import HarnessError
         from harness.gguf_files import light_tokenizer as gguf_tokenizer
 
-        return gguf_tokenizer(found.gguf_file)
+        try:
+            return gguf_tokenizer(found.gguf_file)
+        except HarnessError:                # a broken file of an optional model: it skips
+            return None
     path = found.tokenizer_file
     return None if path is None else Tokenizer.from_file(str(path))
 

