@@ -19,7 +19,7 @@ from harness import tl_checkpoints
 from harness.errors import HarnessError, ModelUnavailable
 from harness.hub import hub_offline, hub_reachable
 from harness.plain_hf import module_copy, plain_copy
-from harness.sources import locate, source_identity, source_key
+from harness.sources import load_args, locate, source_identity, source_key
 from harness.spec import ModelSource
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "resolve_location", "source_key"]
@@ -111,8 +111,9 @@ def load_tokenizer(location: str, source: ModelSource) -> PreTrainedTokenizerBas
         if problem:
             raise ModelUnavailable(problem)
     try:
-        return AutoTokenizer.from_pretrained(location, revision=source.revision,
-                                             trust_remote_code=source.trust_remote_code,
+        args = load_args(source)
+        return AutoTokenizer.from_pretrained(location, revision=args["revision"],
+                                             trust_remote_code=args["trust_remote_code"],
                                              local_files_only=_offline(location))
     except LOAD_ERRORS as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
@@ -202,9 +203,9 @@ def wrap_in_memory(name: str, model) -> LoadedModel:
 
 def load_hf_causal_lm(location: str, source: ModelSource):
     """The HF language model, unwrapping RL value-head checkpoints in local directories."""
-    kwargs = dict(revision=source.revision, trust_remote_code=source.trust_remote_code,
-                  dtype=DTYPES[source.dtype], local_files_only=_offline(location),
+    kwargs = dict(load_args(source), local_files_only=_offline(location),
                   **device_map_kwargs(source.device_map))
+    kwargs["dtype"] = DTYPES[kwargs["dtype"]]
     directory = Path(location)
     try:
         if directory.is_dir() and _has_value_head_layout(directory):

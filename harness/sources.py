@@ -75,8 +75,7 @@ def locate(source, spec_dir: Path) -> Located:
     whether they are there; a `train:` source has no files until it is built."""
     spec_dir = Path(spec_dir)
     key = source_key(source, spec_dir)
-    args = {"revision": source.revision, "trust_remote_code": source.trust_remote_code,
-            "dtype": source.dtype}
+    args = load_args(source)
     kind = source.kind
     if kind == "zoo":
         from harness.zoo.store import zoo_location
@@ -110,6 +109,12 @@ def locate(source, spec_dir: Path) -> Located:
         return Located(kind, key, source.hf, cached_hub_dir(source.hf, source.revision),
                        load_args=args)
     return Located(kind, key, load_args=args)   # train: built by its recipe
+
+
+def load_args(source) -> dict:
+    """The `from_pretrained` arguments a source decides (dtype by name: torch maps it)."""
+    return {"revision": source.revision, "trust_remote_code": source.trust_remote_code,
+            "dtype": source.dtype}
 
 
 def locate_name(name: str) -> str:

@@ -301,3 +301,9 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
 def test_an_optional_broken_file_skips_its_claims_in_validate(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00")     # cut inside the header
     validate_spec(_spec(tmp_path, {"gguf": "model.gguf", "optional": True}, LOGIT_DIFF))
+
+
+def test_a_misspelt_zoo_name_suggests_the_packaged_model(tmp_path):
+    with pytest.raises(SpecError, match=r"models.m.zoo: unknown zoo model 'smollm2-135'; did "
+                                        r"you mean 'smollm2-135m'"):
+        validate_spec(_spec(tmp_path, {"zoo": "smollm2-135"}, LOGIT_DIFF))
