@@ -19,7 +19,7 @@ from harness import tl_checkpoints
 from harness.errors import HarnessError, ModelUnavailable
 from harness.hub import hub_offline, hub_reachable
 from harness.plain_hf import module_copy, plain_copy
-from harness.sources import load_args, locate, source_identity, source_key
+from harness.sources import load_args, locate, source_identity, source_key, weight_files
 from harness.spec import ModelSource
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "resolve_location", "source_key"]
@@ -291,10 +291,6 @@ def _origin(source: ModelSource, location: str) -> str:
 
 # ----------------------------------------------------------------------------- value heads
 
-def _weight_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-
-
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -305,7 +301,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _has_value_head_layout(directory: Path) -> bool:
     keys: list[str] = []
-    for path in _weight_files(directory):
+    for path in weight_files(directory):
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -324,7 +320,7 @@ def _load_value_head_checkpoint(directory: Path, kwargs: dict):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                              trust_remote_code=kwargs["trust_remote_code"])
     state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(directory):
+    for path in weight_files(directory):
         for key, tensor in _read_state(path).items():
             if key.startswith("v_head."):
                 continue

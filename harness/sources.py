@@ -48,10 +48,12 @@ class Located:
         """The weight files on disk: a folder's safetensors (else .bin) files, or the GGUF."""
         if self.gguf_file is not None:
             return [self.gguf_file]
-        if self.directory is None:
-            return []
-        return sorted(self.directory.glob("*.safetensors")) or \
-            sorted(self.directory.glob("*.bin"))
+        return [] if self.directory is None else weight_files(self.directory)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """A model folder's weight files: its safetensors files, else its .bin files."""
+    return sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
 
 
 def source_identity(source, spec_dir: Path | None = None) -> str:

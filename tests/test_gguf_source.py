@@ -262,6 +262,7 @@ def test_header_facts_of_a_small_file(tmp_path):
 def test_the_zoo_name_is_the_packaged_file(tmp_path):
     found = locate(ModelSource(zoo="smollm2-135m"), tmp_path)
     assert found.gguf_file == SMOLLM2 and found.problem is None
+    assert found.weight_files == [SMOLLM2] and found.target is None   # converted when loaded
 
 
 def _without_package(monkeypatch):

@@ -36,6 +36,9 @@ def test_the_four_callers_find_the_same_folder(tmp_path, tiny_checkpoints):
         assert found.target == resolve_location(source, spec.directory) \
             == resolve_model(recipe_name) == str(found.directory)
         assert static_checks._facts_of(spec, name) is not None
+        assert found.weight_files and all(p.parent == found.directory and
+                                          p.suffix in (".safetensors", ".bin")
+                                          for p in found.weight_files)
         ids = light_tokenizer(spec, name).encode(" bad good", add_special_tokens=False).ids
         from tokenizers import Tokenizer
 
