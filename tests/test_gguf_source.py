@@ -101,6 +101,7 @@ from harness.cli import main
 code = main(["validate", *sys.argv[1:]])
 print("HEAVY", sorted(m for m in ("torch", "transformer_lens", "safetensors.torch")
                       if m in sys.modules))
+print("TRANSFORMERS", "transformers" in sys.modules)
 print("SECONDS", round(time.perf_counter() - start, 2))
 sys.exit(code)
 """
@@ -126,6 +127,8 @@ def test_validate_names_a_layer_past_the_last_without_torch(tmp_path):
         assert "claims[0].layers[0]: layer 31 is out of range: model 'm' has 30 layers " \
                "(0..29)" in done.stdout + done.stderr
         assert "HEAVY []" in done.stdout
+    # transformers (not torch) builds the file's tokenizer once; later runs read the cache
+    assert "TRANSFORMERS True" in cold.stdout and "TRANSFORMERS False" in warm.stdout
     print("validate (cold, warm):", [line for d in (cold, warm)
                                      for line in d.stdout.splitlines() if "SECONDS" in line])
 
