@@ -301,21 +301,22 @@ def conversion_folder(path: Path, dtype: str) -> Path:
 def converted_folder(path: Path, dtype: str) -> Path:
     """A model folder (safetensors + config.json + tokenizer) holding the GGUF file's model
     dequantized to `dtype`, converted on the first call and read from the cache after."""
-    from harness.zoo.store import _built_with, cached_build
+    from harness.zoo.store import cached_build
 
     path = Path(path).resolve()
-    root = conversion_folder(path, dtype)
-    key = root.name.rsplit("-", 1)[1]
-    if _built_with(root, key):
-        return root
-    try:
-        header = read_header(path)
-    except HarnessError as exc:
-        raise ModelUnavailable(str(exc)) from None
-    problem = supported_problem(header)
-    if problem:
-        raise ModelUnavailable(problem)
-    return cached_build(root, key, lambda work: convert(path, dtype, work), "gguf")
+
+    def build(work: Path) -> dict:
+        try:
+            header = read_header(path)
+        except HarnessError as exc:
+            raise ModelUnavailable(str(exc)) from None
+        problem = supported_problem(header)
+        if problem:
+            raise ModelUnavailable(problem)
+        return convert(path, dtype, work)
+
+    return cached_build(conversion_folder(path, dtype), conversion_key(path, dtype), build,
+                        "gguf")
 
 
 def convert(path: Path, dtype: str, out: Path) -> dict:
