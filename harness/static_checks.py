@@ -1,6 +1,7 @@
-"""Static checks: a spec against each model's config.json and tokenizer.json, before any weights
-load. Reads JSON files and tokenizers only: no torch, no model code, so `harness validate` can
-promise both. Every problem is a SpecError naming the file, line, field and the valid range.
+"""Static checks: a spec against each model's config.json (a GGUF file's header) and
+tokenizer.json, before any weights load; `sources.locate` says where those files are. Reads
+JSON files, file headers and tokenizers only: no torch, no model code, so `harness validate`
+can promise both. Every problem is a SpecError naming the file, line, field and the valid range.
 
 Optional models whose files are missing are left alone here (their claims become skips);
 hub models not in the local cache are left for load time.
