@@ -7,7 +7,6 @@ with a value head load as their base language model, like the seed's
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,10 @@ from harness import tl_checkpoints
 from harness.errors import HarnessError, ModelUnavailable
 from harness.hub import hub_offline, hub_reachable
 from harness.plain_hf import module_copy, plain_copy
+from harness.sources import load_args, locate, source_identity, source_key, weight_files
 from harness.spec import ModelSource
+
+__all__ = ["LoadedModel", "load_model", "load_tokenizer", "resolve_location", "source_key"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VALUE_HEAD_PREFIXES = ("pretrained_model.", "base_model.")
@@ -70,29 +72,27 @@ def pick_device(source: ModelSource, override: str | None) -> str:
     return override or source.device or default_device()
 
 
-def source_key(source: ModelSource, spec_dir: Path) -> str:
-    """A stable identity of the weights a source names (paths made absolute)."""
-    data = source.model_dump(exclude={"optional", "device"}, exclude_none=True)
-    if source.path:
-        data["path"] = str((spec_dir / source.path).resolve())
-    return json.dumps(data, sort_keys=True)
-
-
 def resolve_location(source: ModelSource, spec_dir: Path) -> str:
-    """A local directory or hub id for a zoo / path / hf source (session.py trains `train:`)."""
-    if source.zoo:
-        from harness.zoo.store import zoo_checkpoint
+    """A local directory or hub id for a zoo / path / gguf / hf source (session.py trains
+    `train:`), through the one resolver (`sources.locate`); a GGUF file is converted into the
+    cache once (`gguf_files.converted_folder`)."""
+    found = locate(source, spec_dir)
+    if found.problem:
+        raise ModelUnavailable(found.problem)
+    if found.gguf_file is not None:
+        from harness.gguf_files import converted_folder
 
-        return str(zoo_checkpoint(source.zoo))
-    if source.path:
-        path = (spec_dir / source.path).resolve()
-        if not path.is_dir():
-            raise ModelUnavailable(f"checkpoint directory {path} does not exist "
-                                   f"(`path:` is relative to the spec's folder, {spec_dir})")
-        return str(path)
-    if source.train:
+        return str(converted_folder(found.gguf_file, source.dtype))
+    if found.target is None:
         raise HarnessError("a `train:` model is built through Session.location")
-    return source.hf
+    return found.target
+
+
+def model_key(name: str, source: ModelSource | None, location: str, device: str) -> str:
+    """LoadedModel.key: the spec's name, the source's identity (`sources.source_key`: every
+    field of the source), where its files are and the device; keys the clean-trace cache."""
+    identity = source_identity(source) if source is not None else ""
+    return f"{name}|{identity}|{location}|{device}"
 
 
 def _offline(location: str) -> bool:
@@ -111,8 +111,9 @@ def load_tokenizer(location: str, source: ModelSource) -> PreTrainedTokenizerBas
         if problem:
             raise ModelUnavailable(problem)
     try:
-        return AutoTokenizer.from_pretrained(location, revision=source.revision,
-                                             trust_remote_code=source.trust_remote_code,
+        args = load_args(source)
+        return AutoTokenizer.from_pretrained(location, revision=args["revision"],
+                                             trust_remote_code=args["trust_remote_code"],
                                              local_files_only=_offline(location))
     except LOAD_ERRORS as exc:
         raise ModelUnavailable(_unavailable(location, source, exc)) from None
@@ -147,7 +148,7 @@ def load_model(name: str, source: ModelSource, location: str, device: str,
     if source.device_map is None and placed.type != torch.device(device).type:
         raise ModelUnavailable(f"model '{name}' was asked for on {device} but its weights are "
                                f"on {placed}")
-    key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
+    key = model_key(name, source, location, device)
     return LoadedModel(key, bridge, tokenizer, _origin(source, location), str(placed),
                        source.dtype, location, source,
                        None if before is None else plain_copy(bridge, before))
@@ -163,7 +164,7 @@ def _load_tl_checkpoint(name: str, source: ModelSource, location: str, device: s
     bridge = tl_checkpoints.load_bridge(Path(location), tokenizer, device, DTYPES[source.dtype])
     bridge.enable_compatibility_mode()
     bridge.eval()
-    key = f"{name}|{location}|{source.revision}|{device}|{source.dtype}"
+    key = model_key(name, source, location, device)
     return LoadedModel(key, bridge, tokenizer, _origin(source, location), device,
                        source.dtype, location, source)
 
@@ -202,9 +203,9 @@ def wrap_in_memory(name: str, model) -> LoadedModel:
 
 def load_hf_causal_lm(location: str, source: ModelSource):
     """The HF language model, unwrapping RL value-head checkpoints in local directories."""
-    kwargs = dict(revision=source.revision, trust_remote_code=source.trust_remote_code,
-                  dtype=DTYPES[source.dtype], local_files_only=_offline(location),
+    kwargs = dict(load_args(source), local_files_only=_offline(location),
                   **device_map_kwargs(source.device_map))
+    kwargs["dtype"] = DTYPES[kwargs["dtype"]]
     directory = Path(location)
     try:
         if directory.is_dir() and _has_value_head_layout(directory):
@@ -283,14 +284,12 @@ def _unavailable(location: str, source: ModelSource, exc: Exception) -> str:
 def _origin(source: ModelSource, location: str) -> str:
     if source.hf:
         return f"hf:{source.hf}" + (f"@{source.revision}" if source.revision else "")
+    if source.gguf:
+        return f"gguf:{Path(source.gguf).name}"
     return f"{source.kind}:{source.zoo or location}"
 
 
 # ----------------------------------------------------------------------------- value heads
-
-def _weight_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
@@ -302,7 +301,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _has_value_head_layout(directory: Path) -> bool:
     keys: list[str] = []
-    for path in _weight_files(directory):
+    for path in weight_files(directory):
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -321,7 +320,7 @@ def _load_value_head_checkpoint(directory: Path, kwargs: dict):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                              trust_remote_code=kwargs["trust_remote_code"])
     state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(directory):
+    for path in weight_files(directory):
         for key, tensor in _read_state(path).items():
             if key.startswith("v_head."):
                 continue

@@ -188,7 +188,8 @@ class Session:
 
     def loaded_models(self) -> list[dict]:
         found = [*self._provided.values(), *self._models.values()]
-        return [{"origin": m.origin, "device": m.device, "dtype": m.dtype}
+        return [{"origin": m.origin, "device": m.device, "dtype": m.dtype,
+                 "bos": getattr(m.tokenizer, "bos_token", None)}   # what prepend_bos adds
                 for m in found if isinstance(m, LoadedModel)]
 
     @property

@@ -41,6 +41,7 @@ from harness.expect import (
 from harness.roles import DETECTOR_ROLES, role_name
 from harness.roles import RULES as ROLE_RULES
 from harness.sites import HEAD_RE, HEAD_SITES, SITES, parse_head
+from harness.sources import SOURCE_FIELDS
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")   # spec names and claim ids
@@ -94,12 +95,13 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 class ModelSource(Frozen):
-    """Where a model comes from: exactly one of hf / path / zoo / train."""
+    """Where a model comes from: exactly one of hf / path / zoo / train / gguf."""
 
     hf: str | None = None
     revision: str | None = None
     path: str | None = None
     zoo: str | None = None
+    gguf: str | None = None            # a GGUF file, relative to the spec's folder
     train: TrainSource | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = None
@@ -109,9 +111,9 @@ class ModelSource(Frozen):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSource:
-        given = [k for k in ("hf", "path", "zoo", "train") if getattr(self, k) is not None]
+        given = [k for k in SOURCE_FIELDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("a model needs exactly one of hf / path / zoo / train, got "
+            raise ValueError("a model needs exactly one of hf / path / zoo / train / gguf, got "
                              + (", ".join(given) or "none"))
         if self.revision is not None and self.hf is None:
             raise ValueError("`revision` applies only to `hf:` models")
@@ -126,7 +128,7 @@ class ModelSource(Frozen):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("hf", "path", "zoo", "train") if getattr(self, k) is not None)
+        return next(k for k in SOURCE_FIELDS if getattr(self, k) is not None)
 
 
 # ----------------------------------------------------------------------------- SAEs

@@ -1,6 +1,7 @@
-"""Static checks: a spec against each model's config.json and tokenizer.json, before any weights
-load. Reads JSON files and tokenizers only: no torch, no model code, so `harness validate` can
-promise both. Every problem is a SpecError naming the file, line, field and the valid range.
+"""Static checks: a spec against each model's config.json (a GGUF file's header) and
+tokenizer.json, before any weights load; `sources.locate` says where those files are. Reads
+JSON files, file headers and tokenizers only: no torch, no model code, so `harness validate`
+can promise both. Every problem is a SpecError naming the file, line, field and the valid range.
 
 Optional models whose files are missing are left alone here (their claims become skips);
 hub models not in the local cache are left for load time.
@@ -18,6 +19,7 @@ from harness import tl_checkpoints
 from harness.errors import HarnessError, SpecError
 from harness.files import MAX_CONFIG_BYTES, UnreadableFile, read_regular_text, regular_file_problem
 from harness.sites import KV_SITES, missing_reason
+from harness.sources import base_of, locate
 
 REMOTE_CODE_FLAGS = "--allow-remote-code (harness) or --harness-allow-remote-code (pytest)"
 
@@ -82,50 +84,26 @@ def _checked_models(claim) -> list[str]:
 # ----------------------------------------------------------------------------- model files
 
 def _facts_of(spec, name: str) -> ModelFacts | None:
-    source = spec.models[name]
-    seen = {name}
-    while source.train is not None:   # a trained model has its base model's shapes
-        name = source.train.base
-        if name in seen or name not in spec.models:
-            return None
-        seen.add(name)
-        source = spec.models[name]
-    directory = _directory(spec, name)
-    if directory is None:
+    """What a model's files say (a `train:` model has its base model's shapes); None when
+    they are not on disk here (a hub model outside the cache, a loop of `train:` bases)."""
+    name = base_of(spec.models, name)
+    if name is None:
         return None
-    return _read_facts(spec, name, directory)
-
-
-def _directory(spec, name: str) -> Path | None:
-    source = spec.models[name]
-    if source.zoo is not None:
-        from harness.zoo.store import zoo_checkpoint
+    found = locate(spec.models[name], spec.directory)
+    if found.problem:
+        raise spec.error(("models", name, found.kind), found.problem)
+    if found.gguf_file is not None:
+        from harness import gguf_files
 
         try:
-            return zoo_checkpoint(source.zoo)
+            header = gguf_files.read_header(found.gguf_file)
+            return ModelFacts(**gguf_files.facts(found.gguf_file, header),
+                              tokenizer=gguf_files.light_tokenizer(found.gguf_file, header))
         except HarnessError as exc:
-            raise spec.error(("models", name, "zoo"), str(exc)) from None
-    if source.path is not None:
-        path = (spec.directory / source.path).resolve()
-        if not path.is_dir():
-            raise spec.error(("models", name, "path"),
-                             f"checkpoint directory {path} does not exist (`path:` is relative "
-                             f"to the spec's folder, {spec.directory})")
-        return path
-    if source.hf is not None:
-        return _cached_hub_dir(source.hf, source.revision)
-    return None
-
-
-def _cached_hub_dir(repo: str, revision: str | None) -> Path | None:
-    """The local snapshot folder of a hub model whose config.json is cached, else None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo, "config.json", revision=revision)
-    except Exception:  # noqa: BLE001 - an odd hub id: leave it for load time
+            raise spec.error(("models", name, found.kind), str(exc)) from None
+    if found.directory is None:
         return None
-    return Path(found).parent if isinstance(found, str) else None
+    return _read_facts(spec, name, found.directory)
 
 
 def _read_config(directory: Path) -> dict:
@@ -154,6 +132,11 @@ def folder_problem(directory: Path) -> str | None:
         config = _read_config(directory)
     except HarnessError as exc:
         return str(exc)
+    return _config_problem(directory, config)
+
+
+def _config_problem(directory: Path, config: dict) -> str | None:
+    """folder_problem of a folder whose config.json has been read."""
     config_file = directory / "config.json"
     problem = implausible_size(config_file, config) or config_field_problem(config_file, config)
     if problem:
@@ -169,10 +152,13 @@ def folder_problem(directory: Path) -> str | None:
 
 def _read_facts(spec, name: str, directory: Path) -> ModelFacts:
     loc = ("models", name)
-    problem = folder_problem(directory)
+    try:
+        config = _read_config(directory)
+    except HarnessError as exc:
+        raise spec.error(loc, str(exc)) from None
+    problem = _config_problem(directory, config)
     if problem:
         raise spec.error(loc, problem)
-    config = _read_config(directory)
     tl_config = tl_checkpoints.read_config(directory)
     if tl_config is not None:
         return _tl_facts(tl_config, _read_tokenizer(spec, loc, directory))

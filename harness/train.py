@@ -89,13 +89,11 @@ class RLHFConfig:
 # --- resolving models and prompts ----------------------------------------------------------
 
 def resolve_model(name: str) -> str:
-    """Zoo name -> its shipped dir; an existing local dir -> itself; else a hub id."""
-    from harness.zoo.store import ZOO_NAMES, zoo_checkpoint
-    if name in ZOO_NAMES:
-        return str(zoo_checkpoint(name))
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser().resolve())
-    return name
+    """Zoo name -> its shipped dir (a packaged GGUF converted); an existing local dir ->
+    itself; else a hub id (`sources.locate_name`)."""
+    from harness.sources import locate_name
+
+    return locate_name(name)
 
 
 def load_prompts(cfg: RLHFConfig) -> list[str]:

@@ -106,31 +106,29 @@ def validate_spec(path: Path, allow_remote_code: bool = False) -> Spec:
 
 
 def light_tokenizer(spec: Spec, name: str):
-    """A `tokenizers.Tokenizer` for a model of the spec, or None when its tokenizer.json is
-    not on disk (a hub model not in the cache, a tokenizer without a fast version)."""
+    """A `tokenizers.Tokenizer` for a model of the spec, or None when its tokenizer is not on
+    disk (a hub model not in the cache, a tokenizer without a fast version, a zoo model not
+    built); a GGUF file's is built from its header (cached by the header's content)."""
     from tokenizers import Tokenizer
 
-    while spec.models[name].train is not None:      # a trained model has its base's
-        name = spec.models[name].train.base
-    source = spec.models[name]
-    path = None
-    if source.zoo:
-        from harness.zoo.store import zoo_checkpoint
+    from harness.sources import base_of, locate
+
+    name = base_of(spec.models, name)       # a trained model has its base's
+    if name is None:
+        return None
+    found = locate(spec.models[name], spec.directory)
+    if found.problem:                       # the run says so
+        return None
+    if found.gguf_file is not None:
+        from harness.errors import HarnessError
+        from harness.gguf_files import light_tokenizer as gguf_tokenizer
 
         try:
-            path = zoo_checkpoint(source.zoo) / "tokenizer.json"
-        except Exception:     # not built: the run says so
+            return gguf_tokenizer(found.gguf_file)
+        except HarnessError:                # a broken file of an optional model: it skips
             return None
-    elif source.path:
-        path = (spec.directory / source.path) / "tokenizer.json"
-    elif source.hf:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(source.hf, "tokenizer.json", revision=source.revision)
-        path = Path(found) if isinstance(found, str) else None
-    if path is None or not Path(path).is_file():
-        return None
-    return Tokenizer.from_file(str(path))
+    path = found.tokenizer_file
+    return None if path is None else Tokenizer.from_file(str(path))
 
 
 def light_pieces(tokenizer, text: str) -> int | list[str]:

