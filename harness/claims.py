@@ -36,8 +36,6 @@ class Skip(Exception):
 
 
 @dataclass
-
-
 class ClaimContext:
     spec: Spec
     claim: ClaimBase

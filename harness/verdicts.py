@@ -4,7 +4,7 @@ measurement's extras, as the claim's kind declares). No torch: reports import th
 
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import dataclass, field
 
 from harness.expect import GRID, PAIR, PATCH, SAMPLES, SCALAR, Measurement
 from harness.measure.results import Grid
@@ -12,6 +12,7 @@ from harness.measure.results import Grid
 PASSED, FAILED, ERROR, SKIPPED, XFAILED = "passed", "failed", "error", "skipped", "xfailed"
 
 
+@dataclass
 class Verdict:
     """The outcome of one claim, ready for any report."""
 
