@@ -21,6 +21,7 @@ from harness.kinds.features import (
 from harness.kinds.fields import FeatureEdit, FeatureReading
 from harness.kinds.generate import GenerateClaim
 from harness.kinds.logits import LogitDiffClaim, TopKClaim
+from harness.kinds.neuron import NeuronClaim
 from harness.kinds.patching import AblateClaim, PatchClaim, PatchSweepClaim
 from harness.kinds.path_patch import PathPatchClaim
 from harness.kinds.readout import DlaClaim, LogitLensClaim
@@ -31,7 +32,7 @@ CLAIM_CLASSES: tuple[type[ClaimBase], ...] = (
     LogitDiffClaim, TopKClaim, GenerateClaim, LogitLensClaim, DlaClaim, PatchClaim,
     PatchSweepClaim, AblateClaim, LossClaim, AccuracyClaim, AttentionClaim, HeadScoresClaim,
     PathPatchClaim, CircuitClaim, FeatureClaim, TopFeaturesClaim, FeatureDiffClaim,
-    FeatureInterventionClaim,
+    FeatureInterventionClaim, NeuronClaim,
 )
 
 
