@@ -71,7 +71,7 @@ MEASURES: dict[str, Callable[[ClaimContext], Measurement]] = MEASUREMENTS
 
 
 def measure(name: str):
-    """Register the measurement of the claim kind `name` (a measure spec.py declares)."""
+    """Register the measurement of the claim kind `name` (a measure of kinds.CLAIM_CLASSES)."""
     if name not in kinds.MEASURES:
         raise ValueError(f"@measure({name!r}): no claim class in kinds.CLAIM_CLASSES declares "
                          "that measure; add its class there first")

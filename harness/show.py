@@ -92,7 +92,7 @@ def per_prompt_table(claim: dict) -> str:
 
 
 def samples_table(claim: dict) -> str:
-    """Each sample with the seed that reproduces it (claims.py: seed + i * samples + s)."""
+    """Each sample with the seed that reproduces it (kinds/generate.py: seed + i * samples + s)."""
     samples = claim["measured"]
     params = claim.get("params", {})
     per, seed = params.get("samples", 1), params.get("seed", 0)
