@@ -1,6 +1,7 @@
 """What several kinds' measurements share: per-prompt scalars and their intervals, spans,
 the from/into runs of a patch, patch effects as claims report them, reference ablations,
-head grids and gated SAEs. Torch and harness.measure are imported inside the functions."""
+head grids and gated SAEs. Torch and the `measure/` computations are imported inside the
+functions (only `measure.results`, which needs no torch, at the top)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from harness.errors import MeasureError
 from harness.expect import PATCH, SCALAR, Measurement, fmt
-from harness.kinds.base import MeasureContext
+from harness.kinds.base import MeasureContext, index_problems, model_sizes
 from harness.measure.results import Grid
 
 if TYPE_CHECKING:   # torch loads inside the measurements only
@@ -194,8 +195,6 @@ def check_features(ctx: MeasureContext, sae, features, name: str | None = None) 
 def check_indices(claim, model, name: str) -> None:
     """The claim's layers, heads and neurons fit the loaded model (the static checks' range
     check, for models the static checks could not read: a notebook's, a hub model's)."""
-    from harness.kinds.base import index_problems, model_sizes
-
     problems = index_problems(claim, model_sizes(model.bridge.cfg), name)
     if problems:
         raise MeasureError(problems[0][1])
