@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.claim_filter import STATE_FILE
 from harness.errors import HarnessError, SpecError, safe_text
 from harness.finish import OPTIONS, add_options, positive_int  # noqa: F401  (re-exported)
-from harness.selection import STATE_FILE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +126,10 @@ def _run(args) -> int:
                            "--update-baselines without --limit")
     start = time.perf_counter()
     from harness import report
+    from harness.claim_filter import selector
     from harness.finish import Outputs, check_outputs, finish
     from harness.progress import ClaimProgress, quiet_libraries
     from harness.runner import SpecResult, exit_code_limited, run_spec_file
-    from harness.selection import selector
     from harness.session import Session
 
     outputs = Outputs.from_args(lambda name: getattr(args, name))
@@ -175,7 +175,7 @@ def _run(args) -> int:
 
 def _remember(path: Path, result) -> None:
     """Which claims failed, for --last-failed (a read-only specs folder only warns)."""
-    from harness.selection import record_run
+    from harness.claim_filter import record_run
 
     try:
         record_run(path, {v.claim_id: v.status for v in result.verdicts},
@@ -186,8 +186,8 @@ def _remember(path: Path, result) -> None:
 
 def _show(args) -> int:
     from harness import report
+    from harness.claim_filter import selector
     from harness.runner import run_spec_file
-    from harness.selection import selector
     from harness.session import Session
     from harness.show import claim_text
 

@@ -252,7 +252,7 @@ def _excludes(value, arg, mods) -> Outcome:
 
 
 # ----------------------------------------------------------------------------- per-prompt answers
-# These read the prompt's own answer (claims.py puts it in the modifiers, per prompt).
+# These read the prompt's own answer (the judging puts it in the modifiers, per prompt).
 ANSWER_OPERATORS = ("answer_is_top", "includes_answer", "next_is_answer", "contains_answer")
 
 
@@ -480,7 +480,7 @@ def _baseline(measured_json, arg, mods) -> Outcome:
 # ----------------------------------------------------------------------------- entry points
 
 def kind_of(claim) -> str:
-    """The value kind a claim's measure produces: declared by its spec class (spec.py)."""
+    """The value kind a claim's measure produces: declared by its kind (harness/kinds/)."""
     return claim.value_kind()
 
 

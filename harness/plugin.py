@@ -212,19 +212,13 @@ def _describe(verdict, exc) -> str:
     lines = [f"claim {verdict.node_id} {kind} ({verdict.file}:{verdict.line})",
              f"  expected: {expected_text(verdict.expected)}"]
     if verdict.measured is not None:
-        from harness.claims import short_measured
+        from harness.report_text import short_measured
 
-        grid = isinstance(verdict.measured, dict) and "values" in verdict.measured
-        lines.append(f"  measured: {short_measured(verdict) if grid else _short(verdict.measured)}")
+        lines.append(f"  measured: {short_measured(verdict.measured, 300)}")
     if verdict.margin is not None:
         lines.append(f"  margin:   {fmt(verdict.margin)}")
     lines.append(f"  {verdict.message}")
     return safe_text("\n".join(lines))   # prompt texts may hold escape codes
-
-
-def _short(measured) -> str:
-    text = json.dumps(measured, default=str)
-    return text if len(text) < 300 else text[:297] + "..."
 
 
 class SpecErrorItem(pytest.Item):

@@ -93,15 +93,17 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return tokens, torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)
 
 
-def build_batch(tokenizer, prompts, prepend_bos: bool, on_bad_token) -> PromptBatch:
+def build_batch(tokenizer, prompts, prepend_bos: bool, on_bad_token,
+                answers_read: bool = True) -> PromptBatch:
     """Tokenize prompts for one model. `on_bad_token(prompt, field, pieces)` returns the error
-    to raise when an answer or foil is not a single token. Missing ones get id NO_TOKEN."""
+    to raise when an answer or foil is not a single token. Missing ones get id NO_TOKEN, and
+    so do all of them when the claim reads none (`answers_read=False`)."""
     import torch
 
     answers, foils = [], []
     for prompt in prompts:
         for field, text, out in (("answer", prompt.answer, answers), ("foil", prompt.foil, foils)):
-            if text is None:   # a claim that reads none (checked by the spec's cross checks)
+            if text is None or not answers_read:   # read by none (checked by the cross checks)
                 out.append(NO_TOKEN)
                 continue
             token = single_token_id(tokenizer, text)

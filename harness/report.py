@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.claims import Verdict, short_measured
 from harness.errors import safe_text
 from harness.expect import fmt
 from harness.jsonfiles import dumps, finite
+from harness.kinds import kind_class
 from harness.report_text import (
     STATUS_ORDER,
     cut,
@@ -21,16 +21,18 @@ from harness.report_text import (
     md_text,
     measured_cell,
     report_summary_line,
+    short_measured,
     summary_line,
 )
+from harness.verdicts import Verdict
 from harness.version import __version__
 
 HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "status", "seconds"]
 
 
 def rows(verdicts: list[Verdict]) -> list[list]:
-    return [[v.spec, v.claim_id, v.measure, "->".join(v.models) if v.measure == "patch" or
-             v.measure == "patch_sweep" else ", ".join(v.models), cut(short_measured(v), 40),
+    return [[v.spec, v.claim_id, v.measure, ("->" if kind_class(v.measure).MODEL_ARROW else ", ")
+             .join(v.models), short_measured(v.measured, 40),
              cut(expected_text(v.expected), 40),
              v.status.upper() if v.status != "passed" else v.status, f"{v.seconds:.2f}"]
             for v in verdicts]
@@ -170,11 +172,11 @@ def _per_prompt_values(c: dict) -> list[tuple[str, object]]:
     top tokens, greedy texts."""
     prompts = c.get("prompts") or []
     values = c.get("per_prompt")
-    if values is None and c["measure"] in ("top_k", "generate") and \
-            not isinstance(c.get("measured"), dict):
+    listing = kind_class(c["measure"]).PER_PROMPT_LISTING   # top tokens, greedy texts
+    if values is None and listing and not isinstance(c.get("measured"), dict):
         measured = c.get("measured")
         nested = isinstance(measured, list) and measured and isinstance(measured[0], list)
-        values = measured if (c["measure"] == "generate" and isinstance(measured, list)) \
+        values = measured if (listing == "texts" and isinstance(measured, list)) \
             or nested else [measured]
     if not values:
         return []

@@ -12,6 +12,7 @@ import uuid
 
 from harness.errors import safe_text
 from harness.expect import fmt
+from harness.kinds import kind_class
 from harness.labels import Head, format_label
 from harness.report_text import STATUS_ORDER, expected_text, measured_cell, report_summary_line
 
@@ -174,10 +175,11 @@ def _row(spec: dict, c: dict) -> str:
 
 def _figure(c: dict) -> str | None:
     measured = c.get("measured")
-    if c["measure"] == "patch_sweep" and isinstance(measured, dict):
+    figure = kind_class(c["measure"]).FIGURE   # the claim's kind says which figure it has
+    if figure == "heatmap" and isinstance(measured, dict):
         fig = _heatmap(c, measured)
-    elif c["measure"] in ("logit_lens", "dla") and isinstance(measured, dict):
-        fig = _lines(c, measured)
+    elif figure in ("lines", "bars") and isinstance(measured, dict):
+        fig = _lines(c, measured, figure)
     else:
         return None
     return "<div class='figure'>" + fig.to_html(full_html=False, include_plotlyjs=False) + \
@@ -229,13 +231,13 @@ def _rows_of(axes, labels, values):
     return names, rows
 
 
-def _lines(c: dict, grid: dict):
+def _lines(c: dict, grid: dict, figure: str):
     import plotly.graph_objects as go
 
     fig = go.Figure()
     per_model = c.get("models_measured") or {}
     series = per_model.items() if per_model else [(", ".join(c.get("models", [])), grid)]
-    kind = go.Scatter if c["measure"] == "logit_lens" else go.Bar
+    kind = go.Scatter if figure == "lines" else go.Bar
     for name, g in series:
         x = [_plot_text(x) for x in g["labels"][0]]
         trace = kind(x=x, y=g["values"], name=_plot_text(name))

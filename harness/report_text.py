@@ -136,15 +136,26 @@ def cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def short_measured(measured, width: int = 60) -> str:
+    """A measured value in one short cell, the same in every report and front end: a grid as
+    its shape and maximum, a number formatted, text as written in quotes, anything else as
+    JSON; at most `width` characters."""
+    if isinstance(measured, dict) and "values" in measured and "labels" in measured:
+        flat = _flatten(measured["values"])
+        return cut(f"{'x'.join(str(len(lab)) for lab in measured['labels'])} grid, max "
+                   f"{fmt(max(flat)) if flat else ''}", width)
+    if isinstance(measured, float):
+        return fmt(measured)
+    if measured is None:
+        return ""
+    text = repr(measured) if isinstance(measured, str) else \
+        json.dumps(measured, ensure_ascii=False, default=str)
+    return cut(text, width)
+
+
 def measured_cell(claim: dict) -> str:
     """A claim's measured value of the JSON report in one short cell (grids summarized)."""
-    m = claim.get("measured")
-    if isinstance(m, dict) and "values" in m:
-        flat = _flatten(m["values"])
-        return f"{'x'.join(str(len(lab)) for lab in m['labels'])} grid, max {fmt(max(flat))}"
-    if isinstance(m, float):
-        return fmt(m)
-    return cut(json.dumps(m, ensure_ascii=False) if not isinstance(m, str) else repr(m), 60)
+    return short_measured(claim.get("measured"))
 
 
 def _flatten(values) -> list[float]:

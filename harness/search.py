@@ -146,3 +146,25 @@ def _remember(spec_file: str, claim_id: str, choices: dict) -> None:
         if choices not in known:
             known.insert(0, choices)
         write_atomic(path, dumps(store, indent=1, sort_keys=True) + "\n")
+
+
+def search_claim(spec, claim, holds: Callable[[Prompt], tuple[bool, str]],
+                 message: str) -> tuple[bool, str, dict]:
+    """A claim's `search:` over its prompt family: (still holds, the verdict's message, what
+    the report records of the search)."""
+    entries = spec.prompt_sets[claim.prompts] if claim.prompts else spec.prompts
+    found = search(entries, claim.search.substitute, holds, claim.search.max_examples,
+                   spec.file, claim.id)
+    stale = stale_stored(entries, claim.search.substitute, spec.file, claim.id)
+    ignored = f"; {stale} stored counterexample{'s' * (stale > 1)} ignored: no longer " \
+              "prompts of the claim's family" if stale else ""
+    if found is None:
+        record = {"max_examples": claim.search.max_examples, "found": None,
+                  **({"ignored_stored": stale} if stale else {})}
+        return True, f"{message}; search of {claim.search.max_examples} examples found no " \
+                     f"counterexample{ignored}", record
+    record = {"found": found.prompt.text, "choices": found.choices, "known": found.known,
+              "detail": found.detail, **({"ignored_stored": stale} if stale else {})}
+    origin = "known counterexample still fails" if found.known else "counterexample found"
+    return False, f"{origin}: {found.prompt.text!r} ({found.detail}); {message}{ignored}", \
+        record

@@ -150,8 +150,11 @@ class Session:
                   f"{recipe.seed}); cached after the first run")
         return str(train_rlhf(recipe.recipe_config(base, reward), progress=self.verbose))
 
-    def batch(self, spec: Spec, prompts, model: LoadedModel, prepend_bos: bool) -> PromptBatch:
-        key = (model.key, tuple(p.model_dump_json() for p in prompts), prepend_bos)
+    def batch(self, spec: Spec, prompts, model: LoadedModel, prepend_bos: bool,
+              answers: bool = True) -> PromptBatch:
+        """The prompts tokenized for a model; `answers=False` (a claim that reads none) leaves
+        answers and foils untokenized, so they need not be single tokens."""
+        key = (model.key, tuple(p.model_dump_json() for p in prompts), prepend_bos, answers)
         if key not in self._batches:
             def bad_token(prompt, field_name, pieces):
                 loc = prompt.loc + (field_name,)
@@ -159,7 +162,8 @@ class Session:
                                        f"{len(pieces)} tokens for this model's tokenizer: "
                                        f"{pieces}; use a single-token {field_name} "
                                        f"(often with a leading space)")
-            self._batches[key] = build_batch(model.tokenizer, prompts, prepend_bos, bad_token)
+            self._batches[key] = build_batch(model.tokenizer, prompts, prepend_bos, bad_token,
+                                             answers)
         return self._batches[key]
 
     def reward_model(self, spec: Spec, name: str):

@@ -28,12 +28,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def claim_cost(spec, claim) -> float:
     """A rough relative cost, to balance the parts: generation costs by tokens generated."""
-    n_prompts = len(spec.claim_prompts(claim))
-    if claim.measure == "generate":
-        return 1.0 + n_prompts * claim.samples * claim.max_new_tokens / 50
-    if claim.measure in ("patch_sweep", "search") or getattr(claim, "search", None):
-        return 2.0
-    return 1.0
+    return claim.cost(len(spec.claim_prompts(claim)))   # the claim's kind estimates it
 
 
 def _group_key(spec, claim) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from harness.expect import fmt
+from harness.kinds import kind_class
 from harness.labels import Head, format_label
 from harness.report_text import expected_text
 
@@ -75,7 +76,8 @@ def per_prompt_table(claim: dict) -> str:
         values = claim["per_prompt"]
         rows = [[i, prompts[i] if i < len(prompts) else "", fmt(v)] for i, v in enumerate(values)]
         return tabulate(rows, ["#", "prompt", "value"], tablefmt="simple")
-    if claim["measure"] == "top_k":
+    listing = kind_class(claim["measure"]).PER_PROMPT_LISTING
+    if listing == "tokens":
         measured = claim["measured"]
         tokens = measured if measured and isinstance(measured[0], list) else [measured]
         probs = claim.get("probabilities") or [[] for _ in tokens]
@@ -83,7 +85,7 @@ def per_prompt_table(claim: dict) -> str:
                  ", ".join(f"{t!r} {p:.3f}" for t, p in zip(row, prob))]
                 for i, (row, prob) in enumerate(zip(tokens, probs))]
         return tabulate(rows, ["#", "prompt", "top tokens (probability)"], tablefmt="simple")
-    if claim["measure"] == "generate" and not isinstance(claim.get("measured"), dict):
+    if listing == "texts" and not isinstance(claim.get("measured"), dict):
         texts = claim["measured"] if isinstance(claim["measured"], list) else [claim["measured"]]
         rows = [[i, prompts[i] if i < len(prompts) else "", t] for i, t in enumerate(texts)]
         return tabulate(rows, ["#", "prompt", "greedy text"], tablefmt="simple")
@@ -91,7 +93,7 @@ def per_prompt_table(claim: dict) -> str:
 
 
 def samples_table(claim: dict) -> str:
-    """Each sample with the seed that reproduces it (claims.py: seed + i * samples + s)."""
+    """Each sample with the seed that reproduces it (kinds/generate.py: seed + i * samples + s)."""
     samples = claim["measured"]
     params = claim.get("params", {})
     per, seed = params.get("samples", 1), params.get("seed", 0)

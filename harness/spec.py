@@ -9,56 +9,59 @@ import math
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import Annotated, Literal, Union
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from harness import labels
-from harness.errors import HarnessError, SpecError, did_you_mean, safe_text
-from harness.expect import (
-    ANSWER_OPERATORS,
-    FEATURES,
-    GRID,
-    MODIFIERS,
-    PAIR,
-    PATCH,
-    PER_PROMPT_KINDS,
-    SAMPLES,
-    SCALAR,
-    TEXT,
-    TOKENS,
-    check_expectation_spec,
+from harness.errors import HarnessError, SpecError, did_you_mean
+from harness.expect import MODIFIERS, PER_PROMPT_KINDS, check_expectation_spec
+
+# The claim kinds live in harness/kinds/ (one module per kind), below this module: the names
+# below are re-exported so that `harness.spec` stays the one place to import the spec format.
+from harness.kinds import (  # noqa: F401
+    CLAIM_CLASSES,
+    CLAIM_KINDS,
+    MEASURES,
+    SAE_MEASURES,
+    SEARCHABLE_MEASURES,
+    measure_name,
 )
-from harness.roles import DETECTOR_ROLES, role_name
-from harness.roles import RULES as ROLE_RULES
-from harness.sites import HEAD_RE, HEAD_SITES, SITES, parse_head
+from harness.kinds.base import (  # noqa: F401
+    NAME_RE,
+    SEQUENCE_METRICS,
+    ClaimBase,
+    Frozen,
+    PerPrompt,
+    SearchSpec,
+    SingleModelClaim,
+    Tolerance,
+    checked_name,
+    parse_comparison,
+)
+from harness.kinds.fields import (  # noqa: F401
+    COMPONENT_RE,
+    SPAN_HELP,
+    FeatureEdit,
+    FeaturePatchSpec,
+    FeatureReading,
+    Position,
+    ReferencePrompts,
+    RunRef,
+    SiteSelection,
+    SpanAfter,
+    SpanRange,
+    SpanSpec,
+    SteerSpec,
+)
+from harness.kinds.generate import GenerationPatch  # noqa: F401
+from harness.kinds.patching import SWEEP_AXES  # noqa: F401
+from harness.kinds.readout import OneOrTwoModels  # noqa: F401
+from harness.kinds.sequence import SequenceClaim  # noqa: F401
 from harness.sources import SOURCE_FIELDS
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
 
-NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")   # spec names and claim ids
-
-
-def checked_name(value: str, what: str, hint: str = "") -> str:
-    """A spec name or claim id: letters, digits, '_', '-', '.' (at most 100), so that it reads
-    the same in a pytest node id (`spec::claim`), `-k`, `--lf`, and every report format."""
-    if not NAME_RE.fullmatch(value):
-        raise ValueError(f"{what} {safe_text(repr(value))} may use only letters, digits, '_', "
-                         f"'-' and '.' (at most 100 characters){hint}")
-    return value
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+globals().update({cls.__name__: cls for cls in CLAIM_CLASSES})   # spec.PatchClaim, ...
 
 MAX_PROMPTS = 100_000       # prompts in one prompt set, however made (templates, files, corpus)
 MAX_FIRST_WORDS = 100_000   # `first_words:`; a prompt is a few dozen words
@@ -340,12 +343,7 @@ def _row_origin(entry: PromptEntry, row: dict, number: int) -> str:
     return f"row {number} of {source}"
 
 
-# ----------------------------------------------------------------------------- claims
-
-class Tolerance(Frozen):
-    atol: float = Field(1e-4, ge=0)
-    rtol: float = Field(0.0, ge=0)
-
+# ----------------------------------------------------------------------------- the envelope
 
 class Defaults(Frozen):
     prepend_bos: bool = True
@@ -353,711 +351,6 @@ class Defaults(Frozen):
     baseline: bool = False   # every claim also compares against the stored baseline
 
 
-PerPrompt = Union[Literal["all", "any", "mean"], dict[Literal["fraction"], str]]  # noqa: UP007
-
-
-class SearchSpec(Frozen):
-    """`search:` hunt for a prompt of the claim's family on which it fails (hypothesis)."""
-
-    max_examples: int = Field(50, ge=1, le=10_000)
-    substitute: dict[str, list[str]] = {}   # word -> alternatives tried in its place
-
-
-class ClaimBase(Frozen):
-    """What every claim has. A claim kind is one subclass with `measure: Literal["name"]` and
-    its `VALUE_KIND` (or a `value_kind()` where its fields decide), listed in CLAIM_CLASSES:
-    the measure names, the `Claim` union and the value kinds all derive from that list."""
-
-    VALUE_KIND: ClassVar[str]          # what expectations read: expect.SCALAR, GRID, ...
-    SEARCHABLE: ClassVar[bool] = False   # `search:` hunts counterexamples among its prompts
-    HAS_INTERVALS: ClassVar[bool] = False   # `ci:` bootstraps the mean over prompts
-    # how `harness freeze` pins the measured value: a rule of freeze.RULES, or one per shape
-    # the fields can give the value ("grid|scalar"); None: the kind cannot be frozen, and
-    # FREEZE_WHY says why (the frozen spec writes it as a comment)
-    FREEZE: ClassVar[str | None]
-    FREEZE_WHY: ClassVar[str] = ""
-
-    id: str = Field(min_length=1)
-    description: str | None = None
-    prompts: str | None = None          # a named prompt set; default: the spec's `prompts`
-    prompt: str | None = None           # one literal prompt text (answer/foil from the set)
-    expect: dict[str, Any]
-    per_prompt: PerPrompt = "mean"
-    prepend_bos: bool | None = None
-    tolerance: Tolerance | None = None
-    xfail: str | None = None
-    skip: str | None = None
-    ci: float | None = Field(None, gt=0, lt=1)   # bootstrap interval level, e.g. 0.95
-    search: SearchSpec | None = None
-
-    @field_validator("id")
-    @classmethod
-    def _id_chars(cls, value: str) -> str:
-        return checked_name(value, "claim id")
-
-    @field_validator("per_prompt")
-    @classmethod
-    def _fraction(cls, value):
-        if isinstance(value, dict):
-            if "fraction" not in value:
-                raise ValueError("`per_prompt` is all, any, mean or {fraction: '>= 0.9'}")
-            parse_comparison(value["fraction"])
-        return value
-
-    def model_names(self) -> tuple[str, ...]:
-        return ()
-
-    def other_prompt_sets(self) -> tuple[tuple[str, str], ...]:
-        """The named prompt sets the claim reads besides its own prompts, as (field, set):
-        a reference ablation's `reference`, top_features' `control`. The token checks read
-        them as they read the claim's prompts."""
-        sets = (("reference", getattr(self, "reference_prompts", None)),
-                ("control", getattr(self, "control", None)))
-        return tuple((name, value) for name, value in sets if isinstance(value, str))
-
-    def value_kind(self) -> str:
-        """Which expectation operators apply (expect.py): the kind of value measured."""
-        return self.VALUE_KIND
-
-    def has_intervals(self) -> bool:
-        return self.HAS_INTERVALS
-
-    def reads_answers(self) -> bool:
-        """Whether the claim reads each prompt's answer and foil (sequence metrics read
-        neither)."""
-        return getattr(self, "metric", None) not in SEQUENCE_METRICS
-
-
-def parse_comparison(text: str) -> tuple[str, float]:
-    """">= 0.9" -> (">=", 0.9)."""
-    match = re.fullmatch(r"\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*", str(text))
-    try:
-        return match.group(1), float(match.group(2))
-    except (AttributeError, ValueError):
-        raise ValueError(f"'{text}' is not a comparison such as '>= 0.9'") from None
-
-
-class SingleModelClaim(ClaimBase):
-    model: str
-
-    def model_names(self) -> tuple[str, ...]:
-        return (self.model,)
-
-
-class LogitDiffClaim(SingleModelClaim):
-    measure: Literal["logit_diff"]
-    FREEZE = "scalar"
-    VALUE_KIND = SCALAR
-    SEARCHABLE = True
-    HAS_INTERVALS = True
-
-
-class TopKClaim(SingleModelClaim):
-    measure: Literal["top_k"]
-    FREEZE = "tokens"
-    VALUE_KIND = TOKENS
-    SEARCHABLE = True
-    k: int = Field(10, ge=1)
-    per_prompt: PerPrompt = "all"
-
-    def reads_answers(self) -> bool:
-        return bool(set(self.expect) & set(ANSWER_OPERATORS))   # answer expectations only
-
-
-class SpanRange(Frozen):
-    """`span: {start: a, stop: b}`: text tokens a..b-1 of each prompt (negatives from its end)."""
-
-    start: int | None = None
-    stop: int | None = None
-
-
-class SpanAfter(Frozen):
-    """`span: {after: TOKEN}`: the tokens after the first occurrence of a marker token."""
-
-    after: str
-
-
-SEQUENCE_METRICS = labels.SEQUENCE_METRICS
-SPAN_HELP = "a span is all, second_half, {start: A, stop: B} or {after: TOKEN}"
-
-
-def _parse_span(value):
-    """One clear error for a bad span instead of one per member of the union."""
-    if isinstance(value, SpanRange | SpanAfter):
-        return value
-    if isinstance(value, str):
-        if value in ("all", "second_half"):
-            return value
-        hint = did_you_mean(value, ["all", "second_half"])
-        raise ValueError(f"unknown span '{value}'" + (hint if "did you" in hint else "")
-                         + f"; {SPAN_HELP}")
-    if isinstance(value, dict) and set(value) == {"after"}:
-        if not isinstance(value["after"], str):
-            raise ValueError(f"`span.after` needs a token text such as \" |\", got "
-                             f"{value['after']!r}")
-        return SpanAfter(after=value["after"])
-    if isinstance(value, dict) and value and set(value) <= {"start", "stop"}:
-        if any(v is not None and (not isinstance(v, int) or isinstance(v, bool))
-               for v in value.values()):
-            raise ValueError(f"`span.start` / `span.stop` need integers, got {value}")
-        return SpanRange(**value)
-    raise ValueError(f"{SPAN_HELP}; got {value!r}")
-
-
-SpanSpec = Annotated[Union[Literal["all", "second_half"], SpanRange, SpanAfter],  # noqa: UP007
-                     BeforeValidator(_parse_span)]
-
-
-class SequenceClaim(SingleModelClaim):
-    VALUE_KIND = SCALAR
-    HAS_INTERVALS = True
-
-    span: SpanSpec = "all"
-
-    def reads_answers(self) -> bool:
-        return False
-
-
-class LossClaim(SequenceClaim):
-    """Mean next-token cross-entropy (nats) over a span, per prompt."""
-
-    measure: Literal["loss"]
-    FREEZE = "scalar"
-
-
-class AccuracyClaim(SequenceClaim):
-    """Share of a span's tokens that are the previous position's argmax, per prompt."""
-
-    measure: Literal["accuracy"]
-    FREEZE = "scalar"
-
-
-class RunRef(Frozen):
-    """One side of a patch: a model on the clean or the corrupt prompts."""
-
-    model: str
-    input: Literal["clean", "corrupt"] = "clean"
-
-
-def _run_ref(value):
-    return RunRef(model=value) if isinstance(value, str) else value
-
-
-class SiteSelection(Frozen):
-    site: str
-    layers: tuple[int, ...] | None = None
-    heads: tuple[str, ...] | None = None
-    positions: tuple[int, ...] | None = None
-    neurons: tuple[int, ...] | None = None
-
-    @field_validator("site")
-    @classmethod
-    def _known_site(cls, value: str) -> str:
-        if value not in SITES:
-            raise ValueError(f"unknown site '{value}'" + did_you_mean(value, SITES))
-        return value
-
-    @field_validator("heads")
-    @classmethod
-    def _head_names(cls, value):
-        for head in value or ():
-            if not HEAD_RE.match(head):
-                raise ValueError(f"'{head}' is not a head name; write query heads as "
-                                 "L{layer}H{head} (e.g. L10H4) and key/value heads of sites k "
-                                 "and v as L{layer}KV{head} (e.g. L3KV1)")
-        return value
-
-    @model_validator(mode="after")
-    def _selection_fits_site(self):
-        if self.heads and self.site not in HEAD_SITES:
-            raise ValueError(f"`heads` needs a per-head site ({', '.join(HEAD_SITES)}), "
-                             f"not '{self.site}'")
-        for head in self.heads or ():
-            parse_head(head, self.site)  # query-head label on k/v (or back): say which to write
-        if self.neurons and self.site != "mlp_post":
-            raise ValueError("`neurons` needs site 'mlp_post'")
-        return self
-
-    def head_pairs(self) -> tuple[tuple[int, int], ...] | None:
-        if self.heads is None:
-            return None
-        return tuple((int(m.group(1)), int(m.group(2)))
-                     for m in (HEAD_RE.match(h) for h in self.heads))
-
-
-class SteerSpec(Frozen):
-    feature: int = Field(ge=0)
-    alpha: float
-
-
-class FeaturePatchSpec(Frozen):
-    from_: str = Field(alias="from")
-    features: tuple[int, ...] = Field(min_length=1)
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-
-class FeatureEdit(Frozen):
-    """What to do to features at the SAE's hook: exactly one of ablate / steer / patch."""
-
-    sae: str
-    ablate: tuple[int, ...] | None = None
-    steer: SteerSpec | None = None
-    patch: FeaturePatchSpec | None = None
-    positions: Literal["all", "final"] = "all"
-
-    @model_validator(mode="after")
-    def _one_edit(self):
-        given = [k for k in ("ablate", "steer", "patch") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("a feature intervention needs exactly one of `ablate: [k]`, "
-                             "`steer: {feature, alpha}` or `patch: {from, features}`, got "
-                             + (", ".join(given) or "none"))
-        if self.ablate is not None and not self.ablate:
-            raise ValueError("`ablate` needs at least one feature index")
-        return self
-
-
-class GenerationPatch(SiteSelection):
-    """`patch:` of a generate claim: activations copied from `from` at every step. `from: M`
-    is M on the clean prompts; `from: {model: M, input: clean}` into a claim on `input:
-    corrupt` is causal tracing inside one model (prompt positions patched, generated ones not)."""
-
-    from_: RunRef = Field(alias="from")
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    @field_validator("from_", mode="before")
-    @classmethod
-    def _ref(cls, value):
-        return _run_ref(value)
-
-
-class GenerateClaim(SingleModelClaim):
-    measure: Literal["generate"]
-    FREEZE = "text|samples"
-    VALUE_KIND = TEXT        # SAMPLES when sampled
-    SEARCHABLE = True
-    max_new_tokens: int = Field(10, ge=1, le=1024)
-    temperature: float = Field(0.0, ge=0)
-    seed: int = 0
-    per_prompt: PerPrompt = "all"
-    samples: int = Field(1, ge=1, le=10_000)   # per prompt, seeds seed, seed+1, ...
-    score_with: str | None = None              # a reward model of the spec
-    score_target: Literal["negative", "positive"] = "negative"
-    input: Literal["clean", "corrupt"] = "clean"   # the prompts' texts or their corrupt ones
-    patch: GenerationPatch | None = None       # generate while patching from another run
-    intervene: FeatureEdit | None = None       # generate while editing SAE features
-
-    @model_validator(mode="after")
-    def _sampling_needs_temperature(self):
-        if self.patch is not None and self.intervene is not None:
-            raise ValueError("give either `patch:` or `intervene:` on one generate claim")
-        if self.intervene is not None and self.input != "clean":
-            raise ValueError("`intervene:` generates from the clean prompts; drop `input:`")
-        if self.patch is not None and self.patch.from_ == RunRef(model=self.model,
-                                                                 input=self.input):
-            raise ValueError(f"`patch: {{from: ...}}` is the generating run itself (model "
-                             f"'{self.model}' on the {self.input} prompts), which changes "
-                             "nothing; patch from the other input (e.g. `from: {model: "
-                             f"{self.model}, input: clean}}` with `input: corrupt`) or another "
-                             "model")
-        if self.samples > 1 and self.temperature == 0:
-            raise ValueError("`samples` > 1 needs `temperature` > 0 (greedy samples are all "
-                             "the same)")
-        return self
-
-    @property
-    def sampled(self) -> bool:
-        return self.samples > 1 or self.score_with is not None
-
-    def value_kind(self) -> str:
-        return SAMPLES if self.sampled else TEXT
-
-    def reads_answers(self) -> bool:
-        return bool(set(self.expect) & set(ANSWER_OPERATORS))   # answer expectations only
-
-    def model_names(self) -> tuple[str, ...]:
-        names = (self.model,) + ((self.patch.from_.model,) if self.patch else ())
-        if self.intervene is not None and self.intervene.patch is not None:
-            names += (self.intervene.patch.from_,)
-        return names
-
-
-class OneOrTwoModels(ClaimBase):
-    """One model (a grid), or two (a pair: b - a, both grids kept)."""
-
-    VALUE_KIND = GRID        # PAIR with `models: [A, B]`
-
-    model: str | None = None
-    models: tuple[str, str] | None = None
-
-    @model_validator(mode="after")
-    def _one_or_two(self):
-        if (self.model is None) == (self.models is None):
-            raise ValueError("give either `model: NAME` or `models: [A, B]`")
-        return self
-
-    def model_names(self) -> tuple[str, ...]:
-        return self.models if self.models else (self.model,)
-
-    def value_kind(self) -> str:
-        return PAIR if self.models else GRID
-
-
-class LogitLensClaim(OneOrTwoModels):
-    measure: Literal["logit_lens"]
-    FREEZE = "grid"
-    incl_mid: bool = False
-
-
-class DlaClaim(OneOrTwoModels):
-    measure: Literal["dla"]
-    FREEZE = "grid"
-    by: Literal["layer", "component", "head"] = "component"
-
-
-class PatchClaim(ClaimBase, SiteSelection):
-    measure: Literal["patch"]
-    FREEZE = "patch"
-    VALUE_KIND = PATCH
-    from_: RunRef = Field(alias="from")
-    into: RunRef
-    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
-    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    @field_validator("from_", "into", mode="before")
-    @classmethod
-    def _refs(cls, value):
-        return _run_ref(value)
-
-    def model_names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.from_.model, self.into.model)))
-
-
-SWEEP_AXES = labels.SWEEP_AXES
-
-
-class PatchSweepClaim(PatchClaim):
-    measure: Literal["patch_sweep"]
-    FREEZE = "grid"
-    VALUE_KIND = GRID
-    over: tuple[str, ...]
-    method: Literal["exact", "attribution"] = "exact"
-
-    @model_validator(mode="after")
-    def _axes_fit_site(self):
-        if tuple(self.over) not in SWEEP_AXES:
-            raise ValueError(f"`over: {list(self.over)}` is not a sweep; use one of "
-                             "[layer, pos], [layer], [layer, head], [layer, head, pos]")
-        if "head" in self.over and self.site not in HEAD_SITES:
-            raise ValueError(f"a sweep over heads needs a per-head site "
-                             f"({', '.join(HEAD_SITES)}), not '{self.site}'")
-        return self
-
-
-class ReferencePrompts(Frozen):
-    """`reference: {prompts: SET}`: the prompt set a mean or resample ablation draws from."""
-
-    prompts: str
-
-
-class AblateClaim(SingleModelClaim, SiteSelection):
-    measure: Literal["ablate"]
-    FREEZE = "scalar"
-    VALUE_KIND = SCALAR
-    kind: Literal["zero", "mean", "resample"] = "zero"
-    # a model name: its logit diff counts as "fully ablated"; {prompts: SET}: the prompts
-    # whose mean (kind mean) or activations (kind resample) replace the selection
-    reference: str | ReferencePrompts | None = None
-    seed: int = 0                  # resample: which reference prompt each prompt draws
-    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
-    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
-
-    @model_validator(mode="after")
-    def _resample_needs_prompts(self):
-        if self.kind == "resample" and not isinstance(self.reference, ReferencePrompts):
-            raise ValueError("`kind: resample` needs `reference: {prompts: SET}`, the prompt "
-                             "set whose activations replace the selection")
-        if isinstance(self.reference, ReferencePrompts) and self.metric in ("loss", "accuracy"):
-            raise ValueError("`reference: {prompts: SET}` ablations read the logit difference; "
-                             "use `metric: normalized` or `metric: logit_diff`")
-        return self
-
-    @property
-    def reference_model(self) -> str | None:
-        return self.reference if isinstance(self.reference, str) else None
-
-    @property
-    def reference_prompts(self) -> str | None:
-        return self.reference.prompts if isinstance(self.reference, ReferencePrompts) else None
-
-    def model_names(self) -> tuple[str, ...]:
-        return (self.model,) + ((self.reference_model,) if self.reference_model else ())
-
-
-
-
-class AttentionClaim(SingleModelClaim):
-    """How much heads attend from each destination to the sources a rule picks."""
-
-    measure: Literal["attention"]
-    FREEZE = "grid|scalar"
-    VALUE_KIND = GRID        # SCALAR with `heads`
-    source: str | dict[Literal["position", "token"], int | str]
-    heads: tuple[str, ...] | None = None     # named query heads -> a value (their mean)
-    layers: tuple[int, ...] | None = None    # grid rows (default: every layer)
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value):
-        if isinstance(value, str):
-            try:
-                return role_name(value, ROLE_RULES, "attention source")
-            except ValueError as exc:
-                raise ValueError(f"{exc}; or write {{position: N}} or {{token: ' word'}}") \
-                    from None
-        if isinstance(value, dict):
-            if len(value) != 1:
-                raise ValueError("`source` takes one of {position: N} or {token: ' word'}")
-            if "position" in value and (not isinstance(value["position"], int)
-                                        or value["position"] < 0):
-                raise ValueError("`source.position` needs a token column >= 0")
-            if "token" in value and not isinstance(value["token"], str):
-                raise ValueError("`source.token` needs a token string such as ' river'")
-        return value
-
-    @field_validator("heads")
-    @classmethod
-    def _query_heads(cls, value):
-        for head in value or ():
-            try:
-                parse_head(head, "pattern")
-            except ValueError as exc:
-                raise ValueError(str(exc)) from None
-        return value
-
-    @model_validator(mode="after")
-    def _heads_or_layers(self):
-        if self.heads and self.layers:
-            raise ValueError("give `heads` (a value) or `layers` (a grid), not both")
-        return self
-
-    def value_kind(self) -> str:
-        return SCALAR if self.heads else GRID
-
-    def reads_answers(self) -> bool:
-        return False
-
-
-class RandomTokens(Frozen):
-    """Generated inputs: BOS, `length` seeded random tokens, the same tokens again."""
-
-    length: int = Field(20, ge=2, le=4096)
-    count: int = Field(16, ge=1, le=10_000)
-    seed: int = 0
-    vocab: Literal["all", "prompts"] = "all"   # any token, or tokens of the claim's prompts
-
-
-class HeadScoresClaim(SingleModelClaim):
-    """TransformerLens head-detector scores of every head, as a [layer, head] grid."""
-
-    measure: Literal["head_scores"]
-    FREEZE = "grid"
-    VALUE_KIND = GRID
-    role: str                # roles.DETECTOR_ROLES, or TransformerLens's names
-    random_tokens: RandomTokens = RandomTokens()
-    exclude_bos: bool = False
-    exclude_current_token: bool = False
-
-    @field_validator("role")
-    @classmethod
-    def _known_role(cls, value: str) -> str:
-        return role_name(value, DETECTOR_ROLES, "head role")
-
-    def reads_answers(self) -> bool:
-        return False
-
-
-COMPONENT_RE = labels.COMPONENT_RE
-
-
-def _components(value):
-    for label in value or ():
-        if not COMPONENT_RE.match(label):
-            raise ValueError(f"'{label}' is not a component; write heads as L{{layer}}H{{head}} "
-                             "(e.g. L1H0) and MLP layers as mlp{layer} (e.g. mlp0)")
-    return value
-
-
-class PathPatchClaim(ClaimBase):
-    """IOI path patching: the senders' effect that reaches the receivers' q/k/v (or the final
-    residual) directly, every other component frozen at its `into` value."""
-
-    measure: Literal["path_patch"]
-    FREEZE = "grid|patch"
-    VALUE_KIND = GRID        # PATCH with `senders`
-    from_: RunRef = Field(alias="from")
-    into: RunRef
-    senders: tuple[str, ...] | None = None   # components; omitted: one cell per head (a grid)
-    path: Literal["q", "k", "v", "resid"]
-    receivers: tuple[str, ...] = ()          # heads (L1H0; L1KV0 for k and v on GQA models)
-    metric: Literal["normalized", "logit_diff"] = "normalized"
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    @field_validator("from_", "into", mode="before")
-    @classmethod
-    def _refs(cls, value):
-        return _run_ref(value)
-
-    @field_validator("senders")
-    @classmethod
-    def _sender_names(cls, value):
-        return _components(value)
-
-    @model_validator(mode="after")
-    def _receivers_fit_path(self):
-        if self.from_.model != self.into.model:
-            raise ValueError("path patching runs one model on two inputs: give `from` and "
-                             "`into` the same model (e.g. input: clean / input: corrupt)")
-        if self.path == "resid" and self.receivers:
-            raise ValueError("path `resid` is the final residual stream; drop `receivers`")
-        if self.path != "resid" and not self.receivers:
-            raise ValueError(f"path '{self.path}' needs `receivers:`, the heads whose "
-                             f"{self.path} input the effect must pass through")
-        for label in self.receivers:
-            parse_head(label, self.path)
-        return self
-
-    def model_names(self) -> tuple[str, ...]:
-        return (self.into.model,)
-
-    def value_kind(self) -> str:
-        return PATCH if self.senders else GRID
-
-
-class CircuitClaim(SingleModelClaim):
-    """A set of components compared with the full model, everything outside it ablated."""
-
-    measure: Literal["circuit"]
-    FREEZE = "cells|scalar"
-    VALUE_KIND = GRID        # SCALAR for faithfulness
-    members: tuple[str, ...] = Field(min_length=1)
-    kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
-    reference: str | ReferencePrompts | None = None   # prompt set for mean / resample
-    seed: int = 0
-    metric: Literal["faithfulness", "minimality", "completeness"] = "faithfulness"
-
-    @field_validator("members")
-    @classmethod
-    def _member_names(cls, value):
-        return _components(value)
-
-    @model_validator(mode="after")
-    def _reference_for_kind(self):
-        if self.kind != "zero" and self.reference is None:
-            raise ValueError(f"`kind: {self.kind}` needs `reference:`, the prompt set to take "
-                             "the ablated activations from")
-        return self
-
-    @property
-    def reference_prompts(self) -> str | None:
-        ref = self.reference
-        return ref.prompts if isinstance(ref, ReferencePrompts) else ref
-
-    def value_kind(self) -> str:
-        return SCALAR if self.metric == "faithfulness" else GRID
-
-    def has_intervals(self) -> bool:
-        return self.metric == "faithfulness"
-
-
-# ----------------------------------------------------------------------------- SAE features
-
-Position = labels.Position
-
-
-class FeatureReading(Frozen):
-    """Where an SAE feature is read: `position` final | all | {token: " bad"}; `reduce`
-    joins several positions of one prompt."""
-
-    sae: str
-    position: Position = "final"
-    reduce: Literal["max", "mean"] = "max"
-
-
-class FeatureClaim(SingleModelClaim, FeatureReading):
-    measure: Literal["feature"]
-    FREEZE = "scalar"
-    VALUE_KIND = SCALAR
-    HAS_INTERVALS = True
-    feature: int = Field(ge=0)
-
-
-class TopFeaturesClaim(SingleModelClaim, FeatureReading):
-    measure: Literal["top_features"]
-    FREEZE = "features"
-    VALUE_KIND = FEATURES
-    k: int = Field(10, ge=1)
-    control: str | None = None          # a prompt set: rank by mean(prompts) - mean(control)
-
-
-class FeatureDiffClaim(ClaimBase, FeatureReading):
-    measure: Literal["feature_diff"]
-    FREEZE = "features|scalar"
-    VALUE_KIND = FEATURES    # SCALAR for one `feature`
-    models: tuple[str, str]
-    feature: int | None = Field(None, ge=0)   # given: its b - a; else the top k changed
-    k: int = Field(10, ge=1)
-    direction: Literal["up", "down", "abs"] = "abs"
-
-    def model_names(self) -> tuple[str, ...]:
-        return self.models
-
-    def value_kind(self) -> str:
-        return FEATURES if self.feature is None else SCALAR
-
-    def has_intervals(self) -> bool:
-        return self.feature is not None
-
-
-class FeatureInterventionClaim(SingleModelClaim, FeatureEdit):
-    measure: Literal["feature_intervention"]
-    FREEZE = "scalar"
-    VALUE_KIND = SCALAR
-    metric: Literal["logit_diff", "change"] = "logit_diff"
-
-    def model_names(self) -> tuple[str, ...]:
-        return (self.model,) + ((self.patch.from_,) if self.patch else ())
-
-
-# ----------------------------------------------------------------------------- the registry
-
-# Every claim kind, once: the measure names, the `Claim` union, the SAE measures and each
-# kind's value kind derive from this list (claims.py registers one measurement per name).
-CLAIM_CLASSES: tuple[type[ClaimBase], ...] = (
-    LogitDiffClaim, TopKClaim, GenerateClaim, LogitLensClaim, DlaClaim, PatchClaim,
-    PatchSweepClaim, AblateClaim, LossClaim, AccuracyClaim, AttentionClaim, HeadScoresClaim,
-    PathPatchClaim, CircuitClaim, FeatureClaim, TopFeaturesClaim, FeatureDiffClaim,
-    FeatureInterventionClaim,
-)
-
-
-def measure_name(cls: type[ClaimBase]) -> str:
-    """The `measure:` a claim class answers to (its one-value Literal)."""
-    field = cls.model_fields.get("measure")
-    names = get_args(field.annotation) if field is not None else ()
-    if len(names) != 1:
-        raise TypeError(f"{cls.__name__} needs `measure: Literal[\"name\"]`")
-    return names[0]
-
-
-CLAIM_KINDS: dict[str, type[ClaimBase]] = {measure_name(c): c for c in CLAIM_CLASSES}
-MEASURES: tuple[str, ...] = tuple(CLAIM_KINDS)
-SAE_MEASURES: tuple[str, ...] = tuple(m for m, c in CLAIM_KINDS.items()
-                                      if issubclass(c, FeatureReading | FeatureEdit))
-SEARCHABLE_MEASURES: tuple[str, ...] = tuple(m for m, c in CLAIM_KINDS.items() if c.SEARCHABLE)
 Claim = Annotated[Union[CLAIM_CLASSES], Field(discriminator="measure")]  # noqa: UP007
 
 
@@ -1249,7 +542,7 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i, "id"), f"duplicate claim id '{claim.id}' (first used by "
                                      f"claims[{seen[claim.id]}])")
         seen.setdefault(claim.id, i)
-        for field, name in _model_refs(claim):
+        for field, name in claim.model_refs():
             if name not in spec.models:
                 add(("claims", i, field), f"unknown model '{name}'"
                     + did_you_mean(name, spec.models))
@@ -1278,8 +571,7 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i, "expect"), f"`expect` holds only a tolerance "
                 f"({', '.join(claim.expect)}), which checks nothing by itself; add what should "
                 "hold, e.g. {approx: 0.5, atol: 0.1} or {baseline: true, atol: 0.1}")
-        if getattr(claim, "span", "all") != "all" and claim.measure not in SEQUENCE_METRICS \
-                and getattr(claim, "metric", None) not in SEQUENCE_METRICS:
+        if getattr(claim, "span", "all") != "all" and not claim.scores_span():
             add(("claims", i, "span"), "`span` applies to `loss` and `accuracy` claims and to "
                                        "`metric: loss | accuracy`")
         if claim.measure in SAE_MEASURES:
@@ -1340,7 +632,7 @@ def prompt_errors(spec: Spec) -> list[SpecError]:
                 break
     for i, claim in enumerate(spec.claims):
         if not spec.prompt_set(claim.prompts) and claim.prompt is None \
-                and not _generates_inputs(claim):
+                and not claim.makes_own_inputs():
             errors.append(spec.error(("claims", i), "this claim has no prompts: add `prompts:` "
                                                     "to the spec"))
         if claim.reads_answers():
@@ -1354,18 +646,13 @@ def prompt_errors(spec: Spec) -> list[SpecError]:
                         f"add `{missing[0]}: TOKEN` (one token, e.g. \" bad\") to the prompt, "
                         "its rows or its entry"))
                     break
-        if _needs_corrupt(claim) and not any(p.corrupt for p in spec.claim_prompts(claim)):
+        if claim.needs_corrupt() and not any(p.corrupt for p in spec.claim_prompts(claim)):
             where = f"prompt set '{claim.prompts}'" if claim.prompts else "the spec's prompts"
             errors.append(spec.error(("claims", i), "patching from/into `input: corrupt` needs "
                                      f"prompts with `corrupt:` texts, and {where} has none"
                                      + (" matching `prompt:`" if claim.prompt else "")
                                      + "; add `corrupt: TEXT` to the prompts (or their rows)"))
     return errors
-
-
-def _generates_inputs(claim) -> bool:
-    """head_scores claims make their own inputs unless they draw tokens from the prompts."""
-    return isinstance(claim, HeadScoresClaim) and claim.random_tokens.vocab == "all"
 
 
 def _check_sae_claim(spec: Spec, claim, loc: tuple, add) -> None:
@@ -1381,31 +668,6 @@ def _check_sae_claim(spec: Spec, claim, loc: tuple, add) -> None:
     if patch is not None and patch.from_ not in spec.models:
         add(loc + ("patch", "from"), f"unknown model '{patch.from_}'"
             + did_you_mean(patch.from_, spec.models))
-
-
-def _model_refs(claim) -> list[tuple[str, str]]:
-    if isinstance(claim, FeatureInterventionClaim):
-        return [("model", claim.model)]
-    if isinstance(claim, PatchClaim | PathPatchClaim):
-        return [("from", claim.from_.model), ("into", claim.into.model)]
-    if isinstance(claim, GenerateClaim):
-        refs = [("model", claim.model)]
-        refs += [("patch.from", claim.patch.from_.model)] if claim.patch else []
-        if claim.intervene is not None and claim.intervene.patch is not None:
-            refs += [("intervene.patch.from", claim.intervene.patch.from_)]
-        return refs + ([("score_with", claim.score_with)] if claim.score_with else [])
-    refs = [("models" if getattr(claim, "models", None) else "model", n)
-            for n in claim.model_names()]
-    if isinstance(claim, AblateClaim) and claim.reference_model:
-        refs[-1] = ("reference", claim.reference_model)
-    return refs
-
-
-def _needs_corrupt(claim) -> bool:
-    if isinstance(claim, GenerateClaim):
-        return "corrupt" in (claim.input, claim.patch.from_.input if claim.patch else None)
-    return isinstance(claim, PatchClaim | PathPatchClaim) and \
-        "corrupt" in (claim.from_.input, claim.into.input)
 
 
 def find_specs(paths: list[str | Path]) -> list[Path]:

@@ -18,7 +18,8 @@ from pathlib import Path
 from harness import tl_checkpoints
 from harness.errors import HarnessError, SpecError
 from harness.files import MAX_CONFIG_BYTES, UnreadableFile, read_regular_text, regular_file_problem
-from harness.sites import KV_SITES, missing_reason
+from harness.kinds.base import index_problems
+from harness.sites import missing_reason
 from harness.sources import base_of, locate
 
 REMOTE_CODE_FLAGS = "--allow-remote-code (harness) or --harness-allow-remote-code (pytest)"
@@ -68,17 +69,10 @@ def check_spec(spec, allow_remote_code: bool = False) -> list[SpecError]:
     for index, claim in enumerate(spec.claims):
         if claim.skip:
             continue
-        for name in dict.fromkeys(_checked_models(claim)):
+        for name in dict.fromkeys(claim.sized_models()):
             if name in facts and facts[name] is not None:
                 errors += _check_claim(spec, index, claim, name, facts[name])
     return list({str(e): e for e in errors}.values())
-
-
-def _checked_models(claim) -> list[str]:
-    """Models whose shapes a claim's selection must fit (not a reward model)."""
-    names = list(claim.model_names())
-    reward = getattr(claim, "score_with", None)
-    return [n for n in names if n != reward]
 
 
 # ----------------------------------------------------------------------------- model files
@@ -374,43 +368,16 @@ def _check_claim(spec, index: int, claim, name: str, facts: ModelFacts) -> list[
     def add(loc: tuple, message: str) -> None:
         errors.append(spec.error(("claims", index) + loc, message))
 
-    for where, selection in _selections(claim):
-        _check_selection(selection, where, name, facts, add)
-    k = getattr(claim, "k", None)   # tokens; top_features / feature_diff count SAE features
-    if k is not None and facts.vocab and k > facts.vocab and not hasattr(claim, "sae"):
-        add(("k",), f"k = {k} is more than model '{name}' has tokens ({facts.vocab})")
+    for loc, site_name in claim.sites():
+        why = missing_reason(site_name, facts.traits) if facts.traits is not None else None
+        if why:
+            add(loc, f"model '{name}' has no site '{site_name}': {why}")
+    sizes = {"n_layers": facts.n_layers, "n_heads": facts.n_heads,
+             "n_kv_heads": facts.n_kv_heads, "d_mlp": facts.d_mlp, "d_vocab": facts.vocab}
+    for loc, message in index_problems(claim, sizes, name):   # the kind names its indices
+        add(loc, message)
     _check_prompts(spec, claim, name, facts, add)
     return errors
-
-
-def _selections(claim) -> list[tuple[tuple, object]]:
-    out = []
-    if getattr(claim, "site", None) is not None:
-        out.append(((), claim))
-    patch = getattr(claim, "patch", None)
-    if getattr(patch, "site", None) is not None:   # not a feature_intervention's SAE patch
-        out.append((("patch",), patch))
-    return out
-
-
-def _check_selection(sel, where: tuple, name: str, facts: ModelFacts, add) -> None:
-    def out_of_range(key: str, i: int, value: int, size: int | None, what: str) -> None:
-        if size is not None and not 0 <= value < size:
-            add(where + (key, i), f"{what} {value} is out of range: model '{name}' has "
-                                    f"{size} {what}s (0..{size - 1})")
-
-    why = missing_reason(sel.site, facts.traits) if facts.traits is not None else None
-    if why:
-        add(where + ("site",), f"model '{name}' has no site '{sel.site}': {why}")
-    for i, layer in enumerate(sel.layers or ()):
-        out_of_range("layers", i, layer, facts.n_layers, "layer")
-    kv = sel.site in KV_SITES
-    heads = facts.n_kv_heads if kv else facts.n_heads
-    for i, (layer, head) in enumerate(sel.head_pairs() or ()):
-        out_of_range("heads", i, layer, facts.n_layers, "layer")
-        out_of_range("heads", i, head, heads, "key/value head" if kv else "head")
-    for i, neuron in enumerate(sel.neurons or ()):
-        out_of_range("neurons", i, neuron, facts.d_mlp, "neuron")
 
 
 def _check_prompts(spec, claim, name: str, facts: ModelFacts, add) -> None:
@@ -427,7 +394,7 @@ def _check_prompts(spec, claim, name: str, facts: ModelFacts, add) -> None:
                     "`prepend_bos: false`, so it has no final token to read; write some text "
                     "or set `prepend_bos: true`")
                 return
-    extra = getattr(claim, "max_new_tokens", 0) if claim.measure == "generate" else 0
+    extra = claim.generated_tokens()
     longest = max(lengths, default=0)
     if facts.tokenizer is not None and facts.n_ctx and longest + extra > facts.n_ctx:
         what = f"{longest} tokens" + (f" + max_new_tokens {extra}" if extra else "")
@@ -435,18 +402,9 @@ def _check_prompts(spec, claim, name: str, facts: ModelFacts, add) -> None:
             f"the longest prompt is {what}, more than model '{name}' reads ({facts.n_ctx} "
             "positions); shorten the prompts (e.g. `first_words:`)"
             + (" or `max_new_tokens`" if extra else ""))
-    positions = _positions(claim)
-    if facts.tokenizer is not None and positions and lengths:
-        shortest = min(lengths)
-        for where, i, p in positions:
-            if not -shortest <= p < shortest:
-                add(where + ("positions", i), f"position {p} is outside the shortest prompt "
-                    f"({shortest} tokens for model '{name}'): use -{shortest}..{shortest - 1}")
-
-
-def _positions(claim) -> list[tuple[tuple, int, int]]:
-    return [(where, i, p) for where, sel in _selections(claim)
-            for i, p in enumerate(sel.positions or ())]
+    if facts.tokenizer is not None and lengths:   # the claim's token positions
+        for loc, message in index_problems(claim, {"shortest_prompt": min(lengths)}, name):
+            add(loc, message)
 
 
 def _where(prompt) -> str:

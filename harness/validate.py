@@ -10,17 +10,7 @@ from pathlib import Path
 
 from harness.errors import SpecError
 from harness.prompts import corrupt_length_mismatches
-from harness.spec import GenerateClaim, Spec, read_spec, resolve_prompts
-
-
-def _pairs_clean_and_corrupt(claim) -> bool:
-    """Whether a claim patches between the clean and the corrupt prompts, position by
-    position (so each pair must tokenize to equal lengths): a patch claim from one input into
-    the other, or a generate claim whose `patch.from` reads the other input."""
-    if isinstance(claim, GenerateClaim):
-        return claim.patch is not None and claim.patch.from_.input != claim.input
-    ends = [getattr(claim, "from_", None), getattr(claim, "into", None)]
-    return all(ends) and ends[0].input != ends[1].input
+from harness.spec import Spec, read_spec, resolve_prompts
 
 
 def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
@@ -43,7 +33,7 @@ def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
             prompts = spec.claim_prompts(claim)
             for _, other in claim.other_prompt_sets():   # reference, control sets
                 prompts += spec.prompt_set(other)
-            for prompt in prompts:
+            for prompt in prompts if claim.reads_answers() else ():
                 for field_name in ("answer", "foil"):
                     text = getattr(prompt, field_name)
                     if text is None:
@@ -63,7 +53,7 @@ def token_errors(spec: Spec, tokenizer_for: Callable[[str], object | None],
                                    f"span marker {marker!r} is {len(pieces)} tokens for "
                                    f"model '{name}': {pieces}; use a single token")
                 errors.setdefault(str(error), error)
-            if _pairs_clean_and_corrupt(claim):
+            if claim.pairs_clean_and_corrupt():
                 prepend = spec.defaults.prepend_bos if claim.prepend_bos is None \
                     else claim.prepend_bos
                 for problem in corrupt_length_mismatches(hf_view(tokenizer),

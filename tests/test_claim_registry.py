@@ -5,6 +5,7 @@ others fails here."""
 
 from __future__ import annotations
 
+import ast
 import textwrap
 from pathlib import Path
 from typing import get_args
@@ -132,3 +133,148 @@ def test_value_kinds_that_depend_on_fields(tmp_path, body, kind):
     (claim,) = loaded.claims
     assert isinstance(claim, CLAIM_KINDS[claim.measure])
     assert claim.value_kind() == expect.kind_of(claim) == kind
+
+
+# ----------------------------------------------------------------------------- one kind, one module
+
+PACKAGE = Path(__file__).parent.parent / "harness"
+KINDS = PACKAGE / "kinds"
+# issue 21 item 2 moves freeze.py's rules into the kinds; until then it still lists measures
+FREEZE_RULES_PENDING: set[str] = set()
+
+
+def _names_a_measure(node, named: dict[str, set]) -> set[str]:
+    """Measure names a literal (or a module-level constant holding literals) spells."""
+    if isinstance(node, ast.Constant) and node.value in MEASURES:
+        return {node.value}
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return set().union(*(_names_a_measure(e, named) for e in node.elts))
+    if isinstance(node, ast.Name):
+        return named.get(node.id, set())
+    return set()
+
+
+def _is_a_measure(node) -> bool:
+    """`x.measure`, `x["measure"]`, `x.get("measure")` or a variable called `measure`."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "measure"
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.slice, ast.Constant) and node.slice.value == "measure"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+            and node.func.attr == "get" and node.args:
+        return isinstance(node.args[0], ast.Constant) and node.args[0].value == "measure"
+    return isinstance(node, ast.Name) and node.id == "measure"
+
+
+def measure_branches(source: str) -> list[tuple[int, set[str]]]:
+    """(line, measure names) of every comparison of a claim's measure with measure names."""
+    tree = ast.parse(source)
+    named: dict[str, set] = {}
+    for node in tree.body:   # module constants such as GRID = ("dla", "logit_lens")
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name):
+            found = _names_a_measure(node.value, {})
+            if found:
+                named[node.targets[0].id] = found
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_is_a_measure(s) for s in sides):
+                names = set().union(*(_names_a_measure(s, named) for s in sides))
+                if names:
+                    out.append((node.lineno, names))
+    return out
+
+
+def test_no_module_outside_the_kinds_branches_on_a_measure_name():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if KINDS in path.parents or path.name in FREEZE_RULES_PENDING:
+            continue
+        offenders += [f"{path.relative_to(PACKAGE.parent)}:{line}: {sorted(names)}"
+                      for line, names in measure_branches(path.read_text())]
+    assert not offenders, "ask the claim's kind (harness/kinds/base.py's protocol) instead " \
+        "of naming measures:\n" + "\n".join(offenders)
+
+
+def test_the_scan_finds_a_planted_branch():
+    source = ('GRID = ("dla", "patch_sweep")\n'
+              'def f(c, v):\n'
+              '    if c["measure"] == "top_k": pass\n'
+              '    if v.measure in GRID: pass\n'
+              '    if c.get("measure") in ("loss",): pass\n'
+              '    if v.status == "passed": pass\n')
+    assert measure_branches(source) == [(3, {"top_k"}), (4, {"dla", "patch_sweep"}),
+                                        (5, {"loss"})]
+
+
+PROTOCOL = {   # ClassVar -> the values it may take
+    "SEARCHABLE": {True, False}, "HAS_INTERVALS": {True, False}, "MODEL_ARROW": {True, False},
+    "FIGURE": {None, "heatmap", "lines", "bars"}, "PER_PROMPT_LISTING": {None, "tokens", "texts"},
+}
+METHODS = ("value_kind", "has_intervals", "reads_answers", "scores_span", "needs_corrupt",
+           "pairs_clean_and_corrupt", "makes_own_inputs", "indices", "sites", "sized_models",
+           "generated_tokens", "cost", "model_names", "model_refs")
+
+
+@pytest.mark.parametrize("cls", CLAIM_CLASSES, ids=lambda c: c.__name__)
+def test_every_kind_answers_the_protocol_from_its_own_module(cls):
+    from harness.kinds.base import MEASUREMENTS
+
+    name = spec.measure_name(cls)
+    assert cls.__module__.startswith("harness.kinds."), cls.__module__
+    assert MEASUREMENTS[name].__module__ == cls.__module__, \
+        f"{name}: the measurement lives beside its class, in {cls.__module__}"
+    for var, allowed in PROTOCOL.items():
+        assert getattr(cls, var) in allowed, (name, var)
+    for var in ("REPORT_EXTRAS", "PRIVATE_EXTRAS"):
+        keys = getattr(cls, var)
+        assert isinstance(keys, tuple) and all(isinstance(k, str) for k in keys), (name, var)
+    assert not set(cls.REPORT_EXTRAS) & set(cls.PRIVATE_EXTRAS), name
+    for method in METHODS:
+        assert callable(getattr(cls, method, None)), (name, method)
+
+
+def test_a_kind_without_a_protocol_piece_is_caught(monkeypatch):
+    from harness.kinds.logits import LogitDiffClaim
+
+    monkeypatch.setattr(LogitDiffClaim, "FIGURE", "pie")
+    with pytest.raises(AssertionError):
+        test_every_kind_answers_the_protocol_from_its_own_module(LogitDiffClaim)
+
+
+def test_kind_modules_import_nothing_above_them():
+    """Kinds sit below spec.py; what a measurement needs from a run comes in its context."""
+    above = {"harness.spec", "harness.session", "harness.models", "harness.claims",
+             "harness.runner", "harness.report"}
+    for path in sorted(KINDS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                named = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                assert not named & above, f"{path.name} imports {named & above}"
+            if isinstance(node, ast.Import):
+                assert not {a.name for a in node.names} & above, path.name
+
+
+def test_the_protocol_and_the_reports_load_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, harness.kinds, harness.spec, harness.report, harness.report_html, "
+            "harness.static_checks, harness.shard, harness.validate, harness.show; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "False"
+
+
+def test_report_extras_keep_what_the_kind_lists_and_never_drop_an_unknown_key():
+    from harness.kinds.logits import TopKClaim
+    from harness.verdicts import report_extras
+
+    m = expect.Measurement(expect.TOKENS, ["a"], (["a"],),
+                           {"each": [{}], "prompts": ("p",), "probabilities": [[0.5]],
+                            "novel": 1})
+    out = report_extras(m, TopKClaim)
+    assert list(out) == ["probabilities", "prompts", "novel"]   # `each` is the judge's only

@@ -161,7 +161,8 @@ def test_the_spec_and_the_engine_share_sweep_axes_and_sequence_metrics():
     from harness.measure.selection import check_over
 
     assert spec.SWEEP_AXES is labels.SWEEP_AXES
-    assert spec.SEQUENCE_METRICS is claims.SEQUENCE is labels.SEQUENCE_METRICS
+    assert spec.SEQUENCE_METRICS is labels.SEQUENCE_METRICS
+    assert not hasattr(claims, "SEQUENCE")   # no second copy
     with pytest.raises(MeasureError, match=re.escape(labels.sweep_axes_problem(["head"]))):
         check_over("z", ["head"])
 

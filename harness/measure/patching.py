@@ -9,7 +9,7 @@ Each model runs on a `Forward` (harness.measure.forward): a registered fast path
 the bridge once, or the general path through the bridge's own hooks, which every architecture
 the TransformerBridge loads has. `engine.path_of(run)` says which one measured a run.
 Clean traces are cached within the memory budget (`harness.measure.traces`); selections are
-masks shaped by the site table (`harness.measure.selection`).
+masks shaped by the site table (`harness.measure.patch_masks`).
 
 Positions: non-negative positions are columns of the (right-padded) token tensor, as in
 TransformerLens; negative positions count back from each prompt's final token (-1 = final_pos).
@@ -32,14 +32,7 @@ from harness.measure import path_patching as staggered_paths
 from harness.measure.budget import CACHE_SHARE, SLICE_SHARE, WORK_SHARE, budget_bytes
 from harness.measure.forward import Acts, Forward, fast_path_for, register_fast_path
 from harness.measure.general_forward import GeneralForward
-from harness.measure.results import (
-    Grid,
-    PatchEffect,
-    check_same_shape,
-    normalized_effect,
-    position_labels,
-)
-from harness.measure.selection import (
+from harness.measure.patch_masks import (
     Variants,
     check_layers,
     check_over,
@@ -47,6 +40,13 @@ from harness.measure.selection import (
     grid_shape,
     selection_masks,
     sweep_variants,
+)
+from harness.measure.results import (
+    Grid,
+    PatchEffect,
+    check_same_shape,
+    normalized_effect,
+    position_labels,
 )
 from harness.measure.staggered import StaggeredForward
 from harness.measure.traces import Run, TraceCache

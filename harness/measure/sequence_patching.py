@@ -49,7 +49,7 @@ def dims_of(bridge):
 def selection(site: str, bridge, final_pos: Tensor, n_pos: int, *, layers=None, heads=None,
               positions=None, neurons=None) -> Variant:
     """layer -> mask of the activations one patch (or ablation) replaces."""
-    from harness.measure.selection import selection_masks
+    from harness.measure.patch_masks import selection_masks
 
     return selection_masks(site, dims_of(bridge), final_pos, n_pos, layers=layers, heads=heads,
                            positions=positions, neurons=neurons)
@@ -57,8 +57,8 @@ def selection(site: str, bridge, final_pos: Tensor, n_pos: int, *, layers=None, 
 
 def sweep_variants(site: str, bridge, over: Sequence[str], n_pos: int) -> list[Variant]:
     """One single-layer variant per grid cell, in the grid's row-major order."""
-    from harness.measure.selection import check_over
-    from harness.measure.selection import sweep_variants as engine_variants
+    from harness.measure.patch_masks import check_over
+    from harness.measure.patch_masks import sweep_variants as engine_variants
 
     dims = dims_of(bridge)
     over = check_over(site, over, dims)

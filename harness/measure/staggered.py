@@ -27,8 +27,8 @@ from torch import Tensor
 from harness import progress
 from harness.measure.forward import Acts, Dims
 from harness.measure.general_forward import GeneralForward
+from harness.measure.patch_masks import Variants
 from harness.measure.readout import Readout
-from harness.measure.selection import Variants
 
 
 class BlockOps(Protocol):

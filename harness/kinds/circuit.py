@@ -1,0 +1,97 @@
+"""`circuit`: a set of components against the full model, everything outside it ablated
+(faithfulness, minimality, completeness)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from harness.expect import GRID, SCALAR, Measurement
+from harness.kinds.base import Index, MeasureContext, SingleModelClaim, measurement
+from harness.kinds.fields import ReferencePrompts, _components, component_indices
+from harness.kinds.measuring import ablation_reference
+from harness.measure.results import Grid
+
+
+class CircuitClaim(SingleModelClaim):
+    """A set of components compared with the full model, everything outside it ablated."""
+
+    measure: Literal["circuit"]
+    FREEZE = "cells|scalar"
+    VALUE_KIND = GRID        # SCALAR for faithfulness
+    REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means")
+    members: tuple[str, ...] = Field(min_length=1)
+    kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
+    reference: str | ReferencePrompts | None = None   # prompt set for mean / resample
+    seed: int = 0
+    metric: Literal["faithfulness", "minimality", "completeness"] = "faithfulness"
+
+    @field_validator("members")
+    @classmethod
+    def _member_names(cls, value):
+        return _components(value)
+
+    @model_validator(mode="after")
+    def _reference_for_kind(self):
+        if self.kind != "zero" and self.reference is None:
+            raise ValueError(f"`kind: {self.kind}` needs `reference:`, the prompt set to take "
+                             "the ablated activations from")
+        return self
+
+    @property
+    def reference_prompts(self) -> str | None:
+        ref = self.reference
+        return ref.prompts if isinstance(ref, ReferencePrompts) else ref
+
+    def value_kind(self) -> str:
+        return SCALAR if self.metric == "faithfulness" else GRID
+
+    def has_intervals(self) -> bool:
+        return self.metric == "faithfulness"
+
+    def indices(self) -> list[Index]:
+        return component_indices(self.members, "members")
+
+
+@measurement("circuit")
+def _circuit(ctx: MeasureContext) -> Measurement:
+    from harness.measure.circuits import (
+        all_components,
+        circuit_scores,
+        component_hooks,
+        parse_component,
+    )
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    cfg = model.bridge.cfg
+    members = [parse_component(m, cfg) for m in claim.members]
+    values, extras = ablation_reference(ctx, model, batch, claim.kind, component_hooks(cfg),
+                                        claim.seed)
+    scores = circuit_scores(model.bridge, batch.tokens, batch.final_pos, batch.answer_ids,
+                            batch.foil_ids, members, values, all_components(cfg),
+                            ctx.session.memory_budget_mb)
+    extras.update({"prompts": batch.texts, "logit_diffs": {
+        "model": float(scores.model.mean()), "all_ablated": float(scores.ablated.mean()),
+        "circuit": float(scores.circuit.mean())}})
+    if claim.metric == "faithfulness":
+        per_prompt = scores.faithfulness()
+        gap = scores.model.mean() - scores.ablated.mean()
+        extras["ratio_of_means"] = float((scores.circuit.mean() - scores.ablated.mean()) / gap)
+        if claim.ci:
+            from harness.stats import bootstrap_mean_ci
+
+            low, high = bootstrap_mean_ci(per_prompt, claim.ci)
+            extras["stats"] = {"n": len(per_prompt), "mean": float(per_prompt.mean()),
+                               "ci": claim.ci, "low": low, "high": high}
+        return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()), extras)
+    if claim.metric == "minimality":
+        values_ = scores.minimality()
+        labels = tuple(claim.members)
+    else:
+        values_ = scores.completeness()
+        labels = tuple(claim.members) + ("circuit",)
+    grid = Grid(("component",), (labels,), values_, extras=extras)
+    return Measurement(GRID, grid, extras=extras)

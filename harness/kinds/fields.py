@@ -1,0 +1,219 @@
+"""Spec fields that several claim kinds share: runs to patch between, site selections,
+spans, reference prompt sets, component labels, SAE readings and edits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from harness import labels
+from harness.errors import did_you_mean
+from harness.kinds.base import Frozen, Index
+from harness.sites import HEAD_RE, HEAD_SITES, KV_SITES, SITES, parse_head
+
+
+class SpanRange(Frozen):
+    """`span: {start: a, stop: b}`: text tokens a..b-1 of each prompt (negatives from its end)."""
+
+    start: int | None = None
+    stop: int | None = None
+
+
+class SpanAfter(Frozen):
+    """`span: {after: TOKEN}`: the tokens after the first occurrence of a marker token."""
+
+    after: str
+
+
+SPAN_HELP = "a span is all, second_half, {start: A, stop: B} or {after: TOKEN}"
+
+
+def _parse_span(value):
+    """One clear error for a bad span instead of one per member of the union."""
+    if isinstance(value, SpanRange | SpanAfter):
+        return value
+    if isinstance(value, str):
+        if value in ("all", "second_half"):
+            return value
+        hint = did_you_mean(value, ["all", "second_half"])
+        raise ValueError(f"unknown span '{value}'" + (hint if "did you" in hint else "")
+                         + f"; {SPAN_HELP}")
+    if isinstance(value, dict) and set(value) == {"after"}:
+        if not isinstance(value["after"], str):
+            raise ValueError(f"`span.after` needs a token text such as \" |\", got "
+                             f"{value['after']!r}")
+        return SpanAfter(after=value["after"])
+    if isinstance(value, dict) and value and set(value) <= {"start", "stop"}:
+        if any(v is not None and (not isinstance(v, int) or isinstance(v, bool))
+               for v in value.values()):
+            raise ValueError(f"`span.start` / `span.stop` need integers, got {value}")
+        return SpanRange(**value)
+    raise ValueError(f"{SPAN_HELP}; got {value!r}")
+
+
+SpanSpec = Annotated[Union[Literal["all", "second_half"], SpanRange, SpanAfter],  # noqa: UP007
+                     BeforeValidator(_parse_span)]
+
+
+
+
+class RunRef(Frozen):
+    """One side of a patch: a model on the clean or the corrupt prompts."""
+
+    model: str
+    input: Literal["clean", "corrupt"] = "clean"
+
+
+def _run_ref(value):
+    return RunRef(model=value) if isinstance(value, str) else value
+
+
+class SiteSelection(Frozen):
+    site: str
+    layers: tuple[int, ...] | None = None
+    heads: tuple[str, ...] | None = None
+    positions: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+
+    @field_validator("site")
+    @classmethod
+    def _known_site(cls, value: str) -> str:
+        if value not in SITES:
+            raise ValueError(f"unknown site '{value}'" + did_you_mean(value, SITES))
+        return value
+
+    @field_validator("heads")
+    @classmethod
+    def _head_names(cls, value):
+        for head in value or ():
+            if not HEAD_RE.match(head):
+                raise ValueError(f"'{head}' is not a head name; write query heads as "
+                                 "L{layer}H{head} (e.g. L10H4) and key/value heads of sites k "
+                                 "and v as L{layer}KV{head} (e.g. L3KV1)")
+        return value
+
+    @model_validator(mode="after")
+    def _selection_fits_site(self):
+        if self.heads and self.site not in HEAD_SITES:
+            raise ValueError(f"`heads` needs a per-head site ({', '.join(HEAD_SITES)}), "
+                             f"not '{self.site}'")
+        for head in self.heads or ():
+            parse_head(head, self.site)  # query-head label on k/v (or back): say which to write
+        if self.neurons and self.site != "mlp_post":
+            raise ValueError("`neurons` needs site 'mlp_post'")
+        return self
+
+    def head_pairs(self) -> tuple[tuple[int, int], ...] | None:
+        if self.heads is None:
+            return None
+        return tuple((int(m.group(1)), int(m.group(2)))
+                     for m in (HEAD_RE.match(h) for h in self.heads))
+
+    def selection_indices(self, where: tuple = ()) -> list[Index]:
+        """The layers, heads (query or key/value, as the site has) and neurons selected."""
+        out = [Index(where + ("layers", i), "layer", layer)
+               for i, layer in enumerate(self.layers or ())]
+        head_axis = "kv_head" if self.site in KV_SITES else "head"
+        for i, (layer, head) in enumerate(self.head_pairs() or ()):
+            out += [Index(where + ("heads", i), "layer", layer),
+                    Index(where + ("heads", i), head_axis, head)]
+        out += [Index(where + ("neurons", i), "neuron", n)
+                for i, n in enumerate(self.neurons or ())]
+        out += [Index(where + ("positions", i), "position", p)
+                for i, p in enumerate(self.positions or ())]
+        return out
+
+
+
+
+class SteerSpec(Frozen):
+    feature: int = Field(ge=0)
+    alpha: float
+
+
+class FeaturePatchSpec(Frozen):
+    from_: str = Field(alias="from")
+    features: tuple[int, ...] = Field(min_length=1)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class FeatureEdit(Frozen):
+    """What to do to features at the SAE's hook: exactly one of ablate / steer / patch."""
+
+    sae: str
+    ablate: tuple[int, ...] | None = None
+    steer: SteerSpec | None = None
+    patch: FeaturePatchSpec | None = None
+    positions: Literal["all", "final"] = "all"
+
+    @model_validator(mode="after")
+    def _one_edit(self):
+        given = [k for k in ("ablate", "steer", "patch") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a feature intervention needs exactly one of `ablate: [k]`, "
+                             "`steer: {feature, alpha}` or `patch: {from, features}`, got "
+                             + (", ".join(given) or "none"))
+        if self.ablate is not None and not self.ablate:
+            raise ValueError("`ablate` needs at least one feature index")
+        return self
+
+
+
+
+class ReferencePrompts(Frozen):
+    """`reference: {prompts: SET}`: the prompt set a mean or resample ablation draws from."""
+
+    prompts: str
+
+
+
+
+COMPONENT_RE = labels.COMPONENT_RE
+
+
+def _components(value):
+    for label in value or ():
+        if not COMPONENT_RE.match(label):
+            raise ValueError(f"'{label}' is not a component; write heads as L{{layer}}H{{head}} "
+                             "(e.g. L1H0) and MLP layers as mlp{layer} (e.g. mlp0)")
+    return value
+
+
+
+
+Position = labels.Position
+
+
+class FeatureReading(Frozen):
+    """Where an SAE feature is read: `position` final | all | {token: " bad"}; `reduce`
+    joins several positions of one prompt."""
+
+    sae: str
+    position: Position = "final"
+    reduce: Literal["max", "mean"] = "max"
+
+
+def component_indices(labels, field: str) -> list[Index]:
+    """The layer (and head) of each component label L{layer}H{head} / mlp{layer}."""
+    out = []
+    for i, label in enumerate(labels or ()):
+        match = COMPONENT_RE.match(label)
+        if match is None:
+            continue
+        if match.group(3) is not None:
+            out.append(Index((field, i), "layer", int(match.group(3))))
+        else:
+            out += [Index((field, i), "layer", int(match.group(1))),
+                    Index((field, i), "head", int(match.group(2)))]
+    return out
+
+
+def head_indices(labels, field: str, site: str) -> list[Index]:
+    """The layer and head of each head label (query heads L3H7, or L3KV1 on k/v sites)."""
+    axis = "kv_head" if site in KV_SITES else "head"
+    out = []
+    for i, label in enumerate(labels or ()):
+        layer, head = parse_head(label, site)
+        out += [Index((field, i), "layer", layer), Index((field, i), axis, head)]
+    return out

@@ -1,0 +1,269 @@
+"""Activation patching: `patch` (one selection), `patch_sweep` (a grid over layers, positions,
+heads) and `ablate` (zero, mean or resample), read as logit differences or sequence metrics."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from harness import labels
+from harness.errors import MeasureError
+from harness.expect import GRID, PATCH, SCALAR, Measurement
+from harness.kinds.base import (
+    SEQUENCE_METRICS,
+    ClaimBase,
+    Index,
+    MeasureContext,
+    SingleModelClaim,
+    measurement,
+)
+from harness.kinds.fields import ReferencePrompts, RunRef, SiteSelection, SpanSpec, _run_ref
+from harness.kinds.measuring import (
+    SEQUENCE_PATH,
+    ablation_reference,
+    check_indices,
+    patch_measurement,
+    patch_runs,
+    sequence_runs,
+    site_kwargs,
+    span_mask_of,
+)
+from harness.measure.results import Grid, PatchEffect
+from harness.sites import HEAD_SITES
+
+
+class PatchClaim(ClaimBase, SiteSelection):
+    measure: Literal["patch"]
+    FREEZE = "patch"
+    VALUE_KIND = PATCH
+    REPORT_EXTRAS = ("per_prompt_raw", "raw", "from", "into", "normalized", "path")
+    MODEL_ARROW = True
+    from_: RunRef = Field(alias="from")
+    into: RunRef
+    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
+    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("from_", "into", mode="before")
+    @classmethod
+    def _refs(cls, value):
+        return _run_ref(value)
+
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.from_.model, self.into.model)))
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        return [("from", self.from_.model), ("into", self.into.model)]
+
+    def needs_corrupt(self) -> bool:
+        return "corrupt" in (self.from_.input, self.into.input)
+
+    def pairs_clean_and_corrupt(self) -> bool:
+        return self.from_.input != self.into.input
+
+    def indices(self) -> list[Index]:
+        return self.selection_indices()
+
+    def sites(self) -> list[tuple[tuple, str]]:
+        return [(("site",), self.site)]
+
+
+SWEEP_AXES = labels.SWEEP_AXES
+
+
+class PatchSweepClaim(PatchClaim):
+    measure: Literal["patch_sweep"]
+    FREEZE = "grid"
+    VALUE_KIND = GRID
+    REPORT_EXTRAS = ("method", "path")
+    FIGURE = "heatmap"
+    over: tuple[str, ...]
+    method: Literal["exact", "attribution"] = "exact"
+
+    @model_validator(mode="after")
+    def _axes_fit_site(self):
+        if tuple(self.over) not in SWEEP_AXES:
+            raise ValueError(f"`over: {list(self.over)}` is not a sweep; use one of "
+                             "[layer, pos], [layer], [layer, head], [layer, head, pos]")
+        if "head" in self.over and self.site not in HEAD_SITES:
+            raise ValueError(f"a sweep over heads needs a per-head site "
+                             f"({', '.join(HEAD_SITES)}), not '{self.site}'")
+        return self
+
+    def cost(self, n_prompts: int) -> float:
+        return 2.0
+
+
+class AblateClaim(SingleModelClaim, SiteSelection):
+    measure: Literal["ablate"]
+    FREEZE = "scalar"
+    VALUE_KIND = SCALAR
+    REPORT_EXTRAS = ("per_prompt_raw", "raw", "from", "into", "normalized", "prompts", "path",
+                     "reference")
+    kind: Literal["zero", "mean", "resample"] = "zero"
+    # a model name: its logit diff counts as "fully ablated"; {prompts: SET}: the prompts
+    # whose mean (kind mean) or activations (kind resample) replace the selection
+    reference: str | ReferencePrompts | None = None
+    seed: int = 0                  # resample: which reference prompt each prompt draws
+    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
+    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
+
+    @model_validator(mode="after")
+    def _resample_needs_prompts(self):
+        if self.kind == "resample" and not isinstance(self.reference, ReferencePrompts):
+            raise ValueError("`kind: resample` needs `reference: {prompts: SET}`, the prompt "
+                             "set whose activations replace the selection")
+        if isinstance(self.reference, ReferencePrompts) and self.metric in ("loss", "accuracy"):
+            raise ValueError("`reference: {prompts: SET}` ablations read the logit difference; "
+                             "use `metric: normalized` or `metric: logit_diff`")
+        return self
+
+    @property
+    def reference_model(self) -> str | None:
+        return self.reference if isinstance(self.reference, str) else None
+
+    @property
+    def reference_prompts(self) -> str | None:
+        return self.reference.prompts if isinstance(self.reference, ReferencePrompts) else None
+
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model,) + ((self.reference_model,) if self.reference_model else ())
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        refs = super().model_refs()
+        if self.reference_model:
+            refs[-1] = ("reference", self.reference_model)
+        return refs
+
+    def indices(self) -> list[Index]:
+        return self.selection_indices()
+
+    def sites(self) -> list[tuple[tuple, str]]:
+        return [(("site",), self.site)]
+
+
+@measurement("patch")
+def _patch(ctx: MeasureContext) -> Measurement:
+    if ctx.claim.metric in SEQUENCE_METRICS:
+        from harness.measure import sequence_patching as sp
+
+        fr, ir, targets, score = sequence_runs(ctx)
+        effect = sp.patch(fr.bridge, fr.tokens, ir.bridge, ir.tokens, ir.final_pos, targets,
+                          score, ctx.claim.metric, memory_budget_mb=ctx.session.memory_budget_mb,
+                          **site_kwargs(ctx.claim))
+        return patch_measurement(effect, "normalized", SEQUENCE_PATH)
+    from_run, into_run, batch = patch_runs(ctx)
+    engine = ctx.session.engine
+    effect = engine.patch(from_run, into_run, batch.answer_ids, batch.foil_ids,
+                          **site_kwargs(ctx.claim))
+    return patch_measurement(effect, ctx.claim.metric, engine.path_of(into_run))
+
+
+@measurement("patch_sweep")
+def _patch_sweep(ctx: MeasureContext) -> Measurement:
+    claim = ctx.claim
+    if claim.metric in SEQUENCE_METRICS:
+        from harness.measure import sequence_patching as sp
+
+        if claim.method != "exact":
+            raise MeasureError("`method: attribution` reads the logit difference; use "
+                               "`method: exact` with metric loss / accuracy")
+        fr, ir, targets, score = sequence_runs(ctx)
+        grid = sp.patch_sweep(fr.bridge, fr.tokens, ir.bridge, ir.tokens, targets, score,
+                              claim.metric, site=claim.site, over=tuple(claim.over),
+                              memory_budget_mb=ctx.session.memory_budget_mb)
+        return Measurement(GRID, grid, extras={"method": grid.method, "path": SEQUENCE_PATH})
+    from_run, into_run, batch = patch_runs(ctx)
+    grid = ctx.session.engine.patch_sweep(from_run, into_run, batch.answer_ids, batch.foil_ids,
+                                          site=claim.site, over=tuple(claim.over),
+                                          method=claim.method)
+    if claim.metric == "logit_diff" and grid.raw is not None:
+        grid = Grid(grid.axes, grid.labels, grid.raw, grid.raw, grid.method, grid.extras)
+    return Measurement(GRID, grid, extras={"method": grid.method, "path": grid.extras["path"]})
+
+
+@measurement("ablate")
+def _ablate(ctx: MeasureContext) -> Measurement:
+    from harness.measure.patching import Run
+
+    claim = ctx.claim
+    if claim.reference_prompts:
+        return _ablate_from_reference(ctx)
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    if claim.metric in SEQUENCE_METRICS:
+        return _ablate_sequence(ctx, model, batch)
+    run = Run(model.key, model.bridge, batch.tokens, batch.final_pos)
+    reference = None
+    if claim.reference_model:
+        ref_model = ctx.model(claim.reference_model)
+        ref_batch = ctx.batch(ref_model)
+        reference = ctx.session.engine.logit_diff(
+            Run(ref_model.key, ref_model.bridge, ref_batch.tokens, ref_batch.final_pos),
+            ref_batch.answer_ids, ref_batch.foil_ids)
+    effect = ctx.session.engine.ablate(run, batch.answer_ids, batch.foil_ids, kind=claim.kind,
+                                       reference=reference, **site_kwargs(claim))
+    measured = patch_measurement(effect, claim.metric, ctx.session.engine.path_of(run))
+    return Measurement(SCALAR, measured.value, measured.per_prompt, measured.extras)
+
+
+def _ablate_sequence(ctx: MeasureContext, model, batch) -> Measurement:
+    from harness.measure import sequence_patching as sp
+    from harness.measure.sequence import sequence_metric
+
+    claim, budget = ctx.claim, ctx.session.memory_budget_mb
+    score = span_mask_of(ctx, model, batch)
+    reference = None
+    if claim.reference_model:
+        ref_model = ctx.model(claim.reference_model)
+        ref_batch = ctx.batch(ref_model)
+        reference = sequence_metric(ref_model.bridge, ref_batch.tokens, batch.tokens, score,
+                                    claim.metric, budget)
+    effect = sp.ablate(model.bridge, batch.tokens, batch.final_pos, batch.tokens, score,
+                       claim.metric, kind=claim.kind, reference=reference,
+                       memory_budget_mb=budget, **site_kwargs(claim))
+    measured = patch_measurement(effect, "normalized", SEQUENCE_PATH)
+    return Measurement(SCALAR, measured.value, measured.per_prompt, measured.extras)
+
+
+def _ablate_from_reference(ctx: MeasureContext) -> Measurement:
+    """`ablate` with `reference: {prompts: SET}`: the selection replaced by the reference
+    prompts' mean (kind mean) or by a seeded draw of them (kind resample)."""
+    import torch
+
+    from harness.measure.circuits import logit_diffs, site_replacement_hooks
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    check_indices(claim, model, claim.model)
+    names = [_site_hook(claim.site, layer) for layer in _selected_layers(claim)]
+    values, extras = ablation_reference(ctx, model, batch, claim.kind, names, claim.seed)
+    hooks = site_replacement_hooks(model.bridge.cfg, claim.site, values, batch.final_pos,
+                                   heads=claim.head_pairs(), positions=claim.positions,
+                                   neurons=claim.neurons)
+    args = (batch.tokens, batch.final_pos, batch.answer_ids, batch.foil_ids)
+    clean = logit_diffs(model.bridge, *args)
+    ablated = logit_diffs(model.bridge, *args, hooks=hooks)
+    effect = PatchEffect(float((ablated.mean() - clean.mean()) / (0 - clean.mean())), ablated,
+                         torch.zeros_like(clean), clean)
+    measured = patch_measurement(effect, claim.metric, None)
+    extras.update(measured.extras)
+    extras["prompts"] = batch.texts
+    return Measurement(SCALAR, measured.value, measured.per_prompt, extras)
+
+
+def _site_hook(site_name: str, layer: int) -> str:
+    from harness.sites import site
+
+    return site(site_name).hook_name(layer)
+
+
+def _selected_layers(claim) -> list[int]:
+    pairs = claim.head_pairs()
+    layers = sorted({layer for layer, _ in pairs}) if pairs else claim.layers
+    if not layers:
+        raise MeasureError("an ablation needs `layers:` (or `heads:`) to say what to ablate")
+    return list(layers)

@@ -1,0 +1,116 @@
+"""`path_patch`: IOI path patching, the senders' effect that reaches the receivers' q/k/v (or
+the final residual) directly."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from harness.expect import GRID, PATCH, Measurement
+from harness.kinds.base import ClaimBase, Index, MeasureContext, measurement
+from harness.kinds.fields import (
+    RunRef,
+    _components,
+    _run_ref,
+    component_indices,
+    head_indices,
+)
+from harness.kinds.measuring import patch_measurement, patch_runs
+from harness.measure.results import Grid, PatchEffect
+from harness.sites import parse_head
+
+
+class PathPatchClaim(ClaimBase):
+    """IOI path patching: the senders' effect that reaches the receivers' q/k/v (or the final
+    residual) directly, every other component frozen at its `into` value."""
+
+    measure: Literal["path_patch"]
+    FREEZE = "grid|patch"
+    VALUE_KIND = GRID        # PATCH with `senders`
+    REPORT_EXTRAS = ("per_prompt_raw", "raw", "from", "into", "normalized", "path")
+    from_: RunRef = Field(alias="from")
+    into: RunRef
+    senders: tuple[str, ...] | None = None   # components; omitted: one cell per head (a grid)
+    path: Literal["q", "k", "v", "resid"]
+    receivers: tuple[str, ...] = ()          # heads (L1H0; L1KV0 for k and v on GQA models)
+    metric: Literal["normalized", "logit_diff"] = "normalized"
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("from_", "into", mode="before")
+    @classmethod
+    def _refs(cls, value):
+        return _run_ref(value)
+
+    @field_validator("senders")
+    @classmethod
+    def _sender_names(cls, value):
+        return _components(value)
+
+    @model_validator(mode="after")
+    def _receivers_fit_path(self):
+        if self.from_.model != self.into.model:
+            raise ValueError("path patching runs one model on two inputs: give `from` and "
+                             "`into` the same model (e.g. input: clean / input: corrupt)")
+        if self.path == "resid" and self.receivers:
+            raise ValueError("path `resid` is the final residual stream; drop `receivers`")
+        if self.path != "resid" and not self.receivers:
+            raise ValueError(f"path '{self.path}' needs `receivers:`, the heads whose "
+                             f"{self.path} input the effect must pass through")
+        for label in self.receivers:
+            parse_head(label, self.path)
+        return self
+
+    def model_names(self) -> tuple[str, ...]:
+        return (self.into.model,)
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        return [("from", self.from_.model), ("into", self.into.model)]
+
+    def needs_corrupt(self) -> bool:
+        return "corrupt" in (self.from_.input, self.into.input)
+
+    def pairs_clean_and_corrupt(self) -> bool:
+        return self.from_.input != self.into.input
+
+    def indices(self) -> list[Index]:
+        receivers = head_indices(self.receivers, "receivers", self.path) \
+            if self.path != "resid" else []
+        return component_indices(self.senders, "senders") + receivers
+
+    def value_kind(self) -> str:
+        return PATCH if self.senders else GRID
+
+
+@measurement("path_patch")
+def _path_patch(ctx: MeasureContext) -> Measurement:
+    from harness.measure.circuits import Component, parse_component
+
+    claim = ctx.claim
+    from_run, into_run, batch = patch_runs(ctx)
+    cfg = into_run.bridge.cfg
+    if claim.senders:
+        sender_sets = [[parse_component(s, cfg) for s in claim.senders]]
+    else:
+        sender_sets = [[Component(layer, h)] for layer in range(cfg.n_layers)
+                       for h in range(cfg.n_heads)]
+    args = (batch.answer_ids, batch.foil_ids)
+    engine = ctx.session.engine
+    patched = engine.path_patch(from_run, into_run, *args, sender_sets, claim.path,
+                                claim.receivers)                       # [variant, batch]
+    from_value, into_value = engine.logit_diff(from_run, *args), engine.logit_diff(into_run, *args)
+    normalized = (patched.mean(-1) - into_value.mean()) / (from_value.mean() - into_value.mean())
+    extras = {"from": float(from_value.mean()), "into": float(into_value.mean()),
+              "path": engine.path_of(into_run)}
+    if claim.senders:
+        effect = PatchEffect(float(normalized[0]), patched[0].cpu(), from_value.cpu(),
+                             into_value.cpu())
+        measured = patch_measurement(effect, claim.metric, None)
+        return Measurement(PATCH, measured.value, measured.per_prompt,
+                           {**extras, **measured.extras})
+    values = patched.mean(-1) if claim.metric == "logit_diff" else normalized
+    grid = Grid(("layer", "head"), (tuple(range(cfg.n_layers)), tuple(range(cfg.n_heads))),
+                values.view(cfg.n_layers, cfg.n_heads),
+                raw=patched.mean(-1).view(cfg.n_layers, cfg.n_heads), extras=extras)
+    return Measurement(GRID, grid, extras=extras)
