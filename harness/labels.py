@@ -269,18 +269,21 @@ SEQUENCE_METRICS: tuple[str, ...] = tuple(SEQUENCE_METRIC_HELP)
 # ----------------------------------------------------------------------------- `ci`
 
 # claims that take `ci:` in some of their forms only: measure -> (words before, words after)
-CI_CONDITIONS: dict[str, tuple[str, str]] = {
-    "feature_diff": ("single-feature ", ""),
-    "circuit": ("", " faithfulness"),
-}
+def ci_conditions(kinds: Mapping[str, type]) -> dict[str, tuple[str, str]]:
+    """The kinds whose `has_intervals()` reads their fields, with the words their class puts
+    around its measure name (`CI_WHEN`, e.g. ("single-feature ", "")), so each kind states
+    its own condition in its own module."""
+    return {m: cls.CI_WHEN for m, cls in kinds.items() if getattr(cls, "CI_WHEN", None)}
 
 
 def ci_claims(kinds: Mapping[str, type]) -> str:
     """Which claims take `ci:`, in words, from the claim classes (measure -> class): those
-    with `HAS_INTERVALS`, and those of CI_CONDITIONS (whose `has_intervals()` decides)."""
-    named = [f"{CI_CONDITIONS[m][0]}`{m}`{CI_CONDITIONS[m][1]}" if m in CI_CONDITIONS
+    with `HAS_INTERVALS`, and those with a `CI_WHEN` condition (their `has_intervals()`
+    decides)."""
+    conditions = ci_conditions(kinds)
+    named = [f"{conditions[m][0]}`{m}`{conditions[m][1]}" if m in conditions
              else f"`{m}`" for m, cls in kinds.items()
-             if m in CI_CONDITIONS or getattr(cls, "HAS_INTERVALS", False)]
+             if m in conditions or getattr(cls, "HAS_INTERVALS", False)]
     return ", ".join(named[:-1]) + " and " + named[-1] + " claims"
 
 

@@ -74,6 +74,10 @@ CLAIMS = """
 - {id: sweep, measure: patch_sweep, from: {model: induct, input: clean},
    into: {model: induct, input: corrupt}, site: z, over: [layer, head], metric: logit_diff,
    expect: {max: {">": 2}}}
+- {id: neuron-grid, measure: neuron, model: induct, layers: [0, 1], position: all,
+   expect: {max: {between: [-100, 100]}}}
+- {id: one-neuron, measure: neuron, model: induct, layer: 1, neuron: 0,
+   expect: {between: [-100, 100]}}
 - {id: dla, measure: dla, model: induct, expect: {argmax: attn1}}
 - {id: lens, measure: logit_lens, model: induct, expect: {argmax: final}}
 - {id: patch-flips, measure: patch, from: pos, into: neg, prompts: reviews, site: resid_pre,

@@ -170,16 +170,16 @@ def test_the_spec_and_the_engine_share_sweep_axes_and_sequence_metrics():
 # ----------------------------------------------------------------------------- the ci rule
 
 def test_the_ci_conditions_are_the_kinds_that_decide_per_claim():
-    """CI_CONDITIONS words exactly the kinds whose `has_intervals()` reads their fields."""
+    """`CI_WHEN` words exactly the kinds whose `has_intervals()` reads their fields."""
     deciding = {m for m, cls in CLAIM_KINDS.items()
                 if cls.has_intervals is not ClaimBase.has_intervals}
-    assert deciding == set(labels.CI_CONDITIONS)
+    assert deciding == set(labels.ci_conditions(CLAIM_KINDS))
 
 
 def test_the_ci_rule_names_the_kinds_that_take_ci():
     rule = labels.ci_rule(CLAIM_KINDS)
     for measure, cls in CLAIM_KINDS.items():
-        takes = cls.HAS_INTERVALS or measure in labels.CI_CONDITIONS
+        takes = cls.HAS_INTERVALS or measure in labels.ci_conditions(CLAIM_KINDS)
         assert (f"`{measure}`" in rule) == takes, measure
 
 

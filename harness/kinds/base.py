@@ -134,6 +134,9 @@ class ClaimBase(Frozen):
     # the fields can give the value ("grid|scalar"); None: the kind cannot be frozen, and
     # FREEZE_WHY says why (the frozen spec writes it as a comment)
     FREEZE: ClassVar[str | None]
+    # where `has_intervals()` reads the fields: the words around the measure name that say
+    # when `ci:` applies (("single-feature ", "") reads "single-feature `feature_diff`")
+    CI_WHEN: ClassVar[tuple[str, str] | None] = None
     FREEZE_WHY: ClassVar[str] = ""
     # measurement extras the JSON report keeps (in this order); PRIVATE_EXTRAS are read by
     # the judging only. A key in neither is kept too: nothing is dropped silently.

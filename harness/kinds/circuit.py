@@ -18,6 +18,7 @@ class CircuitClaim(SingleModelClaim):
     """A set of components compared with the full model, everything outside it ablated."""
 
     measure: Literal["circuit"]
+    CI_WHEN = ("", " faithfulness")
     FREEZE = "cells|scalar"
     VALUE_KIND = GRID        # SCALAR for faithfulness
     REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means")

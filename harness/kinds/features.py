@@ -37,6 +37,7 @@ class TopFeaturesClaim(SingleModelClaim, FeatureReading):
 
 class FeatureDiffClaim(ClaimBase, FeatureReading):
     measure: Literal["feature_diff"]
+    CI_WHEN = ("single-feature ", "")
     FREEZE = "features|scalar"
     VALUE_KIND = FEATURES    # SCALAR for one `feature`
     REPORT_EXTRAS = ("prompts", "stats", "sae_gate", "scores", "mean_a", "mean_b")

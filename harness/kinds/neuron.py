@@ -22,6 +22,7 @@ class NeuronClaim(SingleModelClaim):
     """`layer` + `neuron`: one neuron's activation; `layers` / `neurons` (default: all): a grid."""
 
     measure: Literal["neuron"]
+    CI_WHEN = ("single-neuron ", "")
     FREEZE = "grid|scalar"
     VALUE_KIND = GRID        # SCALAR with `layer` and `neuron`
     REPORT_EXTRAS = ("prompts", "stats")
