@@ -39,10 +39,32 @@ def pytest_configure(config: pytest.Config) -> None:
                       prefix="harness-")
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
+    mismatch = other_checkout(Path(str(config.rootpath)))
+    if mismatch:   # shown in the warnings summary, even under -q
+        config.issue_config_time_warning(pytest.PytestConfigWarning(mismatch), stacklevel=2)
     config.stash[VERDICTS_KEY] = []
     config.stash[SPEC_ERRORS_KEY] = []
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(), "harness-xdist")
+
+
+def other_checkout(rootdir: Path) -> str | None:
+    """A warning when pytest runs in a checkout of the harness but imports another one: a
+    `.venv` made by one clone's setup is an editable install of that clone, so its pytest run
+    from a second clone would silently test the first."""
+    import harness
+
+    own = rootdir / "harness" / "__init__.py"
+    imported = Path(harness.__file__).resolve()
+    if not own.is_file() or own.resolve() == imported:
+        return None
+    return (f"interp-harness: WARNING: this run imports {imported.parent}, not this checkout's "
+            f"{own.parent}; its .venv is another clone's editable install. Run `bash "
+            f"scripts/setup.sh` here (a .venv of this checkout) or set PYTHONPATH={rootdir}")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return other_checkout(Path(str(config.rootpath)))
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
