@@ -12,6 +12,17 @@ the largest absolute differences of the patched logit diffs and peak memory.
 
     python bench/bench_patching.py [--device cuda] [--json out.json] [--sweeps z,resid_pre]
                                    [--models gpt2,llama,pythia]
+    python bench/bench_patching.py --real-only [--real-dir DIR] [--real-prompts 4,64,256]
+                                   [--tl-max-prompts 4]
+
+`--real` adds, and `--real-only` runs only, the real-model rows: SmolLM2-135M-Instruct (30
+layers, 9 query / 3 KV heads, d_model 576; a safetensors folder, `--real-dir`) on the IOI
+prompts of specs/data/smollm2_ioi.jsonl (clean -> ABC corrupt), for 4, 64 and 256 prompts: the
+z-over-[layer, head] sweep on the engine's fast path, its general path, attribution patching
+and TransformerLens (`get_act_patch_attn_head_out_all_pos`, up to `--tl-max-prompts` prompts:
+it takes minutes beyond), beside the arithmetic floor of head_sweep_ceiling.py for the same
+shape; then path patching of every sender head to the final residual. The one-off setup (the
+clean traces) is printed apart.
 
 Timing: the TransformerLens column is its patching function given a precomputed clean cache;
 the engine column is `patch_sweep` on an engine whose clean runs are already traced (as in a
@@ -35,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.testing import TINY_TEXTS  # noqa: E402
 from harness.zoo.tokenizer import save_tokenizer, train_bpe_tokenizer  # noqa: E402
@@ -170,6 +182,17 @@ def main(argv=None) -> dict:
                         help="which random models to bench: gpt2 (GPT-2 small), llama "
                              "(Llama-shaped, grouped-query attention), pythia (Pythia-shaped, "
                              "parallel blocks, partial rotary)")
+    parser.add_argument("--real", action="store_true",
+                        help="also bench the real model (SmolLM2-135M) on IOI prompts")
+    parser.add_argument("--real-only", action="store_true",
+                        help="only the real-model rows")
+    parser.add_argument("--real-dir", type=Path,
+                        default=Path(os.environ.get("HARNESS_SMOLLM2_DIR",
+                                                    "/work/cache/smollm2-f32")),
+                        help="the SmolLM2-135M safetensors folder")
+    parser.add_argument("--real-prompts", default="4,64,256")
+    parser.add_argument("--tl-max-prompts", type=int, default=4,
+                        help="TransformerLens's sweep only up to this many prompts")
     parser.add_argument("--repeat", type=int, default=3,
                         help="engine timing = best of this many calls (the first call also "
                              "pays one-off kernel and allocator warm-up, reported apart)")
@@ -177,8 +200,11 @@ def main(argv=None) -> dict:
     torch.set_grad_enabled(False)
     results = {"machine": _machine(args.device), "models": {}}
     print(f"device {results['machine']}")
-    for model in args.models.split(","):
-        results["models"][model] = bench_model(model, args)
+    if not args.real_only:
+        for model in args.models.split(","):
+            results["models"][model] = bench_model(model, args)
+    if args.real or args.real_only:
+        results["real"] = bench_real(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
@@ -261,6 +287,99 @@ def bench_model(model: str, args) -> dict:
               f"{diff:>11.2e}{tl_mb:>7.0f}{eng_mb:>10.0f}{gen_s:>10.3f}"
               f"{row['general_ratio']:>9.1f}x{gen_diff:>11.2e}", flush=True)
     return results
+
+
+def _ioi_prompts(n: int) -> list[dict]:
+    """The first n IOI rows of one template (equal token lengths), cycled to n prompts."""
+    rows = [json.loads(line) for line in
+            (Path(__file__).resolve().parents[1] / "specs/data/smollm2_ioi.jsonl").open()]
+    store = [r for r in rows if "went to the store" in r["text"]]
+    return [store[i % len(store)] for i in range(n)]
+
+
+def bench_real(args) -> dict:
+    """The IOI head sweep and path patching on SmolLM2-135M for several prompt counts."""
+    import transformer_lens.patching as tl_patching
+    from head_sweep_ceiling import best_matmul_gflops, head_sweep_flop
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from harness.measure import circuits as C
+    from harness.measure.patching import PatchingEngine, Run
+
+    bridge = TransformerBridge.boot_transformers(str(args.real_dir), device=args.device)
+    bridge.enable_compatibility_mode()
+    cfg = bridge.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    gflops = best_matmul_gflops(cfg.d_model, cfg.d_mlp)
+    senders = [[C.Component(layer, h)] for layer in range(cfg.n_layers)
+               for h in range(cfg.n_heads)]
+    print(f"\nSmolLM2-135M: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads "
+          f"({n_kv} KV), d_mlp {cfg.d_mlp}; IOI clean -> ABC; best float32 matmul "
+          f"{gflops:.0f} GFLOP/s")
+    print(f"{'prompts':>8}{'tokens':>7}{'setup s':>9}{'engine s':>10}{'general s':>10}"
+          f"{'attrib s':>10}{'TL s':>9}{'floor s':>9}{'TL/engine':>10}{'max |diff|':>11}"
+          f"{'path->resid s':>14}")
+    out = {}
+
+    def one(n: int) -> None:
+        prompts = _ioi_prompts(n)
+        tok = bridge.tokenizer
+        ids = lambda key: torch.tensor([tok(p[key], add_special_tokens=False).input_ids  # noqa: E731
+                                        for p in prompts]).to(args.device)
+        clean, corrupt = ids("text"), ids("corrupt")
+        answer = torch.tensor([tok(p["answer"], add_special_tokens=False).input_ids[0]
+                               for p in prompts])
+        foil = torch.tensor([tok(p["foil"], add_special_tokens=False).input_ids[0]
+                             for p in prompts])
+        final_pos = torch.full((n,), clean.shape[1] - 1)
+        from_run = Run("m", bridge, clean, final_pos)
+        into_run = Run("m", bridge, corrupt, final_pos)
+        row = {"tokens": int(clean.shape[1])}
+        engines = {"engine": PatchingEngine(), "general": PatchingEngine(path="general")}
+
+        def setup():
+            for engine in engines.values():
+                engine.logit_diff(from_run, answer, foil)
+                engine.logit_diff(into_run, answer, foil)
+        row["setup_s"] = timed(setup, args.device)[1]
+        grids = {}
+        for kind, engine in engines.items():
+            grids[kind], row[f"{kind}_s"], _ = timed(partial(
+                engine.patch_sweep, from_run, into_run, answer, foil, site="z",
+                over=("layer", "head")), args.device)
+        row["attribution_s"] = timed(partial(
+            engines["engine"].patch_sweep, from_run, into_run, answer, foil, site="z",
+            over=("layer", "head"), method="attribution"), args.device)[1]
+        row["tl_s"] = row["max_abs_diff"] = None
+        if n <= args.tl_max_prompts:
+            rows = torch.arange(n)
+
+            def metric(logits):
+                final = logits[rows, final_pos]
+                return (final[rows, answer] - final[rows, foil]).mean()
+            _, cache = bridge.run_with_cache(clean)
+            ref, row["tl_s"], _ = timed(partial(
+                tl_patching.get_act_patch_attn_head_out_all_pos, bridge, corrupt, cache,
+                metric), args.device)
+            row["max_abs_diff"] = (grids["engine"].raw - ref.float().cpu()).abs().max().item()
+        flop = n * head_sweep_flop(cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head,
+                                   cfg.d_mlp, 3, rows=clean.shape[1])
+        row["floor_s"] = flop / 1e9 / gflops
+        row["path_resid_s"] = timed(partial(engines["engine"].path_patch, from_run, into_run,
+                                            answer, foil, senders, "resid"), args.device)[1]
+        out[n] = row
+        tl = f"{row['tl_s']:>9.2f}" if row["tl_s"] is not None else f"{'-':>9}"
+        ratio = (f"{row['tl_s'] / row['engine_s']:>9.1f}x" if row["tl_s"] is not None
+                 else f"{'-':>10}")
+        diff = (f"{row['max_abs_diff']:>11.2e}" if row["max_abs_diff"] is not None
+                else f"{'-':>11}")
+        print(f"{n:>8}{row['tokens']:>7}{row['setup_s']:>9.2f}{row['engine_s']:>10.2f}"
+              f"{row['general_s']:>10.2f}{row['attribution_s']:>10.2f}{tl}"
+              f"{row['floor_s']:>9.2f}{ratio}{diff}{row['path_resid_s']:>14.2f}", flush=True)
+
+    for n in (int(x) for x in args.real_prompts.split(",")):
+        one(n)
+    return out
 
 
 def _machine(device: str) -> str:
