@@ -194,15 +194,18 @@ def cell_label(cell: Mapping[str, object]) -> str | None:
 # ----------------------------------------------------------------------------- position rules
 
 # where a feature is read in each prompt: a word, or {token: TEXT}
+FINAL_POSITION = "final"
+ALL_POSITIONS = "all"
 POSITION_WORDS: dict[str, str] = {
-    "final": "each prompt's last token (the default)",
-    "all": "every token but BOS",
+    FINAL_POSITION: "each prompt's last token (the default)",
+    ALL_POSITIONS: "every token but BOS",
 }
 TOKEN_POSITION_HELP = "every occurrence of that token (one token; a prompt without it is an error)"
 POSITION_HELP = "a position is final, all or {token: ' word'}"
 
-# the pydantic type of a `position:` field (spec.py)
-Position = Union[Literal[tuple(POSITION_WORDS)], dict[Literal["token"], str]]  # noqa: UP007
+# the pydantic types of a `position:` field (spec.py) and of a feature edit's `positions:`
+PositionWord = Literal[tuple(POSITION_WORDS)]  # type: ignore[valid-type]
+Position = Union[PositionWord, dict[Literal["token"], str]]  # noqa: UP007
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from harness.expect import SCALAR, Measurement
-from harness.kinds.base import MeasureContext, SingleModelClaim, measurement
+from harness.kinds.base import SEQUENCE_METRICS, MeasureContext, SingleModelClaim, measurement
 from harness.kinds.fields import SpanSpec
 from harness.kinds.measuring import interval, span_mask_of
 
@@ -39,7 +39,7 @@ class AccuracyClaim(SequenceClaim):
     FREEZE = "scalar"
 
 
-@measurement("loss", "accuracy")
+@measurement(*SEQUENCE_METRICS)
 def _sequence(ctx: MeasureContext) -> Measurement:
     from harness.measure.sequence import sequence_metric
 
