@@ -26,7 +26,8 @@ class SpanAfter(Frozen):
     after: str
 
 
-SPAN_HELP = "a span is all, second_half, {start: A, stop: B} or {after: TOKEN}"
+SPAN_HELP = labels.SPAN_HELP
+SPAN_WORDS = tuple(labels.SPAN_WORDS)
 
 
 def _parse_span(value):
@@ -34,9 +35,9 @@ def _parse_span(value):
     if isinstance(value, SpanRange | SpanAfter):
         return value
     if isinstance(value, str):
-        if value in ("all", "second_half"):
+        if value in SPAN_WORDS:
             return value
-        hint = did_you_mean(value, ["all", "second_half"])
+        hint = did_you_mean(value, SPAN_WORDS)
         raise ValueError(f"unknown span '{value}'" + (hint if "did you" in hint else "")
                          + f"; {SPAN_HELP}")
     if isinstance(value, dict) and set(value) == {"after"}:
@@ -52,7 +53,8 @@ def _parse_span(value):
     raise ValueError(f"{SPAN_HELP}; got {value!r}")
 
 
-SpanSpec = Annotated[Union[Literal["all", "second_half"], SpanRange, SpanAfter],  # noqa: UP007
+SpanWord = Literal[SPAN_WORDS]  # type: ignore[valid-type]
+SpanSpec = Annotated[Union[SpanWord, SpanRange, SpanAfter],  # noqa: UP007
                      BeforeValidator(_parse_span)]
 
 

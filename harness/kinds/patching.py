@@ -46,7 +46,7 @@ class PatchClaim(ClaimBase, SiteSelection):
     from_: RunRef = Field(alias="from")
     into: RunRef
     metric: PatchMetric = "normalized"
-    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
+    span: SpanSpec = labels.DEFAULT_SPAN    # metric loss / accuracy: the scored positions
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -112,7 +112,7 @@ class AblateClaim(SingleModelClaim, SiteSelection):
     reference: str | ReferencePrompts | None = None
     seed: int = 0                  # resample: which reference prompt each prompt draws
     metric: PatchMetric = "normalized"
-    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
+    span: SpanSpec = labels.DEFAULT_SPAN    # metric loss / accuracy: the scored positions
 
     @model_validator(mode="after")
     def _resample_needs_prompts(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from harness import labels
 from harness.expect import SCALAR, Measurement
 from harness.kinds.base import SEQUENCE_METRICS, MeasureContext, SingleModelClaim, measurement
 from harness.kinds.fields import SpanSpec
@@ -16,7 +17,7 @@ class SequenceClaim(SingleModelClaim):
 
     PRIVATE_EXTRAS = ("each", "positions")
 
-    span: SpanSpec = "all"
+    span: SpanSpec = labels.DEFAULT_SPAN
 
     def reads_answers(self) -> bool:
         return False
