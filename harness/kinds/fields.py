@@ -189,7 +189,7 @@ class FeatureReading(Frozen):
     joins several positions of one prompt."""
 
     sae: str
-    position: Position = "final"
+    position: Position = labels.FINAL_POSITION
     reduce: Literal["max", "mean"] = "max"
 
 
