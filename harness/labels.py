@@ -1,6 +1,6 @@
 """The one grammar of the names a spec writes and a report shows: component labels (`L3H7`,
-`L3KV1`, `L3N12`, `mlp3`, `resid_pre3`, ...), position rules, sweep axes, sequence metrics and
-which claims take `ci`.
+`L3KV1`, `L3N12`, `mlp3`, `resid_pre3`, ...), position rules, spans, sweep axes, sequence
+metrics and which claims take `ci`.
 
 Each is defined here once and parsed and formatted by the same code, so a label a report prints
 is one a spec can name (`parse_label(format_label(x)) == x`). docs/spec-format.md's tables are
@@ -194,15 +194,18 @@ def cell_label(cell: Mapping[str, object]) -> str | None:
 # ----------------------------------------------------------------------------- position rules
 
 # where a feature is read in each prompt: a word, or {token: TEXT}
+FINAL_POSITION = "final"
+ALL_POSITIONS = "all"
 POSITION_WORDS: dict[str, str] = {
-    "final": "each prompt's last token (the default)",
-    "all": "every token but BOS",
+    FINAL_POSITION: "each prompt's last token (the default)",
+    ALL_POSITIONS: "every token but BOS",
 }
 TOKEN_POSITION_HELP = "every occurrence of that token (one token; a prompt without it is an error)"
 POSITION_HELP = "a position is final, all or {token: ' word'}"
 
-# the pydantic type of a `position:` field (spec.py)
-Position = Union[Literal[tuple(POSITION_WORDS)], dict[Literal["token"], str]]  # noqa: UP007
+# the pydantic types of a `position:` field (spec.py) and of a feature edit's `positions:`
+PositionWord = Literal[tuple(POSITION_WORDS)]  # type: ignore[valid-type]
+Position = Union[PositionWord, dict[Literal["token"], str]]  # noqa: UP007
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,24 @@ def parse_position(value: object) -> PositionRule:
 def format_position(rule: PositionRule) -> str | dict[str, str]:
     """The inverse of `parse_position`: how a spec writes the rule."""
     return {"token": rule.token} if isinstance(rule, TokenPosition) else rule
+
+
+# ----------------------------------------------------------------------------- spans
+
+# which of each prompt's tokens a sequence metric scores (`span:`): a word or a mapping
+SPAN_WORDS: dict[str, str] = {
+    "all": "every token of the text (the first too, when BOS is prepended)",
+    "second_half": "the last ⌊n/2⌋ of the n text tokens: the repeat of a sequence written twice",
+}
+DEFAULT_SPAN = "all"
+SPAN_MAPPINGS: dict[str, str] = {
+    "{start: A, stop: B}": "text tokens A..B−1, Python slice rules (negatives count from the "
+                           "end; either may be left out)",
+    "{after: TOKEN}": "the tokens after the first occurrence of a marker token (one token; a "
+                      "prompt without it is an error)",
+}
+_SPAN_FORMS = (*SPAN_WORDS, *SPAN_MAPPINGS)
+SPAN_HELP = f"a span is {', '.join(_SPAN_FORMS[:-1])} or {_SPAN_FORMS[-1]}"
 
 
 # ----------------------------------------------------------------------------- sweep axes
@@ -318,6 +339,11 @@ def doc_tables() -> dict[str, str]:
             ("position", "reads"),
             [(f"`{word}`", meaning) for word, meaning in POSITION_WORDS.items()]
             + [('`{token: " bad"}`', TOKEN_POSITION_HELP)]),
+        "spans": markdown_table(
+            ("span", "scored tokens"),
+            [(f"`{word}`" + (" (default)" if word == DEFAULT_SPAN else ""), meaning)
+             for word, meaning in SPAN_WORDS.items()]
+            + [(f"`{form}`", meaning) for form, meaning in SPAN_MAPPINGS.items()]),
         "sweep_axes": markdown_table(
             ("over", "sites and cells"),
             [(f"`{format_axes(axes)}`", meaning) for axes, meaning in SWEEP_AXES.items()]),

@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 
 from harness.errors import did_you_mean
-from harness.labels import HEAD_RE as HEAD_RE  # spec.py still imports it from here
 from harness.labels import Head, LabelError, format_label, parse_label
 
 

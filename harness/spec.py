@@ -40,7 +40,6 @@ from harness.kinds.base import (  # noqa: F401
     parse_comparison,
 )
 from harness.kinds.fields import (  # noqa: F401
-    COMPONENT_RE,
     SPAN_HELP,
     FeatureEdit,
     FeaturePatchSpec,
@@ -58,6 +57,7 @@ from harness.kinds.generate import GenerationPatch  # noqa: F401
 from harness.kinds.patching import SWEEP_AXES  # noqa: F401
 from harness.kinds.readout import OneOrTwoModels  # noqa: F401
 from harness.kinds.sequence import SequenceClaim  # noqa: F401
+from harness.labels import COMPONENT_RE  # noqa: F401  (tests/test_labels.py reads it here)
 from harness.sources import SOURCE_FIELDS
 from harness.yamlsource import SourcedYaml, format_loc, read_yaml, read_yaml_text
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from hypothesis import given
@@ -202,3 +203,115 @@ def test_the_docs_tables_are_the_ones_labels_py_generates():
         assert found[name] == table, (
             f"docs/spec-format.md's {name} table differs from harness/labels.py; write:\n"
             f"{table}")
+
+
+# ----------------------------------------------------------------------------- the kinds use it
+
+@given(st.text(max_size=12) | st.builds(Head, index, index, st.booleans()).map(format_label))
+def test_a_head_label_the_engine_reads_is_one_the_spec_accepts_and_back(text):
+    """`heads:` of a site selection: the spec refuses exactly what `sites.parse_head` (the
+    engine's reading) refuses, and reads the same (layer, head)."""
+    from pydantic import ValidationError
+
+    from harness.kinds.fields import SiteSelection
+    from harness.sites import parse_head
+
+    try:
+        parse_label(text, ("head", "kv_head"))
+        is_head = True
+    except LabelError:
+        is_head = False
+    for site in ("z", "k"):
+        try:
+            engine = parse_head(text, site)
+        except ValueError:
+            engine = None
+        try:
+            pairs = SiteSelection(site=site, heads=(text,)).head_pairs()
+        except ValidationError as exc:
+            assert engine is None, f"{text!r} on {site}: the engine reads it, the spec refuses"
+            # not a head label at all, or the other kind of head than the site has
+            assert ("is not a head name" in str(exc)) == (not is_head)
+        else:
+            assert pairs == (engine,)
+
+
+def test_a_bad_head_label_is_shown_escaped_with_the_forms_to_write():
+    from pydantic import ValidationError
+
+    from harness.kinds.fields import SiteSelection
+
+    with pytest.raises(ValidationError) as info:
+        SiteSelection(site="z", heads=("L3\x1b[2JH0",))
+    message = str(info.value)
+    assert "\x1b" not in message and "'L3\\x1b[2JH0' is not a head name" in message
+    assert "L{layer}H{head}" in message and "L{layer}KV{head}" in message
+
+
+@given(st.text(max_size=12) | any_label.map(format_label))
+def test_component_fields_accept_and_index_what_parse_component_reads(text):
+    from pydantic import ValidationError
+
+    from harness.kinds.circuit import CircuitClaim
+    from harness.kinds.fields import component_indices
+
+    try:
+        parsed = labels.parse_component(text)
+    except LabelError:
+        parsed = None
+    fields = {"id": "c", "measure": "circuit", "model": "m", "members": [text], "kind": "zero",
+              "expect": {">": 0}}
+    try:
+        CircuitClaim.model_validate(fields)
+    except ValidationError as exc:
+        assert parsed is None and "is not a component" in str(exc)
+    else:
+        assert parsed is not None
+        indexed = {(i.axis, i.value) for i in component_indices([text], "members")}
+        assert indexed == {("layer", parsed.layer)} | (
+            {("head", parsed.head)} if isinstance(parsed, Head) else set())
+
+
+def _literal_values(model, field):
+    annotation = model.model_fields[field].annotation
+    return set(get_args(annotation))
+
+
+def test_the_kinds_fields_take_the_grammars_words():
+    from harness.kinds import CLAIM_CLASSES
+    from harness.kinds.fields import FeatureEdit, SpanWord
+    from harness.kinds.patching import AblateClaim, PatchClaim
+    from harness.kinds.sequence import SequenceClaim
+
+    for cls in (PatchClaim, AblateClaim):
+        assert set(labels.SEQUENCE_METRICS) < _literal_values(cls, "metric")
+        assert cls.model_fields["span"].default == labels.DEFAULT_SPAN
+    assert {c.model_fields["measure"].annotation.__args__[0] for c in CLAIM_CLASSES
+            if issubclass(c, SequenceClaim)} == set(labels.SEQUENCE_METRICS)
+    assert _literal_values(FeatureEdit, "positions") == set(labels.POSITION_WORDS)
+    assert set(get_args(SpanWord)) == set(labels.SPAN_WORDS)
+
+
+def test_a_bad_sweep_says_what_labels_says():
+    from pydantic import ValidationError
+
+    from harness.kinds.patching import PatchSweepClaim
+
+    fields = {"id": "s", "measure": "patch_sweep", "site": "z", "over": ["pos", "layer"],
+              "from": "a", "into": "b", "expect": {"max": {">": 0}}}
+    with pytest.raises(ValidationError) as info:
+        PatchSweepClaim.model_validate(fields)
+    assert labels.sweep_axes_problem(["pos", "layer"]) in str(info.value)
+
+
+@pytest.mark.parametrize("span", ["second-half", "al", {"begin": 1}])
+def test_a_bad_span_names_every_span_form(span):
+    from pydantic import TypeAdapter, ValidationError
+
+    from harness.kinds.fields import SpanSpec
+
+    with pytest.raises(ValidationError) as info:
+        TypeAdapter(SpanSpec).validate_python(span)
+    assert labels.SPAN_HELP in str(info.value)
+    for form in [*labels.SPAN_WORDS, *labels.SPAN_MAPPINGS]:
+        assert form in labels.SPAN_HELP

@@ -155,10 +155,7 @@ def _feature_intervention(ctx: MeasureContext) -> Measurement:
     claim = ctx.claim
     model, batch, sae, gate = _model_with_sae(ctx, claim.model)
     gates = {claim.model: gate}
-    if claim.positions == "final":
-        where = F.select_positions(batch, ctx.prepend_bos, "final")
-    else:
-        where = F.real_positions(batch, ctx.prepend_bos)
+    where = F.select_positions(batch, ctx.prepend_bos, claim.positions)
     if claim.ablate is not None:
         check_features(ctx, sae, claim.ablate)
         edit = F.ablate_edit(sae, list(claim.ablate), where)

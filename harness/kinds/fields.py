@@ -10,7 +10,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_
 from harness import labels
 from harness.errors import did_you_mean
 from harness.kinds.base import Frozen, Index
-from harness.sites import HEAD_RE, HEAD_SITES, KV_SITES, SITES, parse_head
+from harness.sites import HEAD_SITES, KV_SITES, SITES, parse_head
 
 
 class SpanRange(Frozen):
@@ -26,7 +26,8 @@ class SpanAfter(Frozen):
     after: str
 
 
-SPAN_HELP = "a span is all, second_half, {start: A, stop: B} or {after: TOKEN}"
+SPAN_HELP = labels.SPAN_HELP
+SPAN_WORDS = tuple(labels.SPAN_WORDS)
 
 
 def _parse_span(value):
@@ -34,9 +35,9 @@ def _parse_span(value):
     if isinstance(value, SpanRange | SpanAfter):
         return value
     if isinstance(value, str):
-        if value in ("all", "second_half"):
+        if value in SPAN_WORDS:
             return value
-        hint = did_you_mean(value, ["all", "second_half"])
+        hint = did_you_mean(value, SPAN_WORDS)
         raise ValueError(f"unknown span '{value}'" + (hint if "did you" in hint else "")
                          + f"; {SPAN_HELP}")
     if isinstance(value, dict) and set(value) == {"after"}:
@@ -52,7 +53,8 @@ def _parse_span(value):
     raise ValueError(f"{SPAN_HELP}; got {value!r}")
 
 
-SpanSpec = Annotated[Union[Literal["all", "second_half"], SpanRange, SpanAfter],  # noqa: UP007
+SpanWord = Literal[SPAN_WORDS]  # type: ignore[valid-type]
+SpanSpec = Annotated[Union[SpanWord, SpanRange, SpanAfter],  # noqa: UP007
                      BeforeValidator(_parse_span)]
 
 
@@ -67,6 +69,9 @@ class RunRef(Frozen):
 
 def _run_ref(value):
     return RunRef(model=value) if isinstance(value, str) else value
+
+
+HEAD_FORMS = ("head", "kv_head")   # L3H7, L3KV1: which one a site takes is `sites.parse_head`
 
 
 class SiteSelection(Frozen):
@@ -87,10 +92,10 @@ class SiteSelection(Frozen):
     @classmethod
     def _head_names(cls, value):
         for head in value or ():
-            if not HEAD_RE.match(head):
-                raise ValueError(f"'{head}' is not a head name; write query heads as "
-                                 "L{layer}H{head} (e.g. L10H4) and key/value heads of sites k "
-                                 "and v as L{layer}KV{head} (e.g. L3KV1)")
+            try:
+                labels.parse_label(head, HEAD_FORMS, "head name")
+            except labels.LabelError as exc:
+                raise ValueError(f"{exc}; key/value heads are for sites k and v") from None
         return value
 
     @model_validator(mode="after")
@@ -107,8 +112,8 @@ class SiteSelection(Frozen):
     def head_pairs(self) -> tuple[tuple[int, int], ...] | None:
         if self.heads is None:
             return None
-        return tuple((int(m.group(1)), int(m.group(2)))
-                     for m in (HEAD_RE.match(h) for h in self.heads))
+        heads = [labels.parse_label(h, HEAD_FORMS) for h in self.heads]
+        return tuple((head.layer, head.head) for head in heads)  # type: ignore[union-attr]
 
     def selection_indices(self, where: tuple = ()) -> list[Index]:
         """The layers, heads (query or key/value, as the site has) and neurons selected."""
@@ -145,7 +150,7 @@ class FeatureEdit(Frozen):
     ablate: tuple[int, ...] | None = None
     steer: SteerSpec | None = None
     patch: FeaturePatchSpec | None = None
-    positions: Literal["all", "final"] = "all"
+    positions: labels.PositionWord = labels.ALL_POSITIONS
 
     @model_validator(mode="after")
     def _one_edit(self):
@@ -169,17 +174,11 @@ class ReferencePrompts(Frozen):
 
 
 
-COMPONENT_RE = labels.COMPONENT_RE
-
-
 def _components(value):
+    """Circuit component labels (`L1H0`, `mlp0`); a LabelError (a ValueError) names the forms."""
     for label in value or ():
-        if not COMPONENT_RE.match(label):
-            raise ValueError(f"'{label}' is not a component; write heads as L{{layer}}H{{head}} "
-                             "(e.g. L1H0) and MLP layers as mlp{layer} (e.g. mlp0)")
+        labels.parse_component(label)
     return value
-
-
 
 
 Position = labels.Position
@@ -190,22 +189,21 @@ class FeatureReading(Frozen):
     joins several positions of one prompt."""
 
     sae: str
-    position: Position = "final"
+    position: Position = labels.FINAL_POSITION
     reduce: Literal["max", "mean"] = "max"
 
 
-def component_indices(labels, field: str) -> list[Index]:
+def component_indices(components, field: str) -> list[Index]:
     """The layer (and head) of each component label L{layer}H{head} / mlp{layer}."""
     out = []
-    for i, label in enumerate(labels or ()):
-        match = COMPONENT_RE.match(label)
-        if match is None:
-            continue
-        if match.group(3) is not None:
-            out.append(Index((field, i), "layer", int(match.group(3))))
-        else:
-            out += [Index((field, i), "layer", int(match.group(1))),
-                    Index((field, i), "head", int(match.group(2)))]
+    for i, text in enumerate(components or ()):
+        try:
+            component = labels.parse_component(text)
+        except labels.LabelError:
+            continue   # refused where the field is read (`_components`)
+        out.append(Index((field, i), "layer", component.layer))
+        if isinstance(component, labels.Head):
+            out.append(Index((field, i), "head", component.head))
     return out
 
 

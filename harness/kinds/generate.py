@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from harness import labels
 from harness.errors import MeasureError
 from harness.expect import ANSWER_OPERATORS, SAMPLES, TEXT, Measurement
 from harness.kinds.base import Index, MeasureContext, PerPrompt, SingleModelClaim, measurement
@@ -170,7 +171,7 @@ def _generation_features(ctx: MeasureContext, model, batch, edit):
         where = torch.ones(window.shape, dtype=torch.bool)
         if ctx.prepend_bos:
             where[:, 0] = False
-        if edit.positions == "final":
+        if edit.positions == labels.FINAL_POSITION:
             where[:, :-1] = False
         if edit.ablate is not None:
             fn = F.ablate_edit(sae, features, where)

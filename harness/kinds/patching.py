@@ -32,6 +32,10 @@ from harness.kinds.measuring import (
 from harness.measure.results import Grid, PatchEffect
 from harness.sites import HEAD_SITES
 
+# what a patch or ablation reads: the logit difference (normalized or raw) or a sequence metric
+PATCH_METRICS = ("normalized", "logit_diff", *SEQUENCE_METRICS)
+PatchMetric = Literal[PATCH_METRICS]  # type: ignore[valid-type]
+
 
 class PatchClaim(ClaimBase, SiteSelection):
     measure: Literal["patch"]
@@ -41,8 +45,8 @@ class PatchClaim(ClaimBase, SiteSelection):
     MODEL_ARROW = True
     from_: RunRef = Field(alias="from")
     into: RunRef
-    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
-    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
+    metric: PatchMetric = "normalized"
+    span: SpanSpec = labels.DEFAULT_SPAN    # metric loss / accuracy: the scored positions
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -84,9 +88,9 @@ class PatchSweepClaim(PatchClaim):
 
     @model_validator(mode="after")
     def _axes_fit_site(self):
-        if tuple(self.over) not in SWEEP_AXES:
-            raise ValueError(f"`over: {list(self.over)}` is not a sweep; use one of "
-                             "[layer, pos], [layer], [layer, head], [layer, head, pos]")
+        problem = labels.sweep_axes_problem(self.over)
+        if problem:
+            raise ValueError(problem)
         if "head" in self.over and self.site not in HEAD_SITES:
             raise ValueError(f"a sweep over heads needs a per-head site "
                              f"({', '.join(HEAD_SITES)}), not '{self.site}'")
@@ -107,15 +111,15 @@ class AblateClaim(SingleModelClaim, SiteSelection):
     # whose mean (kind mean) or activations (kind resample) replace the selection
     reference: str | ReferencePrompts | None = None
     seed: int = 0                  # resample: which reference prompt each prompt draws
-    metric: Literal["normalized", "logit_diff", "loss", "accuracy"] = "normalized"
-    span: SpanSpec = "all"    # metric loss / accuracy: the scored positions
+    metric: PatchMetric = "normalized"
+    span: SpanSpec = labels.DEFAULT_SPAN    # metric loss / accuracy: the scored positions
 
     @model_validator(mode="after")
     def _resample_needs_prompts(self):
         if self.kind == "resample" and not isinstance(self.reference, ReferencePrompts):
             raise ValueError("`kind: resample` needs `reference: {prompts: SET}`, the prompt "
                              "set whose activations replace the selection")
-        if isinstance(self.reference, ReferencePrompts) and self.metric in ("loss", "accuracy"):
+        if isinstance(self.reference, ReferencePrompts) and self.metric in SEQUENCE_METRICS:
             raise ValueError("`reference: {prompts: SET}` ablations read the logit difference; "
                              "use `metric: normalized` or `metric: logit_diff`")
         return self

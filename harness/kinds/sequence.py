@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from harness import labels
 from harness.expect import SCALAR, Measurement
-from harness.kinds.base import MeasureContext, SingleModelClaim, measurement
+from harness.kinds.base import SEQUENCE_METRICS, MeasureContext, SingleModelClaim, measurement
 from harness.kinds.fields import SpanSpec
 from harness.kinds.measuring import interval, span_mask_of
 
@@ -16,7 +17,7 @@ class SequenceClaim(SingleModelClaim):
 
     PRIVATE_EXTRAS = ("each", "positions")
 
-    span: SpanSpec = "all"
+    span: SpanSpec = labels.DEFAULT_SPAN
 
     def reads_answers(self) -> bool:
         return False
@@ -39,7 +40,7 @@ class AccuracyClaim(SequenceClaim):
     FREEZE = "scalar"
 
 
-@measurement("loss", "accuracy")
+@measurement(*SEQUENCE_METRICS)
 def _sequence(ctx: MeasureContext) -> Measurement:
     from harness.measure.sequence import sequence_metric
 

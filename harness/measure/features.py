@@ -18,7 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
-from harness.labels import LabelError, parse_position
+from harness.labels import ALL_POSITIONS, FINAL_POSITION, LabelError, parse_position
 from harness.measure.budget import WORK_SHARE, budget_bytes
 from harness.measure.logits import logit_diff_reader, prompts_per_forward, read_final_logits
 from harness.prompts import PromptBatch
@@ -99,11 +99,11 @@ def select_positions(batch: PromptBatch, prepend_bos: bool, position: str | dict
     except LabelError as exc:
         raise MeasureError(str(exc)) from None
     real = real_positions(batch, prepend_bos)
-    if rule == "final":
+    if rule == FINAL_POSITION:
         mask = torch.zeros_like(real)
         mask[torch.arange(len(mask)), batch.final_pos.cpu()] = True
         return mask
-    if rule == "all":
+    if rule == ALL_POSITIONS:
         return real
     token = rule.token   # a TokenPosition
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]

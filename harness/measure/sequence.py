@@ -22,8 +22,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
-
-METRICS = ("loss", "accuracy")
+from harness.labels import SEQUENCE_METRICS
 
 
 @dataclass(frozen=True)
@@ -85,8 +84,9 @@ def metric_of_logits(logits: Float[Tensor, "batch pos vocab"], targets: Int[Tens
                      mask: Bool[Tensor, "batch pos"], metric: str) -> Float[Tensor, " batch"]:
     """Per-prompt mean loss (nats) or argmax accuracy over the span; reads only the scored
     positions' logits."""
-    if metric not in METRICS:
-        raise MeasureError(f"unknown sequence metric {metric!r}; use loss or accuracy")
+    if metric not in SEQUENCE_METRICS:
+        raise MeasureError(f"unknown sequence metric {metric!r}; use "
+                           + " or ".join(SEQUENCE_METRICS))
     # only the scored positions: logits at t - 1 predict token t
     rows, cols = mask[:, 1:].to(logits.device).nonzero(as_tuple=True)
     scored = logits[rows, cols].float()
