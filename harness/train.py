@@ -388,10 +388,16 @@ def run_rlhf(cfg: RLHFConfig, out_dir: Path, progress: bool = True) -> dict:
 
 
 def recipe_key(cfg: RLHFConfig) -> str:
-    """Content key of a run: the config, the identity of base and reward, and versions."""
+    """Content key of a run: the config, the identity of base and reward, and versions.
+
+    A local folder counts by its files' contents, not its path, so the same base converted
+    or checked out elsewhere reuses the run.
+    """
     from harness.zoo.store import content_key, model_identity
-    payload = {"config": asdict(cfg), "base": model_identity(resolve_model(cfg.base)),
-               "reward": model_identity(resolve_model(cfg.reward))}
+    base, reward = (model_identity(resolve_model(cfg.base)),
+                    model_identity(resolve_model(cfg.reward)))
+    payload = {"config": asdict(replace(cfg, base=base, reward=reward)), "base": base,
+               "reward": reward}
     return content_key(payload)
 
 

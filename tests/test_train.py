@@ -70,6 +70,19 @@ def test_recipe_trains_only_the_unfrozen_block_and_caches(tiny_base, tmp_path, m
     assert train_rlhf(cfg.__class__(**{**cfg.__dict__, "seed": 1}), progress=False) != out
 
 
+def test_recipe_key_counts_folders_by_content_not_path(tiny_base, tmp_path):
+    """The same base in another folder (another checkout, another conversion of one file)
+    is the same run; other weights are another run."""
+    import shutil
+
+    from harness.train import recipe_key
+    copy = shutil.copytree(tiny_base, tmp_path / "elsewhere")
+    assert recipe_key(_tiny_config(copy)) == recipe_key(_tiny_config(tiny_base))
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    assert recipe_key(_tiny_config(copy)) != recipe_key(_tiny_config(tiny_base))
+
+
 def test_base_without_architectures_is_refused_before_training(tmp_path, monkeypatch):
     """A config.json without `architectures` (as a naive GGUF conversion writes it) crashed
     TRL's trainer with a bare TypeError after loading; the recipe refuses it up front, naming
