@@ -189,20 +189,24 @@ def evaluate_policy(model, ref_model, tokenizer, reward, prompts: list[str], cfg
             logp_pol = torch.zeros(len(chunk), device=device)
             logp_ref = torch.zeros(len(chunk), device=device)
             done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            step_ids, caches = ids, [None, None]   # key/value caches: each token read once
             for _ in range(cfg.max_new_tokens):
-                pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-                lp = torch.log_softmax(model(seq, attention_mask=full_mask,
-                                             position_ids=pos).logits[:, -1].float()
-                                       / cfg.temperature, -1)
-                lr = torch.log_softmax(ref_model(seq, attention_mask=full_mask,
-                                                 position_ids=pos).logits[:, -1].float()
-                                       / cfg.temperature, -1)
+                pos = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+                logps = []
+                for i, m in enumerate((model, ref_model)):
+                    out = m(step_ids, attention_mask=full_mask, position_ids=pos,
+                            cache=caches[i], use_cache=True)
+                    caches[i] = out.cache
+                    logps.append(torch.log_softmax(out.logits[:, -1].float()
+                                                   / cfg.temperature, -1))
+                lp, lr = logps
                 nxt = torch.multinomial(lp.exp().cpu(), 1, generator=gen).to(device)[:, 0]
                 nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
                 live = (~done).float()
                 logp_pol += live * lp.gather(-1, nxt[:, None])[:, 0]
                 logp_ref += live * lr.gather(-1, nxt[:, None])[:, 0]
                 seq = torch.cat([seq, nxt[:, None]], 1)
+                step_ids = nxt[:, None]
                 full_mask = torch.cat([full_mask, (~done).long()[:, None]], 1)
                 done = done | (nxt == tokenizer.eos_token_id)
             completions = tokenizer.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)
