@@ -96,6 +96,31 @@ def resolve_model(name: str) -> str:
     return locate_name(name)
 
 
+def check_trainable(location: str, role: str = "base") -> None:
+    """Refuse, before anything loads, a local model folder TRL cannot train.
+
+    TRL's trainer rebuilds the model from `config.architectures[0]`; a folder whose
+    config.json lacks it (as a naive GGUF conversion writes it) loads fine and then crashes
+    the trainer with a bare `TypeError: 'NoneType' object is not subscriptable`.
+    """
+    directory = Path(location)
+    if not directory.is_dir():
+        return   # a hub id: transformers checks what it downloads
+    from harness.static_checks import folder_problem
+    problem = folder_problem(directory)
+    if problem:
+        raise HarnessError(f"{role} model {directory}: {problem}")
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("architectures"):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config.get("model_type")), "<ModelClass>")
+    raise HarnessError(
+        f"{role} model {directory}: config.json has no `architectures`, which TRL's trainer "
+        f"needs to rebuild the model; add \"architectures\": [\"{cls}\"] to "
+        f"{directory / 'config.json'} (a GGUF file loaded with `gguf:` is converted with it)")
+
+
 def load_prompts(cfg: RLHFConfig) -> list[str]:
     if cfg.prompts == TOY_PROMPTS:
         from harness.zoo.corpus import review_prompts
@@ -162,20 +187,24 @@ def evaluate_policy(model, ref_model, tokenizer, reward, prompts: list[str], cfg
             logp_pol = torch.zeros(len(chunk), device=device)
             logp_ref = torch.zeros(len(chunk), device=device)
             done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            step_ids, caches = ids, [None, None]   # key/value caches: each token read once
             for _ in range(cfg.max_new_tokens):
-                pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-                lp = torch.log_softmax(model(seq, attention_mask=full_mask,
-                                             position_ids=pos).logits[:, -1].float()
-                                       / cfg.temperature, -1)
-                lr = torch.log_softmax(ref_model(seq, attention_mask=full_mask,
-                                                 position_ids=pos).logits[:, -1].float()
-                                       / cfg.temperature, -1)
+                pos = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+                logps = []
+                for i, m in enumerate((model, ref_model)):
+                    out = m(step_ids, attention_mask=full_mask, position_ids=pos,
+                            cache=caches[i], use_cache=True)
+                    caches[i] = out.cache
+                    logps.append(torch.log_softmax(out.logits[:, -1].float()
+                                                   / cfg.temperature, -1))
+                lp, lr = logps
                 nxt = torch.multinomial(lp.exp().cpu(), 1, generator=gen).to(device)[:, 0]
                 nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
                 live = (~done).float()
                 logp_pol += live * lp.gather(-1, nxt[:, None])[:, 0]
                 logp_ref += live * lr.gather(-1, nxt[:, None])[:, 0]
                 seq = torch.cat([seq, nxt[:, None]], 1)
+                step_ids = nxt[:, None]
                 full_mask = torch.cat([full_mask, (~done).long()[:, None]], 1)
                 done = done | (nxt == tokenizer.eos_token_id)
             completions = tokenizer.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)
@@ -288,6 +317,7 @@ def run_rlhf(cfg: RLHFConfig, out_dir: Path, progress: bool = True) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base, reward_id = resolve_model(cfg.base), resolve_model(cfg.reward)
+    check_trainable(base)
     device = _device(cfg)
     use_cpu = device == "cpu"
     prompts = load_prompts(cfg)
@@ -327,7 +357,9 @@ def run_rlhf(cfg: RLHFConfig, out_dir: Path, progress: bool = True) -> dict:
             trainer.remove_callback(PrinterCallback)
             hooks = [m.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
                      for m in (trainer.model, trainer.ref_model) if m is not None]
+            train_started = time.time()
             trainer.train()
+            train_seconds = time.time() - train_started
             for h in hooks:
                 h.remove()
         policy = trainer.model
@@ -343,23 +375,31 @@ def run_rlhf(cfg: RLHFConfig, out_dir: Path, progress: bool = True) -> dict:
         "recipe": cfg.recipe, "algorithm": "trl.RLOOTrainer", "config": asdict(cfg),
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "trainable_parameters": trainable, "seconds": round(time.time() - t0, 2),
+        "seconds_per_step": round(train_seconds / cfg.steps, 2),
         "before": before, "after": after, "history": history,
     }
-    if cfg.prompts == TOY_PROMPTS:
-        ref = ref.to("cpu")
-        report["logit_diff"] = {"base": logit_diff(ref, tokenizer),
-                                "tuned": logit_diff(policy, tokenizer)}
-        report["greedy"] = {"base": greedy(ref, tokenizer, "This movie was really"),
-                            "tuned": greedy(policy, tokenizer, "This movie was really")}
+    ref = ref.to("cpu")   # the seed's prompt and metric, on every base
+    report["logit_diff"] = {"base": logit_diff(ref, tokenizer, prepend_bos=cfg.prepend_bos),
+                            "tuned": logit_diff(policy, tokenizer, prepend_bos=cfg.prepend_bos)}
+    report["greedy"] = {
+        "base": greedy(ref, tokenizer, "This movie was really", prepend_bos=cfg.prepend_bos),
+        "tuned": greedy(policy, tokenizer, "This movie was really",
+                        prepend_bos=cfg.prepend_bos)}
     (out_dir / "rlhf_report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
 def recipe_key(cfg: RLHFConfig) -> str:
-    """Content key of a run: the config, the identity of base and reward, and versions."""
+    """Content key of a run: the config, the identity of base and reward, and versions.
+
+    A local folder counts by its files' contents, not its path, so the same base converted
+    or checked out elsewhere reuses the run.
+    """
     from harness.zoo.store import content_key, model_identity
-    payload = {"config": asdict(cfg), "base": model_identity(resolve_model(cfg.base)),
-               "reward": model_identity(resolve_model(cfg.reward))}
+    base, reward = (model_identity(resolve_model(cfg.base)),
+                    model_identity(resolve_model(cfg.reward)))
+    payload = {"config": asdict(replace(cfg, base=base, reward=reward)), "base": base,
+               "reward": reward}
     return content_key(payload)
 
 
@@ -374,6 +414,7 @@ def train_rlhf(config: RLHFConfig | dict, out_dir: Path | None = None,
     from harness.zoo.store import cache_root
 
     cfg = RLHFConfig.from_dict(config) if isinstance(config, dict) else config
+    check_trainable(resolve_model(cfg.base))
     key = recipe_key(cfg)
     target = Path(out_dir) if out_dir is not None else cache_root() / "rlhf" / key
     stamp = target / "recipe_key.txt"
@@ -438,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RLHFConfig", "train_rlhf", "run_rlhf", "freeze_all_but_last", "logit_diff",
+__all__ = ["RLHFConfig", "train_rlhf", "run_rlhf", "check_trainable", "freeze_all_but_last",
+           "logit_diff",
            "greedy", "evaluate_policy", "RECIPES"]
 
 if __name__ == "__main__":
