@@ -71,6 +71,28 @@ def _run_ref(value):
     return RunRef(model=value) if isinstance(value, str) else value
 
 
+class FromInto(Frozen):
+    """Two runs of a patch: the values come `from` one and are written `into` the other. A
+    kind declares the fields itself (`from_: RunRef = Field(alias="from")`, `into: RunRef`,
+    after `measure`), so its report's `params` keep their order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("from_", "into", mode="before", check_fields=False)
+    @classmethod
+    def _refs(cls, value):
+        return _run_ref(value)
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        return [("from", self.from_.model), ("into", self.into.model)]
+
+    def needs_corrupt(self) -> bool:
+        return "corrupt" in (self.from_.input, self.into.input)
+
+    def pairs_clean_and_corrupt(self) -> bool:
+        return self.from_.input != self.into.input
+
+
 HEAD_FORMS = ("head", "kv_head")   # L3H7, L3KV1: which one a site takes is `sites.parse_head`
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from harness import labels
 from harness.errors import MeasureError
@@ -18,7 +18,7 @@ from harness.kinds.base import (
     SingleModelClaim,
     measurement,
 )
-from harness.kinds.fields import ReferencePrompts, RunRef, SiteSelection, SpanSpec, _run_ref
+from harness.kinds.fields import FromInto, ReferencePrompts, RunRef, SiteSelection, SpanSpec
 from harness.kinds.measuring import (
     SEQUENCE_PATH,
     ablation_reference,
@@ -37,7 +37,7 @@ PATCH_METRICS = ("normalized", "logit_diff", *SEQUENCE_METRICS)
 PatchMetric = Literal[PATCH_METRICS]  # type: ignore[valid-type]
 
 
-class PatchClaim(ClaimBase, SiteSelection):
+class PatchClaim(FromInto, ClaimBase, SiteSelection):
     measure: Literal["patch"]
     FREEZE = "patch"
     VALUE_KIND = PATCH
@@ -48,24 +48,8 @@ class PatchClaim(ClaimBase, SiteSelection):
     metric: PatchMetric = "normalized"
     span: SpanSpec = labels.DEFAULT_SPAN    # metric loss / accuracy: the scored positions
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    @field_validator("from_", "into", mode="before")
-    @classmethod
-    def _refs(cls, value):
-        return _run_ref(value)
-
     def model_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.from_.model, self.into.model)))
-
-    def model_refs(self) -> list[tuple[str, str]]:
-        return [("from", self.from_.model), ("into", self.into.model)]
-
-    def needs_corrupt(self) -> bool:
-        return "corrupt" in (self.from_.input, self.into.input)
-
-    def pairs_clean_and_corrupt(self) -> bool:
-        return self.from_.input != self.into.input
 
     def indices(self) -> list[Index]:
         return self.selection_indices()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from harness.expect import GRID, PATCH, Measurement
 from harness.kinds.base import ClaimBase, Index, MeasureContext, measurement
 from harness.kinds.fields import (
+    FromInto,
     RunRef,
     _components,
-    _run_ref,
     component_indices,
     head_indices,
 )
@@ -21,7 +21,7 @@ from harness.measure.results import Grid, PatchEffect
 from harness.sites import parse_head
 
 
-class PathPatchClaim(ClaimBase):
+class PathPatchClaim(FromInto, ClaimBase):
     """IOI path patching: the senders' effect that reaches the receivers' q/k/v (or the final
     residual) directly, every other component frozen at its `into` value."""
 
@@ -35,13 +35,6 @@ class PathPatchClaim(ClaimBase):
     path: Literal["q", "k", "v", "resid"]
     receivers: tuple[str, ...] = ()          # heads (L1H0; L1KV0 for k and v on GQA models)
     metric: Literal["normalized", "logit_diff"] = "normalized"
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    @field_validator("from_", "into", mode="before")
-    @classmethod
-    def _refs(cls, value):
-        return _run_ref(value)
 
     @field_validator("senders")
     @classmethod
@@ -64,15 +57,6 @@ class PathPatchClaim(ClaimBase):
 
     def model_names(self) -> tuple[str, ...]:
         return (self.into.model,)
-
-    def model_refs(self) -> list[tuple[str, str]]:
-        return [("from", self.from_.model), ("into", self.into.model)]
-
-    def needs_corrupt(self) -> bool:
-        return "corrupt" in (self.from_.input, self.into.input)
-
-    def pairs_clean_and_corrupt(self) -> bool:
-        return self.from_.input != self.into.input
 
     def indices(self) -> list[Index]:
         receivers = head_indices(self.receivers, "receivers", self.path) \
