@@ -54,8 +54,8 @@ def smollm2(tmp_path_factory):
     before = os.environ.get("INTERP_HARNESS_CACHE")
     os.environ["INTERP_HARNESS_CACHE"] = str(cache)
     try:
+        start = time.perf_counter()
         with FileLock(str(cache) + ".lock"):
-            start = time.perf_counter()
             folder = gguf_files.converted_folder(gguf_file, "float32")
             seconds = time.perf_counter() - start
     finally:
