@@ -186,10 +186,9 @@ def main(argv=None) -> dict:
                         help="also bench the real model (SmolLM2-135M) on IOI prompts")
     parser.add_argument("--real-only", action="store_true",
                         help="only the real-model rows")
-    parser.add_argument("--real-dir", type=Path,
-                        default=Path(os.environ.get("HARNESS_SMOLLM2_DIR",
-                                                    "/work/cache/smollm2-f32")),
-                        help="the SmolLM2-135M safetensors folder")
+    parser.add_argument("--real-dir", type=Path, default=None,
+                        help="a SmolLM2-135M safetensors folder (default: the zoo's "
+                             "`smollm2-135m`, converted into the harness cache once)")
     parser.add_argument("--real-prompts", default="4,64,256")
     parser.add_argument("--tl-max-prompts", type=int, default=4,
                         help="TransformerLens's sweep only up to this many prompts")
@@ -297,6 +296,14 @@ def _ioi_prompts(n: int) -> list[dict]:
     return [store[i % len(store)] for i in range(n)]
 
 
+def _zoo_smollm2() -> Path:
+    """The folder `zoo: smollm2-135m` loads: the packaged GGUF file, converted once."""
+    from harness.gguf_files import converted_folder
+    from harness.zoo.store import packaged_gguf
+
+    return converted_folder(packaged_gguf("smollm2-135m"), "float32")
+
+
 def bench_real(args) -> dict:
     """The IOI head sweep and path patching on SmolLM2-135M for several prompt counts."""
     import transformer_lens.patching as tl_patching
@@ -306,7 +313,8 @@ def bench_real(args) -> dict:
     from harness.measure import circuits as C
     from harness.measure.patching import PatchingEngine, Run
 
-    bridge = TransformerBridge.boot_transformers(str(args.real_dir), device=args.device)
+    folder = args.real_dir or _zoo_smollm2()
+    bridge = TransformerBridge.boot_transformers(str(folder), device=args.device)
     bridge.enable_compatibility_mode()
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads

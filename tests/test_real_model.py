@@ -4,18 +4,20 @@ harness's value within 1e-4 (ATOL):
 
 - patch sweeps (z over [layer, head]; resid_pre, attn_out, mlp_out over [layer, pos]):
   TransformerLens's own `patching.generic_activation_patch` on the same bridge, the setters of
-  `get_act_patch_attn_head_out_all_pos` / `get_act_patch_resid_pre` / ..., on a few layers;
+  `get_act_patch_attn_head_out_all_pos` / `get_act_patch_resid_pre` / ..., on a few cells of
+  one layer, against the harness's patching engine (the call a `patch_sweep` claim makes)
+  restricted to that layer;
 - path patching, attention, resample ablation and circuit faithfulness: plain PyTorch hooks on
   the Hugging Face model loaded on its own from the same folder;
 - bfloat16 against float32 within BF16_ATOL; greedy generation equal to HF `generate`.
 
-The harness side is `harness.check` on a spec written here, so the values are the ones a spec
-reports. Slow (a real model on CPU): few prompts, short sequences, one session.
+Elsewhere the harness side is `harness.check` on a spec written here, so the values are the
+ones a spec reports. The model is the zoo's `smollm2-135m` (conftest's `smollm2`: converted once
+per test run). Slow (a real model on CPU): two prompts (one for the sweeps), one session.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,14 @@ import torch
 from harness.measure.circuits import resample_draw
 
 ATOL = 1e-4
-BF16_ATOL = 0.5      # logit diffs of ~3-6: bfloat16's 8-bit mantissa over 30 layers
-SWEEP_LAYERS = (23,)     # TransformerLens's reference patches these cells only (time)
-SWEEP_POSITIONS = (0, 4, 8, 12)
-ASSUMED_DIR = "/work/cache/smollm2-f32"
+# logit diffs of ~3-6; measured max |bfloat16 - float32| 0.069 on these prompts (bfloat16's
+# 8-bit mantissa over 30 layers), so twice that with room
+BF16_ATOL = 0.15
+# TransformerLens's reference patches these cells only: each is a forward through the bridge's
+# hooks (~1-4 s on 2 busy cores). Layer 23 holds the top IOI heads; position 13 is the final one.
+SWEEP_LAYERS = (23,)
+SWEEP_HEADS = (0, 3, 4)
+SWEEP_POSITIONS = (4, 13)
 
 # Two rows of the IOI set with one template (equal lengths: no padding), ABC corrupt texts.
 IOI = [
@@ -38,17 +44,15 @@ IOI = [
      "corrupt": "When Susan and Bob went to the store, Paul gave a drink to",
      "answer": " Anna", "foil": " Jack"},
 ]
+SWEPT = IOI[:1]     # the sweeps' one prompt
 ABC = [{"text": p["corrupt"], "answer": p["answer"], "foil": p["foil"]} for p in IOI]
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The SmolLM2-135M folder (safetensors + config + tokenizer): the one place that says
-    where the real model comes from (switch to the zoo's `smollm2-135m` here)."""
-    folder = Path(os.environ.get("HARNESS_SMOLLM2_DIR", ASSUMED_DIR))
-    if not (folder / "config.json").is_file():
-        pytest.skip(f"SmolLM2-135M not converted at {folder} (set HARNESS_SMOLLM2_DIR)")
-    return folder
+def smollm2_dir(smollm2) -> Path:
+    """The SmolLM2-135M folder the zoo's `smollm2-135m` converts the packaged GGUF file into
+    (conftest's `smollm2`: once per test run, shared with test_gguf_source.py)."""
+    return smollm2[1]
 
 
 @pytest.fixture(scope="session")
@@ -120,29 +124,45 @@ SWEEPS = {  # site -> (over, setter name, TransformerLens activation name)
 }
 
 
+@pytest.fixture(scope="session")
+def sweeps(bridge):
+    """The four sweeps by the harness's patching engine (what a `patch_sweep` claim calls) on
+    the harness's bridge, SWEPT's one prompt, clean -> corrupt, restricted to SWEEP_LAYERS: a
+    sweep of all 30 layers is the bulk of a real-model spec's time, and the cells compared
+    are those layers'. -> site -> raw grid [layer, head or pos] (patched logit diff)."""
+    from harness.measure.patching import PatchingEngine, Run
+
+    clean, corrupt = (bridge.to_tokens([p[k] for p in SWEPT], prepend_bos=False)
+                      for k in ("text", "corrupt"))
+    final = torch.full((len(SWEPT),), clean.shape[1] - 1)
+    answer, foil = _answers(bridge.tokenizer, SWEPT)
+    engine = PatchingEngine()
+    return {site: engine.patch_sweep(Run("lm", bridge, clean, final),
+                                     Run("lm", bridge, corrupt, final), answer, foil,
+                                     site=site, over=tuple(over), layers=SWEEP_LAYERS).raw
+            for site, (over, _, _) in SWEEPS.items()}
+
+
 @pytest.mark.parametrize("site", list(SWEEPS))
-def test_patch_sweep_equals_transformerlens(site, harness_run, bridge):
+def test_patch_sweep_equals_transformerlens(site, sweeps, bridge):
     import pandas as pd
     import transformer_lens.patching as tl
 
     over, setter, activation = SWEEPS[site]
-    got = harness_run([{"id": "sweep", "measure": "patch_sweep",
-                        "from": {"model": "lm", "input": "clean"},
-                        "into": {"model": "lm", "input": "corrupt"},
-                        "site": site, "over": over, "expect": {"max": {">": -1000}}}])
-    raw = torch.tensor(got["sweep"]["measured"]["raw"])
-    clean = bridge.to_tokens([p["text"] for p in IOI], prepend_bos=False)
-    corrupt = bridge.to_tokens([p["corrupt"] for p in IOI], prepend_bos=False)
-    answer, foil = _answers(bridge.tokenizer, IOI)
+    raw = sweeps[site]
+    clean = bridge.to_tokens([p["text"] for p in SWEPT], prepend_bos=False)
+    corrupt = bridge.to_tokens([p["corrupt"] for p in SWEPT], prepend_bos=False)
+    answer, foil = _answers(bridge.tokenizer, SWEPT)
     _, cache = bridge.run_with_cache(clean)
-    second = range(bridge.cfg.n_heads) if site == "z" else SWEEP_POSITIONS
+    second = SWEEP_HEADS if site == "z" else SWEEP_POSITIONS
     index = pd.DataFrame([(layer, j) for layer in SWEEP_LAYERS for j in second],
                          columns=["layer", over[1]])
     with torch.no_grad():
         ref = tl.generic_activation_patch(
             bridge, corrupt, cache, lambda logits: _logit_diff(logits, answer, foil).mean(),
             getattr(tl, setter), activation, index_df=index)
-    mine = torch.stack([raw[layer, j] for layer, j in index.itertuples(index=False)])
+    mine = torch.stack([raw[SWEEP_LAYERS.index(layer), j]
+                        for layer, j in index.itertuples(index=False)])
     assert torch.allclose(mine, ref.float(), atol=ATOL), (mine - ref).abs().max()
 
 
@@ -336,17 +356,18 @@ def test_bfloat16_close_to_float32(harness_run):
     f32 = torch.tensor(harness_run(claim)["ld"]["per_prompt"])
     bf16 = torch.tensor(harness_run(claim, dtype="bfloat16")["ld"]["per_prompt"])
     assert (f32 > 1).all()                      # the behaviour is there to compare
+    print(f"\nbfloat16 - float32 logit diffs: max |difference| {(bf16 - f32).abs().max():.4f}")
     assert torch.allclose(bf16, f32, atol=BF16_ATOL), (bf16, f32)
 
 
 def test_greedy_generation_equals_hf_generate(harness_run, hf):
     model, tokenizer = hf
     got = harness_run([{"id": "gen", "measure": "generate", "model": "lm",
-                        "max_new_tokens": 8, "expect": {"contains": "to"}}])["gen"]["measured"]
+                        "max_new_tokens": 5, "expect": {"contains": "to"}}])["gen"]["measured"]
     ref = []
     for p in IOI:
         ids = _ids(tokenizer, [p["text"]])
-        out = model.generate(ids, max_new_tokens=8, do_sample=False,
+        out = model.generate(ids, max_new_tokens=5, do_sample=False,
                              attention_mask=torch.ones_like(ids),
                              pad_token_id=tokenizer.pad_token_id)
         ref.append(tokenizer.decode(out[0]))
