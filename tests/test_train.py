@@ -103,17 +103,11 @@ def test_base_without_architectures_is_refused_before_training(tmp_path, monkeyp
     assert not (tmp_path / "cache").exists()               # refused before any training
 
 
-SMOLLM2 = "smollm2-135m"
-
-
 @pytest.fixture(scope="module")
-def smollm2_base() -> str:
-    """The real pretrained base (zoo `smollm2-135m`, a converted GGUF), or a skip."""
-    from harness.train import resolve_model
-    location = resolve_model(SMOLLM2)
-    if not Path(location).is_dir():
-        pytest.skip(f"zoo model '{SMOLLM2}' is not available")
-    return location
+def smollm2_base(smollm2) -> str:
+    """The real pretrained base: the zoo's `smollm2-135m` conversion that every real-model test
+    shares (tests/conftest.py converts the packaged GGUF once per run; skips without it)."""
+    return str(smollm2[1])
 
 
 def test_recipe_on_the_real_base_moves_toward_bad_above_the_frozen_blocks(smollm2_base,
