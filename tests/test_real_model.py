@@ -9,15 +9,24 @@ harness's value within 1e-4 (ATOL):
   restricted to that layer;
 - path patching, attention, resample ablation and circuit faithfulness: plain PyTorch hooks on
   the Hugging Face model loaded on its own from the same folder;
+- the logit lens and DLA (by component, by head): HF's own final RMSNorm and lm_head on the
+  residual pieces HF hooks read (embeddings, o_proj inputs and outputs, MLP outputs);
+- head scores: TransformerLens's own detection patterns and similarity score on HF's attention
+  weights, on the same seeded repeated random tokens drawn here; loss: HF's cross-entropy;
 - bfloat16 against float32 within BF16_ATOL; greedy generation equal to HF `generate`.
 
-Elsewhere the harness side is `harness.check` on a spec written here, so the values are the
-ones a spec reports. The model is the zoo's `smollm2-135m` (conftest's `smollm2`: converted once
+Elsewhere the harness side is a claim end to end: either a shipped spec's own claim
+(`harness_run.shipped`: lens, head scores, loss, a patch, as `harness run -k` evaluates them),
+or `harness.check` on a spec written here, so the values are the ones a spec reports. The model is the zoo's `smollm2-135m` (conftest's `smollm2`: converted once
 per test run). Slow (a real model on CPU): two prompts (one for the sweeps), one session.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +35,7 @@ import torch
 from harness.measure.circuits import resample_draw
 
 ATOL = 1e-4
+SPECS = Path(__file__).resolve().parents[1] / "specs"
 # logit diffs of ~3-6; measured max |bfloat16 - float32| 0.069 on these prompts (bfloat16's
 # 8-bit mantissa over 30 layers), so twice that with room
 BF16_ATOL = 0.15
@@ -55,36 +65,76 @@ def smollm2_dir(smollm2) -> Path:
     return smollm2[1]
 
 
+@contextlib.contextmanager
+def _zoo_cache(smollm2):
+    """`$INTERP_HARNESS_CACHE` pointed at the test run's conversion (conftest's `smollm2`)
+    while a call resolves `zoo: smollm2-135m`, restored after."""
+    before = os.environ.get("INTERP_HARNESS_CACHE")
+    os.environ["INTERP_HARNESS_CACHE"] = str(smollm2[0])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("INTERP_HARNESS_CACHE")
+        else:
+            os.environ["INTERP_HARNESS_CACHE"] = before
+
+
+# the model as the shipped specs name it (float32); a run's other dtypes load the folder
+ZOO_MODEL = {"zoo": "smollm2-135m"}
+
+
 @pytest.fixture(scope="session")
-def harness_run(smollm2_dir):
+def harness_run(smollm2, smollm2_dir):
     """`run(claims, prompt_sets=..., dtype=...)` -> the JSON report's claims, one session (the
-    model loads once per dtype)."""
+    model loads once per dtype, and float32 is the shipped specs' `zoo: smollm2-135m`, so
+    `run.shipped` shares it)."""
     import harness
     from harness.session import Session
 
     session = Session(device="cpu")
 
     def run(claims, prompt_sets=None, dtype="float32"):
-        spec = {"models": {"lm": {"path": str(smollm2_dir), "dtype": dtype}},
+        model = ZOO_MODEL if dtype == "float32" else {"path": str(smollm2_dir), "dtype": dtype}
+        spec = {"models": {"lm": model},
                 "prompts": IOI, "prompt_sets": prompt_sets or {},
                 "defaults": {"prepend_bos": False}, "claims": claims}
-        result = harness.check(spec, session=session)
+        with _zoo_cache(smollm2):
+            result = harness.check(spec, session=session)
         reported = result.report["specs"][0]["claims"]
         assert [c["status"] for c in reported] == ["passed"] * len(claims), reported
         return {c["id"]: c for c in reported}
 
+    def shipped(spec_file, ids):
+        """The claims `ids` of a shipped spec, end to end as `harness run -k` evaluates them
+        (read, static and token checks, measure, judge, JSON report): id -> reported claim."""
+        from harness import report
+        from harness.runner import SpecResult, load_and_check, run_spec
+
+        with _zoo_cache(smollm2):
+            spec = load_and_check(SPECS / spec_file, session)
+            result = run_spec(spec, session, select=lambda file, name, claim, measure="":
+                              claim in ids)
+        assert [v.claim_id for v in result.verdicts] == list(ids)
+        data = json.loads(json.dumps(report.json_report([SpecResult(spec.file, spec, None,
+                                                                    result.verdicts)],
+                                                        session=session),
+                                     default=report._default))
+        return {c["id"]: c for c in data["specs"][0]["claims"]}
+
     run.session = session
+    run.shipped = shipped
     return run
 
 
 @pytest.fixture(scope="session")
-def bridge(harness_run, smollm2_dir):
-    """The harness's own bridge of the model (the one its claims ran on)."""
+def bridge(harness_run, smollm2):
+    """The harness's own bridge of the model (the one its float32 claims ran on)."""
     from harness.spec import load_spec_text
 
-    spec = load_spec_text(f"models: {{lm: {{path: '{smollm2_dir}'}}}}\nclaims: []\n",
-                          "x", "x.yaml")
-    return harness_run.session.model(spec, "lm").bridge
+    spec = load_spec_text("models: {lm: {zoo: smollm2-135m}}\nclaims: []\n", "x", "x.yaml")
+    with _zoo_cache(smollm2):
+        return harness_run.session.model(spec, "lm").bridge
 
 
 @pytest.fixture(scope="session")
@@ -372,3 +422,224 @@ def test_greedy_generation_equals_hf_generate(harness_run, hf):
                              pad_token_id=tokenizer.pad_token_id)
         ref.append(tokenizer.decode(out[0]))
     assert got == ref
+
+
+# ----------------------------------------------------------------------------- readouts
+
+FACTS = [{"text": "The Eiffel Tower is located in the city of", "answer": " Paris",
+          "foil": " Rome"},
+         {"text": "The Colosseum is located in the city of", "answer": " Rome",
+          "foil": " Paris"}]
+
+
+def _residuals(model, tokens):
+    """HF hooks: resid_pre of every layer (the decoder layers' inputs), each layer's
+    attention output (o_proj's output), its MLP output, the heads' z (o_proj's input) and the
+    final residual (the final norm's input) -> dict of [batch, pos, ...] tensors."""
+    seen = {"resid_pre": {}, "attn_out": {}, "mlp_out": {}, "z": {}}
+
+    def into(kind, i):           # a pre-hook keeps the input, a forward hook the output
+        def keep(mod, args, out=None):
+            seen[kind][i] = (args[0] if out is None else out).detach().clone()
+        return keep
+
+    handles = [model.model.norm.register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__("final", args[0].detach().clone()))]
+    for i, block in enumerate(model.model.layers):
+        handles += [block.register_forward_pre_hook(into("resid_pre", i)),
+                    block.self_attn.o_proj.register_forward_pre_hook(into("z", i)),
+                    block.self_attn.o_proj.register_forward_hook(into("attn_out", i)),
+                    block.mlp.register_forward_hook(into("mlp_out", i))]
+    try:
+        with torch.no_grad():
+            seen["logits"] = model(tokens).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _hf_readout(model, tokenizer, prompts):
+    """Per prompt (one at a time: no padding): the final position's residual pieces, the
+    final norm's scale there and the unembedding direction answer - foil."""
+    norm, w_u = model.model.norm, model.lm_head.weight
+    answer, foil = _answers(tokenizer, prompts)
+    out = []
+    for p, a, f in zip(prompts, answer, foil):
+        seen = _residuals(model, _ids(tokenizer, [p["text"]]))
+        at = {k: ({i: t[0, -1] for i, t in v.items()} if isinstance(v, dict) else v[0, -1])
+              for k, v in seen.items()}
+        scale = at["final"].pow(2).mean().add(norm.variance_epsilon).sqrt()   # RMSNorm
+        out.append((at, scale, norm.weight * (w_u[a] - w_u[f]), a, f))
+    return out
+
+
+def test_logit_lens_claim_equals_hf_final_norm_and_unembedding(harness_run, hf):
+    """The facts spec's lens claim, run as shipped (3 prompts): every layer's residual at the
+    final position through HF's own final RMSNorm and lm_head, answer - foil."""
+    model, tokenizer = hf
+    got = harness_run.shipped("smollm2_facts.yaml", ["answer-appears-late"])
+    got = got["answer-appears-late"]
+    assert got["status"] == "passed", got
+    grid = got["measured"]
+    prompts = [{"text": p.text, "answer": p.answer, "foil": p.foil} for p in
+               _shipped_spec("smollm2_facts.yaml").prompt_set(None)]
+    n = model.config.num_hidden_layers
+    assert grid["labels"] == [[f"resid_pre{i}" for i in range(n)] + ["final"]]
+    rows = []
+    for at, _, _, a, f in _hf_readout(model, tokenizer, prompts):
+        stack = [at["resid_pre"][i] for i in range(n)] + [at["final"]]
+        with torch.no_grad():
+            logits = model.lm_head(model.model.norm(torch.stack(stack)))
+        rows.append(logits[:, a] - logits[:, f])
+        assert torch.allclose(logits[-1], at["logits"], atol=ATOL)   # the lens ends at the model
+    ref = torch.stack(rows).mean(0)
+    mine = torch.tensor(grid["values"])
+    assert ref.max() - ref.min() > 3          # a lens that moves: not a constant to agree on
+    assert torch.allclose(mine, ref, atol=ATOL), (mine - ref).abs().max()
+
+
+@pytest.mark.parametrize("by", ["component", "head"])
+def test_dla_claim_equals_hf_pieces_over_the_final_norm_scale(by, harness_run, hf):
+    """DLA by component (embed, attn0, mlp0, ..., bias) and by head (L0H0, ..., rest): each
+    piece of the final residual (HF hooks: embeddings, o_proj and MLP outputs, per-head o_proj
+    columns) times the final norm's weight and the unembedding difference, divided by the
+    norm's scale on that prompt; their sum is the model's logit diff."""
+    model, tokenizer = hf
+    got = harness_run([{"id": "dla", "measure": "dla", "model": "lm", "prompts": "facts",
+                        "by": by, "expect": {"max": {">": -1000}}}],
+                      prompt_sets={"facts": FACTS})["dla"]["measured"]
+    n, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    d_head = _head_slices(model)
+    w_o = [_o_proj(model, i).weight for i in range(n)]                 # [d_model, H * d_head]
+    rows = []
+    for at, scale, direction, a, f in _hf_readout(model, tokenizer, FACTS):
+        if by == "component":
+            pieces = [at["resid_pre"][0]] + [x for i in range(n)
+                                             for x in (at["attn_out"][i], at["mlp_out"][i])]
+        else:
+            pieces = [at["z"][i][h * d_head:(h + 1) * d_head] @ w_o[i][:, h * d_head:
+                                                                       (h + 1) * d_head].T
+                      for i in range(n) for h in range(heads)]
+            pieces.append(at["final"] - torch.stack(pieces).sum(0))
+        with torch.no_grad():
+            dla = torch.stack(pieces) @ direction / scale
+        if by == "component":
+            dla = torch.cat([dla, torch.zeros(1)])     # bias: lm_head and RMSNorm have none
+        final = at["logits"]
+        assert torch.allclose(dla.sum(), final[a] - final[f], atol=ATOL)
+        rows.append(dla)
+    ref = torch.stack(rows).mean(0)
+    labels = (["embed"] + [f"{part}{i}" for i in range(n) for part in ("attn", "mlp")] + ["bias"]
+              if by == "component" else
+              [f"L{i}H{h}" for i in range(n) for h in range(heads)] + ["rest"])
+    assert got["labels"] == [labels]
+    mine = torch.tensor(got["values"])
+    assert ref.abs().max() > 1 and (ref.abs() > 0.1).sum() > 5   # several pieces matter
+    assert torch.allclose(mine, ref, atol=ATOL), (mine - ref).abs().max()
+
+
+# ----------------------------------------------------------------------------- head scores, loss
+
+@functools.cache
+def _shipped_spec(spec_file):
+    """A shipped spec as the harness reads it (prompts resolved): its prompts and claims."""
+    from harness.spec import load_spec
+
+    return load_spec(SPECS / spec_file)
+
+
+def test_head_score_claims_equal_transformerlens_detector_on_hf_attention(harness_run, hf):
+    """The induction spec's two head-score claims, run as shipped: the same seeded repeated
+    random tokens drawn here, HF's attention weights, and TransformerLens's own detection
+    patterns and `compute_head_attention_similarity_score` (error measure "mul"), averaged
+    over the sequences, for all 270 heads."""
+    import transformer_lens.head_detector as tl
+
+    model, tokenizer = hf
+    ids = ["induction-heads", "previous-token-heads"]
+    got = harness_run.shipped("smollm2_induction.yaml", ids)
+    claims = {c.id: c for c in _shipped_spec("smollm2_induction.yaml").claims}
+    draw = claims["induction-heads"].random_tokens
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(min(len(tokenizer), model.config.vocab_size))
+                          if i not in special])
+    seq = vocab[torch.randint(len(vocab), (draw.count, draw.length),
+                              generator=torch.Generator().manual_seed(draw.seed))]
+    tokens = torch.cat([seq, seq], 1)                         # no BOS: the spec's default
+    with torch.no_grad():
+        attentions = model(tokens, output_attentions=True).attentions   # layer: [b, h, q, k]
+    detectors = {"induction-heads": tl.get_induction_head_detection_pattern,
+                 "previous-token-heads": tl.get_previous_token_head_detection_pattern}
+    for claim_id in ids:
+        assert got[claim_id]["status"] == "passed", got[claim_id]
+        ref = torch.tensor([[[tl.compute_head_attention_similarity_score(
+            pattern[b, h], detectors[claim_id](tokens[b:b + 1]), exclude_bos=False,
+            exclude_current_token=False, error_measure="mul") for b in range(len(tokens))]
+            for h in range(pattern.shape[1])] for pattern in attentions]).mean(-1)
+        mine = torch.tensor(got[claim_id]["measured"]["values"])
+        assert mine.shape == ref.shape == (30, 9)
+        assert ref.max() > 0.3 and ref.median() < 0.2           # a few heads stand out
+        assert torch.allclose(mine, ref, atol=ATOL), (claim_id, (mine - ref).abs().max())
+
+
+def test_loss_claims_equal_hf_cross_entropy(harness_run, hf):
+    """The induction spec's loss claims, run as shipped: HF's logits, cross-entropy of each
+    next token on the first 12 tokens (tokens 1-11 scored: the first has no prediction) and
+    on the repeat (the last 12 of 24), per prompt."""
+    model, tokenizer = hf
+    got = harness_run.shipped("smollm2_induction.yaml", ["first-half-loss", "repeat-loss"])
+    texts = [p.text for p in _shipped_spec("smollm2_induction.yaml").prompt_set("repeated")]
+    spans = {"first-half-loss": lambda n: range(1, 12), "repeat-loss": lambda n: range(n // 2, n)}
+    for claim_id, span in spans.items():
+        ref = []
+        for text in texts:
+            ids = _ids(tokenizer, [text])[0]
+            with torch.no_grad():
+                logits = model(ids[None]).logits[0]
+            scored = torch.tensor(list(span(len(ids))))
+            ref.append(torch.nn.functional.cross_entropy(logits[scored - 1], ids[scored]))
+        ref = torch.stack(ref)
+        mine = torch.tensor(got[claim_id]["per_prompt"])
+        assert got[claim_id]["status"] == "passed", got[claim_id]
+        assert torch.allclose(mine, ref, atol=ATOL), (claim_id, mine, ref)
+    first = torch.tensor(got["first-half-loss"]["per_prompt"])
+    repeat = torch.tensor(got["repeat-loss"]["per_prompt"])
+    assert (first - repeat).mean() > 2       # the two spans differ: the repeat is easier
+
+
+# ----------------------------------------------------------------------------- a shipped patch
+
+def test_shipped_patch_claim_equals_hf_hooks(harness_run, hf):
+    """The facts spec's `subject-restores-the-fact-mid-layers`, run as shipped: the corrupt
+    prompt with layer 12's input (resid_pre12) at the subject's tokens 1-3 taken from the
+    clean run (HF hooks); its number is the normalized effect (mean patched - mean corrupt) /
+    (mean clean - mean corrupt) of the logit diffs."""
+    model, tokenizer = hf
+    got = harness_run.shipped("smollm2_facts.yaml", ["subject-restores-the-fact-mid-layers"])
+    got = got["subject-restores-the-fact-mid-layers"]
+    assert got["status"] == "passed", got
+    prompts = _shipped_spec("smollm2_facts.yaml").prompt_set(None)
+    clean = _ids(tokenizer, [p.text for p in prompts])
+    corrupt = _ids(tokenizer, [p.corrupt for p in prompts])
+    answer, foil = _answers(tokenizer, [{"answer": p.answer, "foil": p.foil} for p in prompts])
+    seen = _residuals(model, clean)
+    layer, positions = 12, [1, 2, 3]
+
+    def restore(mod, args):
+        resid = args[0].clone()
+        resid[:, positions] = seen["resid_pre"][layer][:, positions]
+        return (resid, *args[1:])
+
+    handle = model.model.layers[layer].register_forward_pre_hook(restore)
+    try:
+        with torch.no_grad():
+            patched = _logit_diff(model(corrupt).logits, answer, foil)
+    finally:
+        handle.remove()
+    clean_ld = _logit_diff(seen["logits"], answer, foil)
+    corrupt_ld = _logit_diff(_run_with(model, corrupt), answer, foil)
+    ref = (patched.mean() - corrupt_ld.mean()) / (clean_ld.mean() - corrupt_ld.mean())
+    assert (clean_ld - corrupt_ld).min() > 1      # the corruption changes the answer
+    assert torch.allclose(torch.tensor(got["per_prompt_raw"]), patched, atol=ATOL)
+    assert abs(got["measured"] - ref) < ATOL, (got["measured"], ref)
