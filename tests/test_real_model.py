@@ -17,8 +17,9 @@ harness's value within 1e-4 (ATOL):
 
 Elsewhere the harness side is a claim end to end: either a shipped spec's own claim
 (`harness_run.shipped`: lens, head scores, loss, a patch, as `harness run -k` evaluates them),
-or `harness.check` on a spec written here, so the values are the ones a spec reports. The model is the zoo's `smollm2-135m` (conftest's `smollm2`: converted once
-per test run). Slow (a real model on CPU): two prompts (one for the sweeps), one session.
+or `harness.check` on a spec written here, so the values are the ones a spec reports. The
+model is the zoo's `smollm2-135m` (conftest's `smollm2`: converted once per test run), loaded
+once for both. Slow (a real model on CPU): two or three prompts (one for the sweeps).
 """
 
 from __future__ import annotations

@@ -206,6 +206,48 @@ def test_content_key_depends_on_versions(monkeypatch):
     assert store.content_key({"a": 1}) != k1
 
 
+def _build_in_a_process(root, log, barrier):
+    """One of two processes asking for the same build at once (test below): each build
+    appends a line to `log`, and takes a second, so the other process arrives mid-build."""
+    import os
+    import time
+
+    from harness.zoo.store import cached_build
+
+    def build(work):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        (work / "model.txt").write_text(str(os.getpid()))
+        return {}
+
+    barrier.wait()
+    assert cached_build(root, "k", build, "test") == root
+    assert (root / "model.txt").exists()
+
+
+def test_cached_build_converts_once_when_two_processes_ask_at_once(tmp_path):
+    """The second process waits for the first one's build (a lock on the cache folder) and
+    then reads it, instead of converting the same GGUF file (or building the same world)
+    again and replacing the first one's folder under its reader."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")   # the worker needs no torch
+    root, log = tmp_path / "cache" / "thing", tmp_path / "builds.log"
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_build_in_a_process, args=(root, log, barrier))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    builders = log.read_text().split()
+    assert len(builders) == 1, f"{len(builders)} builds of one key"
+    assert (root / "model.txt").read_text() == builders[0]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["thing"]   # no temp folder left
+
+
 def test_cached_build_reuses_rebuilds_and_never_leaves_half_a_build(tmp_path):
     """A finished build with the key is reused; another key or a torn report rebuilds; a build
     that fails leaves neither the target folder nor a temporary one."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError, ModelUnavailable, did_you_mean
+from harness.jsonfiles import locked
 
 ZOO_NAMES = ("toy-reviews-source", "toy-reviews-reward", "toy-reviews-rlhf", "toy-induction")
 ZOO_SAES = ("toy-reviews-sae",)
@@ -126,20 +127,26 @@ def _shipped(name: str, names, what: str, marker: str, builder: str, known=None)
 def cached_build(root: Path, key: str, build_into: Callable[[Path], dict], kind: str) -> Path:
     """`root`, once it holds a finished build with this content key; else `build_into` fills
     a temporary sibling folder (returning the build report), which then replaces `root` in
-    one rename, so an interrupted build never leaves a half-written `root` behind."""
+    one rename, so an interrupted build never leaves a half-written `root` behind.
+
+    Builds take turns under a lock on `root`'s parent folder (`jsonfiles.locked`: fcntl.flock,
+    released when a process dies, re-entrant within one): a second process asking for the
+    same build waits, then reads the first one's instead of building it again."""
     if _built_with(root, key):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=root.parent))
-    try:
-        report = {**build_into(work), "key": key}
-        (work / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        work.rename(root)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+    with locked(root):
+        if _built_with(root, key):      # built by another process while this one waited
+            return root
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=root.parent))
+        try:
+            report = {**build_into(work), "key": key}
+            (work / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            if root.exists():
+                shutil.rmtree(root)
+            work.rename(root)
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
     return root
 
 
