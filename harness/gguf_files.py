@@ -11,7 +11,8 @@ GGUF support (`from_pretrained(folder, gguf_file=NAME)`, dequantized to the sour
 saves safetensors + config.json (with `architectures`, without the GGUF quantization config) +
 the tokenizer into the content-addressed cache (key: the file's sha256, the dtype, the library
 versions). The folder appears in one rename (`store.cached_build`): a killed conversion leaves
-nothing half-written; later loads are a safetensors load.
+nothing half-written; two processes converting the same file at once take turns under the
+cache's lock, and the second reads the first one's folder; later loads are a safetensors load.
 """
 
 from __future__ import annotations
