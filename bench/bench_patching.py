@@ -12,17 +12,22 @@ the largest absolute differences of the patched logit diffs and peak memory.
 
     python bench/bench_patching.py [--device cuda] [--json out.json] [--sweeps z,resid_pre]
                                    [--models gpt2,llama,pythia]
-    python bench/bench_patching.py --real-only [--real-dir DIR] [--real-prompts 4,64,256]
-                                   [--tl-max-prompts 4]
+    python bench/bench_patching.py --real-only [--real-dir DIR] [--prompts 4,64,256]
+                                   [--real-layers 20] [--tl-budget-s 60] [--no-general]
 
 `--real` adds, and `--real-only` runs only, the real-model rows: SmolLM2-135M-Instruct (30
 layers, 9 query / 3 KV heads, d_model 576; a safetensors folder, `--real-dir`) on the IOI
-prompts of specs/data/smollm2_ioi.jsonl (clean -> ABC corrupt), for 4, 64 and 256 prompts: the
-z-over-[layer, head] sweep on the engine's fast path, its general path, attribution patching
-and TransformerLens (`get_act_patch_attn_head_out_all_pos`, up to `--tl-max-prompts` prompts:
-it takes minutes beyond), beside the arithmetic floor of head_sweep_ceiling.py for the same
-shape; then path patching of every sender head to the final residual. The one-off setup (the
-clean traces) is printed apart.
+prompts of specs/data/smollm2_ioi.jsonl (clean -> ABC corrupt), for 4, 64 and 256 prompts
+(`--prompts`, alias `--real-prompts`): the z-over-[layer, head] sweep on the engine's fast
+path, its general path (`--no-general` skips it), attribution patching and TransformerLens,
+beside the arithmetic floor of head_sweep_ceiling.py for the same shape; then path patching of
+every sender head to the final residual. The one-off setup (the clean traces) is printed apart.
+`--real-layers` restricts every sweep (and the floor) to some layers, so that the big rows
+fit a short run. TransformerLens patches one head per full forward of the batch (the same
+cost in every layer), so it runs head by head (`generic_activation_patch` with
+`get_act_patch_attn_head_out_all_pos`'s setter) until `--tl-budget-s` is spent: its time for
+the row's layers is its mean time per head times their heads, printed with how many heads it
+measured ("TL heads"), and its cells are compared with the engine's. Its tqdm bars are off.
 
 Timing: the TransformerLens column is its patching function given a precomputed clean cache;
 the engine column is `patch_sweep` on an engine whose clean runs are already traced (as in a
@@ -189,9 +194,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--real-dir", type=Path, default=None,
                         help="a SmolLM2-135M safetensors folder (default: the zoo's "
                              "`smollm2-135m`, converted into the harness cache once)")
-    parser.add_argument("--real-prompts", default="4,64,256")
-    parser.add_argument("--tl-max-prompts", type=int, default=4,
-                        help="TransformerLens's sweep only up to this many prompts")
+    parser.add_argument("--prompts", "--real-prompts", dest="real_prompts", default="4,64,256",
+                        help="the real-model rows' prompt counts")
+    parser.add_argument("--real-layers", default=None,
+                        help="the real-model sweeps' layers, e.g. 20 or 0,15,29 (default all)")
+    parser.add_argument("--tl-budget-s", type=float, default=60.0,
+                        help="TransformerLens's seconds per real-model row: heads are patched "
+                             "one at a time until this is spent (at least one; 0 skips it), "
+                             "its time for the row's layers scaled from the mean per head")
+    parser.add_argument("--no-general", action="store_true",
+                        help="skip the engine's general path in the real-model rows")
     parser.add_argument("--repeat", type=int, default=3,
                         help="engine timing = best of this many calls (the first call also "
                              "pays one-off kernel and allocator warm-up, reported apart)")
@@ -313,20 +325,26 @@ def bench_real(args) -> dict:
     from harness.measure import circuits as C
     from harness.measure.patching import PatchingEngine, Run
 
+    # one bar per patched cell would fill the table's output: TransformerLens's bars off
+    tl_patching.tqdm = partial(tl_patching.tqdm, disable=True)
     folder = args.real_dir or _zoo_smollm2()
     bridge = TransformerBridge.boot_transformers(str(folder), device=args.device)
     bridge.enable_compatibility_mode()
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    layers = (tuple(range(cfg.n_layers)) if args.real_layers is None
+              else tuple(int(x) for x in args.real_layers.split(",")))
     gflops = best_matmul_gflops(cfg.d_model, cfg.d_mlp)
     senders = [[C.Component(layer, h)] for layer in range(cfg.n_layers)
                for h in range(cfg.n_heads)]
     print(f"\nSmolLM2-135M: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads "
           f"({n_kv} KV), d_mlp {cfg.d_mlp}; IOI clean -> ABC; best float32 matmul "
-          f"{gflops:.0f} GFLOP/s")
+          f"{gflops:.0f} GFLOP/s; sweeps over layers "
+          f"{'all' if args.real_layers is None else ','.join(map(str, layers))} "
+          f"({len(layers) * cfg.n_heads} heads)")
     print(f"{'prompts':>8}{'tokens':>7}{'setup s':>9}{'engine s':>10}{'general s':>10}"
-          f"{'attrib s':>10}{'TL s':>9}{'floor s':>9}{'TL/engine':>10}{'max |diff|':>11}"
-          f"{'path->resid s':>14}")
+          f"{'attrib s':>10}{'TL s':>9}{'TL heads':>9}{'floor s':>9}{'TL/engine':>10}"
+          f"{'max |diff|':>11}{'path->resid s':>14}")
     out = {}
 
     def one(n: int) -> None:
@@ -342,52 +360,82 @@ def bench_real(args) -> dict:
         final_pos = torch.full((n,), clean.shape[1] - 1)
         from_run = Run("m", bridge, clean, final_pos)
         into_run = Run("m", bridge, corrupt, final_pos)
-        row = {"tokens": int(clean.shape[1])}
-        engines = {"engine": PatchingEngine(), "general": PatchingEngine(path="general")}
+        row = {"tokens": int(clean.shape[1]), "layers": list(layers)}
+        engines = {"engine": PatchingEngine()}
+        if not args.no_general:
+            engines["general"] = PatchingEngine(path="general")
 
         def setup():
             for engine in engines.values():
                 engine.logit_diff(from_run, answer, foil)
                 engine.logit_diff(into_run, answer, foil)
         row["setup_s"] = timed(setup, args.device)[1]
-        grids = {}
+        grids, row["general_s"] = {}, None
         for kind, engine in engines.items():
             grids[kind], row[f"{kind}_s"], _ = timed(partial(
                 engine.patch_sweep, from_run, into_run, answer, foil, site="z",
-                over=("layer", "head")), args.device)
+                over=("layer", "head"), layers=layers), args.device)
         row["attribution_s"] = timed(partial(
             engines["engine"].patch_sweep, from_run, into_run, answer, foil, site="z",
-            over=("layer", "head"), method="attribution"), args.device)[1]
-        row["tl_s"] = row["max_abs_diff"] = None
-        if n <= args.tl_max_prompts:
-            rows = torch.arange(n)
-
-            def metric(logits):
-                final = logits[rows, final_pos]
-                return (final[rows, answer] - final[rows, foil]).mean()
-            _, cache = bridge.run_with_cache(clean)
-            ref, row["tl_s"], _ = timed(partial(
-                tl_patching.get_act_patch_attn_head_out_all_pos, bridge, corrupt, cache,
-                metric), args.device)
-            row["max_abs_diff"] = (grids["engine"].raw - ref.float().cpu()).abs().max().item()
+            over=("layer", "head"), method="attribution", layers=layers), args.device)[1]
+        row.update(_tl_heads(bridge, tl_patching, clean, corrupt, answer, foil, final_pos,
+                             layers, cfg.n_heads, grids["engine"].raw, args.tl_budget_s))
         flop = n * head_sweep_flop(cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head,
-                                   cfg.d_mlp, 3, rows=clean.shape[1])
+                                   cfg.d_mlp, 3, rows=clean.shape[1], layers=layers)
         row["floor_s"] = flop / 1e9 / gflops
         row["path_resid_s"] = timed(partial(engines["engine"].path_patch, from_run, into_run,
                                             answer, foil, senders, "resid"), args.device)[1]
         out[n] = row
-        tl = f"{row['tl_s']:>9.2f}" if row["tl_s"] is not None else f"{'-':>9}"
+        cell = lambda value, fmt, width: (f"{value:>{width}{fmt}}" if value is not None  # noqa: E731
+                                          else f"{'-':>{width}}")
         ratio = (f"{row['tl_s'] / row['engine_s']:>9.1f}x" if row["tl_s"] is not None
                  else f"{'-':>10}")
-        diff = (f"{row['max_abs_diff']:>11.2e}" if row["max_abs_diff"] is not None
-                else f"{'-':>11}")
+        heads = f"{row['tl_heads']}/{len(layers) * cfg.n_heads}" if row["tl_s"] else "-"
         print(f"{n:>8}{row['tokens']:>7}{row['setup_s']:>9.2f}{row['engine_s']:>10.2f}"
-              f"{row['general_s']:>10.2f}{row['attribution_s']:>10.2f}{tl}"
-              f"{row['floor_s']:>9.2f}{ratio}{diff}{row['path_resid_s']:>14.2f}", flush=True)
+              f"{cell(row['general_s'], '.2f', 10)}{row['attribution_s']:>10.2f}"
+              f"{cell(row['tl_s'], '.2f', 9)}{heads:>9}{row['floor_s']:>9.2f}{ratio}"
+              f"{cell(row['max_abs_diff'], '.2e', 11)}{row['path_resid_s']:>14.2f}", flush=True)
 
     for n in (int(x) for x in args.real_prompts.split(",")):
         one(n)
     return out
+
+
+def _tl_heads(bridge, tl_patching, clean, corrupt, answer, foil, final_pos, layers, n_heads,
+              engine_raw, budget_s: float) -> dict:
+    """TransformerLens's head sweep over `layers`, one head per call until `budget_s` is spent
+    (at least one head): each head is one full forward of the corrupt batch with that head's z
+    from the clean cache, the same cost in any layer, so its time for all the layers' heads is
+    the mean per head times their number. -> tl_s (scaled), tl_heads (measured), tl_measured_s,
+    max_abs_diff (measured cells against the engine's raw grid)."""
+    import pandas as pd
+
+    if budget_s <= 0:
+        return {"tl_s": None, "tl_heads": 0, "tl_measured_s": 0.0, "max_abs_diff": None}
+    rows = torch.arange(clean.shape[0])
+
+    def metric(logits):
+        final = logits[rows, final_pos]
+        return (final[rows, answer] - final[rows, foil]).mean()
+
+    _, cache = bridge.run_with_cache(clean)
+    cells = [(layer, head) for layer in layers for head in range(n_heads)]
+    spent, diff, done = 0.0, 0.0, 0
+    for layer, head in cells:
+        index = pd.DataFrame([(layer, head)], columns=["layer", "head"])
+        start = time.perf_counter()
+        ref = tl_patching.generic_activation_patch(
+            bridge, corrupt, cache, metric, tl_patching.layer_head_vector_patch_setter, "z",
+            index_df=index)
+        spent += time.perf_counter() - start
+        done += 1
+        mine = engine_raw[layers.index(layer), head]
+        diff = max(diff, (mine - ref.float().cpu().reshape(())).abs().item())
+        if spent >= budget_s:
+            break
+    del cache
+    return {"tl_s": spent / done * len(cells), "tl_heads": done, "tl_measured_s": spent,
+            "max_abs_diff": diff}
 
 
 def _machine(device: str) -> str:

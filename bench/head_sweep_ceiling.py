@@ -23,13 +23,16 @@ SHAPES = {  # d_model, layers, query heads, KV heads, d_head, d_mlp, MLP matrice
 ROWS = 8
 
 
-def head_sweep_flop(d, n_layers, n_heads, n_kv, d_head, d_mlp, mlp_mats, rows=ROWS) -> float:
+def head_sweep_flop(d, n_layers, n_heads, n_kv, d_head, d_mlp, mlp_mats, rows=ROWS,
+                    layers=None) -> float:
+    """`layers`: the sweep's layers (default all); a variant patched at layer l runs the
+    blocks after l, so early layers cost more."""
     q, kv, o = 2 * d * n_heads * d_head, 2 * d * 2 * n_kv * d_head, 2 * n_heads * d_head * d
     mlp = 2 * d * d_mlp * mlp_mats
     block = q + kv + o + mlp
     last = rows * kv + (q + o + mlp)            # keys/values of every row, the rest of one
     total = 0.0
-    for layer in range(n_layers):
+    for layer in (range(n_layers) if layers is None else layers):
         if layer == n_layers - 1:
             variant = mlp                           # only the final row's MLP changes
         else:
