@@ -62,3 +62,16 @@ def smollm2(tmp_path_factory):
         else:
             os.environ["INTERP_HARNESS_CACHE"] = before
     return cache, folder, seconds
+
+
+# Tests that take minutes of CPU (the retraining world build, the real model's conversion and
+# its cross-checks) run first: under `-n 2` a long test collected last becomes the run's tail.
+FRONT_LOADED = ("test_retraining.py", "test_real_model.py", "test_gguf_source.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def heavy_first(item) -> int:
+        slow = item.get_closest_marker("slow") is not None
+        return 0 if slow or item.path.name in FRONT_LOADED else 1
+
+    items.sort(key=heavy_first)   # stable: the order within each group is kept
