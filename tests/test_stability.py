@@ -133,6 +133,8 @@ def test_the_parts_rebuild_every_measured_grid(planted):
      site: resid_pre, over: [layer, pos], expect: {max: {">": 0}}}
   - {id: raw, measure: patch_sweep, from: {model: m}, into: {model: m, input: corrupt},
      site: z, over: [layer, head], metric: logit_diff, expect: {max: {">": 0}}}
+  - {id: loss, measure: patch_sweep, from: {model: m}, into: {model: m, input: corrupt},
+     site: z, over: [layer, head], metric: loss, expect: {max: {">": 0}}}
   - {id: attention, measure: attention, model: m, source: previous, expect: {max: {">": 0}}}
   - {id: neurons, measure: neuron, model: m, expect: {max: {">": -1}}}
   - {id: dla, measure: dla, model: m, expect: {max: {">": 0}}}
@@ -289,3 +291,12 @@ def test_freeze_writes_confidence_where_it_was_measured(planted):
     assert "confidence" not in frozen["copies"]                    # a number: approx ± tol
     assert "dropped confidence 0.95" in text
     assert "(confidence 0.9, held in 100% of 200 resamples)" in text
+
+
+def test_the_docs_name_the_kinds_without_stability():
+    from harness.kinds import CLAIM_KINDS
+
+    without = [m for m, cls in CLAIM_KINDS.items() if not cls.RESAMPLES_PROMPTS]
+    text = (REPO / "docs" / "spec-format.md").read_text()
+    named = " and ".join(f"`{m}`" for m in without)
+    assert f"every kind except {named}" in text, without
