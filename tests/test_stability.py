@@ -300,3 +300,28 @@ def test_the_docs_name_the_kinds_without_stability():
     text = (REPO / "docs" / "spec-format.md").read_text()
     named = " and ".join(f"`{m}`" for m in without)
     assert f"every kind except {named}" in text, without
+
+
+def test_a_ranking_is_resampled_as_the_kind_ranks_it():
+    from functools import partial
+
+    from harness.expect import FEATURES
+    from harness.kinds.features import _minus, _top_indices
+
+    # feature 3 fires on every prompt; 1 and 2 take turns, 1 ahead by one prompt
+    acts = torch.zeros(9, 5)
+    acts[:, 3] = 5.0
+    acts[0::2, 1], acts[1::2, 2] = 1.0, 1.0
+    control = torch.tensor([0.0, 0.0, 0.0, 4.6, 0.0])   # control prompts: 3 fires there too
+    ranked = PromptParts({"value": acts}, partial(_minus, None), partial(_top_indices, 1, "up"))
+    measured = Measurement(FEATURES, [3], parts=ranked)
+    assert stability(_Claim(kind=FEATURES), measured, {}, {"equals": [3]})["stability"] == 1
+    against = PromptParts({"value": acts}, partial(_minus, control),
+                          partial(_top_indices, 1, "up"))
+    share = stability(_Claim(kind=FEATURES), Measurement(FEATURES, [3], parts=against), {},
+                      {"equals": [3]})["stability"]
+    assert share < 0.5     # 5 - 4.6 = 0.4 trails 1 and 2 (means 5/9 and 4/9) on most draws
+    two = PromptParts({"value": acts}, read=partial(_top_indices, 2, "up"))
+    share = stability(_Claim(kind=FEATURES), Measurement(FEATURES, [3, 1], parts=two), {},
+                      {"equals": [3, 1]})["stability"]
+    assert 0.3 < share < 0.9   # which of 1 and 2 is second depends on the prompts drawn
