@@ -325,3 +325,21 @@ def test_a_ranking_is_resampled_as_the_kind_ranks_it():
     share = stability(_Claim(kind=FEATURES), Measurement(FEATURES, [3, 1], parts=two), {},
                       {"equals": [3, 1]})["stability"]
     assert 0.3 < share < 0.9   # which of 1 and 2 is second depends on the prompts drawn
+
+
+def test_toy_induction_heads_are_stable(tmp_path):
+    """The shipped toy-induction model: its previous-token and induction heads lead on every
+    resample of the sequences and prompts."""
+    spec = (REPO / "specs" / "induction.yaml").read_text().split("claims:")[0]
+    path = tmp_path / "heads.yaml"
+    path.write_text(spec + """claims:
+  - {id: previous, measure: head_scores, model: induct, role: previous_token, confidence: 0.99,
+     expect: {argmax: L0H0}}
+  - {id: induction, measure: head_scores, model: induct, role: induction, confidence: 0.99,
+     expect: {argmax: L1H0}}
+  - {id: attends-previous, measure: attention, model: induct, source: previous,
+     confidence: 0.99, expect: {argmax: L0H0}}
+""")
+    verdicts = run_spec_file(path, Session(verbose=False, device="cpu")).verdicts
+    assert [(v.status, v.extras["trust"]["stability"]) for v in verdicts] == \
+        [("passed", 1.0)] * 3, [v.message for v in verdicts]
