@@ -52,10 +52,11 @@ def prompt_parts(claim, measurement: Measurement) -> PromptParts | None:
     if each and all(isinstance(v, int | float) for v in each[0].values()):
         for key in each[0]:
             parts[key] = torch.tensor([row[key] for row in each], dtype=torch.float64)
-    return PromptParts(parts, _scalar_with_each)
+    return PromptParts(parts, _means_as_they_are)
 
 
-def _scalar_with_each(means: dict) -> dict:
+def _means_as_they_are(means: dict) -> dict:
+    """A number's resample: its mean, and the means of `each` (read as modifiers)."""
     return means
 
 
@@ -131,8 +132,12 @@ def gate(claim, trust: dict | None, judged: tuple) -> tuple:
     in `judging.judge`.)"""
     ok, message, margin = judged
     level = getattr(claim, "confidence", None)
-    if level is None or trust is None or claim.value_kind() in (SCALAR, PATCH):
+    if level is None or claim.value_kind() in (SCALAR, PATCH):
         return judged
+    if trust is None:    # never a silent pass: the share asked for was not measured
+        note = f"confidence {level:g} cannot be checked: the measurement has fewer than two " \
+               "prompts to resample (or kept no per-prompt values); give the claim more prompts"
+        return False, f"{message}; {note}" if message else note, margin
     share = trust["stability"]
     word = "at least" if share >= level else "fewer than"
     note = f"holds in {share:.0%} of {trust['resamples']} bootstrap resamples of the prompts " \

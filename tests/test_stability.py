@@ -196,6 +196,8 @@ def test_a_clear_winner_is_stable_and_a_coin_flip_is_not():
     ok, message, _ = gate(_Claim(0.9), trust, (True, "argmax at a", None))
     assert not ok and "fewer than confidence 0.9" in message
     assert gate(_Claim(None), trust, (True, "m", None)) == (True, "m", None)
+    ok, message, _ = gate(_Claim(0.9), None, (True, "m", None))   # one prompt: nothing resampled
+    assert not ok and "confidence 0.9 cannot be checked" in message
 
 
 def test_no_stability_without_prompts_to_resample():
