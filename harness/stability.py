@@ -10,6 +10,7 @@ gives the same numbers in any process."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -102,7 +103,7 @@ def stability(claim, measurement: Measurement, defaults: dict, expect: dict,
     trust = {"stability": round(held / resamples, 4), "resamples": resamples, "seed": seed}
     if getattr(claim, "confidence", None) is not None:
         trust["confidence"] = claim.confidence
-    if margins and None not in margins:
+    if margins and None not in margins and all(map(math.isfinite, margins)):   # strict JSON
         trust["bootstrap"] = [float(f"{m:.4g}") for m in margins]
     return trust
 

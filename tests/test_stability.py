@@ -19,7 +19,7 @@ from harness.claims import MEASURES, ClaimContext
 from harness.errors import SpecError
 from harness.expect import GRID, SCALAR, Measurement
 from harness.freeze import frozen_spec_text
-from harness.measure.results import Grid, PromptParts
+from harness.measure.results import Grid, PromptParts, normalized_from_means
 from harness.report_html import html_report
 from harness.runner import run_spec_file
 from harness.session import Session
@@ -200,6 +200,19 @@ def test_a_clear_winner_is_stable_and_a_coin_flip_is_not():
     assert not ok and "confidence 0.9 cannot be checked" in message
 
 
+def test_a_resample_without_a_finite_value_does_not_hold_and_reports_stay_strict_json():
+    from harness.jsonfiles import dumps
+
+    # prompt 0 alone has from == into: a resample of only it divides by zero
+    parts = PromptParts({"patched": torch.tensor([[1.0], [2.0]]), "from": torch.tensor([1.0, 3.0]),
+                         "into": torch.tensor([1.0, 0.0])}, normalized_from_means)
+    grid = Grid(("layer",), ((0,),), parts.combine(
+        {k: v.mean(0, keepdim=True) for k, v in parts.parts.items()})[0])
+    trust = stability(_Claim(), Measurement(GRID, grid, parts=parts), {}, {"max": {">": 0}})
+    assert trust["stability"] < 1 and "bootstrap" not in trust
+    dumps(trust)
+
+
 def test_no_stability_without_prompts_to_resample():
     one = torch.tensor([[1.0, 0.0, 0.0]])
     assert stability(_Claim(), _grid_measurement(one), {}, {"argmax": "a"}) is None
@@ -212,7 +225,7 @@ def test_no_stability_without_prompts_to_resample():
 STABILITY_IN_A_FRESH_PROCESS = """
 import json, torch
 from harness.expect import GRID, Measurement
-from harness.measure.results import Grid, PromptParts
+from harness.measure.results import Grid, PromptParts, normalized_from_means
 from harness.stability import stability
 torch.manual_seed({torch_seed})      # the global generator must not matter
 values = torch.tensor([[1.0, 0.0, 0.0] if i % 2 else [0.0, 0.9, 0.0] for i in range(10)])
