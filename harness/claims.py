@@ -19,6 +19,7 @@ from harness.kinds.features import _ranked  # noqa: F401  (re-exported)
 from harness.models import LoadedModel
 from harness.session import Session
 from harness.spec import Spec
+from harness.stability import gate, stability, with_interval
 from harness.verdicts import (  # noqa: F401  (re-exported)
     ERROR,
     FAILED,
@@ -103,7 +104,8 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         return verdict
     start = time.perf_counter()
     try:
-        measurement = MEASURES[claim.measure](ClaimContext(spec, claim, session))
+        measurement = with_interval(claim, MEASURES[claim.measure](
+            ClaimContext(spec, claim, session)))
         defaults = spec.defaults.tolerance.model_dump()
         if claim.tolerance:
             defaults.update(claim.tolerance.model_dump())
@@ -113,6 +115,10 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         expect = {k: v for k, v in claim.expect.items() if k != "baseline"}
         if any(k not in MODIFIERS for k in expect):
             ok, message, margin = judge(claim, measurement, defaults, expect)
+            trust = stability(claim, measurement, defaults, expect)
+            if trust:
+                verdict.extras["trust"] = {**verdict.extras.get("trust", {}), **trust}
+            ok, message, margin = gate(claim, trust, (ok, message, margin))
         elif claim.expect.get("baseline") or spec.defaults.baseline:
             ok, message, margin = True, "", None     # the baseline comparison below decides
         else:

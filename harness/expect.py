@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from harness.errors import did_you_mean
 from harness.labels import LabelError, label_cell, parse_label
-from harness.measure.results import Grid
+from harness.measure.results import Grid, PromptParts
 
 if TYPE_CHECKING:   # torch only where a measured tensor is read: validate stays light
     import torch
@@ -32,13 +32,15 @@ class Measurement:
 
     kind: scalar (float), patch (float, with raw/from/into in extras), text (str),
     tokens (list[str]), grid (Grid), pair (Grid of b - a, with both grids in extras).
-    `per_prompt` holds one value per prompt where the measure has them.
+    `per_prompt` holds one value per prompt where the measure has them; `parts` the
+    per-prompt tensors a grid or ranking is made from, for the bootstrap (`stability.py`).
     """
 
     kind: str
     value: object
     per_prompt: tuple | None = None
     extras: dict = field(default_factory=dict)
+    parts: PromptParts | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ import yaml
 from harness.errors import HarnessError
 
 DROPPED = ("xfail", "search", "ci", "per_prompt", "tolerance", "skip")   # about old expectations
+# `confidence` is written from the report (`trust`), where it measured one: kept on a grid or
+# ranking (the share of bootstrap resamples it must hold in), dropped from a number frozen as
+# `approx` (there it would gate a bootstrap interval inside the tolerance, as `ci` would)
+CONFIDENCE = "confidence"
 
 Frozen = tuple[dict | None, str]   # (the expectation, or None; the comment above the claim)
 
@@ -324,11 +328,28 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
             for key in dropped:
                 claim.pop(key)
             claim.pop("expect", None)
+            note += _confidence(claim, found)
             claim["expect"] = expect          # last, where a person writes it
             if dropped:
                 note += f" (dropped {', '.join(dropped)}: they qualified the old expectation)"
         parts.append(_item(claim, note))
     return "\n".join(parts) + "\n"
+
+
+def _confidence(claim: dict, found: dict) -> str:
+    """Set the frozen claim's `confidence` from the report's trust (see CONFIDENCE); what the
+    note says about it."""
+    claim.pop(CONFIDENCE, None)
+    trust = found.get("trust") if isinstance(found.get("trust"), dict) else {}
+    level, share = trust.get(CONFIDENCE), trust.get("stability")
+    if not _is_number(level):
+        return ""
+    if _is_number(found.get("measured")):
+        return f" (dropped confidence {level:g}: the frozen value has its tolerance)"
+    claim[CONFIDENCE] = level
+    held = f", held in {share:.0%} of {trust.get('resamples')} resamples" \
+        if _is_number(share) else ""
+    return f" (confidence {level:g}{held})"
 
 
 def _item(claim: dict, note: str) -> str:

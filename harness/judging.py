@@ -19,7 +19,8 @@ def judge(claim, measurement: Measurement, defaults: dict,
             raise MeasureError(f"`per_prompt: {claim.per_prompt}` needs one value per prompt, "
                                f"and this {claim.measure} measurement has none")
         return _judge_per_prompt(claim, measurement, defaults, expect)
-    if getattr(claim, "ci", None) and measurement.per_prompt:
+    if (getattr(claim, "ci", None) or getattr(claim, "confidence", None)) \
+            and measurement.per_prompt:   # `confidence:` on a number gates its interval too
         return _judge_interval(measurement, defaults, expect)
     return _combine(evaluate(expect, measurement, defaults))
 

@@ -194,6 +194,7 @@ class ClaimItem(pytest.Item):
 
     def setup(self) -> None:
         from harness.claims import ERROR, SKIPPED, evaluate_claim
+        from harness.report_text import trust_items
 
         self.verdict = verdict = evaluate_claim(self.spec, self.index, _session(self.config))
         self.config.stash[VERDICTS_KEY].append(verdict)
@@ -202,6 +203,9 @@ class ClaimItem(pytest.Item):
                                  ("expected", json.dumps(verdict.expected, default=str)),
                                  ("status", verdict.status),
                                  ("seconds", round(verdict.seconds, 3))]
+        if verdict.extras.get("trust"):   # stability and the like: every scalar key
+            self.user_properties.append(("trust", json.dumps(dict(trust_items(
+                verdict.extras["trust"])), default=str)))
         if verdict.status == SKIPPED:
             pytest.skip(verdict.message)
         if verdict.status == ERROR:

@@ -23,18 +23,22 @@ from harness.report_text import (
     report_summary_line,
     short_measured,
     summary_line,
+    trust_cell,
+    trust_items,
 )
 from harness.verdicts import Verdict
 from harness.version import __version__
 
-HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "status", "seconds"]
+HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "status", "trust",
+           "seconds"]
 
 
 def rows(verdicts: list[Verdict]) -> list[list]:
     return [[v.spec, v.claim_id, v.measure, ("->" if kind_class(v.measure).MODEL_ARROW else ", ")
              .join(v.models), short_measured(v.measured, 40),
              cut(expected_text(v.expected), 40),
-             v.status.upper() if v.status != "passed" else v.status, f"{v.seconds:.2f}"]
+             v.status.upper() if v.status != "passed" else v.status,
+             trust_cell(v.extras.get("trust")), f"{v.seconds:.2f}"]
             for v in verdicts]
 
 
@@ -160,10 +164,12 @@ def dataframe(report: dict, per_prompt: bool = False):
                             "measured": measured_cell(c) if measured is not None else "",
                             "expected": expected_text(c["expected"]),
                             "margin": c.get("margin"), "message": c.get("message", ""),
-                            "seconds": c.get("seconds")})
+                            "seconds": c.get("seconds"), **dict(trust_items(c.get("trust")))})
+    trust = [] if per_prompt else list(dict.fromkeys(   # a column per trust key, e.g. stability
+        k for s in report["specs"] for c in s["claims"] for k, _ in trust_items(c.get("trust"))))
     columns = ["spec", "claim", "measure", "models", "status"] + (
         ["prompt_index", "prompt", "value"] if per_prompt else
-        ["value", "measured", "expected", "margin", "message", "seconds"])
+        ["value", "measured", "expected", "margin", *trust, "message", "seconds"])
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -205,10 +211,11 @@ def markdown_report(report: dict) -> str:
                     md_code(c["id"]), md_text(c["measure"]), md_text(measured_cell(c)),
                     md_text(cut(expected_text(c["expected"]), 60)),
                     fmt(c["margin"]) if c.get("margin") is not None else "",
+                    md_text(trust_cell(c.get("trust"))),
                     md_text(cut(c.get("message", ""), 120))] for c in claims]
         if rows_md:
             lines += [tabulate(rows_md, ["status", "claim", "measure", "measured", "expected",
-                                         "margin", "details"], tablefmt="github"), ""]
+                                         "margin", "trust", "details"], tablefmt="github"), ""]
     return "\n".join(lines)
 
 

@@ -14,7 +14,14 @@ from harness.errors import safe_text
 from harness.expect import fmt
 from harness.kinds import kind_class
 from harness.labels import Head, format_label
-from harness.report_text import STATUS_ORDER, expected_text, measured_cell, report_summary_line
+from harness.report_text import (
+    STATUS_ORDER,
+    expected_text,
+    measured_cell,
+    report_summary_line,
+    trust_distributions,
+    trust_text,
+)
 
 CSS = """
 .harness-report{font-family:system-ui,sans-serif;color:#222}
@@ -149,8 +156,8 @@ def _spec_section(spec: dict) -> str:
     if spec.get("error"):
         out.append(f"<pre class='error'>{esc(spec['error'])}</pre>")
     head = "".join(f"<th>{h}</th>" for h in ("status", "claim", "measure", "models", "measured",
-                                             "expected", "margin", "details", "seconds",
-                                             "figure"))
+                                             "expected", "margin", "trust", "details",
+                                             "seconds", "figure"))
     rows = "".join(_row(spec, c) for c in claims)
     out.append(f"<table class='claims'><tr>{head}</tr>{rows}</table>")
     return "\n".join(out)
@@ -166,11 +173,30 @@ def _row(spec: dict, c: dict) -> str:
              esc(", ".join(c.get("models", []))), esc(measured_cell(c)),
              esc(expected_text(c["expected"])),
              fmt(c["margin"]) if c.get("margin") is not None else "",
-             esc(c.get("message", "")), f"{c.get('seconds', 0):.2f}", _figure(c) or ""]
+             esc(trust_text(c.get("trust"))), esc(c.get("message", "")),
+             f"{c.get('seconds', 0):.2f}", (_figure(c) or "") + _histograms(c)]
+    last = len(cells) - 1
     return (f"<tr class='claim' id='{_anchor(spec, c)}' data-status='{esc(c['status'])}' "
             f"data-measure='{esc(c['measure'])}'>"
-            + "".join(f"<td{' class=fig' if i == 9 and cells[9] else ''}>{x}</td>"
+            + "".join(f"<td{' class=fig' if i == last and cells[last] else ''}>{x}</td>"
                       for i, x in enumerate(cells)) + "</tr>")
+
+
+def _histograms(c: dict) -> str:
+    """A histogram of every distribution the claim's `trust` holds (the bootstrap's margins:
+    how far each resample of the prompts is from the expectation's bound)."""
+    import plotly.graph_objects as go
+
+    out = []
+    for name, values in trust_distributions(c.get("trust")).items():
+        fig = go.Figure(go.Histogram(x=values, nbinsx=30))
+        fig.add_vline(x=0, line_dash="dash")
+        word = "margin per bootstrap resample (> 0: holds)" if name == "bootstrap" else name
+        fig.update_layout(title=_plot_text(f"{c['id']}: {word}"), width=520, height=260,
+                          margin={"t": 50}, showlegend=False)
+        out.append("<div class='figure histogram'>"
+                   + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>")
+    return "".join(out)
 
 
 def _figure(c: dict) -> str | None:

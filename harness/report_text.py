@@ -162,3 +162,48 @@ def _flatten(values) -> list[float]:
     if isinstance(values, list):
         return [x for v in values for x in _flatten(v)]
     return [float(values)]
+
+
+# ----------------------------------------------------------------------------- trust
+
+# A claim's `trust` entry (stability of its bootstrap, and any other such number) is shown key
+# by key, whatever keys it holds: the short names below where a table cell is narrow, the keys
+# of TRUST_SETTINGS (how it was measured) in the full views only, and lists of numbers (the
+# bootstrap's margins, a distribution) as histograms in the HTML report.
+TRUST_SHORT = {"stability": "stab", "confidence": "conf", "p_value": "p",
+               "percentile": "pct"}
+TRUST_SETTINGS = ("resamples", "seed", "confidence")
+
+
+def trust_items(trust) -> list[tuple[str, object]]:
+    """The entries of a `trust` mapping that read as one value (numbers, text, booleans)."""
+    if not isinstance(trust, dict):
+        return []
+    return [(str(k), v) for k, v in trust.items()
+            if isinstance(v, int | float | str | bool) or v is None]
+
+
+def _trust_value(value) -> str:
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:.3g}"
+    return one_line(value)
+
+
+def trust_cell(trust) -> str:
+    """`stab 0.97`: the trust values in one short cell (settings left out)."""
+    return " ".join(f"{TRUST_SHORT.get(k, k)} {_trust_value(v)}"
+                    for k, v in trust_items(trust) if k not in TRUST_SETTINGS)
+
+
+def trust_text(trust) -> str:
+    """Every trust value, named in full: `stability 0.97, resamples 200, seed 0`."""
+    return ", ".join(f"{k} {_trust_value(v)}" for k, v in trust_items(trust))
+
+
+def trust_distributions(trust) -> dict[str, list[float]]:
+    """The trust entries that are lists of numbers (e.g. `bootstrap`: each resample's margin),
+    for a histogram."""
+    if not isinstance(trust, dict):
+        return {}
+    return {str(k): v for k, v in trust.items() if isinstance(v, list) and v and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in v)}

@@ -9,7 +9,7 @@ from tabulate import tabulate
 from harness.expect import fmt
 from harness.kinds import kind_class
 from harness.labels import Head, format_label
-from harness.report_text import expected_text
+from harness.report_text import expected_text, trust_items, trust_text
 
 
 def claim_text(spec_name: str, claim: dict) -> str:
@@ -42,6 +42,8 @@ def claim_text(spec_name: str, claim: dict) -> str:
         sections.append(("bootstrap", f"{s['ci']:.0%} interval [{fmt(s['low'])}, "
                                       f"{fmt(s['high'])}] of the mean {fmt(s['mean'])} over "
                                       f"{s['n']} prompts"))
+    if trust_items(claim.get("trust")):
+        sections.append(("trust", trust_text(claim["trust"])))
     per_prompt = per_prompt_table(claim)
     if per_prompt:
         sections.append(("per prompt", per_prompt))

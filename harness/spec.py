@@ -561,6 +561,8 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                                                        "REWARD_MODEL` on the claim")
         if claim.ci is not None and (not claim.has_intervals() or claim.per_prompt != "mean"):
             add(("claims", i, "ci"), labels.ci_rule(CLAIM_KINDS))
+        if claim.confidence is not None:
+            _check_confidence(claim, ("claims", i), add)
         if "per_prompt" in claim.model_fields_set and claim.value_kind() not in PER_PROMPT_KINDS:
             add(("claims", i, "per_prompt"), f"`per_prompt` does not apply here: this "
                 f"{claim.measure} claim measures a {claim.value_kind()} (one value for all its "
@@ -590,6 +592,20 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("models", name, "train", "base"), f"unknown base model '{model.train.base}'"
                 + did_you_mean(model.train.base, spec.models))
     return errors
+
+
+def _check_confidence(claim, loc: tuple, add) -> None:
+    """`confidence:` needs per-prompt values to resample, one value judged (not each prompt)
+    and no second level beside it."""
+    if not claim.resamples_prompts():
+        add(loc + ("confidence",), f"`confidence` does not apply to this {claim.measure} claim: "
+            "it keeps no per-prompt values to resample; remove `confidence`")
+    elif claim.per_prompt != "mean":
+        add(loc + ("confidence",), "`confidence` judges the value over all prompts again on "
+            "resamples of them; with `per_prompt` every prompt is judged already: remove one")
+    elif claim.ci is not None:
+        add(loc + ("confidence",), "give `ci` or `confidence`, not both: on a number both set "
+            "the level of the interval that must lie inside the bound")
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -148,6 +148,7 @@ def test_junit_properties(project, tmp_path):
     project.runpytest("checks", f"--junitxml={xml}", "-k", "holds")
     text = xml.read_text()
     assert 'name="measured"' in text and 'name="expected"' in text
+    assert 'name="trust"' in text and "stability" in text   # 3 prompts: resampled
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -90,8 +90,14 @@ def test_toy_markdown_report(toy_reports):
 def test_toy_html_report_renders_in_chromium(toy_reports, tmp_path):
     page = toy_reports / "html" / "report.html"
     dom, shot = render(page, tmp_path, "toy-report-screenshot.png", height=9000)
-    # 7 sweeps (6 heatmaps, 1 bar chart over layers) + 4 lens / DLA plots
-    assert dom.count('class="plot-container plotly"') == 11
+    import json
+
+    claims = json.loads((toy_reports / "r.json").read_text())["specs"][0]["claims"]
+    histograms = sum(1 for c in claims if (c.get("trust") or {}).get("bootstrap"))
+    assert histograms >= 1
+    # 7 sweeps (6 heatmaps, 1 bar chart over layers) + 4 lens / DLA plots, and a histogram of
+    # the bootstrap's margins beside each claim whose trust has them
+    assert dom.count('class="plot-container plotly"') == 11 + histograms
     assert dom.count('class="hm"') == 6
     assert ">resid-hot-spot: patch_sweep" in dom or "resid-hot-spot: patch_sweep" in dom
 

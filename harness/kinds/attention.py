@@ -12,6 +12,7 @@ from harness.expect import GRID, SCALAR, Measurement
 from harness.kinds.base import Frozen, Index, MeasureContext, SingleModelClaim, measurement
 from harness.kinds.fields import head_indices
 from harness.kinds.measuring import check_indices, head_grid
+from harness.measure.results import grid_parts
 from harness.roles import DETECTOR_ROLES, role_name
 from harness.roles import RULES as ROLE_RULES
 from harness.sites import parse_head
@@ -24,6 +25,7 @@ class AttentionClaim(SingleModelClaim):
     FREEZE = "grid|scalar"
     VALUE_KIND = GRID        # SCALAR with `heads`
     REPORT_EXTRAS = ("prompts",)
+    RESAMPLES_PROMPTS = True
     source: str | dict[Literal["position", "token"], int | str]
     heads: tuple[str, ...] | None = None     # named query heads -> a value (their mean)
     layers: tuple[int, ...] | None = None    # grid rows (default: every layer)
@@ -89,6 +91,7 @@ class HeadScoresClaim(SingleModelClaim):
     measure: Literal["head_scores"]
     FREEZE = "grid"
     VALUE_KIND = GRID
+    RESAMPLES_PROMPTS = True     # the random sequences are its prompts
     REPORT_EXTRAS = ("inputs",)
     role: str                # roles.DETECTOR_ROLES, or TransformerLens's names
     random_tokens: RandomTokens = RandomTokens()
@@ -136,8 +139,8 @@ def _attention(ctx: MeasureContext) -> Measurement:
                                   for layer, head in pairs]).mean(0)
         return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()),
                            {"prompts": batch.texts})
-    return Measurement(GRID, head_grid(scores.mean(-1), layer_list), extras={"prompts":
-                                                                              batch.texts})
+    return Measurement(GRID, head_grid(scores.mean(-1), layer_list),
+                       extras={"prompts": batch.texts}, parts=grid_parts(scores))
 
 
 @measurement("head_scores")
@@ -174,4 +177,5 @@ def _head_scores(ctx: MeasureContext) -> Measurement:
     grid = head_grid(scores.mean(-1), list(range(model.bridge.cfg.n_layers)))
     return Measurement(GRID, grid, extras={"inputs": {"sequences": gen.count,
                                                       "length": gen.length, "seed": gen.seed,
-                                                      "vocab_size": len(vocab)}})
+                                                      "vocab_size": len(vocab)}},
+                       parts=grid_parts(scores))

@@ -130,6 +130,10 @@ class ClaimBase(Frozen):
     VALUE_KIND: ClassVar[str]          # what expectations read: expect.SCALAR, GRID, ...
     SEARCHABLE: ClassVar[bool] = False   # `search:` hunts counterexamples among its prompts
     HAS_INTERVALS: ClassVar[bool] = False   # `ci:` bootstraps the mean over prompts
+    # `confidence:` applies: the measurement keeps each prompt's values (its number per
+    # prompt, or `Measurement.parts`), so a bootstrap over prompts judges it again without
+    # a forward pass (`harness/stability.py`); `resamples_prompts()` where fields decide
+    RESAMPLES_PROMPTS: ClassVar[bool] = False
     # how `harness freeze` pins the measured value: a rule of freeze.RULES, or one per shape
     # the fields can give the value ("grid|scalar"); None: the kind cannot be frozen, and
     # FREEZE_WHY says why (the frozen spec writes it as a comment)
@@ -158,6 +162,9 @@ class ClaimBase(Frozen):
     xfail: str | None = None
     skip: str | None = None
     ci: float | None = Field(None, gt=0, lt=1)   # bootstrap interval level, e.g. 0.95
+    # the share of bootstrap resamples of the prompts the expectation must hold in (a number
+    # judged on its mean: the level of the interval that must lie inside the bound)
+    confidence: float | None = Field(None, gt=0, lt=1)
     search: SearchSpec | None = None
 
     @field_validator("id")
@@ -196,6 +203,10 @@ class ClaimBase(Frozen):
 
     def has_intervals(self) -> bool:
         return self.HAS_INTERVALS
+
+    def resamples_prompts(self) -> bool:
+        """Whether `confidence:` applies (see RESAMPLES_PROMPTS)."""
+        return self.RESAMPLES_PROMPTS
 
     def reads_answers(self) -> bool:
         """Whether the claim reads each prompt's answer and foil (sequence metrics read

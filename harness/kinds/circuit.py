@@ -11,7 +11,7 @@ from harness.expect import GRID, SCALAR, Measurement
 from harness.kinds.base import Index, MeasureContext, SingleModelClaim, measurement
 from harness.kinds.fields import ReferencePrompts, _components, component_indices
 from harness.kinds.measuring import ablation_reference
-from harness.measure.results import Grid
+from harness.measure.results import Grid, PromptParts
 
 
 class CircuitClaim(SingleModelClaim):
@@ -21,6 +21,7 @@ class CircuitClaim(SingleModelClaim):
     CI_WHEN = ("", " faithfulness")
     FREEZE = "cells|scalar"
     VALUE_KIND = GRID        # SCALAR for faithfulness
+    RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means")
     members: tuple[str, ...] = Field(min_length=1)
     kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
@@ -95,4 +96,27 @@ def _circuit(ctx: MeasureContext) -> Measurement:
         values_ = scores.completeness()
         labels = tuple(claim.members) + ("circuit",)
     grid = Grid(("component",), (labels,), values_, extras=extras)
-    return Measurement(GRID, grid, extras=extras)
+    return Measurement(GRID, grid, extras=extras, parts=_score_parts(scores, claim.metric))
+
+
+def _score_parts(scores, metric: str) -> PromptParts:
+    """The circuit's per-prompt logit diffs, for the bootstrap: minimality and completeness
+    are made from their means over prompts (`CircuitScores`), so from resampled means too."""
+    parts = {"model": scores.model, "ablated": scores.ablated, "circuit": scores.circuit,
+             "without": scores.without.movedim(-1, 0)}
+    if metric == "completeness":
+        parts["model_without"] = scores.model_without.movedim(-1, 0)
+    return PromptParts({k: v.float().cpu() for k, v in parts.items()},
+                       _minimality if metric == "minimality" else _completeness)
+
+
+def _minimality(means: dict):
+    """`CircuitScores.minimality` on means [..., member]."""
+    scale = (means["model"] - means["ablated"])[..., None]
+    return (means["circuit"][..., None] - means["without"][..., :-1]) / scale
+
+
+def _completeness(means: dict):
+    """`CircuitScores.completeness` on means [..., k]."""
+    scale = (means["model"] - means["ablated"])[..., None]
+    return (means["without"] - means["model_without"]).abs() / scale.abs()

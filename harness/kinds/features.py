@@ -3,6 +3,8 @@ one passes its SAE's reconstruction gate on the claim's prompts first."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -12,6 +14,7 @@ from harness.expect import FEATURES, SCALAR, Measurement
 from harness.kinds.base import ClaimBase, MeasureContext, SingleModelClaim, measurement
 from harness.kinds.fields import FeatureEdit, FeatureReading
 from harness.kinds.measuring import check_features, gated_sae, scalar_over_prompts
+from harness.measure.results import PromptParts
 
 if TYPE_CHECKING:   # torch loads inside the measurements only
     import torch
@@ -23,6 +26,7 @@ class FeatureClaim(SingleModelClaim, FeatureReading):
     VALUE_KIND = SCALAR
     HAS_INTERVALS = True
     REPORT_EXTRAS = ("prompts", "stats", "sae_gate")
+    RESAMPLES_PROMPTS = True
     feature: int = Field(ge=0)
 
 
@@ -31,6 +35,7 @@ class TopFeaturesClaim(SingleModelClaim, FeatureReading):
     FREEZE = "features"
     VALUE_KIND = FEATURES
     REPORT_EXTRAS = ("prompts", "sae_gate", "scores")
+    RESAMPLES_PROMPTS = True
     k: int = Field(10, ge=1)
     control: str | None = None          # a prompt set: rank by mean(prompts) - mean(control)
 
@@ -40,6 +45,7 @@ class FeatureDiffClaim(ClaimBase, FeatureReading):
     CI_WHEN = ("single-feature ", "")
     FREEZE = "features|scalar"
     VALUE_KIND = FEATURES    # SCALAR for one `feature`
+    RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("prompts", "stats", "sae_gate", "scores", "mean_a", "mean_b")
     models: tuple[str, str]
     feature: int | None = Field(None, ge=0)   # given: its b - a; else the top k changed
@@ -61,6 +67,7 @@ class FeatureInterventionClaim(SingleModelClaim, FeatureEdit):
     FREEZE = "scalar"
     VALUE_KIND = SCALAR
     REPORT_EXTRAS = ("prompts", "stats", "sae_gate", "clean", "intervened")
+    RESAMPLES_PROMPTS = True
     metric: Literal["logit_diff", "change"] = "logit_diff"
 
     def model_names(self) -> tuple[str, ...]:
@@ -99,12 +106,31 @@ def _feature(ctx: MeasureContext) -> Measurement:
 def _top_features(ctx: MeasureContext) -> Measurement:
     claim = ctx.claim
     model, batch, sae, gate = _model_with_sae(ctx, claim.model)
-    score = _feature_acts(ctx, model, batch, sae).mean(0)
+    acts = _feature_acts(ctx, model, batch, sae)
+    score, control_mean = acts.mean(0), None
     if claim.control:
         control = ctx.session.batch(ctx.spec, ctx.spec.prompt_set(claim.control), model,
                                     ctx.prepend_bos)
-        score = score - _feature_acts(ctx, model, control, sae).mean(0)
-    return _ranked(score, claim.k, {"sae_gate": {claim.model: gate}, "prompts": batch.texts})
+        control_mean = _feature_acts(ctx, model, control, sae).mean(0)
+        score = score - control_mean
+    measured = _ranked(score, claim.k, {"sae_gate": {claim.model: gate},
+                                        "prompts": batch.texts})
+    return replace(measured, parts=PromptParts({"value": acts}, partial(_minus, control_mean),
+                                               partial(_top_indices, claim.k, "up")))
+
+
+def _minus(control_mean, means: dict):
+    """The ranking score from resampled means: minus the control prompts' mean (kept fixed:
+    the bootstrap resamples the claim's prompts)."""
+    value = means["value"]
+    return value if control_mean is None else value - control_mean.to(value)
+
+
+def _top_indices(k: int, direction: str, mean) -> list[int]:
+    """`_ranked`'s features (the k best scores that are positive) of one resample's means."""
+    score = {"up": mean, "down": -mean, "abs": mean.abs()}[direction]
+    top = score.topk(min(k, score.numel()))
+    return [int(i) for i, v in zip(top.indices, top.values) if v > 0]
 
 
 def _ranked(score: torch.Tensor, k: int, extras: dict) -> Measurement:
@@ -142,7 +168,9 @@ def _feature_diff(ctx: MeasureContext) -> Measurement:
     score = {"up": mean, "down": -mean, "abs": mean.abs()}[claim.direction]
     measured = _ranked(score, claim.k, {**extras, "prompts": texts})
     measured.extras["scores"] = [[i, round(float(mean[i]), 6)] for i in measured.value]
-    return measured
+    return replace(measured, parts=PromptParts({"value": change},
+                                               read=partial(_top_indices, claim.k,
+                                                            claim.direction)))
 
 
 @measurement("feature_intervention")

@@ -17,6 +17,7 @@ class LogitDiffClaim(SingleModelClaim):
     VALUE_KIND = SCALAR
     SEARCHABLE = True
     HAS_INTERVALS = True
+    RESAMPLES_PROMPTS = True
 
 
 class TopKClaim(SingleModelClaim):

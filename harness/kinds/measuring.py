@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from harness.errors import MeasureError
 from harness.expect import PATCH, SCALAR, Measurement, fmt
 from harness.kinds.base import MeasureContext, index_problems, model_sizes
-from harness.measure.results import Grid
+from harness.measure.results import Grid, PromptParts, normalized_from_means
 
 if TYPE_CHECKING:   # torch loads inside the measurements only
     import torch
@@ -146,6 +146,17 @@ def ablation_reference(ctx: MeasureContext, model, batch, kind: str, names, seed
     used = [ref_batch.texts[i] for i in draw] if draw is not None else list(ref_batch.texts)
     return values, {"reference": {"prompt_set": ref_name, "kind": kind, "seed": seed,
                                   "prompts": used}}
+
+
+def sweep_parts(grid: Grid, metric: str) -> PromptParts:
+    """A patching grid's per-prompt parts, from what the engine keeps in its extras (patched
+    [*cells, prompt], from and into [prompt]): the raw patched value with `metric:
+    logit_diff`, else the normalized effect, made from resampled means as from all prompts."""
+    patched = grid.extras["per_prompt"].reshape(*grid.values.shape, -1).movedim(-1, 0)
+    if metric == "logit_diff":
+        return PromptParts({"value": patched})
+    return PromptParts({"patched": patched, "from": grid.extras["from_per_prompt"],
+                        "into": grid.extras["into_per_prompt"]}, normalized_from_means)
 
 
 def head_grid(values: torch.Tensor, layers: list[int]) -> Grid:

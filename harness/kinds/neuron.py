@@ -13,7 +13,7 @@ from harness.expect import GRID, SCALAR, Measurement
 from harness.kinds.base import Index, MeasureContext, SingleModelClaim, measurement
 from harness.kinds.fields import Position
 from harness.kinds.measuring import check_indices, scalar_over_prompts
-from harness.measure.results import Grid
+from harness.measure.results import Grid, PromptParts
 
 SITE = "mlp_post"
 
@@ -26,6 +26,7 @@ class NeuronClaim(SingleModelClaim):
     FREEZE = "grid|scalar"
     VALUE_KIND = GRID        # SCALAR with `layer` and `neuron`
     REPORT_EXTRAS = ("prompts", "stats")
+    RESAMPLES_PROMPTS = True
     layer: int | None = None
     neuron: int | None = None
     layers: tuple[int, ...] | None = None
@@ -116,4 +117,4 @@ def _neuron(ctx: MeasureContext) -> Measurement:
         return scalar_over_prompts(ctx, acts[:, 0, 0], batch.texts)
     labels = (tuple(layers), tuple(neurons or range(acts.shape[-1])))
     return Measurement(GRID, Grid(("layer", "neuron"), labels, acts.mean(0)),
-                       extras={"prompts": batch.texts})
+                       extras={"prompts": batch.texts}, parts=PromptParts({"value": acts}))

@@ -28,6 +28,7 @@ from harness.kinds.measuring import (
     sequence_runs,
     site_kwargs,
     span_mask_of,
+    sweep_parts,
 )
 from harness.measure.results import Grid, PatchEffect
 from harness.sites import HEAD_SITES
@@ -43,6 +44,7 @@ class PatchClaim(FromInto, ClaimBase, SiteSelection):
     VALUE_KIND = PATCH
     REPORT_EXTRAS = ("per_prompt_raw", "raw", "from", "into", "normalized", "path")
     MODEL_ARROW = True
+    RESAMPLES_PROMPTS = True
     from_: RunRef = Field(alias="from")
     into: RunRef
     metric: PatchMetric = "normalized"
@@ -88,6 +90,7 @@ class AblateClaim(SingleModelClaim, SiteSelection):
     measure: Literal["ablate"]
     FREEZE = "scalar"
     VALUE_KIND = SCALAR
+    RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("per_prompt_raw", "raw", "from", "into", "normalized", "prompts", "path",
                      "reference")
     kind: Literal["zero", "mean", "resample"] = "zero"
@@ -162,14 +165,16 @@ def _patch_sweep(ctx: MeasureContext) -> Measurement:
         grid = sp.patch_sweep(fr.bridge, fr.tokens, ir.bridge, ir.tokens, targets, score,
                               claim.metric, site=claim.site, over=tuple(claim.over),
                               memory_budget_mb=ctx.session.memory_budget_mb)
-        return Measurement(GRID, grid, extras={"method": grid.method, "path": SEQUENCE_PATH})
+        return Measurement(GRID, grid, extras={"method": grid.method, "path": SEQUENCE_PATH},
+                           parts=sweep_parts(grid, "normalized"))
     from_run, into_run, batch = patch_runs(ctx)
     grid = ctx.session.engine.patch_sweep(from_run, into_run, batch.answer_ids, batch.foil_ids,
                                           site=claim.site, over=tuple(claim.over),
                                           method=claim.method)
     if claim.metric == "logit_diff" and grid.raw is not None:
         grid = Grid(grid.axes, grid.labels, grid.raw, grid.raw, grid.method, grid.extras)
-    return Measurement(GRID, grid, extras={"method": grid.method, "path": grid.extras["path"]})
+    return Measurement(GRID, grid, extras={"method": grid.method, "path": grid.extras["path"]},
+                       parts=sweep_parts(grid, claim.metric))
 
 
 @measurement("ablate")

@@ -17,7 +17,7 @@ from harness.kinds.fields import (
     head_indices,
 )
 from harness.kinds.measuring import patch_measurement, patch_runs
-from harness.measure.results import Grid, PatchEffect
+from harness.measure.results import Grid, PatchEffect, PromptParts, normalized_from_means
 from harness.sites import parse_head
 
 
@@ -28,6 +28,7 @@ class PathPatchClaim(FromInto, ClaimBase):
     measure: Literal["path_patch"]
     FREEZE = "grid|patch"
     VALUE_KIND = GRID        # PATCH with `senders`
+    RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("per_prompt_raw", "raw", "from", "into", "normalized", "path")
     from_: RunRef = Field(alias="from")
     into: RunRef
@@ -97,4 +98,8 @@ def _path_patch(ctx: MeasureContext) -> Measurement:
     grid = Grid(("layer", "head"), (tuple(range(cfg.n_layers)), tuple(range(cfg.n_heads))),
                 values.view(cfg.n_layers, cfg.n_heads),
                 raw=patched.mean(-1).view(cfg.n_layers, cfg.n_heads), extras=extras)
-    return Measurement(GRID, grid, extras=extras)
+    parts = PromptParts({"value": patched.cpu().T.reshape(-1, cfg.n_layers, cfg.n_heads)}) \
+        if claim.metric == "logit_diff" else PromptParts(
+            {"patched": patched.cpu().T.reshape(-1, cfg.n_layers, cfg.n_heads),
+             "from": from_value.cpu(), "into": into_value.cpu()}, normalized_from_means)
+    return Measurement(GRID, grid, extras=extras, parts=parts)

@@ -9,7 +9,7 @@ from pydantic import model_validator
 
 from harness.expect import GRID, PAIR, Measurement
 from harness.kinds.base import ClaimBase, MeasureContext, measurement
-from harness.measure.results import Grid
+from harness.measure.results import Grid, grid_parts
 
 
 class OneOrTwoModels(ClaimBase):
@@ -18,6 +18,7 @@ class OneOrTwoModels(ClaimBase):
     VALUE_KIND = GRID        # PAIR with `models: [A, B]`
     REPORT_EXTRAS = ("path", "approximation")
     PRIVATE_EXTRAS = ("each", "a", "b", "names")
+    RESAMPLES_PROMPTS = True
 
     model: str | None = None
     models: tuple[str, str] | None = None
@@ -55,10 +56,19 @@ def _per_model_grids(ctx: MeasureContext, compute) -> Measurement:
     extras = {key: grids[0].extras[key] for key in ("path", "approximation")
               if key in grids[0].extras}
     if len(grids) == 1:
-        return Measurement(GRID, grids[0], extras=extras)
+        return Measurement(GRID, grids[0], extras=extras, parts=_parts(grids[0]))
     a, b = grids
     diff = Grid(a.axes, a.labels, b.values - a.values, method=a.method)
-    return Measurement(PAIR, diff, extras={"a": a, "b": b, "names": names, **extras})
+    parts = None if a.extras.get("per_prompt") is None or b.extras.get("per_prompt") is None \
+        else grid_parts(b.extras["per_prompt"] - a.extras["per_prompt"])
+    return Measurement(PAIR, diff, extras={"a": a, "b": b, "names": names, **extras},
+                       parts=parts)
+
+
+def _parts(grid: Grid):
+    """Each prompt's entries ([entry, prompt], kept by the readouts), for the bootstrap."""
+    per_prompt = grid.extras.get("per_prompt")
+    return None if per_prompt is None else grid_parts(per_prompt)
 
 
 @measurement("dla")

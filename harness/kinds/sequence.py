@@ -14,6 +14,7 @@ from harness.kinds.measuring import interval, span_mask_of
 class SequenceClaim(SingleModelClaim):
     VALUE_KIND = SCALAR
     HAS_INTERVALS = True
+    RESAMPLES_PROMPTS = True
 
     PRIVATE_EXTRAS = ("each", "positions")
 

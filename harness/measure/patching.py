@@ -339,6 +339,7 @@ def _sweep_grid(over, layer_list, n_heads, into_run: Run, patched: Tensor, from_
     from_value, into_value = from_value.cpu(), into_value.cpu()
     extras = {"from": float(from_value.mean()), "into": float(into_value.mean()), "site": site,
               "positions": tuple(range(into_run.shape[1])), "per_prompt": patched,
+              "from_per_prompt": from_value, "into_per_prompt": into_value,
               "approximation": method == "attribution", "path": path}
     return Grid(axes=tuple(over), labels=tuple(labels[a] for a in over),
                 values=normalized_effect(patched, from_value, into_value),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,45 @@ def normalized_effect(patched: Tensor, from_value: Tensor, into_value: Tensor) -
     return (patched.mean(-1) - into_value.mean()) / (from_value.mean() - into_value.mean())
 
 
-__all__ = ["Grid", "PatchEffect", "normalized_effect"]
+def mean_value(means: dict) -> Tensor:
+    """The value is the mean over prompts of the part `value`."""
+    return means["value"]
+
+
+def normalized_from_means(means: dict) -> Tensor:
+    """A patching grid's normalized effect from the means of `patched` [..., *cells] and of
+    `from` / `into` [...] (the same formula as `normalized_effect`)."""
+    patched, from_value, into_value = means["patched"], means["from"], means["into"]
+    shape = from_value.shape + (1,) * (patched.dim() - from_value.dim())
+    return (patched - into_value.reshape(shape)) / (from_value - into_value).reshape(shape)
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """A value measured over prompts, kept per prompt: `parts` are tensors [prompt, ...] and
+    `combine` makes the value from their means over prompts (any leading axes, e.g. one per
+    bootstrap resample, are kept). A resample of the prompts then recomputes the value from
+    these tensors alone, with no forward pass (`harness/stability.py`). `read` turns one
+    resample's combined tensor into what the expectation reads (None: the measurement's own
+    value with these numbers, e.g. a Grid's values)."""
+
+    parts: dict[str, Tensor]
+    combine: Callable[[dict], Tensor] = mean_value
+    read: Callable[[Tensor], object] | None = None
+
+    @property
+    def n_prompts(self) -> int:
+        return int(next(iter(self.parts.values())).shape[0])
+
+
+def grid_parts(per_prompt: Tensor) -> PromptParts:
+    """The parts of a grid whose values are the mean over the last axis of `per_prompt`
+    [*cells, prompt] (the layout of `Grid.extras["per_prompt"]`)."""
+    return PromptParts({"value": per_prompt.movedim(-1, 0)})
+
+
+__all__ = ["Grid", "PatchEffect", "PromptParts", "grid_parts", "mean_value",
+           "normalized_effect", "normalized_from_means"]
 
 
 def position_labels(bridge, tokens) -> tuple:

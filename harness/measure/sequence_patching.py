@@ -157,7 +157,9 @@ def patch_sweep(from_bridge, from_tokens: Tensor, into_bridge, into_tokens: Tens
                 values=normalized_effect(patched, from_value, into_value),
                 raw=patched.mean(-1), extras={"from": float(from_value.mean()),
                                               "into": float(into_value.mean()), "site": site,
-                                              "metric": metric, "per_prompt": patched})
+                                              "metric": metric, "per_prompt": patched,
+                                              "from_per_prompt": from_value,
+                                              "into_per_prompt": into_value})
 
 
 def ablate(bridge, tokens: Tensor, final_pos: Tensor, targets: Tensor, score: Tensor,
