@@ -10,6 +10,7 @@ and measure the random selections, batched (`kinds/base.chance_measurement`)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Hashable, Mapping, Sequence
@@ -38,23 +39,29 @@ class Pool:
 def draw(pool: Pool, n: int, seed: int) -> list[tuple]:
     """`n` random selections (sorted item tuples), each with as many items per group as the
     named selection, drawn without replacement inside a selection, never equal to the named
-    one (selections may repeat across draws: they are independent)."""
+    one (independent draws: they may repeat). When the layers offer at most `n` other
+    selections, every one of them once, in a fixed order: the exact permutation test, whose
+    p-value can go no lower than 1 / (alternatives + 1), as a p-value from so few must not."""
     for group, items in pool.named.items():
         missing = set(items) - set(pool.candidates.get(group, ()))
         if missing:
-            raise MeasureError(f"named item {sorted(missing)[0]} is not among the candidates "
-                               f"of its group {group!r}")
-    if pool.alternatives() < 1:
+            raise MeasureError(f"named item {sorted(missing, key=repr)[0]!r} is not among the "
+                               f"candidates of its group {group!r}")
+    alternatives = pool.alternatives()
+    if alternatives < 1:
         raise MeasureError("`against: random` needs other selections of the same size and "
                            "kind in the same layers, and there are none (every item of those "
                            "layers is named); name fewer items, or drop `against`")
-    rng = random.Random(seed)
     named = _key(pool.named.values())
     groups = sorted(pool.named, key=repr)
+    if alternatives <= n:
+        every = itertools.product(*(itertools.combinations(pool.candidates[g],
+                                                           len(pool.named[g])) for g in groups))
+        return [key for key in map(_key, every) if key != named]
+    rng = random.Random(seed)
     out = []
     while len(out) < n:
-        chosen = [rng.sample(list(pool.candidates[g]), len(pool.named[g])) for g in groups]
-        key = _key(chosen)
+        key = _key(rng.sample(list(pool.candidates[g]), len(pool.named[g])) for g in groups)
         if key != named:
             out.append(key)
     return out
