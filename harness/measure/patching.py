@@ -283,8 +283,8 @@ class PatchingEngine:
     def _patch_each(self, source: Acts, into_run: Run, into: Acts, answer_ids, foil_ids,
                     site: str, selections: Sequence[dict]) -> Tensor:
         """Single-layer selections stacked as the variants of one batched run (every fast
-        path starts each where it first differs); a selection over several layers is one
-        hooked forward of its own."""
+        path starts each where it first differs); selections over several layers stacked
+        along the batch of the bridge's hooked forward."""
         forward = self.forward(into_run)
         masks = [selection_masks(site, forward.dims, into_run.final_pos, into_run.shape[1],
                                  **selection) for selection in selections]
@@ -298,10 +298,11 @@ class PatchingEngine:
                 into_run.tokens, into_run.final_pos, into, source,
                 Variants(site, layers, stacked), answer_ids, foil_ids,
                 self._bytes(WORK_SHARE)).float().cpu()
-        for i, m in enumerate(masks):
-            if len(m) > 1:
-                out[i] = forward.patch_layers(into_run.tokens, into_run.final_pos, site, m,
-                                              source, answer_ids, foil_ids).float().cpu()
+        several = [i for i, m in enumerate(masks) if len(m) > 1]
+        if several:
+            out[several] = forward.patch_layers_each(
+                into_run.tokens, into_run.final_pos, site, [masks[i] for i in several], source,
+                answer_ids, foil_ids, self._bytes(WORK_SHARE)).float().cpu()
         return out
 
     def site_mean(self, run: Run, site: str) -> Tensor:
