@@ -558,6 +558,9 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i, "holdout"), f"unknown prompt set '{claim.holdout}' (a held-out "
                 "set is a named set under `prompt_sets:`)"
                 + did_you_mean(claim.holdout, spec.prompt_sets or ["(none defined)"]))
+        if claim.holdout is not None and claim.makes_own_inputs():
+            add(("claims", i, "holdout"), f"`holdout` measures the claim again on other "
+                f"prompts, and this {claim.measure} claim makes its own inputs; remove it")
         if claim.against is not None and not claim.accepts_against():
             add(("claims", i, "against"), against_rule(claim))
         for loc, message in check_expectation_spec(claim):

@@ -136,6 +136,29 @@ def test_random_weight_models_pass_significant_at_the_nominal_rate(tmp_path):
     assert min(p_values) < 0.05 < max(p_values)
 
 
+def test_same_spec_and_seed_give_the_same_numbers_in_one_process(tmp_path):
+    """Whatever ran before (global torch and random state moved on), a claim measures the
+    same random selections and the same p-value again; another seed draws others."""
+    model = build_tiny_gpt2(tmp_path / "m", seed=2)
+    claims = "".join(f"- {{id: c{seed}, measure: neuron, model: a, layer: 1, neuron: 5, "
+                     f"against: {{random: 20, seed: {seed}}}, expect: {{'>': -100}}}}\n"
+                     for seed in (0, 0, 1))
+    claims = claims.replace("id: c0,", "id: first,", 1)
+    path = _spec(tmp_path / "s.yaml", {"a": model}, claims)
+
+    def numbers():
+        verdicts = run_spec_file(path, Session(verbose=False)).verdicts
+        return [(v.extras["trust"], v.extras["random_values"]) for v in verdicts]
+
+    first = numbers()
+    torch.manual_seed(123)
+    random.seed(123)
+    torch.rand(7)
+    again = numbers()
+    assert first == again
+    assert first[0] == first[1] and first[0][1] != first[2][1]
+
+
 # ----------------------------------------------------------------------------- ground truth
 
 @pytest.fixture(scope="module")
@@ -359,6 +382,8 @@ claims:
      "claims[0].holdout", "did you mean 'ref'"),
     ("{id: x, measure: patch, from: {model: m}, into: {model: m, input: corrupt}, site: z, "
      "heads: [L0H0], holdout: ref, expect: {'>': 0}}", "claims[0].holdout", "`corrupt:`"),
+    ("{id: x, measure: head_scores, model: m, role: induction, holdout: ref, "
+     "expect: {argmax: L1H0}}", "claims[0].holdout", "makes its own inputs"),
 ])
 def test_spec_errors_name_the_field(tmp_path, claim, field, words):
     text = BAD.replace('"a b", answer', '"a b", corrupt: "a c", answer') if "corrupt" in claim \
