@@ -60,6 +60,24 @@ def test_no_other_selection_is_an_error():
         chance.draw(Pool({0: _heads(0)}, {0: _heads(0)}), 10, 0)
 
 
+def test_kinds_pools_use_canonical_labels_and_keep_mlps():
+    from harness.kinds.circuit import CircuitClaim
+    from harness.kinds.patching import AblateClaim
+
+    sizes = {"n_heads": 4, "n_kv_heads": 2, "d_mlp": 8}
+    ablate = AblateClaim(id="a", measure="ablate", model="m", site="z", heads=("L01H0", "L1H2"),
+                         expect={">": 0})
+    pool = ablate.chance_pool(sizes)
+    assert pool.named == {1: ("L1H0", "L1H2")} and pool.candidates == {1: _heads(1)}
+    on_values = AblateClaim(id="a", measure="ablate", model="m", site="v", heads=("L0KV1",),
+                            expect={">": 0}).chance_pool(sizes)
+    assert on_values.candidates == {0: ("L0KV0", "L0KV1")}
+    circuit = CircuitClaim(id="c", measure="circuit", model="m", members=("L0H1", "mlp0"),
+                           kind="zero", expect={">": 0}).chance_pool(sizes)
+    assert circuit.alternatives() == 3
+    assert all("mlp0" in s for s in chance.draw(circuit, 10, 0))
+
+
 def test_p_value_percentile_ties_and_direction():
     assert chance.compare(3.0, [1.0, 2.0, 3.0, 4.0], chance.GREATER) == \
         {"p_value": 3 / 5, "percentile": 50.0}          # the tie counts against the claim

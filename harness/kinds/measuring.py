@@ -218,9 +218,8 @@ def component_pool(members, sizes: dict):
                                       for h in range(sizes["n_heads"]))
         else:
             group = ("part", str(part))
-            candidates[group] = (text,)
-        named.setdefault(group, ())
-        named[group] += (text,)
+            candidates[group] = (str(part),)
+        named[group] = named.get(group, ()) + (str(part),)   # canonical, as candidates are
     return Pool(named, candidates)
 
 

@@ -56,8 +56,8 @@ class RandomSelection:
             return Pool({"neurons": tuple(self.neurons)}, {"neurons": tuple(range(sizes["d_mlp"]))})
         count = sizes["n_kv_heads"] if self.site in KV_SITES else sizes["n_heads"]
         named: dict = {}
-        for label, (layer, _) in zip(self.heads, self.head_pairs()):
-            named[layer] = named.get(layer, ()) + (label,)
+        for layer, head in self.head_pairs():     # canonical labels, as candidates are
+            named[layer] = named.get(layer, ()) + (head_label(self.site, layer, head),)
         return Pool(named, {layer: tuple(head_label(self.site, layer, h) for h in range(count))
                             for layer in named})
 
