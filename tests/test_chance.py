@@ -60,6 +60,19 @@ def test_no_other_selection_is_an_error():
         chance.draw(Pool({0: _heads(0)}, {0: _heads(0)}), 10, 0)
 
 
+def test_the_kinds_that_accept_against_measure_random_selections():
+    """`against` is declared by the kinds: each with AGAINST answers `chance_pool` and
+    registers its measurement of random selections, and no other kind does."""
+    import harness.claims  # noqa: F401  (every kind's measurements registered)
+    from harness.kinds import CLAIM_KINDS, ClaimBase
+    from harness.kinds.base import CHANCE_MEASUREMENTS
+
+    accepting = {name for name, cls in CLAIM_KINDS.items() if cls.AGAINST}
+    assert accepting == set(CHANCE_MEASUREMENTS)
+    assert {"ablate", "patch", "circuit", "path_patch", "neuron", "feature"} <= accepting
+    assert all(CLAIM_KINDS[n].chance_pool is not ClaimBase.chance_pool for n in accepting)
+
+
 def test_kinds_pools_use_canonical_labels_and_keep_mlps():
     from harness.kinds.circuit import CircuitClaim
     from harness.kinds.patching import AblateClaim

@@ -101,8 +101,12 @@ class PatchSweepClaim(PatchClaim):
     VALUE_KIND = GRID
     REPORT_EXTRAS = ("method", "path")
     FIGURE = "heatmap"
+    AGAINST = None       # a grid of every cell: no named selection
     over: tuple[str, ...]
     method: Literal["exact", "attribution"] = "exact"
+
+    def accepts_against(self) -> bool:
+        return False
 
     @model_validator(mode="after")
     def _axes_fit_site(self):
