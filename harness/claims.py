@@ -104,8 +104,10 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
         return verdict
     start = time.perf_counter()
     try:
-        measurement = with_interval(claim, MEASURES[claim.measure](
-            ClaimContext(spec, claim, session)))
+        ctx = ClaimContext(spec, claim, session)
+        measurement = with_interval(claim, MEASURES[claim.measure](ctx))
+        if claim.against is not None:
+            _against_chance(ctx, measurement)
         defaults = spec.defaults.tolerance.model_dump()
         if claim.tolerance:
             defaults.update(claim.tolerance.model_dump())
@@ -123,6 +125,9 @@ def evaluate_claim(spec: Spec, index: int, session: Session) -> Verdict:
             ok, message, margin = True, "", None     # the baseline comparison below decides
         else:
             raise MeasureError("`expect` holds no check (only a tolerance): nothing to judge")
+        if claim.holdout is not None:
+            ok, message, margin = _on_holdout(ctx, defaults, expect, verdict,
+                                              (ok, message, margin))
         if claim.search is not None and ok:
             ok, message = _search(spec, claim, session, defaults, expect, verdict, message)
         if claim.expect.get("baseline") or spec.defaults.baseline:
@@ -159,6 +164,39 @@ def _refuse_nan(verdict: Verdict, measurement: Measurement) -> None:
         raise MeasureError("the measurement is not a finite number (NaN or inf), e.g. a "
                            "normalized effect whose `from` and `into` runs have the same "
                            "logit difference; use `metric: logit_diff` or runs that differ")
+
+
+def _against_chance(ctx: ClaimContext, measurement: Measurement) -> None:
+    """`against: random`: the claim's value for N random selections (its kind's
+    `chance_measurement`), and the named one's percentile and p-value among them, into the
+    measurement's `trust` (the random values beside it, for histograms)."""
+    from harness.chance import summary
+    from harness.kinds.base import CHANCE_MEASUREMENTS
+
+    against = ctx.claim.against
+    values = CHANCE_MEASUREMENTS[ctx.claim.measure](ctx, against.random, against.seed)
+    trust = measurement.extras.setdefault("trust", {})
+    trust.update(summary(measurement.value, values, ctx.claim.expect, against.seed))
+    measurement.extras["random_values"] = list(values)
+
+
+def _on_holdout(ctx: ClaimContext, defaults, expect, verdict, judged):
+    """`holdout: SET`: the claim measured again on that prompt set, where the expectation
+    (but `significant`, which reads the claim's own prompts) must hold too."""
+    from harness.judging import CLAIM_LEVEL, both
+
+    claim = ctx.claim
+    held = MEASURES[claim.measure](ClaimContext(ctx.spec, claim, ctx.session,
+                                                prompts=ctx.spec.prompt_set(claim.holdout)))
+    rest = {k: v for k, v in expect.items() if k not in CLAIM_LEVEL}
+    if any(k not in MODIFIERS for k in rest):
+        ok, message, margin = judge(claim, held, defaults, rest)
+    else:
+        ok, message, margin = True, "", None
+    trust = verdict.extras.setdefault("trust", {})
+    trust.update({"holdout": to_jsonable(held), "holdout_passed": ok})
+    return both(judged, (ok, f"on holdout '{claim.holdout}': {message}" if message else "",
+                         margin))
 
 
 def _search(spec, claim, session, defaults, expect, verdict, message):

@@ -458,6 +458,25 @@ def _mean_score(samples, arg, mods) -> Outcome:
                    + " and ".join(r.detail for r in results), min(r.margin for r in results))
 
 
+# ----------------------------------------------------------------------------- against chance
+
+def _probability(arg) -> str | None:
+    ok = isinstance(arg, int | float) and not isinstance(arg, bool) and 0 < arg < 1
+    return None if ok else f"needs a significance level between 0 and 1, e.g. 0.01; got {arg!r}"
+
+
+@operator("significant", (SCALAR, PATCH), _probability)
+def _significant(value, arg, mods) -> Outcome:
+    """The named selection's empirical p-value against random ones (`against:`, read from
+    the measurement's `trust`) is at most the level."""
+    trust = mods.get("trust") or {}
+    if "p_value" not in trust:
+        return Outcome(False, "no p-value: `significant` needs `against: {random: N}`")
+    p = trust["p_value"]
+    return Outcome(p <= arg, f"p = {fmt(p)} <= {fmt(arg)} ({trust['percentile']:.0f}th "
+                             f"percentile of {trust['random']} random selections)", arg - p)
+
+
 # ----------------------------------------------------------------------------- baselines
 
 @operator("baseline", (SCALAR, PATCH, GRID, PAIR, TEXT, TOKENS, SAMPLES, FEATURES), _true)
@@ -510,6 +529,9 @@ def check_expectation_spec(claim) -> list[tuple[tuple, str]]:
         message = op.validate(arg)
         if message:
             errors.append((loc, f"'{name}' {message}"))
+        elif name == "significant" and getattr(claim, "against", None) is None:
+            errors.append((loc, "`significant` reads the p-value of `against: {random: N, "
+                                "seed: S}`; add `against` to the claim"))
     return errors
 
 

@@ -5,8 +5,22 @@ claim asks (`per_prompt: all | any | {fraction}`), or to both ends of a bootstra
 from __future__ import annotations
 
 from harness.errors import MeasureError
-from harness.expect import PATCH, SCALAR, TEXT, TOKENS, Measurement, Outcome, compare, evaluate, fmt
+from harness.expect import (
+    MODIFIERS,
+    PATCH,
+    SCALAR,
+    TEXT,
+    TOKENS,
+    Measurement,
+    Outcome,
+    compare,
+    evaluate,
+    fmt,
+)
 from harness.kinds.base import parse_comparison
+
+# operators that read the whole claim's `trust` (never one prompt or an interval's end)
+CLAIM_LEVEL = ("significant",)
 
 
 def judge(claim, measurement: Measurement, defaults: dict,
@@ -14,6 +28,13 @@ def judge(claim, measurement: Measurement, defaults: dict,
     """Apply the expectation, per prompt where the claim asks for it. Per prompt means the
     quantity the claim reports, on each prompt; text and tokens are always judged on every
     prompt (their `mean` is `all`)."""
+    whole = {k: v for k, v in expect.items() if k in CLAIM_LEVEL}
+    if whole:
+        rest = {k: v for k, v in expect.items() if k not in CLAIM_LEVEL}
+        outcome = _combine(evaluate(whole, measurement, defaults))
+        if all(k in MODIFIERS for k in rest):
+            return outcome
+        return both(judge(claim, measurement, defaults, rest), outcome)
     if _judged_per_prompt(claim, measurement):
         if not measurement.per_prompt:
             raise MeasureError(f"`per_prompt: {claim.per_prompt}` needs one value per prompt, "
@@ -43,6 +64,13 @@ def _judge_interval(measurement: Measurement, defaults: dict, expect: dict):
              f"the mean {fmt(stats['mean'])} over {stats['n']} prompts: " \
              f"low end {low[1]}; high end {high[1]}"
     return low[0] and high[0], detail, min(margins) if margins else None
+
+
+def both(first: tuple, second: tuple) -> tuple[bool, str, float | None]:
+    """Two judgements that must both hold, as one."""
+    margins = [m for m in (first[2], second[2]) if m is not None]
+    return (first[0] and second[0], "; ".join(x for x in (first[1], second[1]) if x),
+            min(margins) if margins else None)
 
 
 def _combine(outcomes: list[Outcome]) -> tuple[bool, str, float | None]:

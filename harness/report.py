@@ -35,11 +35,18 @@ HEADERS = ["spec", "claim", "measure", "model(s)", "measured", "expected", "stat
 
 def rows(verdicts: list[Verdict]) -> list[list]:
     return [[v.spec, v.claim_id, v.measure, ("->" if kind_class(v.measure).MODEL_ARROW else ", ")
-             .join(v.models), short_measured(v.measured, 40),
+             .join(v.models), _measured_with_p(v),
              cut(expected_text(v.expected), 40),
              v.status.upper() if v.status != "passed" else v.status,
              trust_cell(v.extras.get("trust")), f"{v.seconds:.2f}"]
             for v in verdicts]
+
+
+def _measured_with_p(v: Verdict) -> str:
+    """The measured value, and the p-value against chance where `against` measured one."""
+    text = short_measured(v.measured, 40)
+    p = (v.extras.get("trust") or {}).get("p_value")
+    return text if p is None else f"{text} p={fmt(p)}"
 
 
 def table(verdicts: list[Verdict], spec_errors: list[str] = (), limit: int | None = None) -> str:

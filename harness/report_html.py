@@ -188,10 +188,15 @@ def _histograms(c: dict) -> str:
     import plotly.graph_objects as go
 
     out = []
-    for name, values in trust_distributions(c.get("trust")).items():
+    hists = [(name, values, 0.0) for name, values in trust_distributions(c.get("trust")).items()]
+    randoms, named = c.get("random_values"), c.get("measured")
+    if trust_distributions({"r": randoms}) and isinstance(named, int | float):
+        hists.append(("random_values", randoms, named))     # `against`: the line is the named one
+    for name, values, line in hists:
         fig = go.Figure(go.Histogram(x=values, nbinsx=30))
-        fig.add_vline(x=0, line_dash="dash")
-        word = "margin per bootstrap resample (> 0: holds)" if name == "bootstrap" else name
+        fig.add_vline(x=line, line_dash="dash")
+        word = {"bootstrap": "margin per bootstrap resample (> 0: holds)",
+                "random_values": "random selections (line: the named one)"}.get(name, name)
         fig.update_layout(title=_plot_text(f"{c['id']}: {word}"), width=520, height=260,
                           margin={"t": 50}, showlegend=False)
         out.append("<div class='figure histogram'>"

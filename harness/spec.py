@@ -554,6 +554,15 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i, "reference"), f"unknown prompt set '{reference}' (reference "
                 "prompts are a named set under `prompt_sets:`)"
                 + did_you_mean(reference, spec.prompt_sets or ["(none defined)"]))
+        if claim.holdout is not None and claim.holdout not in spec.prompt_sets:
+            add(("claims", i, "holdout"), f"unknown prompt set '{claim.holdout}' (a held-out "
+                "set is a named set under `prompt_sets:`)"
+                + did_you_mean(claim.holdout, spec.prompt_sets or ["(none defined)"]))
+        if claim.holdout is not None and claim.makes_own_inputs():
+            add(("claims", i, "holdout"), f"`holdout` measures the claim again on other "
+                f"prompts, and this {claim.measure} claim makes its own inputs; remove it")
+        if claim.against is not None and not claim.accepts_against():
+            add(("claims", i, "against"), against_rule(claim))
         for loc, message in check_expectation_spec(claim):
             add(("claims", i) + loc, message)
         if "mean_score" in claim.expect and not getattr(claim, "score_with", None):
@@ -668,7 +677,32 @@ def prompt_errors(spec: Spec) -> list[SpecError]:
                                      f"prompts with `corrupt:` texts, and {where} has none"
                                      + (" matching `prompt:`" if claim.prompt else "")
                                      + "; add `corrupt: TEXT` to the prompts (or their rows)"))
+        if claim.holdout in spec.prompt_sets:
+            errors += _holdout_errors(spec, claim, i)
     return errors
+
+
+def _holdout_errors(spec: Spec, claim, i: int) -> list[SpecError]:
+    """The held-out set has prompts, and the answers, foils and corrupt texts the claim reads."""
+    held = spec.prompt_set(claim.holdout)
+    loc, where = ("claims", i, "holdout"), f"the held-out prompt set '{claim.holdout}'"
+    if not held:
+        return [spec.error(loc, f"{where} has no prompts")]
+    if claim.reads_answers() and any(p.answer is None or p.foil is None for p in held):
+        return [spec.error(loc, f"{where} has prompts without `answer` or `foil`, but claim "
+                                f"'{claim.id}' ({claim.measure}) reads both; add them")]
+    if claim.needs_corrupt() and not all(p.corrupt for p in held):
+        return [spec.error(loc, f"{where} has prompts without `corrupt:` texts, which this "
+                                "patching claim reads; add `corrupt: TEXT` to them")]
+    return []
+
+
+def against_rule(claim) -> str:
+    """Why `against` does not apply to this claim, and where it does."""
+    where = ", ".join(f"`{name}` ({cls.AGAINST})" for name, cls in CLAIM_KINDS.items()
+                      if cls.AGAINST)
+    return (f"`against: random` compares a named selection with random ones, and this "
+            f"{claim.measure} claim names none it can draw; it applies to {where}")
 
 
 def _check_sae_claim(spec: Spec, claim, loc: tuple, add) -> None:

@@ -22,6 +22,7 @@ from harness.expect import (
     Outcome,
     evaluate,
 )
+from harness.judging import CLAIM_LEVEL
 from harness.measure.results import Grid, PromptParts
 
 RESAMPLES = 200   # enough for a share to +-0.035 (one standard error at 0.5)
@@ -79,8 +80,9 @@ def _resampled(measurement: Measurement, parts: PromptParts, combined, r: int) -
 
 def checks(expect: dict) -> dict:
     """The part of `expect` a resample is judged on: its operators and tolerances (a baseline
-    compares with a stored value, not with the prompts)."""
-    return {k: v for k, v in expect.items() if k != "baseline"}
+    compares with a stored value, and `significant` with random selections, not with the
+    prompts)."""
+    return {k: v for k, v in expect.items() if k != "baseline" and k not in CLAIM_LEVEL}
 
 
 def stability(claim, measurement: Measurement, defaults: dict, expect: dict,

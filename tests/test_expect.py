@@ -187,10 +187,21 @@ def test_answer_operators_read_the_prompts_own_answer(expect, kind, value, own, 
     assert holds(expect, Measurement(kind, value, extras=own)) is ok
 
 
+@pytest.mark.parametrize("trust, ok", [
+    ({"p_value": 0.0099, "percentile": 100.0, "random": 100}, True),
+    ({"p_value": 0.01, "percentile": 99.0, "random": 100}, True),
+    ({"p_value": 0.0198, "percentile": 99.0, "random": 100}, False),
+    ({}, False),                      # no `against`: nothing says the value beats chance
+])
+def test_significant_reads_the_p_value_against_chance(trust, ok):
+    assert holds({"significant": 0.01}, Measurement("scalar", 1.0, extras={"trust": trust})) \
+        is ok
+
+
 def test_every_operator_is_tested():
     tested = {">", ">=", "<", "<=", "between", "approx", "sign", "flips_sign", "contains",
               "not_contains", "equals", "includes", "excludes", "argmax", "argmin", "top",
               "only_above", "max", "min", "sum", "same_below", "rate", "mean_score",
               "baseline", "answer_is_top", "includes_answer", "next_is_answer",
-              "contains_answer"}
+              "contains_answer", "significant"}
     assert set(OPERATORS) == tested

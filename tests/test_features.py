@@ -508,3 +508,29 @@ def test_shipped_sae_and_its_cache(tmp_path, monkeypatch):
     assert zoo_sae_module.build_sae(source, progress=False) == root
     with pytest.raises(Exception, match="unknown zoo SAE 'toy-reviews-sea'; did you mean"):
         zoo_sae_module.zoo_sae("toy-reviews-sea")
+
+
+def test_planted_feature_against_the_other_features_of_its_sae(planted):
+    """`against: random` on a feature: every other feature of the SAE (63, fewer than the
+    100 asked: each measured once), and the planted one fires above them all; a silent
+    feature is not significant."""
+    verdicts = _run(planted, """\
+        - id: planted-beats-chance
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 0
+          against: {random: 100}
+          expect: {">": 1.0, significant: 0.05}
+        - id: silent-does-not
+          measure: feature
+          model: pos
+          sae: planted
+          feature: 1
+          against: {random: 100}
+          expect: {significant: 0.05}
+        """, "chance")
+    beats, silent = verdicts["planted-beats-chance"], verdicts["silent-does-not"]
+    assert beats.status == "passed", beats.message
+    assert beats.extras["trust"]["p_value"] == 1 / 64 and beats.extras["trust"]["random"] == 63
+    assert silent.status == "failed" and silent.extras["trust"]["p_value"] > 0.5

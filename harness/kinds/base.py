@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Protocol, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness import labels
+from harness.chance import MAX_RANDOM
 from harness.errors import safe_text
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")   # spec names and claim ids
@@ -51,6 +52,14 @@ class SearchSpec(Frozen):
 
     max_examples: int = Field(50, ge=1, le=10_000)
     substitute: dict[str, list[str]] = {}   # word -> alternatives tried in its place
+
+
+class Against(Frozen):
+    """`against: {random: N, seed: S}`: the named selection against N random ones of the same
+    size and kind from the same layers (`harness/chance.py`)."""
+
+    random: int = Field(ge=1, le=MAX_RANDOM)
+    seed: int = 0
 
 
 def parse_comparison(text: str) -> tuple[str, float]:
@@ -150,6 +159,9 @@ class ClaimBase(Frozen):
     MODEL_ARROW: ClassVar[bool] = False   # reports write its models `from->into`
     # the measured value lists each prompt's: "tokens" (top tokens) or "texts" (generations)
     PER_PROMPT_LISTING: ClassVar[str | None] = None
+    # what `against: random` draws at random in place of the named selection ("heads",
+    # "members"); None: the kind names no selection. `accepts_against()` where fields decide
+    AGAINST: ClassVar[str | None] = None
 
     id: str = Field(min_length=1)
     description: str | None = None
@@ -166,6 +178,8 @@ class ClaimBase(Frozen):
     # judged on its mean: the level of the interval that must lie inside the bound)
     confidence: float | None = Field(None, gt=0, lt=1)
     search: SearchSpec | None = None
+    against: Against | None = None      # the named selection against random ones
+    holdout: str | None = None          # a prompt set the expectation must hold on too
 
     @field_validator("id")
     @classmethod
@@ -194,8 +208,18 @@ class ClaimBase(Frozen):
         a reference ablation's `reference`, top_features' `control`. The token checks read
         them as they read the claim's prompts."""
         sets = (("reference", getattr(self, "reference_prompts", None)),
-                ("control", getattr(self, "control", None)))
+                ("control", getattr(self, "control", None)), ("holdout", self.holdout))
         return tuple((name, value) for name, value in sets if isinstance(value, str))
+
+    def accepts_against(self) -> bool:
+        """Whether the claim names a selection that `against: random` can compare with random
+        ones (its kind registers a `chance_measurement` and answers `chance_pool`)."""
+        return self.AGAINST is not None
+
+    def chance_pool(self, sizes: dict[str, int | None]):
+        """The named selection and the items random ones are drawn from, for a model of these
+        sizes (`model_sizes`; SAE claims add `d_sae`): a `harness.chance.Pool`."""
+        raise NotImplementedError(f"{type(self).__name__} names no selection")
 
     def value_kind(self) -> str:
         """Which expectation operators apply (expect.py): the kind of value measured."""
@@ -282,6 +306,20 @@ class MeasureContext(Protocol):
 MEASUREMENTS: dict[str, Callable[[MeasureContext], Any]] = {}
 
 
+# kind -> its measurement of random selections: (context, N, seed) -> the claim's value for
+# each of N random selections (chance.draw over `chance_pool`), batched where it can be
+CHANCE_MEASUREMENTS: dict[str, Callable[[MeasureContext, int, int], list[float]]] = {}
+
+
+def chance_measurement(*names: str):
+    """Register how the claim kind(s) `names` measure random selections for `against`."""
+    def register(fn):
+        for name in names:
+            CHANCE_MEASUREMENTS[name] = fn
+        return fn
+    return register
+
+
 def measurement(*names: str):
     """Register the measurement of the claim kind(s) `names` (checked against the registry by
     `claims.check_registry` at import)."""
@@ -292,7 +330,8 @@ def measurement(*names: str):
     return register
 
 
-__all__ = ["AXES", "ClaimBase", "Frozen", "Index", "MEASUREMENTS", "MeasureContext",
+__all__ = ["AXES", "Against", "CHANCE_MEASUREMENTS", "ClaimBase", "chance_measurement",
+           "Frozen", "Index", "MEASUREMENTS", "MeasureContext",
            "NAME_RE", "PerPrompt", "SEQUENCE_METRICS", "SearchSpec", "SingleModelClaim",
            "Tolerance", "checked_name", "index_problems", "measurement", "model_sizes",
            "parse_comparison"]

@@ -8,9 +8,16 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from harness.expect import GRID, SCALAR, Measurement
-from harness.kinds.base import Index, MeasureContext, SingleModelClaim, measurement
+from harness.kinds.base import (
+    Index,
+    MeasureContext,
+    SingleModelClaim,
+    chance_measurement,
+    measurement,
+    model_sizes,
+)
 from harness.kinds.fields import ReferencePrompts, _components, component_indices
-from harness.kinds.measuring import ablation_reference
+from harness.kinds.measuring import ablation_reference, component_pool, random_selections
 from harness.measure.results import Grid, PromptParts
 
 
@@ -23,6 +30,7 @@ class CircuitClaim(SingleModelClaim):
     VALUE_KIND = GRID        # SCALAR for faithfulness
     RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means")
+    AGAINST = "members (faithfulness)"
     members: tuple[str, ...] = Field(min_length=1)
     kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
     reference: str | ReferencePrompts | None = None   # prompt set for mean / resample
@@ -54,6 +62,12 @@ class CircuitClaim(SingleModelClaim):
 
     def indices(self) -> list[Index]:
         return component_indices(self.members, "members")
+
+    def accepts_against(self) -> bool:
+        return self.metric == "faithfulness"
+
+    def chance_pool(self, sizes: dict):
+        return component_pool(self.members, sizes)
 
 
 @measurement("circuit")
@@ -120,3 +134,29 @@ def _completeness(means: dict):
     """`CircuitScores.completeness` on means [..., k]."""
     scale = (means["model"] - means["ablated"])[..., None]
     return (means["without"] - means["model_without"]).abs() / scale.abs()
+
+
+@chance_measurement("circuit")
+def _circuit_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
+    """Faithfulness of random circuits: every configuration in one batched pass."""
+    from harness.measure.circuits import (
+        all_components,
+        circuit_logit_diffs,
+        component_hooks,
+        parse_component,
+    )
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    cfg = model.bridge.cfg
+    selections = random_selections(ctx, model_sizes(cfg), n, seed)
+    values, _ = ablation_reference(ctx, model, batch, claim.kind, component_hooks(cfg),
+                                   claim.seed)
+    universe = all_components(cfg)
+    kept = [set(universe), set()] + [{parse_component(m, cfg) for m in s} for s in selections]
+    diffs = circuit_logit_diffs(model.bridge, batch.tokens, batch.final_pos, batch.answer_ids,
+                                batch.foil_ids, kept, universe, values,
+                                ctx.session.memory_budget_mb)
+    full, ablated = diffs[0], diffs[1]
+    return ((diffs[2:] - ablated) / (full - ablated)).mean(-1).tolist()

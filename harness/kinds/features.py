@@ -11,7 +11,13 @@ from pydantic import Field
 
 from harness.errors import MeasureError
 from harness.expect import FEATURES, SCALAR, Measurement
-from harness.kinds.base import ClaimBase, MeasureContext, SingleModelClaim, measurement
+from harness.kinds.base import (
+    ClaimBase,
+    MeasureContext,
+    SingleModelClaim,
+    chance_measurement,
+    measurement,
+)
 from harness.kinds.fields import FeatureEdit, FeatureReading
 from harness.kinds.measuring import check_features, gated_sae, scalar_over_prompts
 from harness.measure.results import PromptParts
@@ -27,7 +33,13 @@ class FeatureClaim(SingleModelClaim, FeatureReading):
     HAS_INTERVALS = True
     REPORT_EXTRAS = ("prompts", "stats", "sae_gate")
     RESAMPLES_PROMPTS = True
+    AGAINST = "feature"
     feature: int = Field(ge=0)
+
+    def chance_pool(self, sizes: dict):
+        from harness.chance import Pool
+
+        return Pool({"sae": (self.feature,)}, {"sae": tuple(range(sizes["d_sae"]))})
 
 
 class TopFeaturesClaim(SingleModelClaim, FeatureReading):
@@ -100,6 +112,17 @@ def _feature(ctx: MeasureContext) -> Measurement:
     check_features(ctx, sae, [claim.feature])
     acts = _feature_acts(ctx, model, batch, sae)[:, claim.feature]
     return scalar_over_prompts(ctx, acts, batch.texts, {"sae_gate": {claim.model: gate}})
+
+
+@chance_measurement("feature")
+def _feature_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
+    """Random features of the same SAE: one pass reads every feature."""
+    from harness.chance import draw
+
+    claim = ctx.claim
+    model, batch, sae, _ = _model_with_sae(ctx, claim.model)
+    acts = _feature_acts(ctx, model, batch, sae).mean(0)
+    return [float(acts[f]) for (f,) in draw(claim.chance_pool({"d_sae": sae.d_sae}), n, seed)]
 
 
 @measurement("top_features")

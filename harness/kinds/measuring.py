@@ -209,3 +209,43 @@ def check_indices(claim, model, name: str) -> None:
     problems = index_problems(claim, model_sizes(model.bridge.cfg), name)
     if problems:
         raise MeasureError(problems[0][1])
+
+
+# ----------------------------------------------------------------------------- against chance
+
+def component_pool(members, sizes: dict):
+    """`against: random` over circuit components (`L1H0`, `mlp0`): each head may be any head
+    of its layer, each MLP stays (a layer has one); items are the labels themselves."""
+    from harness import labels
+    from harness.chance import Pool
+
+    named: dict = {}
+    candidates: dict = {}
+    for text in members:
+        part = labels.parse_component(text)
+        if isinstance(part, labels.Head):
+            group = ("head", part.layer)
+            candidates[group] = tuple(str(labels.Head(part.layer, h))
+                                      for h in range(sizes["n_heads"]))
+        else:
+            group = ("part", str(part))
+            candidates[group] = (str(part),)
+        named[group] = named.get(group, ()) + (str(part),)   # canonical, as candidates are
+    return Pool(named, candidates)
+
+
+def random_selections(ctx: MeasureContext, sizes: dict, n: int, seed: int) -> list[tuple]:
+    """N random selections for the claim (`chance.draw` over its `chance_pool`)."""
+    from harness.chance import draw
+
+    return draw(ctx.claim.chance_pool(sizes), n, seed)
+
+
+def remeasured(ctx: MeasureContext, claims) -> list[float]:
+    """The value of each claim (copies of the context's claim naming other selections), by its
+    kind's measurement: for measurements the engine cannot batch over selections."""
+    from dataclasses import replace
+
+    from harness.kinds.base import MEASUREMENTS
+
+    return [float(MEASUREMENTS[c.measure](replace(ctx, claim=c)).value) for c in claims]

@@ -10,9 +10,16 @@ from typing import Literal
 from pydantic import model_validator
 
 from harness.expect import GRID, SCALAR, Measurement
-from harness.kinds.base import Index, MeasureContext, SingleModelClaim, measurement
+from harness.kinds.base import (
+    Index,
+    MeasureContext,
+    SingleModelClaim,
+    chance_measurement,
+    measurement,
+    model_sizes,
+)
 from harness.kinds.fields import Position
-from harness.kinds.measuring import check_indices, scalar_over_prompts
+from harness.kinds.measuring import check_indices, random_selections, scalar_over_prompts
 from harness.measure.results import Grid, PromptParts
 
 SITE = "mlp_post"
@@ -27,6 +34,7 @@ class NeuronClaim(SingleModelClaim):
     VALUE_KIND = GRID        # SCALAR with `layer` and `neuron`
     REPORT_EXTRAS = ("prompts", "stats")
     RESAMPLES_PROMPTS = True
+    AGAINST = "neuron (single)"
     layer: int | None = None
     neuron: int | None = None
     layers: tuple[int, ...] | None = None
@@ -56,6 +64,14 @@ class NeuronClaim(SingleModelClaim):
 
     def reads_answers(self) -> bool:
         return False
+
+    def accepts_against(self) -> bool:
+        return self.single
+
+    def chance_pool(self, sizes: dict):
+        from harness.chance import Pool
+
+        return Pool({self.layer: (self.neuron,)}, {self.layer: tuple(range(sizes["d_mlp"]))})
 
     def indices(self) -> list[Index]:
         if self.single:
@@ -118,3 +134,18 @@ def _neuron(ctx: MeasureContext) -> Measurement:
     labels = (tuple(layers), tuple(neurons or range(acts.shape[-1])))
     return Measurement(GRID, Grid(("layer", "neuron"), labels, acts.mean(0)),
                        extras={"prompts": batch.texts}, parts=PromptParts({"value": acts}))
+
+
+@chance_measurement("neuron")
+def _neuron_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
+    """Random neurons of the same layer: one forward reads every neuron of it."""
+    from harness.measure.features import select_positions
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    selections = random_selections(ctx, model_sizes(model.bridge.cfg), n, seed)
+    where = select_positions(batch, ctx.prepend_bos, claim.position, model.tokenizer)
+    acts = neuron_activations(model.bridge, batch, [claim.layer], None, where, claim.reduce,
+                              ctx.session.memory_budget_mb)[:, 0].mean(0)     # [d_mlp]
+    return [float(acts[neuron]) for (neuron,) in selections]

@@ -16,6 +16,7 @@ from harness.kinds.base import (
     Index,
     MeasureContext,
     SingleModelClaim,
+    chance_measurement,
     measurement,
 )
 from harness.kinds.fields import FromInto, ReferencePrompts, RunRef, SiteSelection, SpanSpec
@@ -25,20 +26,53 @@ from harness.kinds.measuring import (
     check_indices,
     patch_measurement,
     patch_runs,
+    random_selections,
+    remeasured,
     sequence_runs,
     site_kwargs,
     span_mask_of,
     sweep_parts,
 )
 from harness.measure.results import Grid, PatchEffect
-from harness.sites import HEAD_SITES
+from harness.sites import HEAD_SITES, KV_SITES, head_label
 
 # what a patch or ablation reads: the logit difference (normalized or raw) or a sequence metric
 PATCH_METRICS = ("normalized", "logit_diff", *SEQUENCE_METRICS)
 PatchMetric = Literal[PATCH_METRICS]  # type: ignore[valid-type]
 
 
-class PatchClaim(FromInto, ClaimBase, SiteSelection):
+class RandomSelection:
+    """`against: random` for a site selection naming `heads` (random heads of the same layers)
+    or `neurons` (random neurons of the MLP)."""
+
+    AGAINST = "heads or neurons"
+
+    def accepts_against(self) -> bool:
+        return bool(self.heads) or bool(self.neurons)
+
+    def chance_pool(self, sizes: dict):
+        from harness.chance import Pool
+
+        if not self.heads:
+            return Pool({"neurons": tuple(self.neurons)}, {"neurons": tuple(range(sizes["d_mlp"]))})
+        count = sizes["n_kv_heads"] if self.site in KV_SITES else sizes["n_heads"]
+        named: dict = {}
+        for layer, head in self.head_pairs():     # canonical labels, as candidates are
+            named[layer] = named.get(layer, ()) + (head_label(self.site, layer, head),)
+        return Pool(named, {layer: tuple(head_label(self.site, layer, h) for h in range(count))
+                            for layer in named})
+
+    def with_selection(self, selection: tuple):
+        """This claim naming another selection of the same kind (no interval: one value)."""
+        field = "heads" if self.heads else "neurons"
+        return self.model_copy(update={field: tuple(selection), "ci": None, "against": None})
+
+    def selection_kwargs(self, selection: tuple) -> dict:
+        """`site_kwargs` of the claim naming `selection` instead."""
+        return site_kwargs(self.with_selection(selection))
+
+
+class PatchClaim(RandomSelection, FromInto, ClaimBase, SiteSelection):
     measure: Literal["patch"]
     FREEZE = "patch"
     VALUE_KIND = PATCH
@@ -69,8 +103,12 @@ class PatchSweepClaim(PatchClaim):
     VALUE_KIND = GRID
     REPORT_EXTRAS = ("method", "path")
     FIGURE = "heatmap"
+    AGAINST = None       # a grid of every cell: no named selection
     over: tuple[str, ...]
     method: Literal["exact", "attribution"] = "exact"
+
+    def accepts_against(self) -> bool:
+        return False
 
     @model_validator(mode="after")
     def _axes_fit_site(self):
@@ -86,7 +124,7 @@ class PatchSweepClaim(PatchClaim):
         return 2.0
 
 
-class AblateClaim(SingleModelClaim, SiteSelection):
+class AblateClaim(RandomSelection, SingleModelClaim, SiteSelection):
     measure: Literal["ablate"]
     FREEZE = "scalar"
     VALUE_KIND = SCALAR
@@ -152,6 +190,35 @@ def _patch(ctx: MeasureContext) -> Measurement:
     return patch_measurement(effect, ctx.claim.metric, engine.path_of(into_run))
 
 
+@chance_measurement("patch")
+def _patch_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
+    """Random selections patched as the variants of one batched run (logit-diff metrics)."""
+    from harness.kinds.base import model_sizes
+    from harness.measure.results import normalized_effect
+
+    claim = ctx.claim
+    model = ctx.model(claim.into.model)
+    selections = random_selections(ctx, model_sizes(model.bridge.cfg), n, seed)
+    if claim.metric in SEQUENCE_METRICS:
+        return remeasured(ctx, [claim.with_selection(s) for s in selections])
+    from_run, into_run, batch = patch_runs(ctx)
+    engine = ctx.session.engine
+    patched = engine.patch_each(from_run, into_run, batch.answer_ids, batch.foil_ids,
+                                site=claim.site,
+                                selections=[_selection(claim, s) for s in selections])
+    if claim.metric == "logit_diff":
+        return patched.mean(-1).tolist()
+    args = (batch.answer_ids, batch.foil_ids)
+    return normalized_effect(patched, engine.logit_diff(from_run, *args),
+                             engine.logit_diff(into_run, *args)).tolist()
+
+
+def _selection(claim, selection: tuple) -> dict:
+    kwargs = claim.selection_kwargs(selection)
+    kwargs.pop("site")
+    return kwargs
+
+
 @measurement("patch_sweep")
 def _patch_sweep(ctx: MeasureContext) -> Measurement:
     claim = ctx.claim
@@ -200,6 +267,40 @@ def _ablate(ctx: MeasureContext) -> Measurement:
                                        reference=reference, **site_kwargs(claim))
     measured = patch_measurement(effect, claim.metric, ctx.session.engine.path_of(run))
     return Measurement(SCALAR, measured.value, measured.per_prompt, measured.extras)
+
+
+@chance_measurement("ablate")
+def _ablate_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
+    """Random selections ablated as the variants of one batched run; sequence metrics and
+    reference-prompt ablations measure each selection on its own."""
+    import torch
+
+    from harness.kinds.base import model_sizes
+    from harness.measure.patching import Run
+    from harness.measure.results import normalized_effect
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    selections = random_selections(ctx, model_sizes(model.bridge.cfg), n, seed)
+    if claim.metric in SEQUENCE_METRICS or claim.reference_prompts:
+        return remeasured(ctx, [claim.with_selection(s) for s in selections])
+    batch = ctx.batch(model)
+    run = Run(model.key, model.bridge, batch.tokens, batch.final_pos)
+    engine = ctx.session.engine
+    args = (batch.answer_ids, batch.foil_ids)
+    ablated = engine.ablate_each(run, *args, site=claim.site, kind=claim.kind,
+                                 selections=[_selection(claim, s) for s in selections])
+    if claim.metric == "logit_diff":
+        return ablated.mean(-1).tolist()
+    clean = engine.logit_diff(run, *args)
+    reference = torch.zeros_like(clean)
+    if claim.reference_model:
+        ref_model = ctx.model(claim.reference_model)
+        ref_batch = ctx.batch(ref_model)
+        reference = engine.logit_diff(Run(ref_model.key, ref_model.bridge, ref_batch.tokens,
+                                          ref_batch.final_pos), ref_batch.answer_ids,
+                                      ref_batch.foil_ids)
+    return normalized_effect(ablated, reference, clean).tolist()
 
 
 def _ablate_sequence(ctx: MeasureContext, model, batch) -> Measurement:

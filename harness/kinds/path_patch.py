@@ -8,7 +8,14 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from harness.expect import GRID, PATCH, Measurement
-from harness.kinds.base import ClaimBase, Index, MeasureContext, measurement
+from harness.kinds.base import (
+    ClaimBase,
+    Index,
+    MeasureContext,
+    chance_measurement,
+    measurement,
+    model_sizes,
+)
 from harness.kinds.fields import (
     FromInto,
     RunRef,
@@ -16,7 +23,12 @@ from harness.kinds.fields import (
     component_indices,
     head_indices,
 )
-from harness.kinds.measuring import patch_measurement, patch_runs
+from harness.kinds.measuring import (
+    component_pool,
+    patch_measurement,
+    patch_runs,
+    random_selections,
+)
 from harness.measure.results import Grid, PatchEffect, PromptParts, normalized_from_means
 from harness.sites import parse_head
 
@@ -30,6 +42,7 @@ class PathPatchClaim(FromInto, ClaimBase):
     VALUE_KIND = GRID        # PATCH with `senders`
     RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("per_prompt_raw", "raw", "from", "into", "normalized", "path")
+    AGAINST = "senders"
     from_: RunRef = Field(alias="from")
     into: RunRef
     senders: tuple[str, ...] | None = None   # components; omitted: one cell per head (a grid)
@@ -67,6 +80,12 @@ class PathPatchClaim(FromInto, ClaimBase):
     def value_kind(self) -> str:
         return PATCH if self.senders else GRID
 
+    def accepts_against(self) -> bool:
+        return bool(self.senders)
+
+    def chance_pool(self, sizes: dict):
+        return component_pool(self.senders, sizes)
+
 
 @measurement("path_patch")
 def _path_patch(ctx: MeasureContext) -> Measurement:
@@ -103,3 +122,24 @@ def _path_patch(ctx: MeasureContext) -> Measurement:
             {"patched": patched.cpu().T.reshape(-1, cfg.n_layers, cfg.n_heads),
              "from": from_value.cpu(), "into": into_value.cpu()}, normalized_from_means)
     return Measurement(GRID, grid, extras=extras, parts=parts)
+
+
+@chance_measurement("path_patch")
+def _path_patch_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
+    """Random sender sets, batched as the engine's sender sets."""
+    from harness.measure.circuits import parse_component
+
+    claim = ctx.claim
+    from_run, into_run, batch = patch_runs(ctx)
+    cfg = into_run.bridge.cfg
+    selections = random_selections(ctx, model_sizes(cfg), n, seed)
+    sender_sets = [[parse_component(s, cfg) for s in selection] for selection in selections]
+    args = (batch.answer_ids, batch.foil_ids)
+    engine = ctx.session.engine
+    patched = engine.path_patch(from_run, into_run, *args, sender_sets, claim.path,
+                                claim.receivers)
+    if claim.metric == "logit_diff":
+        return patched.mean(-1).tolist()
+    from_value, into_value = engine.logit_diff(from_run, *args), engine.logit_diff(into_run, *args)
+    return ((patched.mean(-1) - into_value.mean())
+            / (from_value.mean() - into_value.mean())).tolist()

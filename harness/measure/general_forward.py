@@ -177,6 +177,30 @@ class GeneralForward:
             final = self._final(tokens, final_pos, [h for layer in masks for h in hooks_for(layer)])
             return self._metric(final, answer_ids, foil_ids).float().cpu()
 
+    def patch_layers_each(self, tokens: Tensor, final_pos: Tensor, site: str,
+                          masks: list[dict[int, Tensor]], source: Acts, answer_ids: Tensor,
+                          foil_ids: Tensor, work_bytes: int) -> Float[Tensor, "variant batch"]:
+        """Patches that each span several layers (`patch_layers`'s masks, one dict per
+        variant), stacked along the batch: one hooked forward per chunk of variants, a
+        variant's rows passing every layer it leaves alone unchanged."""
+        batch, n_pos = tokens.shape
+        chunk = max(1, self.rows_per_forward(n_pos, work_bytes) // batch)
+        out = torch.empty(len(masks), batch)
+        done = progress.steps(len(masks))
+        with torch.no_grad():
+            for start in range(0, len(masks), chunk):
+                part = masks[start:start + chunk]
+                n = len(part)
+                hooks = [h for layer in sorted({layer for m in part for layer in m})
+                         for h in write_hooks(site, layer, _rows_replace(
+                             _stacked(part, layer, batch, self.dims.device),
+                             source[site][layer], n))]
+                final = self._final(_repeat(tokens, n), _repeat(final_pos, n), hooks)
+                diff = self._metric(final, _repeat(answer_ids, n), _repeat(foil_ids, n))
+                out[start:start + n] = diff.reshape(n, batch).float().cpu()
+                done(n)
+        return out
+
     def site_gradients(self, tokens: Tensor, final_pos: Tensor, site: str, answer_ids: Tensor,
                        foil_ids: Tensor) -> Float[Tensor, "layer batch ..."]:
         """d (sum of logit diffs) / d activation at `site` of every layer, at the clean run."""
@@ -217,6 +241,24 @@ def write_hooks(site: str, layer: int, replace) -> list[tuple[str, object]]:
 
     return [(SITE_TABLE["resid_pre"].hook_name(layer), keep_resid_pre),
             (SITE_TABLE["attn_out"].hook_name(layer), write_through_attn_out)]
+
+
+def _stacked(part: list[dict[int, Tensor]], layer: int, batch: int, device
+             ) -> Tensor:
+    """The variants' masks of one layer as [variant * batch, *site dims] (False for a variant
+    that does not patch the layer)."""
+    some = next(m[layer] for m in part if layer in m)
+    shape = (batch, *some.shape[1:])
+    rows = [m[layer].to(device).expand(shape) if layer in m else
+            torch.zeros(shape, dtype=torch.bool, device=device) for m in part]
+    return torch.stack(rows).flatten(0, 1)
+
+
+def _rows_replace(mask: Tensor, new: Tensor, n: int):
+    def replace(act):
+        src = new.to(act.device, act.dtype).repeat(n, *[1] * (act.dim() - 1))
+        return torch.where(mask, src, act)
+    return replace
 
 
 def _repeat(t: Tensor, n: int) -> Tensor:

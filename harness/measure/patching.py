@@ -253,6 +253,58 @@ class PatchingEngine:
                                    into_run.final_pos, answer_ids, foil_ids, sender_sets, path,
                                    receivers, self.memory_budget_mb)
 
+    def patch_each(self, from_run: Run, into_run: Run, answer_ids: Tensor, foil_ids: Tensor,
+                   *, site: str, selections: Sequence[dict]) -> Float[Tensor, "selection batch"]:
+        """The patched logit diff per prompt of each selection (a dict of `patch`'s layers /
+        heads / positions / neurons): `against: random`'s random selections, batched."""
+        check_same_shape(from_run.shape, into_run.shape)
+        parts = []
+        for rows, (_, ir), (source, into) in self.slices(from_run, into_run):
+            parts.append(self._patch_each(source, ir, into, answer_ids[rows], foil_ids[rows],
+                                          site, selections))
+        return torch.cat(parts, -1)
+
+    def ablate_each(self, run: Run, answer_ids: Tensor, foil_ids: Tensor, *, site: str,
+                    selections: Sequence[dict], kind: str = "zero",
+                    mean: Tensor | None = None) -> Float[Tensor, "selection batch"]:
+        """The ablated logit diff per prompt of each selection (as `ablate` fills it)."""
+        check_site(site, self.forward(run).dims)
+        if kind == "mean" and mean is None:
+            mean = self.site_mean(run, site)
+        parts = []
+        for rows, (sub,), (acts,) in self.slices(run):
+            fill = mean.to(acts[site].device, acts[site].dtype) if kind == "mean" else \
+                acts[site].new_zeros(())
+            source = {site: fill.expand_as(acts[site])}
+            parts.append(self._patch_each(source, sub, acts, answer_ids[rows], foil_ids[rows],
+                                          site, selections))
+        return torch.cat(parts, -1)
+
+    def _patch_each(self, source: Acts, into_run: Run, into: Acts, answer_ids, foil_ids,
+                    site: str, selections: Sequence[dict]) -> Tensor:
+        """Single-layer selections stacked as the variants of one batched run (every fast
+        path starts each where it first differs); selections over several layers stacked
+        along the batch of the bridge's hooked forward."""
+        forward = self.forward(into_run)
+        masks = [selection_masks(site, forward.dims, into_run.final_pos, into_run.shape[1],
+                                 **selection) for selection in selections]
+        out = torch.empty(len(selections), into_run.shape[0])
+        single = [i for i, m in enumerate(masks) if len(m) == 1]
+        if single:
+            layers = torch.tensor([next(iter(masks[i])) for i in single])
+            stacked = torch.stack(torch.broadcast_tensors(
+                *[next(iter(masks[i].values())) for i in single]))
+            out[single] = forward.run_variants(
+                into_run.tokens, into_run.final_pos, into, source,
+                Variants(site, layers, stacked), answer_ids, foil_ids,
+                self._bytes(WORK_SHARE)).float().cpu()
+        several = [i for i, m in enumerate(masks) if len(m) > 1]
+        if several:
+            out[several] = forward.patch_layers_each(
+                into_run.tokens, into_run.final_pos, site, [masks[i] for i in several], source,
+                answer_ids, foil_ids, self._bytes(WORK_SHARE)).float().cpu()
+        return out
+
     def site_mean(self, run: Run, site: str) -> Tensor:
         """Mean of `site` over prompts and real positions (patterns: over prompts), per layer:
         [layer, 1, ...], ready to be the fill of a mean ablation."""

@@ -111,11 +111,20 @@ class StaggeredForward:
 
     def patch_layers(self, tokens, final_pos, site, masks, source, answer_ids, foil_ids):
         """Patches spanning several layers: through the bridge's hooks (one forward)."""
+        return self._hooked().patch_layers(tokens, final_pos, site, masks, source, answer_ids,
+                                           foil_ids)
+
+    def patch_layers_each(self, tokens, final_pos, site, masks, source, answer_ids, foil_ids,
+                          work_bytes):
+        """Several such patches, stacked along the batch of the bridge's hooked forward."""
+        return self._hooked().patch_layers_each(tokens, final_pos, site, masks, source,
+                                                answer_ids, foil_ids, work_bytes)
+
+    def _hooked(self) -> GeneralForward:
         if self._general is None:
             self._general = GeneralForward(self.bridge)
         self._general.readout = self.readout  # the verified one (e.g. Gemma's 1 + w norm)
-        return self._general.patch_layers(tokens, final_pos, site, masks, source, answer_ids,
-                                          foil_ids)
+        return self._general
 
     def site_gradients(self, tokens, final_pos, site, answer_ids, foil_ids):
         return site_gradients(self.ops, tokens, final_pos, site, answer_ids, foil_ids)
