@@ -96,7 +96,7 @@ def summary(named: float, random_values: Sequence[float], expect: Mapping, seed:
     values = [float(v) for v in random_values]
     if not all(map(math.isfinite, values)):
         raise MeasureError("a random selection's value is not a finite number (NaN or inf)")
-    return {**compare(float(named), values, way), "random": len(values), "seed": seed,
+    return {**compare(float(named), values, way), "random": len(values), "random_seed": seed,
             "direction": way}
 
 

@@ -172,7 +172,7 @@ def _flatten(values) -> list[float]:
 # bootstrap's margins, a distribution) as histograms in the HTML report.
 TRUST_SHORT = {"stability": "stab", "confidence": "conf", "p_value": "p",
                "percentile": "pct"}
-TRUST_SETTINGS = ("resamples", "seed", "confidence", "random", "direction")
+TRUST_SETTINGS = ("resamples", "seed", "confidence", "random", "random_seed", "direction")
 
 
 def trust_items(trust) -> list[tuple[str, object]]:

@@ -380,9 +380,9 @@ def test_json_report_and_table_carry_the_trust_numbers(tmp_path, planted16):
     result = run_spec_file(path, Session(verbose=False))
     assert isinstance(result, SpecResult)
     claim = json.loads(json.dumps(json_report([result])))["specs"][0]["claims"][0]
-    assert set(claim["trust"]) >= {"p_value", "percentile", "random", "seed", "holdout",
+    assert set(claim["trust"]) >= {"p_value", "percentile", "random", "random_seed", "holdout",
                                    "holdout_passed"}
-    assert claim["trust"]["random"] == 15 and claim["trust"]["seed"] == 2
+    assert claim["trust"]["random"] == 15 and claim["trust"]["random_seed"] == 2
     assert len(claim["random_values"]) == 15
     assert "p=0.0625" in table(result.verdicts)
 
