@@ -144,6 +144,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--claim", help=argparse.SUPPRESS)     # child: one claim
     parser.add_argument("--setup", help=argparse.SUPPRESS)     # child: one setup comparison
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from harness.progress import quiet_libraries
+
+    quiet_libraries()  # third-party bars: HARNESS_LIBRARY_PROGRESS=1 shows them
     if args.threads:
         import torch
 

@@ -39,6 +39,9 @@ def main(argv=None) -> dict:
 
     import torch
 
+    from harness.progress import quiet_libraries
+
+    quiet_libraries()  # third-party bars: HARNESS_LIBRARY_PROGRESS=1 shows them
     from harness.measure.generation import generate_texts, generate_uncached, patch_hooks
     from harness.models import load_model
     from harness.spec import ModelSource

@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.progress import quiet_libraries  # noqa: E402
 from harness.testing import TINY_TEXTS  # noqa: E402
 from harness.zoo.tokenizer import save_tokenizer, train_bpe_tokenizer  # noqa: E402
 
@@ -208,6 +209,7 @@ def main(argv=None) -> dict:
                         help="engine timing = best of this many calls (the first call also "
                              "pays one-off kernel and allocator warm-up, reported apart)")
     args = parser.parse_args(argv)
+    quiet_libraries(transformer_lens_patching=True)  # HARNESS_LIBRARY_PROGRESS=1: show them
     torch.set_grad_enabled(False)
     results = {"machine": _machine(args.device), "models": {}}
     print(f"device {results['machine']}")

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_patching import MODELS  # noqa: E402
 
+from harness.progress import quiet_libraries  # noqa: E402
+
 N_PROMPTS, N_TOKENS = 4, 15
 
 
@@ -94,6 +96,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", action="store_true",
                         help="also time the hook implementation and compare its values")
     args = parser.parse_args(argv)
+    quiet_libraries()  # third-party bars: HARNESS_LIBRARY_PROGRESS=1 shows them
     torch.set_grad_enabled(False)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for model in args.models.split(","):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,8 @@ class ClaimItem(pytest.Item):
         from harness.claims import ERROR, SKIPPED, evaluate_claim
         from harness.report_text import trust_items
 
-        self.verdict = verdict = evaluate_claim(self.spec, self.index, _session(self.config))
+        with _claim_bar(self.config, f"{self.spec.spec}::{self.spec.claims[self.index].id}"):
+            self.verdict = verdict = evaluate_claim(self.spec, self.index, _session(self.config))
         self.config.stash[VERDICTS_KEY].append(verdict)
         self.user_properties += [("measure", verdict.measure),
                                  ("measured", json.dumps(verdict.measured, default=str)),
@@ -227,6 +229,32 @@ class ClaimItem(pytest.Item):
     def reportinfo(self):
         return self.path, (self.spec.line_of(("claims", self.index)) or 1) - 1, \
             f"{self.spec.spec}::{self.name}"
+
+
+@contextmanager
+def _claim_bar(config: pytest.Config, label: str):
+    """A long claim's progress bar on pytest's terminal, as `harness run` shows it: on a
+    terminal only, not under -q, not on an xdist worker (its output is relayed, not a
+    terminal); drawn below pytest's current line, which it leaves as it was."""
+    from harness.progress import BarBelowLine, is_terminal, showing_bar
+
+    writer = None
+    if not _is_worker(config) and config.getoption("verbose") >= 0:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        writer = getattr(reporter, "_tw", None)
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    unshielded = capture.global_and_fixture_disabled if capture else nullcontext
+    with unshielded():   # while a test runs, pytest's terminal is a capture file
+        terminal = writer is not None and is_terminal(getattr(writer, "_file", None))
+    if not terminal:
+        yield
+        return
+    stream = BarBelowLine(writer._file, lambda: writer.width_of_current_line, unshielded)
+    try:
+        with showing_bar(label, stream):
+            yield
+    finally:
+        stream.back_to_line()
 
 
 def _describe(verdict, exc) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 DELAY_ENV = "HARNESS_PROGRESS_DELAY"
 LIBRARY_ENV = "HARNESS_LIBRARY_PROGRESS"   # "1": let the libraries' own bars through
@@ -101,11 +101,47 @@ class ClaimProgress:
               f"({verdict.seconds:.2f} s)", file=self.stream, flush=True)
 
 
-def quiet_libraries() -> None:
+class BarBelowLine:
+    """A bar's stream under a front end that is still writing the current line (pytest's
+    dots or `path::claim`): the bar takes the line below it and, once cleared, the cursor goes
+    back to where that line ends, so the front end's next word lands where it would have.
+    `column()` says how long that line is; `unshielded()` lets writes reach the terminal
+    (pytest captures output while a test runs)."""
+
+    def __init__(self, file, column: Callable[[], int], unshielded=nullcontext):
+        self.file, self.column, self.unshielded = file, column, unshielded
+        self.drawn = False
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        with self.unshielded():
+            if not self.drawn:
+                self.drawn = True
+                self.file.write("\n")
+            self.file.write(text)
+
+    def flush(self) -> None:
+        with self.unshielded():
+            self.file.flush()
+
+    def back_to_line(self) -> None:
+        """After the bar is cleared: up to the front end's line, at its end."""
+        if not self.drawn:
+            return
+        column = self.column()
+        self.write("\r\x1b[A" + (f"\x1b[{column}C" if column else ""))
+        self.flush()
+        self.drawn = False
+
+
+def quiet_libraries(*, transformer_lens_patching: bool = False) -> None:
     """Keep the progress bars of transformers ("Loading weights") and huggingface_hub
     (downloads) out of the output, unless `HARNESS_LIBRARY_PROGRESS=1`. (TransformerLens draws
     bars only in functions the harness does not call: its `patching` module, verbose
-    `generate`. tqdm's `TQDM_DISABLE` is no way out: it silences every bar, the harness's too.)"""
+    `generate`; benches that call `patching` pass `transformer_lens_patching=True`. tqdm's
+    `TQDM_DISABLE` is no way out: it silences every bar, the harness's too.)"""
     if os.environ.get(LIBRARY_ENV) == "1":
         return
     try:
@@ -120,3 +156,9 @@ def quiet_libraries() -> None:
         disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
+    if transformer_lens_patching:
+        from functools import partial
+
+        import transformer_lens.patching as patching
+
+        patching.tqdm = partial(patching.tqdm, disable=True)

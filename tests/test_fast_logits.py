@@ -67,3 +67,41 @@ def test_a_model_whose_hf_logits_differ_keeps_the_bridge(monkeypatch):
     monkeypatch.setattr(fresh.bridge.original_model, "forward", skewed)
     torch.testing.assert_close(logit_diff(fresh.bridge, batch), expected, atol=1e-5, rtol=0)
     assert fresh.bridge._harness_direct_logits is False
+
+
+def test_the_one_off_check_runs_the_bridge_on_two_prompts_only(monkeypatch):
+    """The first call's check against the bridge reads two prompts, not the whole batch (that
+    forward cost ~13 s on 60 SmolLM2 prompts), and the numbers are still the bridge's."""
+    model = _fresh()
+    batch = _batch(model)
+    expected = logit_diff(_fresh().bridge, batch)
+    rows_seen = []
+    real = model.bridge.forward
+
+    def counting(tokens, *args, **kwargs):
+        rows_seen.append(tokens.shape[0])
+        return real(tokens, *args, **kwargs)
+    monkeypatch.setattr(model.bridge, "forward", counting)
+    torch.testing.assert_close(logit_diff(model.bridge, batch), expected, atol=1e-5, rtol=0)
+    assert model.bridge._harness_direct_logits is True
+    assert rows_seen == [2]
+
+
+def test_a_projection_wrong_only_at_the_longest_prompt_is_caught(monkeypatch):
+    """The checked prompts include the longest one, so a direct call that projects the wrong
+    last position (shorter prompts untouched) is refused and the bridge's logits are used."""
+    model = _fresh()
+    batch = _batch(model)
+    longest = int(batch.final_pos.argmax())
+    assert longest != 0 and (batch.final_pos < batch.final_pos[longest]).any()
+    expected = logit_diff(_fresh().bridge, batch)
+    real = model.bridge.original_model.forward
+
+    def skewed(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if "logits_to_keep" in kwargs:
+            out.logits[:, -1] += torch.linspace(0, 1, out.logits.shape[-1])
+        return out
+    monkeypatch.setattr(model.bridge.original_model, "forward", skewed)
+    torch.testing.assert_close(logit_diff(model.bridge, batch), expected, atol=1e-5, rtol=0)
+    assert model.bridge._harness_direct_logits is False

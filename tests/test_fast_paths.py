@@ -13,6 +13,7 @@ test_parallel_fast.py.
 from __future__ import annotations
 
 import pytest
+import torch
 from _fast_paths import (
     ATOL,
     HEAD_SITES,
@@ -132,3 +133,33 @@ def test_trace_nbytes_is_what_the_engine_keeps(bridges, arch):
                 for t in acts.values()}
     assert sum(storages.values()) == engine.forward(c["into_run"]).trace_nbytes(
         *c["into_run"].shape)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_a_wrong_gpt2_fast_path_falls_back_to_the_general_path(bridges, arch, monkeypatch):
+    """The engine's one check against the bridge (on the first prompts) catches a wrong MLP
+    output in the GPT-2 fast path and measures the model on the general path instead."""
+    from harness.measure import gpt2_forward
+
+    c = model_to_model(bridges, arch)
+    assert PatchingEngine().path_of(c["into_run"]) == "gpt2-fast"
+    monkeypatch.setattr(gpt2_forward, "mlp_output",
+                        lambda model, layer, post: 2 * post @ model.W_out[layer])
+    engine = PatchingEngine()
+    with pytest.warns(UserWarning, match="does not reproduce"):
+        engine.logit_diff(c["into_run"], c["answer"], c["foil"])
+    assert engine.path_of(c["into_run"]) == "general"
+
+
+def test_the_gpt2_fast_path_reads_the_bridges_weights_without_copying(bridges):
+    """Stacking GPT-2's per-layer weights cost more than a forward pass (issue 26): the MLP and
+    attention-output weights are the bridge's own tensors; only the fused q/k/v is a copy."""
+    c = model_to_model(bridges, "gpt2")
+    model = PatchingEngine().forward(c["into_run"]).model
+    blocks = c["a"].blocks
+    for layer, block in enumerate(blocks):
+        assert model.W_in[layer].data_ptr() == block.mlp.W_in.data_ptr()
+        assert model.W_out[layer].data_ptr() == block.mlp.W_out.data_ptr()
+        assert model.W_O[layer].data_ptr() == block.attn.W_O.data_ptr()
+        q = block.attn.W_Q.transpose(0, 1).flatten(1)
+        assert torch.equal(model.W_QKV[layer][:, : q.shape[1]], q)

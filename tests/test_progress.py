@@ -144,3 +144,75 @@ def test_pytest_reports_each_claims_seconds(spec):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if "spec::sweep" in line]
     assert any("PASSED" in line and " s)" in line for line in lines), done.stdout
+
+
+def _pytest(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"]
+
+
+def test_pytest_on_a_terminal_shows_a_bar_below_its_line(spec):
+    """The bar takes the line below pytest's and, once cleared, the cursor goes back up to the
+    end of pytest's line, so pytest's next word lands where it would have."""
+    code, out = _run_in_terminal(_pytest(str(spec)), dict(_env(), PYTHONPATH=str(REPO)))
+    assert code == 0, out
+    assert BAR in out and "cells" in out
+    assert "\x1b[A" in out                                 # back up to pytest's line
+    assert "interp-harness claims" in out                  # the run's own report
+
+
+@pytest.mark.parametrize("how", ["-q", "piped", "xdist"])
+def test_pytest_shows_no_bar_quiet_piped_or_in_xdist_workers(spec, how):
+    args = _pytest(str(spec), *(["-q"] if how == "-q" else []),
+                   *(["-n", "1"] if how == "xdist" else []))
+    if how == "piped":
+        done = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=300)
+        code, out = done.returncode, done.stdout + done.stderr
+        assert "\r" not in out
+    else:
+        code, out = _run_in_terminal(args, _env())
+    assert code == 0, out
+    assert BAR not in out and "\x1b[A" not in out
+
+
+def test_a_bar_below_a_line_returns_to_its_end_and_a_short_claim_writes_nothing():
+    import io
+
+    from harness import progress
+
+    stream = io.StringIO()
+    below = progress.BarBelowLine(stream, lambda: 7)
+    with progress.showing_bar("x::y", below, delay=60):   # a claim shorter than the delay
+        progress.steps(3)(3)
+    below.back_to_line()
+    assert stream.getvalue() == ""                         # nothing drawn, nothing to undo
+    with progress.showing_bar("x::y", below, delay=0):
+        progress.steps(3)(3)
+    below.back_to_line()
+    out = stream.getvalue()
+    assert out.startswith("\n") and "x::y" in out          # the bar, on the next line
+    assert out.endswith("\r\x1b[A\x1b[7C")                 # then back up, to column 7
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_benches_keep_transformer_lens_patching_bars_out_unless_asked(tiny_checkpoints, capsys,
+                                                                      monkeypatch, asked):
+    """bench_patching calls TransformerLens's patching functions, which draw a tqdm bar per
+    sweep; `quiet_libraries(transformer_lens_patching=True)` keeps them out of its tables."""
+    import transformer_lens.patching as tl_patching
+    from _tiny_models import load_bridge
+
+    from harness import progress
+
+    tiny_bridge = load_bridge(tiny_checkpoints["a"])
+    monkeypatch.setattr(tl_patching, "tqdm", tl_patching.tqdm)   # restored after the test
+    if asked:
+        monkeypatch.setenv(progress.LIBRARY_ENV, "1")
+    progress.quiet_libraries(transformer_lens_patching=True)
+    tokens = tiny_bridge.to_tokens(["This movie was"])
+    _, cache = tiny_bridge.run_with_cache(tokens)
+    capsys.readouterr()
+    tl_patching.get_act_patch_resid_pre(tiny_bridge, tokens, cache,
+                                        lambda logits: logits[0, -1, 0] - logits[0, -1, 1])
+    err = capsys.readouterr().err
+    assert ("it/s" in err or "s/it" in err) == asked, err

@@ -29,7 +29,7 @@ class GPT2Ops:
     def __init__(self, model: FoldedGPT2):
         self.model = model
         self.n_layers, self.n_heads = model.n_layers, model.n_heads
-        self.d_model, self.d_mlp = model.W_O.shape[-1], model.W_in.shape[-1]
+        self.d_model, self.d_mlp = model.d_model, model.d_mlp
         self.device, self.dtype = model.device, model.W_E.dtype
 
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
@@ -78,7 +78,7 @@ class GPT2Forward(StaggeredForward):
         self.readout = Readout.from_bridge(bridge)
         m = self.model
         self.dims = Dims(n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_heads,
-                         d_model=m.W_O.shape[-1], d_head=m.d_head, d_mlp=m.W_in.shape[-1],
+                         d_model=m.d_model, d_head=m.d_head, d_mlp=m.d_mlp,
                          n_ctx=m.W_pos.shape[0], sites=SITES, device=m.device,
                          dtype=m.W_E.dtype)
 
@@ -103,4 +103,4 @@ class GPT2Forward(StaggeredForward):
     def head_weights(self) -> tuple[Float[Tensor, "layer head d_head d_model"],
                                     Float[Tensor, "layer d_model"]]:
         m = self.model
-        return m.W_O.unflatten(1, (m.n_heads, m.d_head)), m.b_O
+        return torch.stack(m.W_O).unflatten(1, (m.n_heads, m.d_head)), m.b_O

@@ -41,17 +41,22 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 @dataclass(frozen=True)
 class FoldedGPT2:
-    """The processed (folded, centered) weights of one model, detached, on the model's device."""
+    """The processed (folded, centered) weights of one model, detached, on the model's device.
+
+    W_O, W_in and W_out are per layer, the bridge's own weights where they are already laid out
+    as the forward reads them (GPT-2's): stacking them cost more than a forward pass of GPT-2
+    small. The fused q/k/v, which the bridge keeps as three matrices, is one copy.
+    """
 
     W_E: Float[Tensor, "vocab d_model"]
     W_pos: Float[Tensor, "n_ctx d_model"]
     W_QKV: Float[Tensor, "layer d_model three_hd"]      # q, k, v of all heads side by side
     b_QKV: Float[Tensor, "layer three_hd"]
-    W_O: Float[Tensor, "layer hd d_model"]
+    W_O: tuple[Float[Tensor, "hd d_model"], ...]        # per layer
     b_O: Float[Tensor, "layer d_model"]
-    W_in: Float[Tensor, "layer d_model d_mlp"]
+    W_in: tuple[Float[Tensor, "d_model d_mlp"], ...]    # per layer
     b_in: Float[Tensor, "layer d_mlp"]
-    W_out: Float[Tensor, "layer d_mlp d_model"]
+    W_out: tuple[Float[Tensor, "d_mlp d_model"], ...]   # per layer
     b_out: Float[Tensor, "layer d_model"]
     W_U: Float[Tensor, "d_model vocab"]
     b_U: Float[Tensor, " vocab"]
@@ -68,39 +73,52 @@ class FoldedGPT2:
         return self.W_QKV.shape[-1] // (3 * self.n_heads)
 
     @property
+    def d_model(self) -> int:
+        return self.W_QKV.shape[1]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.W_in[0].shape[-1]
+
+    @property
     def device(self) -> torch.device:
         return self.W_E.device
 
     @classmethod
     def from_bridge(cls, bridge) -> FoldedGPT2:
-        """Copy the weights out of a TransformerBridge; refuse architectures this code can't run."""
+        """Read the weights off a TransformerBridge; refuse architectures this code can't run."""
         cfg = bridge.cfg
         _check_supported(bridge)
         with torch.inference_mode(False), torch.no_grad():  # usable later under autograd
-            def get(t: Tensor) -> Tensor:
-                return t.detach()
-
-            n_layers, n_heads = cfg.n_layers, cfg.n_heads
-            d_model = cfg.d_model
-
-            def heads_in(w: Tensor) -> Tensor:  # [L, H, d, dh] -> [L, d, H*dh]
-                return get(w).permute(0, 2, 1, 3).reshape(n_layers, d_model, -1)
-
-            W_QKV = torch.cat([heads_in(w) for w in (bridge.W_Q, bridge.W_K, bridge.W_V)], -1)
-            b_QKV = torch.cat([get(b).reshape(n_layers, -1) for b in (bridge.b_Q, bridge.b_K,
-                                                                       bridge.b_V)], -1)
-            return cls(W_E=get(bridge.W_E), W_pos=get(bridge.W_pos), W_QKV=W_QKV.contiguous(),
-                       b_QKV=b_QKV, W_O=get(bridge.W_O).reshape(n_layers, -1, d_model),
-                       b_O=get(bridge.b_O), W_in=get(bridge.W_in), b_in=get(bridge.b_in),
-                       W_out=get(bridge.W_out), b_out=get(bridge.b_out), W_U=get(bridge.W_U),
-                       b_U=get(bridge.b_U), n_heads=n_heads, eps=float(cfg.eps),
-                       act_fn=cfg.act_fn)
+            attns = [block.attn for block in bridge.blocks]
+            mlps = [block.mlp for block in bridge.blocks]
+            W_E = bridge.W_E.detach()
+            d_model = W_E.shape[1]
+            # one copy, straight into place ([head, d_model, d_head] -> [d_model, head*d_head])
+            W_QKV = W_E.new_empty(cfg.n_layers, d_model, 3 * cfg.n_heads * cfg.d_head)
+            for layer, attn in enumerate(attns):
+                for part, w in zip(W_QKV[layer].chunk(3, -1), (attn.W_Q, attn.W_K, attn.W_V)):
+                    part.unflatten(-1, w.shape[::2]).copy_(w.detach().transpose(0, 1))
+            b_QKV = torch.stack([torch.cat([b.detach().flatten() for b in
+                                            (attn.b_Q, attn.b_K, attn.b_V)]) for attn in attns])
+            return cls(W_E=W_E, W_pos=bridge.W_pos.detach(), W_QKV=W_QKV, b_QKV=b_QKV,
+                       W_O=tuple(_dense(a.W_O.flatten(0, 1)) for a in attns),
+                       b_O=bridge.b_O.detach(),
+                       W_in=tuple(_dense(m.W_in) for m in mlps), b_in=bridge.b_in.detach(),
+                       W_out=tuple(_dense(m.W_out) for m in mlps), b_out=bridge.b_out.detach(),
+                       W_U=bridge.W_U.detach(), b_U=bridge.b_U.detach(), n_heads=cfg.n_heads,
+                       eps=float(cfg.eps), act_fn=cfg.act_fn)
 
     def logit_diff_direction(self, answer_ids: Tensor, foil_ids: Tensor
                              ) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, " batch"]]:
         """W_U[:, answer] - W_U[:, foil] and the matching unembedding-bias difference."""
         a, f = answer_ids.to(self.device), foil_ids.to(self.device)
         return (self.W_U[:, a] - self.W_U[:, f]).T, self.b_U[a] - self.b_U[f]
+
+
+def _dense(w: Tensor) -> Tensor:
+    """The weight itself when contiguous (no copy), else a contiguous copy (faster matmuls)."""
+    return w.detach().contiguous()
 
 
 def _check_supported(bridge) -> None:
@@ -247,7 +265,7 @@ def trace_nbytes(model: FoldedGPT2, batch: int, n_pos: int) -> int:
     Per layer and row: five residual-width sites, z and the fused q/k/v (q, k and v are views
     of it), the MLP's hidden activations and one attention row per head; plus the final residual.
     """
-    d_model, d_mlp = model.W_O.shape[-1], model.W_in.shape[-1]
+    d_model, d_mlp = model.d_model, model.d_mlp
     d_heads = model.n_heads * model.d_head
     per_row = 5 * d_model + 4 * d_heads + d_mlp + model.n_heads * n_pos
     rows = batch * n_pos
