@@ -43,11 +43,11 @@ def planted(tmp_path_factory):
     ef = EdgeForward.for_bridge(bridge, batch.tokens)
     clean_out = ef.outputs(ef.trace(batch.tokens))
     corrupt_out = ef.outputs(ef.trace(batch.corrupt_tokens))
-    return ef, batch, clean_out, corrupt_out
+    return ef, batch, clean_out, corrupt_out, directory
 
 
 def test_exact_scores_rank_the_planted_edges_first(planted):
-    ef, batch, clean, corrupt = planted
+    ef, batch, clean, corrupt, _ = planted
     effects, base = exact_edge_scores(ef, clean, corrupt, batch)
     assert base.mean() > 2, "the planted circuit predicts the answer"
     scores = (-effects.mean(-1)).abs()
@@ -64,7 +64,7 @@ def test_removing_a_planted_edge_drops_faithfulness_as_computed_by_hand(planted)
     """The planted circuit is (almost exactly) faithful; without L0H0 -> L1H0:k its
     faithfulness is what the single-edge patch of that edge gives, computed here from the
     edge forward with one weight set to zero by hand."""
-    ef, batch, clean, corrupt = planted
+    ef, batch, clean, corrupt, _ = planted
     members = [ef.graph.edge(e) for e in sorted(PLANTED)]
     scores = edge_circuit_scores(ef, clean, corrupt, batch, members)
     faithful = scores.faithfulness().mean()
@@ -83,3 +83,54 @@ def test_removing_a_planted_edge_drops_faithfulness_as_computed_by_hand(planted)
     assert without < faithful - 0.5, "the keys' edge carries the circuit"
     minimality = scores.minimality()
     assert minimality[i] > 0.5
+
+
+def test_kl_scores_find_the_same_path(planted):
+    ef, batch, clean, corrupt, _ = planted
+    effects, base = exact_edge_scores(ef, clean, corrupt, batch, "kl")
+    assert float(base.abs().max()) < 1e-5, "KL of the clean run to itself"
+    scores = effects.mean(-1)
+    labels = [e.label for e in ef.graph.edges]
+    ranked = [labels[i] for i in torch.argsort(scores, descending=True)]
+    assert {"L0H0 -> L1H0:k", "L1H0 -> logits"} <= set(ranked[:3]) <= PLANTED
+
+
+SPEC = """\
+spec: edges
+models:
+  m: {path: "MODEL"}
+prompts:
+  - {text: " red blue green black white pink red blue green black",
+     corrupt: " red blue green gray white pink red blue green black",
+     answer: " white", foil: " pink"}
+  - {text: " blue green black white pink gray blue green black white",
+     corrupt: " blue green black brown pink gray blue green black white",
+     answer: " pink", foil: " gray"}
+claims:
+  - {id: faithful, measure: circuit, model: m, kind: corrupt, expect: {">": 0.9},
+     edges: ["embed -> L0H0:q", "embed -> L0H0:k", "embed -> L0H0:v", "L0H0 -> L1H0:k",
+             "embed -> L1H0:q", "embed -> L1H0:v", "L1H0 -> logits"]}
+  - {id: wrong-head, measure: circuit, model: m, kind: corrupt, expect: {">": 0.9},
+     edges: ["embed -> L0H0:v", "L0H0 -> L1H0:q", "embed -> L1H0:q", "embed -> L1H0:v",
+             "L1H0 -> logits"]}
+  - {id: each-edge-matters, measure: circuit, model: m, kind: corrupt, metric: minimality,
+     edges: ["embed -> L0H0:v", "L0H0 -> L1H0:k", "L1H0 -> logits"], expect: {min: {">": 0.5}}}
+  - {id: scores, measure: edge_scores, model: m,
+     expect: {top: {k: 3, includes: ["L0H0 -> L1H0:k", "L1H0 -> logits"]}}}
+  - {id: scores-wrong-head, measure: edge_scores, model: m,
+     expect: {top: {k: 3, includes: ["L0H0 -> L1H0:q"]}}}
+"""
+
+
+def test_edge_claims_run_from_a_spec_and_wrong_ones_fail(planted, tmp_path):
+    """The whole path: spec -> claims -> the engine's verified fast path -> verdicts."""
+    from harness.notebook import check
+
+    spec = tmp_path / "edges.yml"
+    spec.write_text(SPEC.replace("MODEL", str(planted[4])))
+    result = check(str(spec))
+    status = {v.claim_id: v.status for v in result.verdicts}
+    assert status == {"faithful": "passed", "wrong-head": "failed",
+                      "each-edge-matters": "passed", "scores": "passed",
+                      "scores-wrong-head": "failed"}, [(v.claim_id, v.message)
+                                                       for v in result.verdicts]
