@@ -281,3 +281,32 @@ def test_per_head_projections_equal_the_generic_block_ops_way(models, arch):
     fast = ef.run(out_clean, out_corrupt, weights).final
     ef._split = None
     assert_close(ef.run(out_clean, out_corrupt, weights).final, fast, atol=ATOL, rtol=0)
+
+
+def test_the_autograd_path_equals_the_buffered_one_and_gives_eap_terms(models):
+    """With weights that require grad the forward keeps one tensor per block (autograd);
+    without, one buffer filled in place. Same numbers; and the weights' gradient at w = 1 is
+    Σ (out_u − abl_u) · ∂metric/∂input_v, checked on one edge against a finite difference."""
+    bridge, _ = models("llama-gqa")
+    ef, clean, corrupt, out_clean, out_corrupt = edge_setup(bridge)
+    final_pos = torch.full((3,), clean.shape[1] - 1)
+    answer, foil = torch.tensor([10, 20, 30]), torch.tensor([40, 50, 60])
+    with torch.no_grad():
+        buffered = ef.run(out_clean, out_corrupt, ef.ones()).final
+    weights = ef.ones().requires_grad_()
+    run = ef.run(out_clean, out_corrupt, weights)
+    assert_close(run.final, buffered, atol=ATOL, rtol=0)
+    metric = ef.logit_diff(run.final, final_pos, answer, foil).sum()
+    grad, = torch.autograd.grad(metric, weights)
+    g = ef.graph
+    e = g.edge("L0H1 -> L1KV0:k")
+    s, r = g.sender_index[e.sender], g.receiver_index[e.receiver]
+    eps = 1e-2
+    with torch.no_grad():
+        w = ef.ones()
+        w[0, s, r] = 1 - eps
+        lower = ef.logit_diff(ef.run(out_clean, out_corrupt, w).final, final_pos, answer,
+                              foil).sum()
+    assert float(grad[0, s, r]) == pytest.approx(float(metric - lower) / eps, rel=0.05,
+                                                 abs=1e-4)
+    assert grad[0, s].abs().sum() > 0 and float(grad[0, :, 0].abs().sum()) > 0

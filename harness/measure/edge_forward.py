@@ -144,12 +144,30 @@ class EdgeForward:
         n_var, (batch, n_pos) = weights.shape[0], clean.shape[:2]
         abl_cum = torch.cat([torch.zeros_like(ablated[:, :, :1]), ablated.cumsum(2)], 2)
         embed = clean[:, :, :1].to(ops.device, ops.dtype)
-        blocks: list[tuple[range, Tensor]] = [
-            (range(0, 1), (embed - ablated[:, :, :1]).expand(n_var, batch, n_pos, 1, -1))]
+        # out_u − abl_u of every sender computed so far. Without autograd one buffer filled in
+        # place (one einsum per receiver group); with it, one tensor per block of senders
+        # (in-place writes would break the backward pass)
+        tracked = torch.is_grad_enabled() and (weights.requires_grad or clean.requires_grad
+                                               or ablated.requires_grad
+                                               or input_hook is not None)
+        buffer = None if tracked else torch.empty(n_var, batch, n_pos, n_s, ops.d_model,
+                                                  device=ops.device, dtype=ops.dtype)
+        blocks: list[tuple[range, Tensor]] = []
+
+        def keep(senders: range, diff: Tensor) -> None:
+            if buffer is None:
+                blocks.append((senders, diff))
+            else:
+                buffer[:, :, :, senders.start:senders.stop] = diff
+
+        keep(range(0, 1), (embed - ablated[:, :, :1]).expand(n_var, batch, n_pos, 1, -1))
 
         def gather(receivers: range, n_up: int, const: Tensor) -> Tensor:
             """[variant, batch, pos, receiver, d]: the inputs of these receivers."""
             x = (const + abl_cum[:, :, n_up])[None, :, :, None]
+            if buffer is not None:
+                w = weights[:, :n_up, receivers.start:receivers.stop]
+                x = x + torch.einsum("vsr,vbpsd->vbprd", w, buffer[:, :, :, :n_up])
             for senders, diff in blocks:
                 if senders.start >= n_up:
                     break
@@ -167,13 +185,13 @@ class EdgeForward:
             z = self._attend(layer, x)                            # [v * b, pos, head, d_head]
             out = torch.einsum("nphe,hed->nphd", z, self.W_O[layer])
             out = out.unflatten(0, (n_var, batch))
-            blocks.append((heads, out - ablated[:, :, heads.start:heads.stop]))
+            keep(heads, out - ablated[:, :, heads.start:heads.stop])
             n_up = mlp.start if not g.parallel else heads.start
             x = gather(recv["mlp"], n_up, self.const_mlp[layer])[:, :, :, 0]
             if input_hook is not None:
                 x = input_hook(layer, "mlp", x)
             mlp_out = ops.mlp_output(layer, ops.mlp_post(layer, x))
-            blocks.append((mlp, (mlp_out - ablated[:, :, mlp.start])[:, :, :, None]))
+            keep(mlp, (mlp_out - ablated[:, :, mlp.start])[:, :, :, None])
         final = gather(range(n_r - 1, n_r), n_s, self.const_final)[:, :, :, 0]
         if input_hook is not None:
             final = input_hook(g.n_layers, "logits", final)
