@@ -36,6 +36,7 @@ class EdgeScoresClaim(SingleModelClaim):
     measure: Literal["edge_scores"]
     FREEZE = "grid"
     VALUE_KIND = GRID
+    RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("prompts", "method", "metric")
     method: str = "exact"
     metric: Literal["logit_diff", "loss", "kl"] = "logit_diff"
@@ -66,7 +67,7 @@ class EdgeScoresClaim(SingleModelClaim):
 
 @measurement("edge_scores")
 def _edge_scores(ctx: MeasureContext) -> Measurement:
-    from harness.measure.results import Grid
+    from harness.measure.results import Grid, PromptParts, mean_value
 
     claim = ctx.claim
     model = ctx.model(claim.model)
@@ -80,4 +81,11 @@ def _edge_scores(ctx: MeasureContext) -> Measurement:
     labels = tuple(e.label for e in ef.graph.edges)
     extras.update({"prompts": batch.texts, "method": claim.method, "metric": claim.metric})
     grid = Grid(("edge",), (labels,), scores.float(), extras=extras)
-    return Measurement(GRID, grid, extras=extras)
+    parts = PromptParts({"value": worse.float().T.cpu()},
+                        _absolute_mean if claim.absolute else mean_value)
+    return Measurement(GRID, grid, extras=extras, parts=parts)
+
+
+def _absolute_mean(means: dict):
+    """An edge's score from its mean effect, ranked by size (`absolute: true`)."""
+    return means["value"].abs()
