@@ -11,6 +11,7 @@ from harness.measure.circuit_curves import (
     edge_counts,
     faithfulness,
 )
+from harness.measure.edge_discovery import ranking, share_count, smallest_faithful_prefix
 
 
 def test_faithfulness_is_the_share_of_the_gap():
@@ -54,3 +55,30 @@ def test_bad_sizes_are_refused(sizes):
 def test_curve_length_must_match():
     with pytest.raises(ValueError, match="3 sizes but 2"):
         cmd([0.1, 0.5, 1.0], [1, 1])
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def test_ranking_is_by_size_of_score():
+    assert ranking([0.1, -3.0, 2.0, 0.0]) == [1, 2, 0, 3]
+
+
+def test_share_keeps_at_least_one_edge():
+    assert share_count(0.05, 100) == 5
+    assert share_count(0.001, 100) == 1
+
+
+def test_smallest_faithful_prefix_finds_the_first_size_reaching_the_target():
+    # faithfulness of a prefix of n edges: 0.1 per edge, so 0.9 needs 9 edges
+    def faith(edges):
+        return 0.1 * len(edges)
+
+    n, tried = smallest_faithful_prefix(list(range(20)), faith, 0.9)
+    assert n == 9
+    assert tried[9] >= 0.9 and tried[8] < 0.9
+    assert len(tried) < 10                     # doubling + bisection, not a linear scan
+
+
+def test_smallest_faithful_prefix_gives_all_edges_when_the_target_is_out_of_reach():
+    n, tried = smallest_faithful_prefix(list(range(5)), lambda edges: 0.0, 0.9)
+    assert n == 5 and tried[5] == 0.0
