@@ -49,3 +49,52 @@ def smallest_faithful_prefix(order: Sequence[int], faithfulness: Callable[[list[
             low = mid
     return high, tried
 
+
+
+# ----------------------------------------------------------------------------- on the model
+
+def edge_pairs(graph) -> list[tuple[int, int]]:
+    """(sender index, receiver index) of every edge, in the graph's edge order."""
+    return [(graph.sender_index[e.sender], graph.receiver_index[e.receiver])
+            for e in graph.edges]
+
+
+def scores_by_edge(graph, scores) -> list[float]:
+    """A [sender, receiver] score tensor as one score per edge, in the graph's edge order."""
+    table = scores.detach().cpu().tolist()
+    return [table[s][r] for s, r in edge_pairs(graph)]
+
+
+def circuit_weights(graph, circuits: list[list[int]]):
+    """[variant, sender, receiver] weights: 1 on each circuit's edges (indices into
+    graph.edges), 0 elsewhere."""
+    import torch
+
+    pairs = edge_pairs(graph)
+    weights = torch.zeros(len(circuits), len(graph.senders), len(graph.receivers))
+    for v, circuit in enumerate(circuits):
+        if circuit:
+            s, r = zip(*(pairs[i] for i in circuit))
+            weights[v, list(s), list(r)] = 1.0
+    return weights
+
+
+def circuit_logit_diffs(ef, clean, ablated, weights, final_pos, answer_ids, foil_ids,
+                        memory_budget_mb: float = 2048):
+    """Mean logit difference of each variant's edge run ([variant]), variants in chunks that
+    fit the memory budget's work share."""
+    import torch
+
+    from harness.measure.budget import WORK_SHARE, budget_bytes
+
+    batch, n_pos = clean.shape[:2]
+    g = ef.graph
+    per_variant = batch * n_pos * (len(g.receivers) // max(1, g.n_layers) + 4) * \
+        ef.ops.d_model * 4 * 4
+    chunk = max(1, budget_bytes(memory_budget_mb, WORK_SHARE) // per_variant)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(weights), chunk):
+            run = ef.run(clean, ablated, weights[start:start + chunk].to(ef.ops.device))
+            out.append(ef.logit_diff(run.final, final_pos, answer_ids, foil_ids).mean(1))
+    return torch.cat(out).float().cpu()
