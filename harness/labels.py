@@ -1,6 +1,6 @@
 """The one grammar of the names a spec writes and a report shows: component labels (`L3H7`,
 `L3KV1`, `L3N12`, `mlp3`, `resid_pre3`, ...), position rules, spans, sweep axes, sequence
-metrics and which claims take `ci`.
+metrics, edges of a model's graph (`L0H1 -> L1H2:k`) and which claims take `ci`.
 
 Each is defined here once and parsed and formatted by the same code, so a label a report prints
 is one a spec can name (`parse_label(format_label(x)) == x`). docs/spec-format.md's tables are
@@ -191,6 +191,111 @@ def cell_label(cell: Mapping[str, object]) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- edges
+
+# An edge of a model's computational graph runs from a sender's output to a receiver's input:
+# senders are the embeddings, each query head's output and each MLP; receivers each head's
+# q, k or v input, each MLP and the logits. On a grouped-query model the k and v inputs belong
+# to key/value heads (`L1KV0:k`); where every query head has its own key/value head the
+# query-head form (`L1H2:k`) names the same input (edge_graph.py normalizes to it).
+HEAD_INPUTS = ("q", "k", "v")
+EDGE_SENDER_WORDS = ("embed",)
+EDGE_RECEIVER_WORDS = ("logits",)
+
+
+@dataclass(frozen=True)
+class HeadInput:
+    """One input of an attention head: `L1H2:q`, `L1H2:k`, `L1KV0:v` (k and v only on
+    key/value heads)."""
+
+    head: Head
+    input: str     # one of HEAD_INPUTS
+
+    def __str__(self) -> str:
+        return f"{self.head}:{self.input}"
+
+
+EdgeSender = Union[Head, LayerPart, str]  # noqa: UP007  (L0H1, mlp3, embed)
+EdgeReceiver = Union[HeadInput, LayerPart, str]  # noqa: UP007  (L1H2:k, mlp3, logits)
+
+
+@dataclass(frozen=True)
+class EdgeLabel:
+    """`L0H1 -> L1H2:k`: the sender's output reaches the receiver's input."""
+
+    sender: EdgeSender
+    receiver: EdgeReceiver
+
+    def __str__(self) -> str:
+        return f"{format_edge_end(self.sender)} -> {format_edge_end(self.receiver)}"
+
+
+EDGE_FORMS: dict[str, tuple[str, str, str]] = {   # form -> (written, example, names)
+    "sender": ("embed, L{layer}H{head}, mlp{layer}", "L0H1",
+               "a sender: the embeddings, a query head's output, an MLP's output"),
+    "receiver": ("L{layer}H{head}:q, L{layer}H{head}:k, L{layer}H{head}:v, "
+                 "L{layer}KV{head}:k, L{layer}KV{head}:v, mlp{layer}, logits", "L1H2:k",
+                 "a receiver: a head's query, key or value input (key/value heads `L1KV0:k` "
+                 "on grouped-query models), an MLP's input, the logits"),
+    "edge": ("SENDER -> RECEIVER", "L0H1 -> L1H2:k",
+             "head 1 of layer 0 reaches head 2 of layer 1 through its keys"),
+}
+EDGE_HELP = ("an edge is 'SENDER -> RECEIVER': senders embed, L{layer}H{head} or mlp{layer}; "
+             "receivers L{layer}H{head}:q|k|v, L{layer}KV{head}:k|v, mlp{layer} or logits "
+             "(e.g. 'L0H1 -> L1H2:k', 'mlp3 -> L5H0:q', 'embed -> mlp0', 'L9H9 -> logits')")
+_EDGE_RE = re.compile(r"\A(\S+) +-> +(\S+)\Z")
+_INPUT_RE = re.compile(rf"\AL{_N}(H|KV){_N}:([qkv])\Z")
+
+
+def format_edge_end(end: EdgeSender | EdgeReceiver) -> str:
+    return end if isinstance(end, str) else str(end)
+
+
+def parse_edge_sender(text: object) -> EdgeSender:
+    """`embed`, a query head `L0H1` or an MLP `mlp3`."""
+    if text in EDGE_SENDER_WORDS:
+        return text  # type: ignore[return-value]
+    try:
+        return parse_label(text, ("head", "mlp"), "edge sender")  # type: ignore[return-value]
+    except LabelError:
+        raise LabelError(f"{safe_text(repr(text))} is not an edge sender; write embed, "
+                         "L{layer}H{head} (e.g. L0H1) or mlp{layer} (e.g. mlp3)") from None
+
+
+def parse_edge_receiver(text: object) -> EdgeReceiver:
+    """A head input `L1H2:q` / `L1KV0:k`, an MLP `mlp3` or `logits`."""
+    if text in EDGE_RECEIVER_WORDS:
+        return text  # type: ignore[return-value]
+    if isinstance(text, str):
+        match = _INPUT_RE.match(text)
+        if match:
+            kv, which = match.group(2) == "KV", match.group(4)
+            if kv and which == "q":
+                raise LabelError(f"{safe_text(repr(text))}: q inputs belong to query heads; "
+                                 f"write L{int(match.group(1))}H{{head}}:q")
+            return HeadInput(Head(int(match.group(1)), int(match.group(3)), kv), which)
+        if _PART_RE.match(text) and text.startswith("mlp"):
+            return parse_label(text, ("mlp",))  # type: ignore[return-value]
+    raise LabelError(f"{safe_text(repr(text))} is not an edge receiver; write "
+                     "L{layer}H{head}:q|k|v (e.g. L1H2:k), L{layer}KV{head}:k|v (e.g. L1KV0:v), "
+                     "mlp{layer} (e.g. mlp3) or logits")
+
+
+def parse_edge(text: object) -> EdgeLabel:
+    """'L0H1 -> L1H2:k' -> EdgeLabel(Head(0, 1), HeadInput(Head(1, 2), "k")). Only the grammar:
+    whether the edge exists in a model (sender upstream of receiver, heads in range) is
+    `edge_graph.edge_problem`'s question."""
+    match = _EDGE_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise LabelError(f"{safe_text(repr(text))} is not an edge; {EDGE_HELP}")
+    return EdgeLabel(parse_edge_sender(match.group(1)), parse_edge_receiver(match.group(2)))
+
+
+def format_edge(edge: EdgeLabel) -> str:
+    """The inverse of `parse_edge`."""
+    return str(edge)
+
+
 # ----------------------------------------------------------------------------- position rules
 
 # where a feature is read in each prompt: a word, or {token: TEXT}
@@ -335,6 +440,10 @@ def doc_tables() -> dict[str, str]:
             ("label", "example", "names"),
             [(_code_list(f.written), f"`{f.example}`", f.names) for f in forms]
             + [(f"`{word}`", f"`{word}`", meaning) for word, meaning in WORDS.items()]),
+        "edges": markdown_table(
+            ("part", "written", "example", "names"),
+            [(key, _code_list(written), f"`{example}`", names)
+             for key, (written, example, names) in EDGE_FORMS.items()]),
         "positions": markdown_table(
             ("position", "reads"),
             [(f"`{word}`", meaning) for word, meaning in POSITION_WORDS.items()]

@@ -315,3 +315,56 @@ def test_a_bad_span_names_every_span_form(span):
     assert labels.SPAN_HELP in str(info.value)
     for form in [*labels.SPAN_WORDS, *labels.SPAN_MAPPINGS]:
         assert form in labels.SPAN_HELP
+
+
+# ----------------------------------------------------------------------------- edges
+
+head = st.builds(Head, index, index)
+edge_sender = st.one_of(st.just("embed"), head, st.builds(LayerPart, st.just("mlp"), index))
+edge_receiver = st.one_of(
+    st.just("logits"), st.builds(LayerPart, st.just("mlp"), index),
+    st.builds(labels.HeadInput, head, st.sampled_from(labels.HEAD_INPUTS)),
+    st.builds(labels.HeadInput, st.builds(Head, index, index, st.just(True)),
+              st.sampled_from(("k", "v"))))
+
+
+@given(st.builds(labels.EdgeLabel, edge_sender, edge_receiver))
+def test_every_edge_parses_what_it_formats(edge):
+    assert labels.parse_edge(labels.format_edge(edge)) == edge
+
+
+@given(st.text(max_size=30))
+def test_any_text_is_an_edge_that_formats_back_or_a_label_error(text):
+    try:
+        edge = labels.parse_edge(text)
+    except LabelError as exc:
+        assert "is not an edge" in str(exc) or "belong to query heads" in str(exc)
+    else:
+        assert labels.parse_edge(labels.format_edge(edge)) == edge
+
+
+@pytest.mark.parametrize("text, sender, receiver", [
+    ("L0H1 -> L1H2:k", Head(0, 1), labels.HeadInput(Head(1, 2), "k")),
+    ("mlp3 -> L5H0:q", LayerPart("mlp", 3), labels.HeadInput(Head(5, 0), "q")),
+    ("embed -> mlp0", "embed", LayerPart("mlp", 0)),
+    ("L9H9 -> logits", Head(9, 9), "logits"),
+    ("L0H0 -> L1KV1:v", Head(0, 0), labels.HeadInput(Head(1, 1, kv=True), "v")),
+])
+def test_each_edge_form(text, sender, receiver):
+    assert labels.parse_edge(text) == labels.EdgeLabel(sender, receiver)
+    assert labels.format_edge(labels.parse_edge(text)) == text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("L0H1->L1H2:k", "is not an edge; an edge is 'SENDER -> RECEIVER'"),
+    ("L0H1 -> L1H2", "'L1H2' is not an edge receiver; write L{layer}H{head}:q|k|v"),
+    ("L0KV1 -> logits", "'L0KV1' is not an edge sender"),
+    ("logits -> mlp0", "'logits' is not an edge sender"),
+    ("L0H0 -> L1KV0:q", "q inputs belong to query heads; write L1H{head}:q"),
+    ("L0H0 -> L1H0:x", "is not an edge receiver"),
+    ("L0H0 -> embed", "'embed' is not an edge receiver"),
+    (["L0H0", "L1H0:q"], "is not an edge"),
+])
+def test_malformed_edges_say_what_to_write(text, message):
+    with pytest.raises(LabelError, match=re.escape(message)):
+        labels.parse_edge(text)

@@ -12,6 +12,7 @@ from typing import get_args
 from harness.kinds.attention import AttentionClaim, HeadScoresClaim
 from harness.kinds.base import MEASUREMENTS, ClaimBase  # noqa: F401  (the measurements)
 from harness.kinds.circuit import CircuitClaim
+from harness.kinds.edges import EdgeScoresClaim
 from harness.kinds.features import (
     FeatureClaim,
     FeatureDiffClaim,
@@ -32,7 +33,7 @@ CLAIM_CLASSES: tuple[type[ClaimBase], ...] = (
     LogitDiffClaim, TopKClaim, GenerateClaim, LogitLensClaim, DlaClaim, PatchClaim,
     PatchSweepClaim, AblateClaim, LossClaim, AccuracyClaim, AttentionClaim, HeadScoresClaim,
     PathPatchClaim, CircuitClaim, FeatureClaim, TopFeaturesClaim, FeatureDiffClaim,
-    FeatureInterventionClaim, NeuronClaim,
+    FeatureInterventionClaim, NeuronClaim, EdgeScoresClaim,
 )
 
 

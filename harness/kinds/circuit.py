@@ -1,5 +1,5 @@
-"""`circuit`: a set of components against the full model, everything outside it ablated
-(faithfulness, minimality, completeness)."""
+"""`circuit`: a set of components (`members`) or of edges (`edges`) against the full model,
+everything outside it ablated (faithfulness, minimality, completeness)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,30 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.expect import GRID, SCALAR, Measurement
 from harness.kinds.base import Index, MeasureContext, SingleModelClaim, measurement
-from harness.kinds.fields import ReferencePrompts, _components, component_indices
-from harness.kinds.measuring import ablation_reference
+from harness.kinds.fields import (
+    ReferencePrompts,
+    _components,
+    _edge_labels,
+    component_indices,
+    edge_indices,
+)
+from harness.kinds.measuring import ablation_reference, edge_ablation, graph_edges
 from harness.measure.results import Grid
 
 
 class CircuitClaim(SingleModelClaim):
-    """A set of components compared with the full model, everything outside it ablated."""
+    """A set of components (`members`) or edges (`edges`) compared with the full model,
+    everything outside it ablated."""
 
     measure: Literal["circuit"]
     CI_WHEN = ("", " faithfulness")
     FREEZE = "cells|scalar"
     VALUE_KIND = GRID        # SCALAR for faithfulness
     REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means")
-    members: tuple[str, ...] = Field(min_length=1)
-    kind: Literal["zero", "mean", "resample"]   # always explicit: scores depend on it
+    members: tuple[str, ...] | None = Field(None, min_length=1)
+    edges: tuple[str, ...] | None = Field(None, min_length=1)   # "L0H0 -> L1H0:k", ...
+    # always explicit: scores depend on it; corrupt (the prompts' corrupt texts) with edges
+    kind: Literal["zero", "mean", "resample", "corrupt"]
     reference: str | ReferencePrompts | None = None   # prompt set for mean / resample
     seed: int = 0
     metric: Literal["faithfulness", "minimality", "completeness"] = "faithfulness"
@@ -33,8 +42,24 @@ class CircuitClaim(SingleModelClaim):
     def _member_names(cls, value):
         return _components(value)
 
+    @field_validator("edges")
+    @classmethod
+    def _edge_names(cls, value):
+        return _edge_labels(value)
+
     @model_validator(mode="after")
     def _reference_for_kind(self):
+        if (self.members is None) == (self.edges is None):
+            raise ValueError("give the circuit as `members:` (components) or as `edges:`, "
+                             "exactly one of them")
+        if self.kind == "corrupt":
+            if self.edges is None:
+                raise ValueError("`kind: corrupt` ablates edges to the corrupt run's outputs: "
+                                 "write the circuit as `edges:`, or use zero, mean or resample")
+            if self.reference is not None:
+                raise ValueError("`kind: corrupt` reads the prompts' `corrupt:` texts; "
+                                 "`reference:` is for mean and resample")
+            return self
         if self.kind != "zero" and self.reference is None:
             raise ValueError(f"`kind: {self.kind}` needs `reference:`, the prompt set to take "
                              "the ablated activations from")
@@ -52,7 +77,15 @@ class CircuitClaim(SingleModelClaim):
         return self.metric == "faithfulness"
 
     def indices(self) -> list[Index]:
+        if self.edges is not None:
+            return edge_indices(self.edges, "edges")
         return component_indices(self.members, "members")
+
+    def needs_corrupt(self) -> bool:
+        return self.kind == "corrupt"
+
+    def pairs_clean_and_corrupt(self) -> bool:
+        return self.kind == "corrupt"
 
 
 @measurement("circuit")
@@ -68,12 +101,22 @@ def _circuit(ctx: MeasureContext) -> Measurement:
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
     cfg = model.bridge.cfg
-    members = [parse_component(m, cfg) for m in claim.members]
-    values, extras = ablation_reference(ctx, model, batch, claim.kind, component_hooks(cfg),
-                                        claim.seed)
-    scores = circuit_scores(model.bridge, batch.tokens, batch.final_pos, batch.answer_ids,
-                            batch.foil_ids, members, values, all_components(cfg),
-                            ctx.session.memory_budget_mb)
+    if claim.edges is not None:
+        from harness.measure.edge_circuits import edge_circuit_scores
+
+        ef, clean, ablated, extras = edge_ablation(ctx, model, batch, claim.kind, claim.seed)
+        edges = graph_edges(ef, claim.edges)
+        scores = edge_circuit_scores(ef, clean, ablated, batch, edges,
+                                     ctx.session.memory_budget_mb)
+        names = tuple(e.label for e in edges)
+    else:
+        members = [parse_component(m, cfg) for m in claim.members]
+        values, extras = ablation_reference(ctx, model, batch, claim.kind,
+                                            component_hooks(cfg), claim.seed)
+        scores = circuit_scores(model.bridge, batch.tokens, batch.final_pos, batch.answer_ids,
+                                batch.foil_ids, members, values, all_components(cfg),
+                                ctx.session.memory_budget_mb)
+        names = tuple(claim.members)
     extras.update({"prompts": batch.texts, "logit_diffs": {
         "model": float(scores.model.mean()), "all_ablated": float(scores.ablated.mean()),
         "circuit": float(scores.circuit.mean())}})
@@ -88,11 +131,12 @@ def _circuit(ctx: MeasureContext) -> Measurement:
             extras["stats"] = {"n": len(per_prompt), "mean": float(per_prompt.mean()),
                                "ci": claim.ci, "low": low, "high": high}
         return Measurement(SCALAR, float(per_prompt.mean()), tuple(per_prompt.tolist()), extras)
+    axis = "edge" if claim.edges is not None else "component"
     if claim.metric == "minimality":
         values_ = scores.minimality()
-        labels = tuple(claim.members)
+        labels = names
     else:
         values_ = scores.completeness()
-        labels = tuple(claim.members) + ("circuit",)
-    grid = Grid(("component",), (labels,), values_, extras=extras)
+        labels = names + ("circuit",)
+    grid = Grid((axis,), (labels,), values_, extras=extras)
     return Measurement(GRID, grid, extras=extras)

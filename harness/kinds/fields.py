@@ -8,7 +8,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from harness import labels
-from harness.errors import did_you_mean
+from harness.edge_graph import order_problem
+from harness.errors import did_you_mean, safe_text
 from harness.kinds.base import Frozen, Index
 from harness.sites import HEAD_SITES, KV_SITES, SITES, parse_head
 
@@ -236,4 +237,36 @@ def head_indices(labels, field: str, site: str) -> list[Index]:
     for i, label in enumerate(labels or ()):
         layer, head = parse_head(label, site)
         out += [Index((field, i), "layer", layer), Index((field, i), axis, head)]
+    return out
+
+
+def _edge_labels(value):
+    """Edge labels (`L0H1 -> L1H2:k`): the grammar and, where layer order alone decides it,
+    whether the edge can exist; a ValueError says which and why."""
+    for i, text in enumerate(value or ()):
+        edge = labels.parse_edge(text)
+        problem = order_problem(edge)
+        if problem:
+            raise ValueError(f"edge {i} {safe_text(repr(text))} does not exist: {problem}")
+    if len(set(value or ())) != len(value or ()):
+        raise ValueError("an edge is listed twice")
+    return value
+
+
+def edge_indices(edges, field: str) -> list[Index]:
+    """The layer and head of each end of each edge label (heads: query heads; key/value heads
+    for `L1KV0:k`), for the range checks before weights load."""
+    out = []
+    for i, text in enumerate(edges or ()):
+        try:
+            edge = labels.parse_edge(text)
+        except labels.LabelError:
+            continue   # refused where the field is read (`_edge_labels`)
+        for end in (edge.sender, edge.receiver):
+            head = end.head if isinstance(end, labels.HeadInput) else end
+            if isinstance(head, labels.Head):
+                out += [Index((field, i), "layer", head.layer),
+                        Index((field, i), "kv_head" if head.kv else "head", head.head)]
+            elif isinstance(head, labels.LayerPart):
+                out.append(Index((field, i), "layer", head.layer))
     return out

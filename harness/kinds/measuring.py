@@ -198,3 +198,59 @@ def check_indices(claim, model, name: str) -> None:
     problems = index_problems(claim, model_sizes(model.bridge.cfg), name)
     if problems:
         raise MeasureError(problems[0][1])
+
+
+def edge_ablation(ctx: MeasureContext, model, batch, kind: str, seed: int):
+    """The model's edge forward, the clean prompts' sender outputs, what ablated edges carry
+    (`kind` zero / mean / resample / corrupt) and what the report says about the reference."""
+    from harness.measure.edge_circuits import ablated_outputs
+    from harness.measure.edge_forward import EdgeForward
+    from harness.measure.patching import Run
+
+    engine = ctx.session.engine
+    run = Run(model.key, model.bridge, batch.tokens, batch.final_pos)
+    clean_acts = engine.clean(run)      # verifies the fast path against the model once
+    ef = EdgeForward(engine.forward(run))
+    clean = ef.outputs(clean_acts)
+    extras: dict = {}
+    ref = {}
+    if kind in ("mean", "resample"):
+        from harness.measure.circuits import resample_draw
+
+        ref_name = ctx.claim.reference_prompts
+        ref_batch = ctx.session.batch(ctx.spec, ctx.spec.prompt_set(ref_name), model,
+                                      ctx.prepend_bos)
+        draw = resample_draw(len(batch.texts), len(ref_batch.texts), seed) \
+            if kind == "resample" else None
+        ref = dict(ref_tokens=ref_batch.tokens, ref_final_pos=ref_batch.final_pos, draw=draw)
+        used = [ref_batch.texts[i] for i in draw] if draw is not None else list(ref_batch.texts)
+        extras["reference"] = {"prompt_set": ref_name, "kind": kind, "seed": seed,
+                               "prompts": used}
+    if kind == "corrupt":
+        corrupt_problems(ctx, model, batch)
+    ablated = ablated_outputs(ef, kind, batch.tokens, corrupt_tokens=batch.corrupt_tokens, **ref)
+    return ef, clean, ablated, extras
+
+
+def corrupt_problems(ctx: MeasureContext, model, batch) -> None:
+    """Clean and corrupt texts must tokenize to equal lengths (positions pair one to one)."""
+    if batch.corrupt_tokens is not None and batch.corrupt_tokens.shape == batch.tokens.shape:
+        return
+    from harness.prompts import corrupt_length_mismatches
+
+    problems = corrupt_length_mismatches(model.tokenizer, ctx.spec.claim_prompts(ctx.claim),
+                                         ctx.prepend_bos)
+    raise MeasureError("; ".join(problems) or "the claim's prompts need `corrupt:` texts")
+
+
+def graph_edges(ef, texts, field: str = "edges") -> list:
+    """Edge labels -> the model's edges; a MeasureError names the label and why it is none."""
+    from harness.edge_graph import EdgeError
+
+    out = []
+    for i, text in enumerate(texts):
+        try:
+            out.append(ef.graph.edge(text))
+        except EdgeError as exc:
+            raise MeasureError(f"{field}[{i}]: {exc}") from None
+    return out

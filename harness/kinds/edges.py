@@ -1,0 +1,83 @@
+"""`edge_scores`: every edge of the model's graph scored on the claim's clean/corrupt prompts;
+the value is a one-axis grid of edges (`top`, `argmax`, `only_above` name edges by label).
+
+Methods live in `METHODS` (method name -> function of the context, the model's edge forward,
+its inputs and the claim, returning per-edge, per-prompt effects): `exact` runs the clean input
+once per edge with only that edge carrying its sender's corrupt-run output (small graphs).
+A new method is one function and one entry here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from harness.expect import GRID, Measurement
+from harness.kinds.base import MeasureContext, SingleModelClaim, measurement
+from harness.kinds.measuring import edge_ablation
+
+
+def _exact(ctx: MeasureContext, ef, clean, ablated, batch):
+    """[edge, prompt] effects of patching each edge alone (edge_circuits.exact_edge_scores)."""
+    from harness.measure.edge_circuits import exact_edge_scores
+
+    effects, _ = exact_edge_scores(ef, clean, ablated, batch, ctx.claim.metric,
+                                   ctx.session.memory_budget_mb)
+    return effects
+
+
+METHODS: dict[str, Callable] = {"exact": _exact}
+
+
+class EdgeScoresClaim(SingleModelClaim):
+    """Every edge scored by how much corrupting it alone changes the metric."""
+
+    measure: Literal["edge_scores"]
+    FREEZE = "grid"
+    VALUE_KIND = GRID
+    REPORT_EXTRAS = ("prompts", "method", "metric")
+    method: str = "exact"
+    metric: Literal["logit_diff", "loss", "kl"] = "logit_diff"
+    steps: int | None = Field(None, ge=1, le=1000)   # integration steps (eap-ig)
+    # the score of an edge: how much the metric worsens when the edge is corrupted (logit diff
+    # falls, loss or KL rises); `absolute: true` ranks by its size whatever the sign
+    absolute: bool = True
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value):
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; use one of {', '.join(METHODS)}")
+        return value
+
+    def needs_corrupt(self) -> bool:
+        return True
+
+    def pairs_clean_and_corrupt(self) -> bool:
+        return True
+
+    def reads_answers(self) -> bool:
+        return self.metric != "kl"
+
+    def scores_span(self) -> bool:
+        return False
+
+
+@measurement("edge_scores")
+def _edge_scores(ctx: MeasureContext) -> Measurement:
+    from harness.measure.results import Grid
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    ef, clean, ablated, extras = edge_ablation(ctx, model, batch, "corrupt", 0)
+    effects = METHODS[claim.method](ctx, ef, clean, ablated, batch)   # [edge, prompt]
+    worse = -effects if claim.metric == "logit_diff" else effects
+    scores = worse.mean(-1)
+    if claim.absolute:
+        scores = scores.abs()
+    labels = tuple(e.label for e in ef.graph.edges)
+    extras.update({"prompts": batch.texts, "method": claim.method, "metric": claim.metric})
+    grid = Grid(("edge",), (labels,), scores.float(), extras=extras)
+    return Measurement(GRID, grid, extras=extras)

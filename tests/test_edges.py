@@ -1,0 +1,227 @@
+"""Edge patching (harness/measure/edge_forward.py) against the models themselves: rebuilding
+every receiver's input from all-clean edges gives the clean run, from all-ablated edges the
+ablated run, and patching one edge equals hand-written PyTorch hooks on the Hugging Face model
+(GPT-2, Llama with grouped-query attention, Pythia's parallel blocks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from harness.measure.edge_forward import EdgeForward
+from harness.testing import TINY_ARCHITECTURES, build_tiny_checkpoint
+from tests._tiny_models import assert_close, load_bridge
+
+ATOL = 1e-4
+SHARPEN = ("attn", "mlp", "attention")   # projections, scaled up: the edges matter
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edges")
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            directory = build_tiny_checkpoint(arch, root / arch)
+            hf = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+            with torch.no_grad():   # sharp attention, large outputs: single edges matter
+                for name, p in hf.named_parameters():
+                    if any(part in name for part in SHARPEN) and p.dim() == 2:
+                        p.mul_(5.0)
+            hf.save_pretrained(str(directory))
+            cache[arch] = (load_bridge(directory), hf)
+        return cache[arch]
+    return get
+
+
+def prompts(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 300, (3, 7), generator=gen), torch.randint(5, 300, (3, 7),
+                                                                       generator=gen)
+
+
+def edge_setup(bridge):
+    clean, corrupt = prompts()
+    ef = EdgeForward.for_bridge(bridge, clean)
+    return ef, clean, corrupt, ef.outputs(ef.trace(clean)), ef.outputs(ef.trace(corrupt))
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a not in ("gemma2", "opt")])
+def test_all_clean_edges_give_the_clean_run_and_all_ablated_the_ablated_run(models, arch):
+    bridge, _ = models(arch)
+    ef, clean, corrupt, out_clean, out_corrupt = edge_setup(bridge)
+    weights = ef.ones(2)
+    weights[1] = 0
+    run = ef.run(out_clean, out_corrupt, weights)
+    final_pos = torch.full((3,), clean.shape[1] - 1)
+    logits = ef.final_logits(run.final, final_pos)
+    with torch.no_grad():
+        assert_close(logits[0], bridge(clean)[:, -1], atol=ATOL, rtol=0)
+        assert_close(logits[1], bridge(corrupt)[:, -1], atol=ATOL, rtol=0)
+    assert_close(run.final[0], ef.trace(clean)["final"], atol=ATOL, rtol=0)
+
+
+def test_zero_weights_with_zero_outputs_leave_only_the_biases(models):
+    """Every edge ablated to zero: each receiver reads the attention biases alone, so the
+    logits are the same for any input."""
+    bridge, _ = models("gpt2")
+    ef, clean, corrupt, out_clean, _ = edge_setup(bridge)
+    run = ef.run(out_clean, ef.zero_outputs(), ef.ones() * 0)
+    final = run.final[0]
+    assert_close(final, final[:1, :1].expand_as(final), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- hand-written hooks
+# Each family's HF modules: decoder layers, the attention input norm, the q/k/v projection(s),
+# the head output projection, the MLP input norm, the MLP, the final norm.
+
+def hf_parts(arch: str, hf):
+    if arch == "gpt2":
+        return dict(layers=hf.transformer.h, final_norm=hf.transformer.ln_f,
+                    attn_norm=lambda b: b.ln_1, mlp_norm=lambda b: b.ln_2, mlp=lambda b: b.mlp,
+                    out_proj=lambda b: b.attn.c_proj, out_weight=lambda b: b.attn.c_proj.weight)
+    if arch == "pythia":
+        return dict(layers=hf.gpt_neox.layers, final_norm=hf.gpt_neox.final_layer_norm,
+                    attn_norm=lambda b: b.input_layernorm,
+                    mlp_norm=lambda b: b.post_attention_layernorm, mlp=lambda b: b.mlp,
+                    out_proj=lambda b: b.attention.dense,
+                    out_weight=lambda b: b.attention.dense.weight.T)
+    return dict(layers=hf.model.layers, final_norm=hf.model.norm,
+                attn_norm=lambda b: b.input_layernorm,
+                mlp_norm=lambda b: b.post_attention_layernorm, mlp=lambda b: b.mlp,
+                out_proj=lambda b: b.self_attn.o_proj,
+                out_weight=lambda b: b.self_attn.o_proj.weight.T)
+
+
+def sender_output(arch: str, hf, tokens: torch.Tensor, sender: str) -> torch.Tensor:
+    """The sender's output in an unpatched HF run: the hidden state entering layer 0 (embed),
+    a head's z times its rows of the output projection, or the MLP module's output."""
+    parts, got = hf_parts(arch, hf), {}
+    if sender == "embed":
+        module, capture = parts["layers"][0], "input"
+    elif sender.startswith("mlp"):
+        module, capture = parts["mlp"](parts["layers"][int(sender[3:])]), "output"
+    else:
+        layer, head = map(int, sender[1:].split("H"))
+        module, capture = parts["out_proj"](parts["layers"][layer]), "input"
+
+    def hook(mod, args, kwargs, output):
+        got["x"] = (args[0] if args else kwargs["hidden_states"]) if capture == "input" \
+            else (output[0] if isinstance(output, tuple) else output)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        hf(tokens)
+    handle.remove()
+    if sender == "embed" or sender.startswith("mlp"):
+        return got["x"]
+    block = parts["layers"][layer]
+    d_head = got["x"].shape[-1] // hf.config.num_attention_heads
+    rows = slice(head * d_head, (head + 1) * d_head)
+    return got["x"][..., rows] @ parts["out_weight"](block)[rows]
+
+
+def qkv_columns(arch: str, hf, which: str, head: int) -> slice:
+    """Where a head's q, k or v sits in its projection's output."""
+    cfg = hf.config
+    n_heads = cfg.num_attention_heads
+    d_head = cfg.hidden_size // n_heads
+    if arch == "gpt2":   # c_attn: [q | k | v], each [head, d_head]
+        start = "qkv".index(which) * cfg.hidden_size + head * d_head
+    elif arch == "pythia":   # query_key_value: [head, (q, k, v), d_head]
+        start = head * 3 * d_head + "qkv".index(which) * d_head
+    else:   # separate q_proj / k_proj / v_proj
+        start = head * d_head
+    return slice(start, start + d_head)
+
+
+def projection(arch: str, block, which: str):
+    if arch == "gpt2":
+        return block.attn.c_attn
+    if arch == "pythia":
+        return block.attention.query_key_value
+    return getattr(block.self_attn, f"{which}_proj")
+
+
+def hooked_logits(arch: str, hf, tokens: torch.Tensor, receiver: str, delta: torch.Tensor
+                  ) -> torch.Tensor:
+    """Last-position logits of `tokens` with `delta` added to one receiver's input only.
+
+    MLP and logits: the norm before them reads resid + delta. A head's q/k/v: the layer's
+    input is captured, the projection is recomputed on norm(input + delta), and only that
+    head's q, k or v columns are replaced."""
+    parts, handles, resid = hf_parts(arch, hf), [], {}
+
+    def add_delta(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if args:
+            return (x + delta, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x + delta}
+
+    if receiver == "logits":
+        handles.append(parts["final_norm"].register_forward_pre_hook(add_delta,
+                                                                     with_kwargs=True))
+    elif receiver.startswith("mlp"):
+        block = parts["layers"][int(receiver[3:])]
+        handles.append(parts["mlp_norm"](block).register_forward_pre_hook(add_delta,
+                                                                          with_kwargs=True))
+    else:
+        node, which = receiver.split(":")
+        layer, head = map(int, node[1:].replace("KV", "H").split("H"))
+        block = parts["layers"][layer]
+
+        def keep_input(mod, args, kwargs):
+            resid["x"] = args[0] if args else kwargs["hidden_states"]
+
+        def splice(mod, args, output):
+            if resid.get("inside"):   # the recomputation below
+                return output
+            cols = qkv_columns(arch, hf, which, head)
+            resid["inside"] = True
+            patched = mod(parts["attn_norm"](block)(resid["x"] + delta))
+            resid["inside"] = False
+            output = output.clone()
+            output[..., cols] = patched[..., cols]
+            return output
+        handles.append(block.register_forward_pre_hook(keep_input, with_kwargs=True))
+        handles.append(projection(arch, block, which).register_forward_hook(splice))
+    try:
+        with torch.no_grad():
+            return hf(tokens).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+EDGES = {
+    "gpt2": ["L0H1 -> L1H2:k", "mlp0 -> L1H0:q", "embed -> L1H1:v", "L0H2 -> mlp0",
+             "mlp0 -> logits", "L1H3 -> logits", "embed -> L0H0:k"],
+    "llama-gqa": ["L0H1 -> L1KV0:k", "mlp0 -> L1KV1:v", "L0H3 -> L1H2:q", "L0H0 -> mlp0",
+                  "embed -> logits", "L1H1 -> mlp1"],
+    "pythia": ["L0H1 -> L1H2:k", "L0H2 -> mlp1", "embed -> mlp0", "mlp0 -> L1H0:v",
+               "L1H3 -> logits", "embed -> L0H3:q"],
+}
+
+
+@pytest.mark.parametrize("arch, edge", [(a, e) for a, edges in EDGES.items() for e in edges])
+def test_one_patched_edge_equals_hand_written_hooks_on_the_hf_model(models, arch, edge):
+    bridge, hf = models(arch)
+    ef, clean, corrupt, out_clean, out_corrupt = edge_setup(bridge)
+    e = ef.graph.edge(edge)
+    weights = ef.ones()
+    weights[0, ef.graph.sender_index[e.sender], ef.graph.receiver_index[e.receiver]] = 0
+    run = ef.run(out_clean, out_corrupt, weights)
+    ours = ef.final_logits(run.final, torch.full((3,), clean.shape[1] - 1))[0]
+    sender, receiver = edge.split(" -> ")
+    delta = sender_output(arch, hf, corrupt, sender) - sender_output(arch, hf, clean, sender)
+    theirs = hooked_logits(arch, hf, clean, receiver, delta)
+    with torch.no_grad():
+        unpatched = hf(clean).logits[:, -1]
+    assert (theirs - unpatched).abs().max() > 10 * ATOL, "the edge must matter for the test to bite"
+    # compatibility mode centers the unembedding: logits agree up to a constant per prompt
+    assert_close(centered(ours), centered(theirs), atol=ATOL, rtol=0)
+
+
+def centered(logits: torch.Tensor) -> torch.Tensor:
+    return logits - logits.mean(-1, keepdim=True)
