@@ -212,3 +212,79 @@ def test_discovery_recovers_exactly_the_planted_path(planted, method):
 
     n, tried = ED.smallest_faithful_prefix(order, faith, 0.9)
     assert n == 3 and tried[3] >= 0.9
+
+
+# ----------------------------------------------------------------------------- specs
+
+def repeat_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = rng.sample(list(ZOO_WORDS), 9)
+        seq = w[:7] + w[:4]
+        corrupt = list(seq)
+        corrupt[3] = w[7]
+        rows.append({"text": " ".join(seq), "corrupt": " ".join(corrupt),
+                     "answer": " " + w[4], "foil": " " + w[5]})
+    return rows
+
+
+def induction_spec(claims: str) -> str:
+    import json
+
+    def rows(items):
+        return "\n".join(f"    - {json.dumps(r)}" for r in items)
+
+    return f"""spec: found-circuits
+models:
+  induct: {{zoo: toy-induction}}
+prompts:
+{rows(repeat_rows(12, 0)).replace('    - ', '  - ')}
+prompt_sets:
+  held_out:
+{rows(repeat_rows(12, 1))}
+claims:
+{claims}"""
+
+
+DISCOVERY_CLAIMS = """\
+  - {id: top-edges, measure: edge_scores, model: induct, method: eap-ig, steps: 5,
+     expect: {top: {k: 8, includes: ["L0H0 -> L1H0:k", "L1H0 -> logits"]}}}
+  - {id: wrong-top-edges, measure: edge_scores, model: induct, method: eap-ig,
+     expect: {top: {k: 8, includes: ["L0H1 -> L1H0:k", "L1H2 -> logits"]}}}
+  - {id: found-circuit, measure: circuit, model: induct, kind: corrupt,
+     edges: {top: 10, method: eap-ig}, eval_prompts: held_out, expect: {">=": 0.9}}
+  - {id: smallest-faithful, measure: circuit, model: induct, kind: corrupt,
+     edges: {faithfulness: 0.9, method: eap}, expect: {">=": 0.9}}
+  - {id: wrong-circuit, measure: circuit, model: induct, kind: corrupt,
+     edges: ["embed -> L0H1:v", "L0H1 -> L1H0:k", "L1H2 -> logits"], expect: {">=": 0.9}}
+  - {id: cpr, measure: circuit, model: induct, kind: corrupt, edges: {method: eap-ig},
+     metric: cpr, sizes: [0.05, 0.1, 0.2, 0.5, 1.0], expect: {">": 0.6}}
+  - {id: cmd, measure: circuit, model: induct, kind: corrupt, edges: {method: eap-ig},
+     metric: cmd, sizes: [0.05, 0.1, 0.2, 0.5, 1.0], expect: {"<": 0.3}}
+"""
+
+
+@pytest.fixture(scope="module")
+def discovery_verdicts(tmp_path_factory):
+    from harness.runner import run_spec_file
+    from harness.session import Session
+
+    path = tmp_path_factory.mktemp("found") / "found.yaml"
+    path.write_text(induction_spec(DISCOVERY_CLAIMS))
+    return {v.claim_id: v for v in run_spec_file(path, Session(verbose=False)).verdicts}
+
+
+def test_found_circuits_pass_and_wrong_heads_fail(discovery_verdicts):
+    status = {k: (v.status, v.message) for k, v in discovery_verdicts.items()}
+    assert {k: s for k, (s, _) in status.items()} == {
+        "top-edges": "passed", "wrong-top-edges": "failed", "found-circuit": "passed",
+        "smallest-faithful": "passed", "wrong-circuit": "failed", "cpr": "passed",
+        "cmd": "passed"}, status
+    found = discovery_verdicts["found-circuit"].extras
+    assert len(found["found_edges"]) == 10
+    assert {"L0H0 -> L1H0:k", "L1H0 -> logits"} <= set(found["found_edges"])
+    assert len(discovery_verdicts["smallest-faithful"].extras["found_edges"]) <= 10
+    curve = discovery_verdicts["cpr"].extras["curve"]
+    assert curve["sizes"] == [0.05, 0.1, 0.2, 0.5, 1.0]
+    assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)   # every edge: the model

@@ -30,7 +30,7 @@ from torch import Tensor
 from harness.errors import MeasureError
 from harness.measure.budget import WORK_SHARE, budget_bytes
 
-METRICS = ("logit_diff", "loss", "kl")
+METRICS = ("logit_diff", "loss", "kl")   # as edge_circuits.METRICS
 METHODS = ("eap", "eap-ig")
 
 
@@ -106,9 +106,9 @@ def receiver_gradients(ef, embed: Float[Tensor, "batch pos 1 d_model"], metric: 
 
 def edge_scores_from(diff: Float[Tensor, "batch pos sender d_model"],
                      grad: Float[Tensor, "batch pos receiver d_model"], upstream: Tensor
-                     ) -> Float[Tensor, "sender receiver"]:
-    """Σ_{batch, pos} diff_u · grad_v for every pair, zero where u is not upstream of v."""
-    scores = torch.einsum("bpsd,bprd->sr", diff.float(), grad.float())
+                     ) -> Float[Tensor, "batch sender receiver"]:
+    """Σ_pos diff_u · grad_v for every pair and prompt, zero where u is not upstream of v."""
+    scores = torch.einsum("bpsd,bprd->bsr", diff.float(), grad.float())
     return scores * upstream
 
 
@@ -134,6 +134,14 @@ def attribution_scores(ef, prompts: Prompts, method: str = "eap", steps: int = 5
     """EAP or EAP-IG scores of every edge, [sender, receiver] in graph order (zero where no
     edge), each the mean over prompts of the estimated change of `metric` when that edge
     alone carries its sender's corrupt-run output."""
+    return attribution_effects(ef, prompts, method, steps, metric, memory_budget_mb,
+                               progress).mean(0)
+
+
+def attribution_effects(ef, prompts: Prompts, method: str = "eap", steps: int = 5,
+                        metric: str = "logit_diff", memory_budget_mb: float = 2048,
+                        progress=None) -> Float[Tensor, "batch sender receiver"]:
+    """`attribution_scores` per prompt."""
     if method not in METHODS:
         raise MeasureError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}")
     if method == "eap-ig" and steps < 1:
@@ -142,7 +150,7 @@ def attribution_scores(ef, prompts: Prompts, method: str = "eap", steps: int = 5
     n, n_pos = prompts.clean.shape
     per = prompts_per_slice(ef, n_pos, memory_budget_mb)
     upstream = upstream_mask(ef.graph).to(ef.ops.device)
-    total = torch.zeros_like(upstream)
+    parts = []
     for start in range(0, n, per):
         part = prompts.rows(slice(start, start + per))
         clean = ef.outputs(ef.trace(part.clean.to(ef.ops.device)))
@@ -157,8 +165,8 @@ def attribution_scores(ef, prompts: Prompts, method: str = "eap", steps: int = 5
         for alpha in alphas:
             embed = corrupt[:, :, :1] + alpha * (clean[:, :, :1] - corrupt[:, :, :1])
             grad += receiver_gradients(ef, embed, fn).float()
-        total += edge_scores_from(corrupt - clean, grad / len(alphas), upstream)
+        parts.append(edge_scores_from(corrupt - clean, grad / len(alphas), upstream).cpu())
         if progress is not None:
             progress(len(part.clean))
         del clean, corrupt, grad
-    return total / n
+    return torch.cat(parts)
