@@ -143,12 +143,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from harness.measure.edge_forward import EdgeForward
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
     from harness.measure import edge_discovery as ED
     from harness.measure.edge_attribution import attribution_scores
+    from harness.measure.edge_forward import EdgeForward
 
     folder = smollm2_folder()
     bridge = TransformerBridge.boot_transformers(str(folder), device="cpu")

@@ -288,3 +288,24 @@ def test_found_circuits_pass_and_wrong_heads_fail(discovery_verdicts):
     curve = discovery_verdicts["cpr"].extras["curve"]
     assert curve["sizes"] == [0.05, 0.1, 0.2, 0.5, 1.0]
     assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)   # every edge: the model
+
+
+def test_freeze_pins_a_found_circuit_as_its_edge_list():
+    import yaml
+
+    from harness import freeze
+
+    source = {"spec": "s", "claims": [
+        {"id": "found", "measure": "circuit", "model": "m", "kind": "corrupt",
+         "edges": {"top": 2, "method": "eap-ig"}, "eval_prompts": "held_out",
+         "expect": {">=": 0.9}}]}
+    entry = {"id": "found", "measure": "circuit", "status": "passed", "measured": 0.93,
+             "params": {"eval_prompts": "held_out"}, "models": ["m"],
+             "found_edges": ["L0H0 -> L1H0:k", "L1H0 -> logits"],
+             "discovery": {"method": "eap-ig"}}
+    text = freeze.frozen_spec_text(source, [entry], 0.05, "r.json")
+    claim = yaml.safe_load(text)["claims"][0]
+    assert claim["edges"] == ["L0H0 -> L1H0:k", "L1H0 -> logits"]
+    assert claim["prompts"] == "held_out" and "eval_prompts" not in claim
+    assert claim["expect"] == {"approx": 0.93, "atol": 0.05}
+    assert "2 edges found by eap-ig" in text
