@@ -295,7 +295,7 @@ def test_freeze_pins_a_found_circuit_as_its_edge_list():
 
     from harness import freeze
 
-    source = {"spec": "s", "claims": [
+    source = {"spec": "s", "models": {"m": {"path": "x"}}, "claims": [
         {"id": "found", "measure": "circuit", "model": "m", "kind": "corrupt",
          "edges": {"top": 2, "method": "eap-ig"}, "eval_prompts": "held_out",
          "expect": {">=": 0.9}}]}
