@@ -85,3 +85,62 @@ def test_key_value_head_labels_name_the_query_head_input_without_grouping():
     assert g.edge("L0H0 -> L1KV2:k") == g.edge("L0H0 -> L1H2:k")
     assert g.edge("L0H0 -> L1KV2:k").label == "L0H0 -> L1H2:k"
     assert g.edge("L1H0 -> mlp1").label == "L1H0 -> mlp1"   # sequential: same layer reaches
+
+
+# ----------------------------------------------------------------------------- spec errors
+
+SPEC = """\
+spec: s
+models:
+  m: {path: /nowhere}
+prompts:
+  - {text: "a b", answer: " c", foil: " d", corrupt: "e b"}
+prompt_sets:
+  ref:
+    - {text: "e f", answer: " c", foil: " d"}
+claims:
+"""
+
+
+@pytest.mark.parametrize("claim, message", [
+    ("{id: x, measure: circuit, model: m, edges: ['L1H0 -> L0H0:q'], kind: corrupt, "
+     "expect: {'>': 0}}", "edge 0 'L1H0 -> L0H0:q' does not exist: L1H0 (layer 1) writes after"),
+    ("{id: x, measure: circuit, model: m, edges: ['L0H0 -> mlp0', 'L0H0->logits'], "
+     "kind: corrupt, expect: {'>': 0}}", "'L0H0->logits' is not an edge"),
+    ("{id: x, measure: circuit, model: m, edges: ['L0H0 -> logits', 'L0H0 -> logits'], "
+     "kind: zero, expect: {'>': 0}}", "an edge is listed twice"),
+    ("{id: x, measure: circuit, model: m, members: [L0H0], kind: corrupt, expect: {'>': 0}}",
+     "write the circuit as `edges:`"),
+    ("{id: x, measure: circuit, model: m, members: [L0H0], edges: ['L0H0 -> logits'], "
+     "kind: zero, expect: {'>': 0}}", "exactly one of them"),
+    ("{id: x, measure: circuit, model: m, edges: ['L0H0 -> logits'], kind: mean, "
+     "expect: {'>': 0}}", "needs `reference:`"),
+    ("{id: x, measure: edge_scores, model: m, method: eapp, expect: {argmax: 'L0H0 -> logits'}}",
+     "unknown method 'eapp'"),
+])
+def test_edge_spec_errors_name_file_line_and_field(tmp_path, claim, message):
+    from harness.errors import SpecError
+    from harness.spec import load_spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SPEC + "  - " + claim + "\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    text = str(info.value) + "".join(str(o) for o in getattr(info.value, "others", []))
+    assert message in text and "s.yaml" in text and ":10" in text, text
+
+
+@pytest.mark.parametrize("edge, message", [
+    ("L0H7 -> L1H0:q", "head 7 is out of range"),
+    ("L0H0 -> L5H0:q", "layer 5 is out of range"),
+    ("L0H0 -> L1KV3:k", "key/value head 3 is out of range"),
+])
+def test_edges_out_of_range_are_caught_before_weights_load(edge, message):
+    """The same range check static checks run on config.json (`index_problems`)."""
+    from harness.kinds.base import index_problems
+    from harness.kinds.circuit import CircuitClaim
+
+    claim = CircuitClaim(id="x", measure="circuit", model="m", edges=(edge,), kind="zero",
+                         expect={">": 0})
+    problems = index_problems(claim, {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2}, "m")
+    assert problems and problems[0][0] == ("edges", 0) and message in problems[0][1]

@@ -225,3 +225,45 @@ def test_one_patched_edge_equals_hand_written_hooks_on_the_hf_model(models, arch
 
 def centered(logits: torch.Tensor) -> torch.Tensor:
     return logits - logits.mean(-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- nodes as edges
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "pythia"])
+@pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
+def test_a_node_circuit_written_as_edges_scores_the_same(models, arch, kind):
+    """Keeping every edge out of the members (and the embeddings) is the node circuit: the edge
+    forward and the bridge's hooks (circuits.py) must agree on every configuration."""
+    from types import SimpleNamespace
+
+    from harness.measure.circuits import (
+        ablation_values,
+        all_components,
+        circuit_scores,
+        component_hooks,
+        parse_component,
+        resample_draw,
+    )
+    from harness.measure.edge_circuits import ablated_outputs, edge_circuit_scores
+
+    bridge, _ = models(arch)
+    ef, clean, corrupt, out_clean, _ = edge_setup(bridge)
+    cfg = bridge.cfg
+    batch = SimpleNamespace(tokens=clean, final_pos=torch.full((3,), clean.shape[1] - 1),
+                            answer_ids=torch.tensor([10, 20, 30]),
+                            foil_ids=torch.tensor([40, 50, 60]))
+    ref = dict(ref_tokens=corrupt, ref_final_pos=batch.final_pos,
+               draw=resample_draw(3, 3, 0) if kind == "resample" else None)
+    members = ["L0H1", "L1H2", "mlp0"]
+    values = ablation_values(bridge, kind, component_hooks(cfg), clean, batch.final_pos,
+                             **(ref if kind != "zero" else {}))
+    nodes = circuit_scores(bridge, clean, batch.final_pos, batch.answer_ids, batch.foil_ids,
+                           [parse_component(m, cfg) for m in members], values,
+                           all_components(cfg))
+    kept = {"embed", *members}
+    edges = [e for e in ef.graph.edges if e.sender.label in kept]
+    ablated = ablated_outputs(ef, kind, clean, **(ref if kind != "zero" else {}))
+    scores = edge_circuit_scores(ef, out_clean, ablated, batch, edges)
+    assert_close(scores.model, nodes.model, atol=ATOL, rtol=0)
+    assert_close(scores.circuit, nodes.circuit, atol=ATOL, rtol=0)
+    assert (scores.circuit - scores.model).abs().max() > 10 * ATOL   # the test can bite

@@ -92,17 +92,21 @@ def metric_values(ef: EdgeForward, final: Tensor, batch, metric: str,
 
 
 def configuration_metrics(ef: EdgeForward, clean: Tensor, ablated: Tensor,
-                          weights: Tensor, batch, metric: str = "logit_diff",
+                          weights, batch, metric: str = "logit_diff",
                           memory_budget_mb: float = 2048, clean_logits: Tensor | None = None,
                           desc: str = "edge configurations") -> Float[Tensor, "variant batch"]:
-    """The metric of every weight configuration, variants stacked along the batch."""
+    """The metric of every weight configuration, variants stacked along the batch. `weights`:
+    a [variant, sender, receiver] tensor, or (n, build) where build(start, stop) makes the
+    weights of variants start..stop-1 (so a graph's every edge needs no n x S x R tensor)."""
+    n, build = (len(weights), lambda a, b: weights[a:b]) if isinstance(weights, Tensor) \
+        else weights
     n_batch, n_pos = clean.shape[:2]
     per = _chunk(ef, n_batch, n_pos, memory_budget_mb)
     out = []
-    done = steps(len(weights), desc)
+    done = steps(n, desc)
     with torch.no_grad():
-        for start in range(0, len(weights), per):
-            w = weights[start:start + per]
+        for start in range(0, n, per):
+            w = build(start, min(n, start + per))
             run = ef.run(clean, ablated, w)
             out.append(metric_values(ef, run.final, batch, metric, clean_logits).cpu())
             done(len(w))
@@ -136,14 +140,17 @@ def exact_edge_scores(ef: EdgeForward, clean: Tensor, ablated: Tensor, batch,
     edges = g.edges
     with torch.no_grad():
         clean_run = ef.run(clean, ablated, ef.ones())
-        base = metric_values(ef, clean_run.final, batch, metric,
-                             ef.final_logits(clean_run.final, batch.final_pos)[0]
-                             if metric == "kl" else None)
         clean_logits = ef.final_logits(clean_run.final, batch.final_pos)[0] \
             if metric == "kl" else None
-    weights = torch.ones(len(edges), len(g.senders), len(g.receivers), dtype=ef.ops.dtype)
-    for i, e in enumerate(edges):
-        weights[i, g.sender_index[e.sender], g.receiver_index[e.receiver]] = 0
-    values = configuration_metrics(ef, clean, ablated, weights, batch, metric,
-                                   memory_budget_mb, clean_logits, "edges")
-    return values - base.cpu(), base[0].cpu()
+        base = metric_values(ef, clean_run.final, batch, metric, clean_logits)[0].cpu()
+    senders = torch.tensor([g.sender_index[e.sender] for e in edges])
+    receivers = torch.tensor([g.receiver_index[e.receiver] for e in edges])
+
+    def only_edge_ablated(start: int, stop: int) -> Tensor:
+        w = torch.ones(stop - start, len(g.senders), len(g.receivers), dtype=ef.ops.dtype)
+        w[torch.arange(stop - start), senders[start:stop], receivers[start:stop]] = 0
+        return w
+
+    values = configuration_metrics(ef, clean, ablated, (len(edges), only_edge_ablated), batch,
+                                   metric, memory_budget_mb, clean_logits, "edges")
+    return values - base, base
