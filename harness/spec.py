@@ -554,6 +554,10 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
             add(("claims", i, "reference"), f"unknown prompt set '{reference}' (reference "
                 "prompts are a named set under `prompt_sets:`)"
                 + did_you_mean(reference, spec.prompt_sets or ["(none defined)"]))
+        for field, name in claim.other_prompt_sets():
+            if field not in ("reference", "control") and name not in spec.prompt_sets:
+                add(("claims", i, field), f"unknown prompt set '{name}'"
+                    + did_you_mean(name, spec.prompt_sets or ["(none defined)"]))
         for loc, message in check_expectation_spec(claim):
             add(("claims", i) + loc, message)
         if "mean_score" in claim.expect and not getattr(claim, "score_with", None):

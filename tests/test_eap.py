@@ -309,3 +309,35 @@ def test_freeze_pins_a_found_circuit_as_its_edge_list():
     assert claim["prompts"] == "held_out" and "eval_prompts" not in claim
     assert claim["expect"] == {"approx": 0.93, "atol": 0.05}
     assert "2 edges found by eap-ig" in text
+
+
+@pytest.mark.parametrize("claim, message", [
+    ("{id: x, measure: edge_scores, model: m, method: eap, steps: 5, expect: {argmax: 'L0H0 -> "
+     "logits'}}", "`steps` is EAP-IG's number of integration steps"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: {top: 3, share: 0.1}, "
+     "expect: {'>': 0}}", "takes one of top, share, faithfulness"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: {method: eap-ig}, "
+     "expect: {'>': 0}}", "a found circuit needs its size"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: ['L0H0 -> logits'], "
+     "metric: cpr, expect: {'>': 0}}", "scores a discovery method over circuit sizes"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: {top: 3, method: eap}, "
+     "metric: cmd, expect: {'<': 1}}", "drop `edges.top`"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: {method: eap}, metric: cpr, "
+     "sizes: [0.5, 0.1], expect: {'>': 0}}", "circuit sizes must increase"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: ['L0H0 -> logits'], "
+     "eval_prompts: ref, expect: {'>': 0}}", "`eval_prompts` measures a found circuit"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: {top: 2, method: eap}, "
+     "eval_prompts: nope, expect: {'>': 0}}", "nope"),
+])
+def test_discovery_spec_errors_name_file_line_and_field(tmp_path, claim, message):
+    from test_edge_graph import SPEC
+
+    from harness.errors import SpecError
+    from harness.spec import load_spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SPEC + "  - " + claim + "\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    text = str(info.value) + "".join(str(o) for o in getattr(info.value, "others", []))
+    assert message in text and "s.yaml" in text and ":10" in text, text
