@@ -181,13 +181,21 @@ class EdgeForward:
     def _attend(self, layer: int, x: Float[Tensor, "v b pos receiver d_model"]
                 ) -> Float[Tensor, "n pos head d_head"]:
         """Head outputs z, each head's q from its own input row, each key/value head's k and
-        v from theirs (the norm and projections of the layer applied to every row)."""
+        v from theirs: the layer's norm on every row, then each row's own head's columns of
+        the projection (a fast path's `qkv_parts`; else every head's, keeping the diagonal)."""
         g, ops = self.graph, self.ops
-        q_all, k_all, v_all = ops.split_qkv(ops.qkv_flat(layer, x))   # [..., row, head, e]
         h, kv = g.n_heads, g.n_kv_heads
-        q = torch.diagonal(q_all[..., :h, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
-        k = torch.diagonal(k_all[..., h:h + kv, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
-        v = torch.diagonal(v_all[..., h + kv:, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
+        if hasattr(ops, "qkv_parts"):     # each row projected onto its own head only
+            norm, weight, bias = ops.qkv_parts(layer)
+            rows = h + 2 * kv             # the weight's columns: q heads, k heads, v heads
+            w = weight.view(weight.shape[0], rows, -1)
+            out = torch.einsum("vbprd,dre->vbpre", norm(x), w) + bias.view(rows, -1)
+            q, k, v = out[..., :h, :], out[..., h:h + kv, :], out[..., h + kv:, :]
+        else:
+            q_all, k_all, v_all = ops.split_qkv(ops.qkv_flat(layer, x))   # [.., row, head, e]
+            q = torch.diagonal(q_all[..., :h, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
+            k = torch.diagonal(k_all[..., h:h + kv, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
+            v = torch.diagonal(v_all[..., h + kv:, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
         return ops.attend(q.flatten(0, 1), k.flatten(0, 1).contiguous(),
                           v.flatten(0, 1).contiguous())
 
