@@ -90,9 +90,8 @@ def receiver_gradients(ef, embed: Float[Tensor, "batch pos 1 d_model"], metric: 
         taps.append(zero)
         return x + zero
 
-    ones = ef.ones()
     with torch.enable_grad():
-        run = ef.run(embed, ef.zero_outputs(), ones, input_hook=tap)
+        run = ef.run(embed, ef.zero_outputs(), None, input_hook=tap)
         grads = torch.autograd.grad(metric(run.final), taps, allow_unused=True)
     parts = []
     for zero, grad in zip(taps, grads):
