@@ -267,3 +267,17 @@ def test_a_node_circuit_written_as_edges_scores_the_same(models, arch, kind):
     assert_close(scores.model, nodes.model, atol=ATOL, rtol=0)
     assert_close(scores.circuit, nodes.circuit, atol=ATOL, rtol=0)
     assert (scores.circuit - scores.model).abs().max() > 10 * ATOL   # the test can bite
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a not in ("gemma2", "opt")])
+def test_per_head_projections_equal_the_generic_block_ops_way(models, arch):
+    """Each receiver row through its own head's q/k/v columns (fast) gives what the family's
+    whole `qkv_flat` gives on that row (any BlockOps)."""
+    bridge, _ = models(arch)
+    ef, clean, corrupt, out_clean, out_corrupt = edge_setup(bridge)
+    assert ef._split is not None, "every fast path's projection is affine(norm(x))"
+    weights = torch.rand(2, len(ef.graph.senders), len(ef.graph.receivers),
+                         generator=torch.Generator().manual_seed(0))
+    fast = ef.run(out_clean, out_corrupt, weights).final
+    ef._split = None
+    assert_close(ef.run(out_clean, out_corrupt, weights).final, fast, atol=ATOL, rtol=0)

@@ -77,6 +77,7 @@ class EdgeForward:
         with torch.no_grad():
             W_O, b_O = forward.head_weights()
         self.W_O = W_O.detach()                         # [layer, head, d_head, d_model]
+        self._split = self._split_projection()
         # constants read by each layer's head inputs, MLP input, and the logits
         cum = torch.cumsum(b_O.detach(), 0)
         zero = torch.zeros_like(cum[:1])
@@ -193,23 +194,46 @@ class EdgeForward:
     def _attend(self, layer: int, x: Float[Tensor, "v b pos receiver d_model"]
                 ) -> Float[Tensor, "n pos head d_head"]:
         """Head outputs z, each head's q from its own input row, each key/value head's k and
-        v from theirs: the layer's norm on every row, then each row's own head's columns of
-        the projection (a fast path's `qkv_parts`; else every head's, keeping the diagonal)."""
+        v from theirs, through the layer's norm and projections."""
         g, ops = self.graph, self.ops
         h, kv = g.n_heads, g.n_kv_heads
-        if hasattr(ops, "qkv_parts"):     # each row projected onto its own head only
-            norm, weight, bias = ops.qkv_parts(layer)
-            rows = h + 2 * kv             # the weight's columns: q heads, k heads, v heads
-            w = weight.view(weight.shape[0], rows, -1)
-            out = torch.einsum("vbprd,dre->vbpre", norm(x), w) + bias.view(rows, -1)
-            q, k, v = out[..., :h, :], out[..., h:h + kv, :], out[..., h + kv:, :]
-        else:
-            q_all, k_all, v_all = ops.split_qkv(ops.qkv_flat(layer, x))   # [.., row, head, e]
+        if self._split is not None:   # each row through its own head's columns only
+            norm, W, b = self._split(layer)
+            normed = norm(x)
+            d_head = W.shape[-1] // (h + 2 * kv)
+            out = []
+            for rows, cols in ((slice(0, h), slice(0, h * d_head)),
+                               (slice(h, h + kv), slice(h * d_head, (h + kv) * d_head)),
+                               (slice(h + kv, h + 2 * kv), slice((h + kv) * d_head, None))):
+                w = W[:, cols].unflatten(-1, (-1, d_head))           # [d_model, head, d_head]
+                out.append(torch.einsum("...hd,dhe->...he", normed[..., rows, :], w)
+                           + b[cols].unflatten(-1, (-1, d_head)))
+            q, k, v = out
+        else:   # any BlockOps: every row through the whole projection, one head's part kept
+            q_all, k_all, v_all = ops.split_qkv(ops.qkv_flat(layer, x))
             q = torch.diagonal(q_all[..., :h, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
             k = torch.diagonal(k_all[..., h:h + kv, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
             v = torch.diagonal(v_all[..., h + kv:, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
         return ops.attend(q.flatten(0, 1), k.flatten(0, 1).contiguous(),
                           v.flatten(0, 1).contiguous())
+
+    def _split_projection(self):
+        """(layer -> (norm, W_QKV, b_QKV)) where the family's `qkv_flat` is affine(norm(x))
+        with q, k, v side by side, checked on random rows against `qkv_flat`; else None
+        (the generic, slower way)."""
+        ops = self.ops
+        parts = _projection_parts(ops)
+        if parts is None:
+            return None
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, ops.d_model, generator=gen).to(ops.device, ops.dtype)
+        for layer in range(ops.n_layers):
+            norm, W, b = parts(layer)
+            ours, theirs = torch.addmm(b, norm(x), W), ops.qkv_flat(layer, x)
+            if ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=1e-4,
+                                                                 rtol=1e-3):
+                return None
+        return parts
 
     # ---- reading the result ---------------------------------------------------------------
     @staticmethod
@@ -234,3 +258,26 @@ class EdgeForward:
         """Weights keeping every edge."""
         return torch.ones(n_variants, len(self.graph.senders), len(self.graph.receivers),
                           device=self.ops.device, dtype=self.ops.dtype)
+
+
+def _projection_parts(ops):
+    """The norm and fused q/k/v weights of the fast paths' ops (see `_split_projection`)."""
+    import torch.nn.functional as F
+
+    from harness.measure.gpt2_fast import GPT2Ops
+    from harness.measure.llama_fast import LlamaOps, rms_norm
+    from harness.measure.parallel_fast import ParallelOps
+
+    if isinstance(ops, GPT2Ops):
+        m = ops.model
+        return lambda layer: (lambda x: F.layer_norm(x, x.shape[-1:], eps=m.eps),
+                              m.W_QKV[layer], m.b_QKV[layer])
+    if isinstance(ops, LlamaOps):
+        w = ops.w
+        return lambda layer: (lambda x: rms_norm(x, w.eps[layer][0]), w.W_QKV[layer],
+                              w.b_QKV[layer])
+    if isinstance(ops, ParallelOps):
+        w = ops.w
+        return lambda layer: (lambda x: F.layer_norm(x, x.shape[-1:], eps=w.eps[layer][0]),
+                              w.W_QKV[layer], w.b_QKV[layer])
+    return None

@@ -35,12 +35,6 @@ class GPT2Ops:
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
         return fw.qkv_flat(self.model, layer, resid)
 
-    def qkv_parts(self, layer: int) -> tuple:
-        """qkv_flat as (norm, weight, bias): the edge forward projects each receiver row
-        onto its own head only."""
-        return (lambda x: fw.layer_norm(x, self.model.eps), self.model.W_QKV[layer],
-                self.model.b_QKV[layer])
-
     def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = flat.unflatten(-1, (3, self.n_heads, self.model.d_head)).unbind(-3)
         return q, k, v

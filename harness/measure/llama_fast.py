@@ -187,11 +187,6 @@ class LlamaOps(RotaryAttentionOps):
         return affine(rms_norm(resid, self.w.eps[layer][0]), self.w.W_QKV[layer],
                       self.w.b_QKV[layer])
 
-    def qkv_parts(self, layer: int) -> tuple:
-        """qkv_flat as (norm, weight, bias), for per-head projections (edge_forward.py)."""
-        return (lambda x: rms_norm(x, self.w.eps[layer][0]), self.w.W_QKV[layer],
-                self.w.b_QKV[layer])
-
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
         h = affine(rms_norm(resid_mid, self.w.eps[layer][1]), self.w.W_gate_in[layer],
                    self.w.b_gate_in[layer])

@@ -173,12 +173,6 @@ class ParallelOps(RotaryAttentionOps):
         normed = F.layer_norm(resid, resid.shape[-1:], eps=self.w.eps[layer][0])
         return affine(normed, self.w.W_QKV[layer], self.w.b_QKV[layer])
 
-    def qkv_parts(self, layer: int) -> tuple:
-        """qkv_flat as (norm, weight, bias), for per-head projections (edge_forward.py)."""
-        eps = self.w.eps[layer][0]
-        return (lambda x: F.layer_norm(x, x.shape[-1:], eps=eps), self.w.W_QKV[layer],
-                self.w.b_QKV[layer])
-
     def mlp_post(self, layer: int, resid_pre: Tensor) -> Tensor:
         """The MLP's neurons; on a parallel block the MLP reads the block's input."""
         normed = F.layer_norm(resid_pre, resid_pre.shape[-1:], eps=self.w.eps[layer][1])
