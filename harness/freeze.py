@@ -37,14 +37,18 @@ class Rule:
     name: str
     fits: Callable[[object], bool]             # the JSON value has this rule's shape
     freeze: Callable[[dict, float], Frozen]    # (report entry, tolerance) -> expectation, note
+    needs: str | None = None                   # a key the report entry must also hold
+    # the claim's fields the frozen spec rewrites (None: drop the field), from the entry
+    fields: Callable[[dict], dict] | None = None
 
 
 RULES: dict[str, Rule] = {}
 
 
-def rule(name: str, fits: Callable[[object], bool]):
+def rule(name: str, fits: Callable[[object], bool], needs: str | None = None,
+         fields: Callable[[dict], dict] | None = None):
     def register(freeze):
-        RULES[name] = Rule(name, fits, freeze)
+        RULES[name] = Rule(name, fits, freeze, needs, fields)
         return freeze
     return register
 
@@ -80,7 +84,7 @@ def rule_for(claim: dict) -> tuple[Rule | None, str]:
         return None, getattr(kind, "FREEZE_WHY", "") or \
             f"measure '{measure}' declares no freeze rule"
     for found in rules_of(names):
-        if found.fits(claim.get("measured")):
+        if found.fits(claim.get("measured")) and (found.needs is None or found.needs in claim):
             return found, ""
     return None, f"the measured value has none of the shapes '{names}' freezes"
 
@@ -184,6 +188,27 @@ def _cells(claim: dict, tolerance: float) -> Frozen:
     expect["approx"] = [_num(v) for v in _flat(claim["measured"]["values"])]
     expect["atol"] = tolerance
     return expect, note
+
+
+def _found_fields(claim: dict) -> dict:
+    """A found circuit becomes the explicit edge list it found, measured on the prompts it
+    was measured on (a spec that no longer depends on the discovery method's ranking)."""
+    params = claim.get("params") or {}
+    fields: dict = {"edges": list(claim["found_edges"])}
+    if params.get("eval_prompts"):
+        fields.update(prompts=params["eval_prompts"], eval_prompts=None)
+    return fields
+
+
+@rule("found", lambda v: _is_number(v) or _is_grid(v), needs="found_edges",
+      fields=_found_fields)
+def _found(claim: dict, tolerance: float) -> Frozen:
+    """A circuit found by a discovery method: its edges pinned (`fields`), then its value as
+    a number (faithfulness) or labelled cells (minimality, completeness)."""
+    expect, note = (_scalar if _is_number(claim["measured"]) else _cells)(claim, tolerance)
+    how = (claim.get("discovery") or {}).get("method", "a discovery method")
+    return expect, (f"{len(claim['found_edges'])} edges found by {how}, pinned as a list; "
+                    + note)
 
 
 @rule("tokens", _is_token_rows)
@@ -324,6 +349,7 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
             continue
         expect, note = frozen_expectation(found, tolerance)
         if expect is not None:
+            claim = _rewritten(claim, found)
             dropped = [k for k in DROPPED if k in claim]
             for key in dropped:
                 claim.pop(key)
@@ -350,6 +376,20 @@ def _confidence(claim: dict, found: dict) -> str:
     held = f", held in {share:.0%} of {trust.get('resamples')} resamples" \
         if _is_number(share) else ""
     return f" (confidence {level:g}{held})"
+
+
+def _rewritten(claim: dict, entry: dict) -> dict:
+    """The claim with the fields its freeze rule rewrites (a found circuit's edges)."""
+    found, _ = rule_for(entry)
+    if found is None or found.fields is None:
+        return claim
+    out = dict(claim)
+    for key, value in found.fields(entry).items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def _item(claim: dict, note: str) -> str:

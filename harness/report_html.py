@@ -211,6 +211,8 @@ def _figure(c: dict) -> str | None:
         fig = _heatmap(c, measured)
     elif figure in ("lines", "bars") and isinstance(measured, dict):
         fig = _lines(c, measured, figure)
+    elif figure == "curve" and isinstance(c.get("curve"), dict):
+        fig = _curve(c, c["curve"])
     else:
         return None
     return "<div class='figure'>" + fig.to_html(full_html=False, include_plotlyjs=False) + \
@@ -260,6 +262,23 @@ def _rows_of(axes, labels, values):
             names.append(format_label(Head(layer, head)))
             rows.append(values[li][hi])
     return names, rows
+
+
+def _curve(c: dict, curve: dict):
+    """Faithfulness against circuit size (MIB's curve; its area is CPR, the area between it
+    and 1 is CMD)."""
+    import plotly.graph_objects as go
+
+    sizes, faith = curve["sizes"], curve["faithfulness"]
+    text = [f"{n} edges" for n in curve.get("edges", [])] or None
+    fig = go.Figure(go.Scatter(x=sizes, y=faith, mode="lines+markers", text=text,
+                               name="faithfulness", fill="tozeroy"))
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_xaxes(title="circuit size (share of edges)", type="log")
+    fig.update_yaxes(title="faithfulness")
+    fig.update_layout(title=_plot_text(f"{c['id']}: {c['measure']} faithfulness curve"),
+                      width=520, height=360, margin={"t": 50})
+    return fig
 
 
 def _lines(c: dict, grid: dict, figure: str):

@@ -563,6 +563,10 @@ def cross_check(spec: Spec, source: SourcedYaml) -> list[SpecError]:
                 f"prompts, and this {claim.measure} claim makes its own inputs; remove it")
         if claim.against is not None and not claim.accepts_against():
             add(("claims", i, "against"), against_rule(claim))
+        for field, name in claim.other_prompt_sets():
+            if field not in ("reference", "control", "holdout") and name not in spec.prompt_sets:
+                add(("claims", i, field), f"unknown prompt set '{name}'"
+                    + did_you_mean(name, spec.prompt_sets or ["(none defined)"]))
         for loc, message in check_expectation_spec(claim):
             add(("claims", i) + loc, message)
         if "mean_score" in claim.expect and not getattr(claim, "score_with", None):

@@ -211,7 +211,8 @@ def test_the_scan_finds_a_planted_branch():
 
 PROTOCOL = {   # ClassVar -> the values it may take
     "SEARCHABLE": {True, False}, "HAS_INTERVALS": {True, False}, "MODEL_ARROW": {True, False},
-    "FIGURE": {None, "heatmap", "lines", "bars"}, "PER_PROMPT_LISTING": {None, "tokens", "texts"},
+    "FIGURE": {None, "heatmap", "lines", "bars", "curve"},
+    "PER_PROMPT_LISTING": {None, "tokens", "texts"},
 }
 METHODS = ("value_kind", "has_intervals", "reads_answers", "scores_span", "needs_corrupt",
            "pairs_clean_and_corrupt", "makes_own_inputs", "indices", "sites", "sized_models",

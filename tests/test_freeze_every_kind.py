@@ -69,6 +69,8 @@ CLAIMS = """
    metric: minimality, expect: {min: {">": 0.5}}}
 - {id: complete, measure: circuit, model: induct, members: [L0H0, L1H0], kind: zero,
    metric: completeness, expect: {max: {"<": 0.2}}}
+- {id: found-circuit, measure: circuit, model: induct, kind: corrupt,
+   edges: {top: 6, method: eap}, expect: {">": 0.5}}
 - {id: edge-scores, measure: edge_scores, model: induct,
    expect: {top: {k: 3, includes: ["L1H0 -> logits"]}}}
 - {id: ablate-induction-head, measure: ablate, model: induct, site: z, heads: [L1H0],

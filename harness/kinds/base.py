@@ -155,7 +155,8 @@ class ClaimBase(Frozen):
     # the judging only. A key in neither is kept too: nothing is dropped silently.
     REPORT_EXTRAS: ClassVar[tuple[str, ...]] = ("prompts", "stats")
     PRIVATE_EXTRAS: ClassVar[tuple[str, ...]] = ("each",)
-    FIGURE: ClassVar[str | None] = None   # the HTML report's figure: heatmap, lines, bars
+    # the HTML report's figure: heatmap, lines, bars, curve (drawn from a `curve` extra)
+    FIGURE: ClassVar[str | None] = None
     MODEL_ARROW: ClassVar[bool] = False   # reports write its models `from->into`
     # the measured value lists each prompt's: "tokens" (top tokens) or "texts" (generations)
     PER_PROMPT_LISTING: ClassVar[str | None] = None

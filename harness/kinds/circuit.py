@@ -16,6 +16,12 @@ from harness.kinds.base import (
     measurement,
     model_sizes,
 )
+from harness.kinds.edge_discovery import (
+    CURVE_METRICS,
+    EdgeDiscovery,
+    discovery_problem,
+    find_circuit,
+)
 from harness.kinds.fields import (
     ReferencePrompts,
     _components,
@@ -39,18 +45,25 @@ class CircuitClaim(SingleModelClaim):
 
     measure: Literal["circuit"]
     CI_WHEN = ("", " faithfulness")
-    FREEZE = "cells|scalar"
-    VALUE_KIND = GRID        # SCALAR for faithfulness
+    # a found circuit freezes as its explicit edge list ("found"), MIB's curves as a number
+    FREEZE = "found|cells|scalar"
+    FIGURE = "curve"         # drawn for `metric: cpr | cmd` (the faithfulness curve)
+    VALUE_KIND = GRID        # SCALAR for faithfulness, cpr, cmd
     RESAMPLES_PROMPTS = True
-    REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means")
+    REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means",
+                     "found_edges", "discovery", "curve")
     AGAINST = "members (faithfulness)"
     members: tuple[str, ...] | None = Field(None, min_length=1)
-    edges: tuple[str, ...] | None = Field(None, min_length=1)   # "L0H0 -> L1H0:k", ...
+    # "L0H0 -> L1H0:k", ...; or found: {top: N, method: eap-ig} (edge_discovery.py)
+    edges: tuple[str, ...] | EdgeDiscovery | None = None
+    eval_prompts: str | None = None     # a found circuit measured on another prompt set
     # always explicit: scores depend on it; corrupt (the prompts' corrupt texts) with edges
     kind: Literal["zero", "mean", "resample", "corrupt"]
     reference: str | ReferencePrompts | None = None   # prompt set for mean / resample
     seed: int = 0
-    metric: Literal["faithfulness", "minimality", "completeness"] = "faithfulness"
+    metric: Literal["faithfulness", "minimality", "completeness", "cpr", "cmd"] = \
+        "faithfulness"
+    sizes: tuple[float, ...] | None = None   # cpr / cmd: circuit sizes, fractions of all edges
 
     @field_validator("members")
     @classmethod
@@ -60,6 +73,11 @@ class CircuitClaim(SingleModelClaim):
     @field_validator("edges")
     @classmethod
     def _edge_names(cls, value):
+        if isinstance(value, EdgeDiscovery):
+            return value
+        if not value:
+            raise ValueError("`edges` lists at least one edge, or says how to find them: "
+                             "{top: N, method: eap-ig}")
         return _edge_labels(value)
 
     @model_validator(mode="after")
@@ -67,6 +85,7 @@ class CircuitClaim(SingleModelClaim):
         if (self.members is None) == (self.edges is None):
             raise ValueError("give the circuit as `members:` (components) or as `edges:`, "
                              "exactly one of them")
+        discovery_problem(self.edges, self.metric, self.sizes, self.eval_prompts)
         if self.kind == "corrupt":
             if self.edges is None:
                 raise ValueError("`kind: corrupt` ablates edges to the corrupt run's outputs: "
@@ -85,13 +104,23 @@ class CircuitClaim(SingleModelClaim):
         ref = self.reference
         return ref.prompts if isinstance(ref, ReferencePrompts) else ref
 
+    @property
+    def found(self) -> EdgeDiscovery | None:
+        return self.edges if isinstance(self.edges, EdgeDiscovery) else None
+
     def value_kind(self) -> str:
-        return SCALAR if self.metric == "faithfulness" else GRID
+        return SCALAR if self.metric in ("faithfulness", *CURVE_METRICS) else GRID
 
     def has_intervals(self) -> bool:
         return self.metric == "faithfulness"
 
+    def other_prompt_sets(self) -> tuple[tuple[str, str], ...]:
+        extra = (("eval_prompts", self.eval_prompts),) if self.eval_prompts else ()
+        return super().other_prompt_sets() + extra
+
     def indices(self) -> list[Index]:
+        if self.found is not None:
+            return []
         if self.edges is not None:
             return edge_indices(self.edges, "edges")
         return component_indices(self.members, "members")
@@ -103,10 +132,13 @@ class CircuitClaim(SingleModelClaim):
         return component_pool(self.members, sizes)
 
     def needs_corrupt(self) -> bool:
-        return self.kind == "corrupt"
+        return self.kind == "corrupt" or self.found is not None   # scores read corrupt runs
 
     def pairs_clean_and_corrupt(self) -> bool:
-        return self.kind == "corrupt"
+        return self.needs_corrupt()
+
+    def cost(self, n_prompts: int) -> float:
+        return super().cost(n_prompts) * (10.0 if self.found is not None else 1.0)
 
 
 @measurement("circuit")
@@ -122,7 +154,20 @@ def _circuit(ctx: MeasureContext) -> Measurement:
     model = ctx.model(claim.model)
     batch = ctx.batch(model)
     cfg = model.bridge.cfg
-    if claim.edges is not None:
+    if claim.found is not None:
+        found = find_circuit(ctx, model, batch)
+        if isinstance(found, Measurement):          # cpr / cmd
+            return found
+        from harness.measure.edge_circuits import edge_circuit_scores
+
+        batch = found.batch
+        ef, clean, ablated, extras = found.ablation
+        edges = [ef.graph.edges[i] for i in found.edges]
+        scores = edge_circuit_scores(ef, clean, ablated, batch, edges,
+                                     ctx.session.memory_budget_mb)
+        names = tuple(e.label for e in edges)
+        extras.update(found.extras)
+    elif claim.edges is not None:
         from harness.measure.edge_circuits import edge_circuit_scores
 
         ef, clean, ablated, extras = edge_ablation(ctx, model, batch, claim.kind, claim.seed)

@@ -3,7 +3,8 @@ the value is a one-axis grid of edges (`top`, `argmax`, `only_above` name edges 
 
 Methods live in `METHODS` (method name -> function of the context, the model's edge forward,
 its inputs and the claim, returning per-edge, per-prompt effects): `exact` runs the clean input
-once per edge with only that edge carrying its sender's corrupt-run output (small graphs).
+once per edge with only that edge carrying its sender's corrupt-run output (small graphs);
+`eap` and `eap-ig` estimate the same effects from gradients, every edge at once.
 A new method is one function and one entry here."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from harness.expect import GRID, Measurement
 from harness.kinds.base import MeasureContext, SingleModelClaim, measurement
@@ -27,7 +28,23 @@ def _exact(ctx: MeasureContext, ef, clean, ablated, batch):
     return effects
 
 
-METHODS: dict[str, Callable] = {"exact": _exact}
+def _attribution(ctx: MeasureContext, ef, clean, ablated, batch):
+    """[edge, prompt] EAP or EAP-IG estimates of the same effects (edge_attribution.py): one
+    forward and backward pass (per integration step) for every edge."""
+    from harness.measure.edge_attribution import Prompts, attribution_effects
+    from harness.measure.edge_discovery import edge_pairs
+
+    claim = ctx.claim
+    prompts = Prompts(batch.tokens, batch.corrupt_tokens, batch.final_pos, batch.answer_ids,
+                      batch.foil_ids)
+    effects = attribution_effects(ef, prompts, claim.method, claim.steps or DEFAULT_STEPS,
+                                  claim.metric, ctx.session.memory_budget_mb)
+    s, r = (list(x) for x in zip(*edge_pairs(ef.graph)))
+    return effects[:, s, r].T
+
+
+DEFAULT_STEPS = 5    # EAP-IG's integration steps when a claim gives none
+METHODS: dict[str, Callable] = {"exact": _exact, "eap": _attribution, "eap-ig": _attribution}
 
 
 class EdgeScoresClaim(SingleModelClaim):
@@ -51,6 +68,13 @@ class EdgeScoresClaim(SingleModelClaim):
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; use one of {', '.join(METHODS)}")
         return value
+
+    @model_validator(mode="after")
+    def _steps_for_ig(self):
+        if self.steps is not None and self.method != "eap-ig":
+            raise ValueError(f"`steps` is EAP-IG's number of integration steps; `method: "
+                             f"{self.method}` takes none")
+        return self
 
     def needs_corrupt(self) -> bool:
         return True

@@ -126,13 +126,17 @@ class EdgeForward:
     # ---- the forward ----------------------------------------------------------------------
     def run(self, clean: Float[Tensor, "batch pos sender d_model"],
             ablated: Float[Tensor, "b pos sender d_model"],
-            weights: Float[Tensor, "variant sender receiver"],
+            weights: Float[Tensor, "variant sender receiver"] | None,
             input_hook: InputHook | None = None) -> EdgeRun:
         """Every variant's forward with the inputs rebuilt edge by edge (module docstring).
         `clean`: this run's sender outputs (only the embeddings are read: every other output
         is recomputed); `ablated` broadcasts over batch and positions ([1, 1, ...] for zero or
-        mean ablations)."""
+        mean ablations). `weights=None` keeps every edge (one variant): each receiver reads
+        the running sum of its senders' outputs, no per-edge weighting (EAP's gradient runs)."""
         g, ops = self.graph, self.ops
+        kept = weights is None
+        if kept:
+            weights = torch.ones(1, len(g.senders), len(g.receivers))
         if weights.dim() == 2:
             weights = weights[None]
         n_s, n_r = len(g.senders), len(g.receivers)
@@ -150,7 +154,7 @@ class EdgeForward:
         tracked = torch.is_grad_enabled() and (weights.requires_grad or clean.requires_grad
                                                or ablated.requires_grad
                                                or input_hook is not None)
-        buffer = None if tracked else torch.empty(n_var, batch, n_pos, n_s, ops.d_model,
+        buffer = None if tracked or kept else torch.empty(n_var, batch, n_pos, n_s, ops.d_model,
                                                   device=ops.device, dtype=ops.dtype)
         blocks: list[tuple[range, Tensor]] = []
 
@@ -161,10 +165,18 @@ class EdgeForward:
                 buffer[:, :, :, senders.start:senders.stop] = diff
 
         keep(range(0, 1), (embed - ablated[:, :, :1]).expand(n_var, batch, n_pos, 1, -1))
+        summed = {1: blocks[0][1].sum(3)} if kept else {}   # every edge kept: stop -> Σ diffs below
 
         def gather(receivers: range, n_up: int, const: Tensor) -> Tensor:
             """[variant, batch, pos, receiver, d]: the inputs of these receivers."""
             x = (const + abl_cum[:, :, n_up])[None, :, :, None]
+            if kept:
+                if n_up not in summed:
+                    last = max(k for k in summed if k < n_up)
+                    ahead = [d.sum(3) for s, d in blocks if last <= s.start < n_up]
+                    summed[n_up] = summed[last] + sum(ahead)
+                x = x + summed[n_up][:, :, :, None]
+                return x.expand(n_var, batch, n_pos, len(receivers), -1)
             if buffer is not None:
                 w = weights[:, :n_up, receivers.start:receivers.stop]
                 x = x + torch.einsum("vsr,vbpsd->vbprd", w, buffer[:, :, :, :n_up])
