@@ -66,6 +66,8 @@ def smollm2(tmp_path_factory):
 
 # Tests that take minutes of CPU (the retraining world build, the real model's conversion and
 # its cross-checks) run first: under `-n 2` a long test collected last becomes the run's tail.
+# The retraining tests share one module fixture (the world rebuilt with another seed, minutes
+# of CPU): under `--dist loadgroup` their group stays on one worker, which builds it once.
 FRONT_LOADED = ("test_retraining.py", "test_real_model.py", "test_gguf_source.py")
 
 
@@ -74,4 +76,7 @@ def pytest_collection_modifyitems(config, items):
         slow = item.get_closest_marker("slow") is not None
         return 0 if slow or item.path.name in FRONT_LOADED else 1
 
+    for item in items:
+        if item.path.name == "test_retraining.py":
+            item.add_marker(pytest.mark.xdist_group("retrained-world"))
     items.sort(key=heavy_first)   # stable: the order within each group is kept
