@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _induction_model import WORDS, build_induction_model
+from _tiny_models import load_bridge
 from transformers import AutoTokenizer
 
 from harness.measure.edge_circuits import edge_circuit_scores, exact_edge_scores
 from harness.measure.edge_forward import EdgeForward
-from _induction_model import WORDS, build_induction_model
-from _tiny_models import load_bridge
 
 PLANTED = {"embed -> L0H0:q", "embed -> L0H0:k", "embed -> L0H0:v", "L0H0 -> L1H0:k",
            "embed -> L1H0:q", "embed -> L1H0:v", "L1H0 -> logits"}

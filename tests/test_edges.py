@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_models import assert_close, load_bridge
 from transformers import AutoModelForCausalLM
 
 from harness.measure.edge_forward import EdgeForward
 from harness.testing import TINY_ARCHITECTURES, build_tiny_checkpoint
-from _tiny_models import assert_close, load_bridge
 
 ATOL = 1e-4
 SHARPEN = ("attn", "mlp", "attention")   # projections, scaled up: the edges matter

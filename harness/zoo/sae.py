@@ -136,19 +136,6 @@ def build_sae(source_dir: Path, seed: int = 0, out_dir: Path | None = None,
     return cached_build(root, key,
                         lambda work: _build_into(work, Path(source_dir), seed, cfg, progress),
                         "sae")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tmp-sae-", dir=root.parent))
-    try:
-        report = _build_into(work, Path(source_dir), seed, cfg, progress)
-        report["key"] = key
-        (work / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        work.rename(root)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    return root
 
 
 def _build_into(work: Path, source_dir: Path, seed: int, cfg: SaeConfig, progress: bool
