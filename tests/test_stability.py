@@ -358,3 +358,23 @@ def test_toy_induction_heads_are_stable(tmp_path):
     verdicts = run_spec_file(path, Session(verbose=False, device="cpu")).verdicts
     assert [(v.status, v.extras["trust"]["stability"]) for v in verdicts] == \
         [("passed", 1.0)] * 3, [v.message for v in verdicts]
+
+
+def test_toy_induction_edges_are_stable(tmp_path):
+    """Edges found by EAP-IG on toy-induction: the previous-token head's edge into the induction
+    head's keys and the induction head's edge to the logits rank in the top edges on every
+    resample of the prompts, and the circuit of the top 10 edges stays faithful; a claim naming
+    the wrong head's edge is not stable (it fails on every resample)."""
+    spec = (REPO / "specs" / "induction_edges.yaml").read_text().split("claims:")[0]
+    spec = spec.replace("file: data/", f"file: {REPO / 'specs' / 'data'}/")
+    path = tmp_path / "edges.yaml"
+    path.write_text(spec + """claims:
+  - {id: planted-edges, measure: edge_scores, model: induct, method: eap-ig, steps: 5,
+     confidence: 0.99, expect: {top: {k: 8, includes: ["L0H0 -> L1H0:k", "L1H0 -> logits"]}}}
+  - {id: wrong-edge, measure: edge_scores, model: induct, method: eap-ig, steps: 5,
+     expect: {top: {k: 8, includes: ["L0H1 -> L1H1:k"]}}}
+""")
+    verdicts = run_spec_file(path, Session(verbose=False, device="cpu")).verdicts
+    right, wrong = verdicts
+    assert (right.status, right.extras["trust"]["stability"]) == ("passed", 1.0), right.message
+    assert wrong.status == "failed" and wrong.extras["trust"]["stability"] < 0.5
