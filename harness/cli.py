@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        _forget_caught_interrupt()
         print("interrupted; nothing was written", file=sys.stderr)
         return INTERRUPTED
     except HarnessError as exc:
@@ -25,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 INTERRUPTED = 130   # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+
+
+def _forget_caught_interrupt() -> None:
+    """CPython (3.11) marks a KeyboardInterrupt as unhandled when it crosses any `exec` of a
+    string, caught later or not; dataclasses build their methods that way, so a Ctrl-C during
+    an import of transformers or torch made the process kill itself with SIGINT at exit
+    instead of returning 130. A successful `exec` of a string clears the mark."""
+    exec("")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,6 +166,7 @@ def _run(args) -> int:
                 elif results[-1].spec is not None:
                     _remember(path, results[-1])
         except KeyboardInterrupt:
+            _forget_caught_interrupt()
             print(_interrupted_line(results, len(paths)), file=sys.stderr)
             return INTERRUPTED
     verdicts = [v for r in results for v in r.verdicts]

@@ -4,6 +4,7 @@ file, line and field before any weights load; nothing lost; nothing run unasked.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -553,3 +554,26 @@ def test_interrupted_pytest_session_writes_no_report(pytester, tiny_checkpoints)
         pytester.runpytest("checks", "-p", "no:randomly", "-p", "interrupter",
                            f"--harness-report-json={report}")
     assert report.read_text() == '{"previous": true}\n'
+
+
+def test_interrupt_caught_inside_exec_still_exits_130(tmp_path):
+    """CPython marks a KeyboardInterrupt that crosses `exec` (dataclasses build methods so,
+    during imports of transformers or torch) as unhandled even when caught, and then kills
+    itself with SIGINT at exit; the command must exit 130 all the same."""
+    import subprocess
+    import sys
+
+    (tmp_path / "interrupting.py").write_text(
+        "import sys\n"
+        "from harness import cli, runner\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    exec('raise KeyboardInterrupt')\n"
+        "runner.run_spec_file = interrupted\n"
+        f"sys.exit(cli.main(['run', {str(tmp_path / 'spec.yaml')!r}, '--device', 'cpu']))\n")
+    (tmp_path / "spec.yaml").write_text("models: {}\nclaims: []\n")
+    # as `python -m harness.cli` runs: only a main module run by -m dies of the mark
+    proc = subprocess.run([sys.executable, "-m", "interrupting"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ,
+                                             "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "interrupted: " in proc.stderr and "Traceback" not in proc.stderr
