@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+# Under `pytest -n N` each worker takes its share of the cores: torch's default (every core per
+# process) made N workers fight over them. Subprocesses the tests start inherit the share.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, len(os.sched_getaffinity(0))
+                 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 # Import the heavy libraries once in this process: pytester's in-process runs would otherwise
 # import them again, and pyarrow (via datasets) refuses to register its types twice.
@@ -35,7 +46,6 @@ def smollm2(tmp_path_factory):
     pytest-xdist workers share one cache folder next to their own temp folders; the cache's own
     lock (`store.cached_build`) makes the first worker convert while the others wait and then
     read the finished folder."""
-    import os
     import time
 
     from harness import gguf_files
