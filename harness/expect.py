@@ -473,8 +473,8 @@ def _significant(value, arg, mods) -> Outcome:
     if "p_value" not in trust:
         return Outcome(False, "no p-value: `significant` needs `against: {random: N}`")
     p = trust["p_value"]
-    return Outcome(p <= arg, f"p = {fmt(p)} <= {fmt(arg)} ({trust['percentile']:.0f}th "
-                             f"percentile of {trust['random']} random selections)", arg - p)
+    return Outcome(p <= arg, f"p = {fmt(p)} <= {fmt(arg)} (beats {trust['percentile']:.0f}% of "
+                             f"{trust['random']} random selections)", arg - p)
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -91,6 +91,24 @@ def test_kinds_pools_use_canonical_labels_and_keep_mlps():
     assert all("mlp0" in s for s in chance.draw(circuit, 10, 0))
 
 
+def test_edge_pools_keep_each_edges_sender_and_receiver_layers():
+    from harness.edge_graph import EdgeGraph
+    from harness.kinds.circuit import CircuitClaim
+
+    graph = EdgeGraph(n_layers=2, n_heads=2, n_kv_heads=2)
+    claim = CircuitClaim(id="c", measure="circuit", model="m", kind="corrupt",
+                         edges=("L0H1 -> L1H0:k", "embed -> L1H1:q", "L1H0 -> logits"),
+                         expect={">": 0})
+    pool = claim.chance_pool({"edge_graph": graph})
+    assert pool.named == {(0, 1): ("L0H1 -> L1H0:k",), ("embed", 1): ("embed -> L1H1:q",),
+                          (1, "logits"): ("L1H0 -> logits",)}
+    # layer 0's two heads and MLP each reach layer 1's 2 q, 2 k, 2 v inputs and its MLP
+    assert len(pool.candidates[(0, 1)]) == 3 * 7 and len(pool.candidates[("embed", 1)]) == 7
+    assert pool.candidates[(1, "logits")] == ("L1H0 -> logits", "L1H1 -> logits",
+                                              "mlp1 -> logits")
+    assert pool.alternatives() == 21 * 7 * 3 - 1
+
+
 def test_p_value_percentile_ties_and_direction():
     assert chance.compare(3.0, [1.0, 2.0, 3.0, 4.0], chance.GREATER) == \
         {"p_value": 3 / 5, "percentile": 50.0}          # the tie counts against the claim
@@ -407,6 +425,8 @@ claims:
      "claims[0].against", "names none"),
     ("{id: x, measure: ablate, model: m, site: z, layers: [0], against: {random: 10}, "
      "expect: {'>': 0}}", "claims[0].against", "`ablate` (heads or neurons)"),
+    ("{id: x, measure: circuit, model: m, kind: corrupt, edges: {top: 3, method: eap}, "
+     "against: {random: 10}, expect: {'>': 0}}", "claims[0].against", "listed edges"),
     ("{id: x, measure: ablate, model: m, site: z, heads: [L0H0], expect: {significant: 0.01}}",
      "claims[0].expect.significant", "add `against`"),
     ("{id: x, measure: ablate, model: m, site: z, heads: [L0H0], against: {random: 5}, "

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from _induction_model import WORDS, build_induction_model
 from _tiny_models import load_bridge
 from transformers import AutoTokenizer
@@ -134,3 +135,56 @@ def test_edge_claims_run_from_a_spec_and_wrong_ones_fail(planted, tmp_path):
                       "each-edge-matters": "passed", "scores": "passed",
                       "scores-wrong-head": "failed"}, [(v.claim_id, v.message)
                                                        for v in result.verdicts]
+
+
+PLANTED_LIST = ('["embed -> L0H0:q", "embed -> L0H0:k", "embed -> L0H0:v", "L0H0 -> L1H0:k", '
+                '"embed -> L1H0:q", "embed -> L1H0:v", "L1H0 -> logits"]')
+SIGNAL = '["embed -> L0H0:v", "L0H0 -> L1H0:k", "L1H0 -> logits"]'
+AGAINST_CLAIMS = f"""\
+  - {{id: planted, measure: circuit, model: m, kind: zero, edges: {PLANTED_LIST},
+     against: {{random: 1000, seed: 0}}, expect: {{">": 0.9, significant: 0.01}}, confidence: 0.9}}
+  - {{id: signal, measure: circuit, model: m, kind: corrupt, edges: {SIGNAL},
+     against: {{random: 1000, seed: 0}}, expect: {{">": 0.9, significant: 0.02}}}}
+  - {{id: wrong-head, measure: circuit, model: m, kind: zero,
+     edges: ["embed -> L0H0:v", "L0H0 -> L1H0:q", "embed -> L1H0:q", "embed -> L1H0:v",
+             "L1H0 -> logits"], against: {{random: 1000, seed: 0}}, expect: {{significant: 0.05}}}}
+"""
+
+
+def test_planted_edges_beat_every_other_circuit_of_their_layers(planted, tmp_path):
+    """`against: random` on edges: random circuits take as many edges between each pair of
+    layers as the named one. The layers offer 383 other circuits of the planted one's shape
+    and the runner measures each once (the exact test): under zero ablation the planted
+    circuit beats them all (p = 1/384) on every resample. Under corrupt ablation the three
+    edges that carry the changed token beat the 63 others (p = 1/64, the least possible); a
+    wrong head is not significant. The random circuits' values are what `edge_circuit_scores`
+    gives each of them alone."""
+    from harness import chance
+    from harness.kinds.measuring import edge_pool
+    from harness.notebook import check
+
+    spec = tmp_path / "against.yml"
+    spec.write_text(SPEC.split("claims:")[0].replace("MODEL", str(planted[4]))
+                    + "claims:\n" + AGAINST_CLAIMS)
+    verdicts = {v.claim_id: v for v in check(str(spec)).verdicts}
+    status = {k: (v.status, v.message) for k, v in verdicts.items()}
+    assert {k: s for k, (s, _) in status.items()} == {
+        "planted": "passed", "signal": "passed", "wrong-head": "failed"}, status
+    planted_trust = verdicts["planted"].extras["trust"]
+    assert planted_trust["random"] == 383 and planted_trust["p_value"] == 1 / 384
+    assert planted_trust["stability"] == 1.0
+    signal = verdicts["signal"].extras
+    assert signal["trust"]["random"] == 63 and signal["trust"]["p_value"] == 1 / 64
+    assert verdicts["wrong-head"].extras["trust"]["p_value"] > 0.5
+
+    names = yaml.safe_load(SIGNAL)
+    drawn = chance.draw(edge_pool(names, planted[0].graph), 1000, 0)
+    assert len(drawn) == 63 and len(set(drawn)) == 63 and tuple(sorted(names)) not in drawn
+    # each drawn circuit measured alone, as a claim of its own (edge_circuit_scores)
+    alone = "".join(f"  - {{id: r{i}, measure: circuit, model: m, kind: corrupt, "
+                    f"edges: {list(drawn[i])}, expect: {{'>': -100}}}}\n" for i in (0, 17, 62))
+    spec.write_text(SPEC.split("claims:")[0].replace("MODEL", str(planted[4]))
+                    + "claims:\n" + alone)
+    for v in check(str(spec)).verdicts:
+        i = int(v.claim_id[1:])
+        assert v.measured == pytest.approx(signal["random_values"][i], abs=1e-4)

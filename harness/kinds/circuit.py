@@ -33,6 +33,7 @@ from harness.kinds.measuring import (
     ablation_reference,
     component_pool,
     edge_ablation,
+    edge_pool,
     graph_edges,
     random_selections,
 )
@@ -52,7 +53,7 @@ class CircuitClaim(SingleModelClaim):
     RESAMPLES_PROMPTS = True
     REPORT_EXTRAS = ("prompts", "stats", "reference", "logit_diffs", "ratio_of_means",
                      "found_edges", "discovery", "curve")
-    AGAINST = "members (faithfulness)"
+    AGAINST = "members or listed edges (faithfulness)"
     members: tuple[str, ...] | None = Field(None, min_length=1)
     # "L0H0 -> L1H0:k", ...; or found: {top: N, method: eap-ig} (edge_discovery.py)
     edges: tuple[str, ...] | EdgeDiscovery | None = None
@@ -126,9 +127,13 @@ class CircuitClaim(SingleModelClaim):
         return component_indices(self.members, "members")
 
     def accepts_against(self) -> bool:
-        return self.metric == "faithfulness" and self.members is not None
+        return self.metric == "faithfulness" and self.found is None
 
     def chance_pool(self, sizes: dict):
+        """Components of the same layers, or (for `edges:`, with the model's EdgeGraph in
+        `sizes["edge_graph"]`) edges between the same layers."""
+        if self.edges is not None:
+            return edge_pool(self.edges, sizes["edge_graph"])
         return component_pool(self.members, sizes)
 
     def needs_corrupt(self) -> bool:
@@ -234,6 +239,8 @@ def _completeness(means: dict):
 @chance_measurement("circuit")
 def _circuit_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
     """Faithfulness of random circuits: every configuration in one batched pass."""
+    if ctx.claim.edges is not None:
+        return _edge_circuit_chance(ctx, n, seed)
     from harness.measure.circuits import (
         all_components,
         circuit_logit_diffs,
@@ -255,3 +262,25 @@ def _circuit_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
                                 ctx.session.memory_budget_mb)
     full, ablated = diffs[0], diffs[1]
     return ((diffs[2:] - ablated) / (full - ablated)).mean(-1).tolist()
+
+
+def _edge_circuit_chance(ctx: MeasureContext, n: int, seed: int) -> list[float]:
+    """Faithfulness of random edge circuits (edges between the same layers as the named
+    ones), chunked through the edge forward as the named circuit is."""
+    from harness.chance import draw
+    from harness.measure.edge_circuits import configuration_metrics, weights_keeping
+
+    claim = ctx.claim
+    model = ctx.model(claim.model)
+    batch = ctx.batch(model)
+    ef, clean, ablated, _ = edge_ablation(ctx, model, batch, claim.kind, claim.seed)
+    graph_edges(ef, claim.edges)                      # a label the model lacks: its message
+    pool = claim.chance_pool({**model_sizes(model.bridge.cfg), "edge_graph": ef.graph})
+    by_label = {e.label: e for e in ef.graph.edges}
+    kept = [None, set()] + [{by_label[label] for label in s} for s in draw(pool, n, seed)]
+    diffs = configuration_metrics(ef, clean, ablated,
+                                  (len(kept), lambda a, b: weights_keeping(ef, kept[a:b])),
+                                  batch, "logit_diff", ctx.session.memory_budget_mb,
+                                  desc="random edge circuits")
+    full, empty = diffs[0], diffs[1]
+    return ((diffs[2:] - empty) / (full - empty)).mean(-1).tolist()

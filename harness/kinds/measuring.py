@@ -234,6 +234,28 @@ def component_pool(members, sizes: dict):
     return Pool(named, candidates)
 
 
+def edge_pool(texts, graph):
+    """`against: random` over a circuit's edges: each random edge joins the same sender layer
+    to the same receiver layer as a named one (the embedding and the logits count as layers of
+    their own), any sender and input kind there; items are the edges' canonical labels."""
+    from harness.chance import Pool
+
+    def group(edge) -> tuple:
+        sender = "embed" if edge.sender.kind == "embed" else edge.sender.layer
+        receiver = "logits" if edge.receiver.kind == "logits" else edge.receiver.layer
+        return sender, receiver
+
+    named: dict = {}
+    for text in texts:
+        edge = graph.edge(text)
+        named[group(edge)] = named.get(group(edge), ()) + (edge.label,)
+    candidates: dict = {g: () for g in named}
+    for edge in graph.edges:
+        if group(edge) in candidates:
+            candidates[group(edge)] += (edge.label,)
+    return Pool(named, candidates)
+
+
 def random_selections(ctx: MeasureContext, sizes: dict, n: int, seed: int) -> list[tuple]:
     """N random selections for the claim (`chance.draw` over its `chance_pool`)."""
     from harness.chance import draw
