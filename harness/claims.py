@@ -186,8 +186,8 @@ def _on_holdout(ctx: ClaimContext, defaults, expect, verdict, judged):
     from harness.judging import CLAIM_LEVEL, both
 
     claim = ctx.claim
-    held = MEASURES[claim.measure](ClaimContext(ctx.spec, claim, ctx.session,
-                                                prompts=ctx.spec.prompt_set(claim.holdout)))
+    held = with_interval(claim, MEASURES[claim.measure](
+        ClaimContext(ctx.spec, claim, ctx.session, prompts=ctx.spec.prompt_set(claim.holdout))))
     rest = {k: v for k, v in expect.items() if k not in CLAIM_LEVEL}
     if any(k not in MODIFIERS for k in rest):
         ok, message, margin = judge(claim, held, defaults, rest)

@@ -385,6 +385,37 @@ def test_holdout_reports_both_values_and_must_hold_there_too(tmp_path):
     assert "holdout 'other'" in only.message
 
 
+def test_holdout_with_confidence_gates_the_held_out_interval(tmp_path):
+    """`confidence:` on a number gates its bootstrap interval, on the held-out set too. The
+    claim's prompts are one prompt twice (logit difference x, interval [x, x]); the held-out
+    set has it with answer and foil swapped too (x and -x: mean 0, interval [-x, x]). A bound
+    around 0 and x but not -x holds on the claim's prompts and on the held-out mean, and fails
+    on the held-out interval."""
+    model = build_tiny_gpt2(tmp_path / "m", seed=1)
+    good = '    - {text: "The acting was", answer: " good", foil: " bad"}\n'
+    sets = 'prompt_sets:\n  other:\n' + good + good.replace("good", "X").replace(
+        "bad", "good").replace("X", "bad")
+    probe = _spec(tmp_path / "probe.yaml", {"a": model},
+                  "- {id: x, measure: logit_diff, model: a, expect: {'>': -100}}\n", good[4:])
+    x = run_spec_file(probe, Session(verbose=False)).verdicts[0].measured
+    assert abs(x) > 1e-3
+    low, high = sorted((-x / 2, 2 * x))
+    claims = f"""\
+- {{id: wide, measure: logit_diff, model: a, holdout: other, confidence: 0.9,
+   expect: {{between: [-100, 100]}}}}
+- {{id: narrow, measure: logit_diff, model: a, holdout: other, confidence: 0.9,
+   expect: {{between: [{low}, {high}]}}}}
+"""
+    path = _spec(tmp_path / "s.yaml", {"a": model}, claims, good[4:] * 2, sets)
+    verdicts = {v.claim_id: v for v in run_spec_file(path, Session(verbose=False)).verdicts}
+    wide, narrow = verdicts["wide"], verdicts["narrow"]
+    assert wide.status == "passed", wide.message
+    assert wide.extras["trust"]["holdout"] == pytest.approx(0.0, abs=1e-5)
+    assert narrow.measured == pytest.approx(x, abs=1e-5)
+    assert narrow.status == "failed" and "on holdout 'other'" in narrow.message
+    assert "interval" in narrow.message, narrow.message
+
+
 def test_json_report_and_table_carry_the_trust_numbers(tmp_path, planted16):
     from harness.report import json_report, table
     from harness.runner import SpecResult

@@ -378,3 +378,35 @@ def test_toy_induction_edges_are_stable(tmp_path):
     right, wrong = verdicts
     assert (right.status, right.extras["trust"]["stability"]) == ("passed", 1.0), right.message
     assert wrong.status == "failed" and wrong.extras["trust"]["stability"] < 0.5
+
+
+def test_same_trust_numbers_under_xdist(planted, pytester, tmp_path):
+    """Bootstraps and random selections are seeded per claim, not by the process: the planted
+    spec (with an edge circuit against chance) gives the same verdicts, values, stabilities,
+    p-values and bootstrap values in one process and under `pytest -n 2`."""
+    path = planted[0]
+    pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\n")
+    pytester.mkdir("specs")
+    pytester.mkdir("checks")
+    edges = ('["embed -> L0H0:q", "embed -> L0H0:k", "embed -> L0H0:v", "L0H0 -> L1H0:k", '
+             '"embed -> L1H0:q", "embed -> L1H0:v", "L1H0 -> logits"]')
+    (pytester.path / "specs" / "planted.yaml").write_text(
+        path.read_text() + f"  - {{id: edges-vs-chance, measure: circuit, model: m, kind: zero, "
+        f"edges: {edges}, against: {{random: 40, seed: 3}}, confidence: 0.9, "
+        f"expect: {{'>': 0.5, significant: 0.05}}}}\n")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    first = pytester.runpytest("checks", "-p", "no:randomly", f"--harness-report-json={one}")
+    second = pytester.runpytest("checks", "-p", "no:randomly", "-n", "2",
+                                f"--harness-report-json={two}")
+    assert first.parseoutcomes() == second.parseoutcomes()
+
+    def numbers(report: Path) -> dict:
+        data = json.loads(report.read_text())
+        return {c["id"]: (c["status"], c["measured"], c.get("trust"))
+                for s in data["specs"] for c in s["claims"]}
+
+    in_one, in_two = numbers(one), numbers(two)
+    assert in_one == in_two
+    edge = in_one["edges-vs-chance"]
+    assert edge[0] == "passed" and edge[2]["random"] == 40 and edge[2]["stability"] == 1.0
+    assert in_one["tie-confident"][0] == "failed"
