@@ -95,9 +95,9 @@ def harness_run(smollm2, smollm2_dir):
 
     session = Session(device="cpu")
 
-    def run(claims, prompt_sets=None, dtype="float32"):
+    def run(claims, prompt_sets=None, dtype="float32", extra_models=None):
         model = ZOO_MODEL if dtype == "float32" else {"path": str(smollm2_dir), "dtype": dtype}
-        spec = {"models": {"lm": model},
+        spec = {"models": {"lm": model, **(extra_models or {})},
                 "prompts": IOI, "prompt_sets": prompt_sets or {},
                 "defaults": {"prepend_bos": False}, "claims": claims}
         with _zoo_cache(smollm2):
@@ -500,21 +500,16 @@ def test_logit_lens_claim_equals_hf_final_norm_and_unembedding(harness_run, hf):
     assert torch.allclose(mine, ref, atol=ATOL), (mine - ref).abs().max()
 
 
-@pytest.mark.parametrize("by", ["component", "head"])
-def test_dla_claim_equals_hf_pieces_over_the_final_norm_scale(by, harness_run, hf):
-    """DLA by component (embed, attn0, mlp0, ..., bias) and by head (L0H0, ..., rest): each
-    piece of the final residual (HF hooks: embeddings, o_proj and MLP outputs, per-head o_proj
-    columns) times the final norm's weight and the unembedding difference, divided by the
-    norm's scale on that prompt; their sum is the model's logit diff."""
-    model, tokenizer = hf
-    got = harness_run([{"id": "dla", "measure": "dla", "model": "lm", "prompts": "facts",
-                        "by": by, "expect": {"max": {">": -1000}}}],
-                      prompt_sets={"facts": FACTS})["dla"]["measured"]
+def _hf_dla(model, tokenizer, prompts, by: str):
+    """DLA by component (embed, attn0, mlp0, ..., bias) or by head (L0H0, ..., rest) from HF
+    hooks, mean over prompts: each piece of the final residual (embeddings, o_proj and MLP
+    outputs, per-head o_proj columns) times the final norm's weight and the unembedding
+    difference, divided by the norm's scale on that prompt (their sum: the logit diff)."""
     n, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     d_head = _head_slices(model)
     w_o = [_o_proj(model, i).weight for i in range(n)]                 # [d_model, H * d_head]
     rows = []
-    for at, scale, direction, a, f in _hf_readout(model, tokenizer, FACTS):
+    for at, scale, direction, a, f in _hf_readout(model, tokenizer, prompts):
         if by == "component":
             pieces = [at["resid_pre"][0]] + [x for i in range(n)
                                              for x in (at["attn_out"][i], at["mlp_out"][i])]
@@ -530,13 +525,65 @@ def test_dla_claim_equals_hf_pieces_over_the_final_norm_scale(by, harness_run, h
         final = at["logits"]
         assert torch.allclose(dla.sum(), final[a] - final[f], atol=ATOL)
         rows.append(dla)
-    ref = torch.stack(rows).mean(0)
     labels = (["embed"] + [f"{part}{i}" for i in range(n) for part in ("attn", "mlp")] + ["bias"]
               if by == "component" else
               [f"L{i}H{h}" for i in range(n) for h in range(heads)] + ["rest"])
+    return torch.stack(rows).mean(0), labels
+
+
+@pytest.mark.parametrize("by", ["component", "head"])
+def test_dla_claim_equals_hf_pieces_over_the_final_norm_scale(by, harness_run, hf):
+    model, tokenizer = hf
+    got = harness_run([{"id": "dla", "measure": "dla", "model": "lm", "prompts": "facts",
+                        "by": by, "expect": {"max": {">": -1000}}}],
+                      prompt_sets={"facts": FACTS})["dla"]["measured"]
+    ref, labels = _hf_dla(model, tokenizer, FACTS, by)
     assert got["labels"] == [labels]
     mine = torch.tensor(got["values"])
     assert ref.abs().max() > 1 and (ref.abs() > 0.1).sum() > 5   # several pieces matter
+    assert torch.allclose(mine, ref, atol=ATOL), (mine - ref).abs().max()
+
+
+@pytest.fixture(scope="session")
+def edited_model(smollm2_dir, tmp_path_factory):
+    """SmolLM2 with its last two blocks changed as the RLHF recipe changes them (only blocks
+    28 and 29 unfrozen): block 29's MLP output scaled by 1.5, block 28's attention output by
+    0.5. Saved as a folder of its own, loaded on its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[29].mlp.down_proj.weight.mul_(1.5)
+        _o_proj(model, 28).weight.mul_(0.5)
+    out = tmp_path_factory.mktemp("smollm2-edited")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(out)
+    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+    return out, edited
+
+
+@pytest.mark.parametrize("by", ["component", "head"])
+def test_two_model_dla_equals_the_difference_of_hf_pieces(by, harness_run, hf, edited_model):
+    """`dla` with `models: [a, b]` (the seed's tuned-minus-base DLA) is b's DLA minus a's, each
+    over its own final-norm scale: here the base model and a copy with blocks 28-29 edited.
+    The change sits in the edited blocks; the frozen blocks' pieces move only through the
+    final norm's scale."""
+    model, tokenizer = hf
+    folder, edited = edited_model
+    got = harness_run([{"id": "dla", "measure": "dla", "models": ["lm", "edited"],
+                        "prompts": "facts", "by": by, "expect": {"max": {">": -1000}}}],
+                      prompt_sets={"facts": FACTS},
+                      extra_models={"edited": {"path": str(folder)}})["dla"]["measured"]
+    base, labels = _hf_dla(model, tokenizer, FACTS, by)
+    after, _ = _hf_dla(edited, tokenizer, FACTS, by)
+    ref = after - base
+    assert got["labels"] == [labels]
+    mine = torch.tensor(got["values"])
+    top = labels[int(ref.abs().argmax())]
+    assert top in (("mlp29", "attn28") if by == "component" else ("rest",) +
+                   tuple(f"L28H{h}" for h in range(9))), (top, ref)
+    assert ref.abs().max() > 0.2          # the edit moves the logit diff
     assert torch.allclose(mine, ref, atol=ATOL), (mine - ref).abs().max()
 
 
