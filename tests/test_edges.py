@@ -14,7 +14,7 @@ from harness.measure.edge_forward import EdgeForward
 from harness.testing import TINY_ARCHITECTURES, build_tiny_checkpoint
 
 ATOL = 1e-4
-SHARPEN = ("attn", "mlp", "attention")   # projections, scaled up: the edges matter
+SHARPEN = ("attn", "mlp", "attention", "fc1", "fc2")   # projections, scaled up: edges matter
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def edge_setup(bridge):
     return ef, clean, corrupt, ef.outputs(ef.trace(clean)), ef.outputs(ef.trace(corrupt))
 
 
-@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a not in ("gemma2", "opt")])
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a != "gemma2"])
 def test_all_clean_edges_give_the_clean_run_and_all_ablated_the_ablated_run(models, arch):
     bridge, _ = models(arch)
     ef, clean, corrupt, out_clean, out_corrupt = edge_setup(bridge)
@@ -88,6 +88,12 @@ def hf_parts(arch: str, hf):
                     mlp_norm=lambda b: b.post_attention_layernorm, mlp=lambda b: b.mlp,
                     out_proj=lambda b: b.attention.dense,
                     out_weight=lambda b: b.attention.dense.weight.T)
+    if arch == "opt":   # no MLP module: fc1, activation, fc2 on [batch * pos, d] rows
+        return dict(layers=hf.model.decoder.layers, final_norm=hf.model.decoder.final_layer_norm,
+                    attn_norm=lambda b: b.self_attn_layer_norm,
+                    mlp_norm=lambda b: b.final_layer_norm, mlp=lambda b: b.fc2,
+                    out_proj=lambda b: b.self_attn.out_proj,
+                    out_weight=lambda b: b.self_attn.out_proj.weight.T)
     return dict(layers=hf.model.layers, final_norm=hf.model.norm,
                 attn_norm=lambda b: b.input_layernorm,
                 mlp_norm=lambda b: b.post_attention_layernorm, mlp=lambda b: b.mlp,
@@ -115,7 +121,7 @@ def sender_output(arch: str, hf, tokens: torch.Tensor, sender: str) -> torch.Ten
         hf(tokens)
     handle.remove()
     if sender == "embed" or sender.startswith("mlp"):
-        return got["x"]
+        return got["x"].reshape(*tokens.shape, -1)
     block = parts["layers"][layer]
     d_head = got["x"].shape[-1] // hf.config.num_attention_heads
     rows = slice(head * d_head, (head + 1) * d_head)
@@ -155,9 +161,10 @@ def hooked_logits(arch: str, hf, tokens: torch.Tensor, receiver: str, delta: tor
 
     def add_delta(mod, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
+        x = x + delta.reshape(x.shape)   # OPT's MLP norm reads [batch * pos, d] rows
         if args:
-            return (x + delta, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": x + delta}
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
 
     if receiver == "logits":
         handles.append(parts["final_norm"].register_forward_pre_hook(add_delta,
@@ -201,6 +208,8 @@ EDGES = {
                   "embed -> logits", "L1H1 -> mlp1"],
     "pythia": ["L0H1 -> L1H2:k", "L0H2 -> mlp1", "embed -> mlp0", "mlp0 -> L1H0:v",
                "L1H3 -> logits", "embed -> L0H3:q"],
+    "opt": ["L0H1 -> L1H2:k", "mlp0 -> L1H0:q", "embed -> L1H1:v", "L0H2 -> mlp0",
+            "mlp0 -> logits", "L1H3 -> logits"],
 }
 
 
@@ -229,7 +238,7 @@ def centered(logits: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- nodes as edges
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "pythia"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "pythia", "opt"])
 @pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
 def test_a_node_circuit_written_as_edges_scores_the_same(models, arch, kind):
     """Keeping every edge out of the members (and the embeddings) is the node circuit: the edge
@@ -269,7 +278,7 @@ def test_a_node_circuit_written_as_edges_scores_the_same(models, arch, kind):
     assert (scores.circuit - scores.model).abs().max() > 10 * ATOL   # the test can bite
 
 
-@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a not in ("gemma2", "opt")])
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a != "gemma2"])
 def test_per_head_projections_equal_the_generic_block_ops_way(models, arch):
     """Each receiver row through its own head's q/k/v columns (fast) gives what the family's
     whole `qkv_flat` gives on that row (any BlockOps)."""
