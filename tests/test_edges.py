@@ -48,7 +48,7 @@ def edge_setup(bridge):
     return ef, clean, corrupt, ef.outputs(ef.trace(clean)), ef.outputs(ef.trace(corrupt))
 
 
-@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a != "gemma2"])
+@pytest.mark.parametrize("arch", list(TINY_ARCHITECTURES))
 def test_all_clean_edges_give_the_clean_run_and_all_ablated_the_ablated_run(models, arch):
     bridge, _ = models(arch)
     ef, clean, corrupt, out_clean, out_corrupt = edge_setup(bridge)
@@ -88,6 +88,13 @@ def hf_parts(arch: str, hf):
                     mlp_norm=lambda b: b.post_attention_layernorm, mlp=lambda b: b.mlp,
                     out_proj=lambda b: b.attention.dense,
                     out_weight=lambda b: b.attention.dense.weight.T)
+    if arch == "gemma2":   # a norm after attention and after the MLP: the MLP node ends with it
+        return dict(layers=hf.model.layers, final_norm=hf.model.norm,
+                    attn_norm=lambda b: b.input_layernorm,
+                    mlp_norm=lambda b: b.pre_feedforward_layernorm,
+                    mlp=lambda b: b.post_feedforward_layernorm,
+                    out_proj=lambda b: b.self_attn.o_proj,
+                    out_weight=lambda b: b.self_attn.o_proj.weight.T)
     if arch == "opt":   # no MLP module: fc1, activation, fc2 on [batch * pos, d] rows
         return dict(layers=hf.model.decoder.layers, final_norm=hf.model.decoder.final_layer_norm,
                     attn_norm=lambda b: b.self_attn_layer_norm,
@@ -103,7 +110,9 @@ def hf_parts(arch: str, hf):
 
 def sender_output(arch: str, hf, tokens: torch.Tensor, sender: str) -> torch.Tensor:
     """The sender's output in an unpatched HF run: the hidden state entering layer 0 (embed),
-    a head's z times its rows of the output projection, or the MLP module's output."""
+    a head's z times its rows of the output projection, or the MLP module's output. Gemma 2's
+    heads then pass through the post-attention norm: times its weight (1 + w) over the RMS of
+    the whole projection's output."""
     parts, got = hf_parts(arch, hf), {}
     if sender == "embed":
         module, capture = parts["layers"][0], "input"
@@ -125,14 +134,21 @@ def sender_output(arch: str, hf, tokens: torch.Tensor, sender: str) -> torch.Ten
     block = parts["layers"][layer]
     d_head = got["x"].shape[-1] // hf.config.num_attention_heads
     rows = slice(head * d_head, (head + 1) * d_head)
-    return got["x"][..., rows] @ parts["out_weight"](block)[rows]
+    out = got["x"][..., rows] @ parts["out_weight"](block)[rows]
+    if arch == "gemma2":
+        norm = block.post_attention_layernorm
+        with torch.no_grad():
+            whole = parts["out_proj"](block)(got["x"])
+        out = out * torch.rsqrt(whole.pow(2).mean(-1, keepdim=True) + norm.eps) * \
+            (1 + norm.weight)
+    return out
 
 
 def qkv_columns(arch: str, hf, which: str, head: int) -> slice:
     """Where a head's q, k or v sits in its projection's output."""
     cfg = hf.config
     n_heads = cfg.num_attention_heads
-    d_head = cfg.hidden_size // n_heads
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     if arch == "gpt2":   # c_attn: [q | k | v], each [head, d_head]
         start = "qkv".index(which) * cfg.hidden_size + head * d_head
     elif arch == "pythia":   # query_key_value: [head, (q, k, v), d_head]
@@ -208,6 +224,8 @@ EDGES = {
                   "embed -> logits", "L1H1 -> mlp1"],
     "pythia": ["L0H1 -> L1H2:k", "L0H2 -> mlp1", "embed -> mlp0", "mlp0 -> L1H0:v",
                "L1H3 -> logits", "embed -> L0H3:q"],
+    "gemma2": ["L0H1 -> L1KV0:k", "mlp0 -> L1KV1:v", "L0H3 -> L1H2:q", "L0H0 -> mlp0",
+               "embed -> logits", "L1H1 -> mlp1", "mlp1 -> logits"],
     "opt": ["L0H1 -> L1H2:k", "mlp0 -> L1H0:q", "embed -> L1H1:v", "L0H2 -> mlp0",
             "mlp0 -> logits", "L1H3 -> logits"],
 }
@@ -278,7 +296,7 @@ def test_a_node_circuit_written_as_edges_scores_the_same(models, arch, kind):
     assert (scores.circuit - scores.model).abs().max() > 10 * ATOL   # the test can bite
 
 
-@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a != "gemma2"])
+@pytest.mark.parametrize("arch", list(TINY_ARCHITECTURES))
 def test_per_head_projections_equal_the_generic_block_ops_way(models, arch):
     """Each receiver row through its own head's q/k/v columns (fast) gives what the family's
     whole `qkv_flat` gives on that row (any BlockOps)."""
