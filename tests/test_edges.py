@@ -1,7 +1,8 @@
 """Edge patching (harness/measure/edge_forward.py) against the models themselves: rebuilding
 every receiver's input from all-clean edges gives the clean run, from all-ablated edges the
 ablated run, and patching one edge equals hand-written PyTorch hooks on the Hugging Face model
-(GPT-2, Llama with grouped-query attention, Pythia's parallel blocks)."""
+(GPT-2, Llama with grouped-query attention, Pythia's parallel blocks, Gemma 2's post-norms and
+OPT); on every tiny architecture the harness supports."""
 
 from __future__ import annotations
 
@@ -256,6 +257,10 @@ def centered(logits: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- nodes as edges
 
+# Not Gemma 2: a node circuit ablates heads before the post-attention norm, which then divides
+# the mixed sum by its own RMS; edges carry each head's share of a normed output (the norm's
+# factor of the head's own run), so that a receiver's input stays linear in the edge weights
+# (EAP's premise). The two differ there by construction; the hooks test above pins the edges'.
 @pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "pythia", "opt"])
 @pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
 def test_a_node_circuit_written_as_edges_scores_the_same(models, arch, kind):
@@ -337,3 +342,25 @@ def test_the_autograd_path_equals_the_buffered_one_and_gives_eap_terms(models):
     assert float(grad[0, s, r]) == pytest.approx(float(metric - lower) / eps, rel=0.05,
                                                  abs=1e-4)
     assert grad[0, s].abs().sum() > 0 and float(grad[0, :, 0].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "opt"])
+def test_eap_scores_are_the_edge_weights_gradient(models, arch):
+    """EAP (one backward pass through every receiver's input) equals -∂metric/∂w at w = 1
+    taken by autograd through the edge weights, on the families that joined the edge graph
+    last (Gemma 2's heads through the post-attention norm, OPT's ReLU MLP)."""
+    from harness.measure import edge_attribution as EA
+
+    bridge, _ = models(arch)
+    ef, clean, corrupt, out_clean, out_corrupt = edge_setup(bridge)
+    prompts = EA.Prompts(clean, corrupt, torch.full((3,), clean.shape[1] - 1),
+                         torch.tensor([10, 20, 30]), torch.tensor([40, 50, 60]))
+    scores = EA.attribution_scores(ef, prompts, "eap")
+    weights = ef.ones().requires_grad_(True)
+    with torch.enable_grad():
+        run = ef.run(out_clean, out_corrupt, weights)
+        metric = ef.logit_diff(run.final, prompts.final_pos, prompts.answer_ids,
+                               prompts.foil_ids).mean(1).sum()
+        (grad,) = torch.autograd.grad(metric, weights)
+    assert_close(scores, -grad[0] * EA.upstream_mask(ef.graph), atol=1e-5, rtol=1e-4)
+    assert scores.abs().max() > 1e-2
