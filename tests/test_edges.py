@@ -2,7 +2,7 @@
 every receiver's input from all-clean edges gives the clean run, from all-ablated edges the
 ablated run, and patching one edge equals hand-written PyTorch hooks on the Hugging Face model
 (GPT-2, Llama with grouped-query attention, Pythia's parallel blocks, Gemma 2's post-norms and
-OPT); on every tiny architecture the harness supports."""
+OPT). The first two hold on every tiny architecture of harness.testing."""
 
 from __future__ import annotations
 
