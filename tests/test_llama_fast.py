@@ -170,9 +170,17 @@ def test_gemma2_soft_caps_and_sliding_window(tmp_path, monkeypatch):
         assert ours.extras["path"] == "llama-fast"
         assert_close(ours.raw, theirs.raw, atol=ATOL, rtol=0, msg=f"{site} {over}")
     forward = llama_fast.LlamaForward(a)
-    w = forward.ops.w
+    ops, w = forward.ops, forward.ops.w
     assert (w.windows, w.attn_softcap) == ((16, None), 0.2)
-    forward.verify(corrupt, forward.trace(corrupt))
+    acts = forward.trace(corrupt)
+    forward.verify(corrupt, acts)
+    # one query per row (the last block's final rows) in a sliding layer: the window applies
+    q, k, v = ops.split_qkv(ops.qkv_flat(0, acts["resid_pre"][0]))
+    rows, pos = torch.arange(2), torch.arange(24, device=TEST_DEVICE)
+    allowed = (pos[None] <= final_pos[:, None])[:, None, None, :]
+    one = ops.attend(q[rows, final_pos][:, None], k, v, allowed, q_pos=final_pos, layer=0)
+    assert_close(one[:, 0], ops.attend(q, k, v, layer=0)[rows, final_pos], atol=1e-6, rtol=0)
+    assert not torch.allclose(one[:, 0], ops.attend(q, k, v, layer=1)[rows, final_pos])
     for change in (dict(windows=(None, None)), dict(attn_softcap=None)):
         monkeypatch.setattr(forward.ops, "w", dataclasses.replace(w, **change))
         with pytest.raises(MeasureError, match="residual stream differs"):

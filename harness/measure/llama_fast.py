@@ -65,8 +65,13 @@ def unsupported_features(bridge) -> list[str]:
             problems.append(f"block {i} is not attention + MLP with two or four norms "
                             f"({sorted(parts)})")
             break
+        gemma2 = parts == FOUR_NORM_PARTS   # soft-capping and sliding windows: Gemma2Ops
+        if gemma2 and any(getattr(block, n, None) is None for n in ("ln1_post", "ln2_post")):
+            problems.append(f"block {i}'s norms after attention and MLP are not in the bridge")
         attn = getattr(block.attn, "original_component", None)
-        for name in ("sinks", "key_multiplier"):
+        extras = ("sinks", "key_multiplier") + \
+            (() if gemma2 else ("attn_logit_softcapping", "sliding_window"))
+        for name in extras:
             if getattr(attn, name, None) is not None:
                 problems.append(f"attention {name}")
         if getattr(cfg, "rotary_dim", None) not in (None, getattr(attn, "head_dim", None)):
@@ -288,7 +293,5 @@ class LlamaForward(RotaryForward):
     path = "llama-fast"
 
     def make_ops(self, bridge, rotary, readout, act_fn) -> LlamaOps:
-        w = LlamaWeights.from_bridge(bridge)
-        gemma2 = w.post_norms is not None or w.attn_softcap is not None or \
-            any(window is not None for window in w.windows)
-        return (Gemma2Ops if gemma2 else LlamaOps)(w, rotary, readout, act_fn)
+        w = LlamaWeights.from_bridge(bridge)   # soft-caps and windows only with post_norms
+        return (LlamaOps if w.post_norms is None else Gemma2Ops)(w, rotary, readout, act_fn)
