@@ -70,8 +70,9 @@ class EdgeForward:
         ops = getattr(forward, "ops", None)
         if ops is None or not hasattr(forward, "head_weights"):
             raise MeasureError(
-                f"edge patching runs on the fast paths' block ops (GPT-2, Llama family, "
-                f"GPT-NeoX/Pythia/Phi); this model runs on the {forward.path} path only")
+                f"edge patching runs on the fast paths' block ops (GPT-2 and OPT, the Llama "
+                f"family with Gemma 2, GPT-NeoX/Pythia/Phi); this model runs on the "
+                f"{forward.path} path only")
         self.forward, self.ops, self.readout = forward, ops, forward.readout
         self.graph = EdgeGraph.of(forward.bridge.cfg)
         g = self.graph
