@@ -278,8 +278,8 @@ def test_every_claim_kind_passes(tmp_path, arch):
     # OPT is GPT-2-shaped (learned positions, pre-LayerNorm, plain MLP): the fast path takes it
     fast = {"gpt2": "gpt2-fast", "opt": "gpt2-fast", "llama": "llama-fast",
             "llama-gqa": "llama-fast", "mistral": "llama-fast", "qwen2": "llama-fast",
-            "gemma": "llama-fast", "phi3": "llama-fast", "pythia": "parallel-fast",
-            "phi": "parallel-fast"}
+            "gemma": "llama-fast", "gemma2": "llama-fast", "phi3": "llama-fast",
+            "pythia": "parallel-fast", "phi": "parallel-fast"}
     expected_path = fast.get(arch, "general")
     for cid in ("restore_resid", "head_sweep", "two_heads", "ablate_zero", "dla"):
         assert matrix[cid][1] == expected_path, (cid, matrix[cid])

@@ -2,8 +2,9 @@
 
 Ground truth: the general path runs through the bridge's own hooks (itself checked against
 TransformerLens's patching functions in test_architectures.py). On tiny seeded checkpoints of
-each family — Llama, Llama-GQA, Mistral, Qwen2, Gemma and Phi-3 (fused qkv and gate_up, split by
-the bridge) on `llama-fast`; Pythia (rotary_pct 0.25, fused per-head-interleaved qkv) and Phi
+each family — Llama, Llama-GQA, Mistral, Qwen2, Gemma, Gemma 2 (four norms, soft-capped
+attention and logits, a sliding window) and Phi-3 (fused qkv and gate_up, split by the bridge)
+on `llama-fast`; Pythia (rotary_pct 0.25, fused per-head-interleaved qkv) and Phi
 (one shared LayerNorm, partial_rotary_factor 0.5) on `parallel-fast` — the fast path is chosen,
 and every sweep, patch, ablation, DLA and logit lens agrees with the general path to 1e-5, also
 when the memory budget slices prompts. Family-specific checks: test_llama_fast.py,
@@ -32,9 +33,10 @@ from harness.prompts import PromptBatch
 pytest.importorskip("transformer_lens")
 
 FAST = {"llama": "llama-fast", "llama-gqa": "llama-fast", "mistral": "llama-fast",
-        "qwen2": "llama-fast", "gemma": "llama-fast", "phi3": "llama-fast",
+        "qwen2": "llama-fast", "gemma": "llama-fast", "gemma2": "llama-fast",
+        "phi3": "llama-fast",
         "pythia": "parallel-fast", "phi": "parallel-fast"}
-QUICK = ("llama-gqa", "pythia", "phi")   # one of each kind in the quick suite, all in the full
+QUICK = ("llama-gqa", "gemma2", "pythia", "phi")   # one of each kind in the quick suite; all: full
 SWEEP_PARAMS = [pytest.param(a, marks=() if a in QUICK else pytest.mark.slow) for a in FAST]
 
 

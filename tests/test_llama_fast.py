@@ -8,18 +8,21 @@ residual stream), the models this path refuses, the fallback when it does not re
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _fast_paths import ATOL, PROMPTS, model_to_model, tiny_bridges
 from _tiny_models import TEST_DEVICE, assert_close
 
+from harness.errors import MeasureError
 from harness.measure import llama_fast
 from harness.measure.patching import PatchingEngine, Run
 from harness.testing import build_tiny_checkpoint
 
 pytest.importorskip("transformer_lens")
 
-OTHER_ARCHS = ["gpt2", "gemma2", "pythia", "phi", "opt"]
+OTHER_ARCHS = ["gpt2", "pythia", "phi", "opt"]
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +94,9 @@ def test_general_path_restores_resid_mid(bridges):
 
 @pytest.mark.parametrize("arch", OTHER_ARCHS)
 def test_other_families_are_refused(bridges, arch):
-    """Soft-capping and four norms (Gemma 2), parallel blocks and LayerNorm (Pythia, Phi),
-    learned positions (GPT-2, OPT): not this fast path's to run."""
-    problems = llama_fast.unsupported_features(bridges(arch))
-    assert problems
-    if arch == "gemma2":
-        assert any("soft_cap" in p for p in problems)
+    """Parallel blocks and LayerNorm (Pythia, Phi), learned positions (GPT-2, OPT): not this
+    fast path's to run."""
+    assert llama_fast.unsupported_features(bridges(arch))
 
 
 def test_a_broken_fast_path_falls_back_to_the_general_path(bridges, monkeypatch):
@@ -127,3 +127,61 @@ def test_partial_rotary_is_refused(tmp_path, monkeypatch):
     tokens = bridge.to_tokens(PROMPTS[:1], prepend_bos=True).to(TEST_DEVICE)
     run = Run("p", bridge, tokens, torch.tensor([tokens.shape[1] - 1], device=TEST_DEVICE))
     assert PatchingEngine().path_of(run) == "general"
+
+
+def _strongly_capped_gemma2(tmp_path, monkeypatch, seed: int):
+    """The tiny Gemma 2 with scores that reach its attention soft-cap (query_pre_attn_scalar 1,
+    cap 0.2; the stock tiny one's scores stay far below its cap of 50) and logits its final
+    cap (1.0)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from harness.testing import TINY_ARCHITECTURES
+
+    model_type, sizes = TINY_ARCHITECTURES["gemma2"]
+    monkeypatch.setitem(TINY_ARCHITECTURES, "gemma2-capped", (model_type, dict(
+        sizes, query_pre_attn_scalar=1, attn_logit_softcapping=0.2,
+        final_logit_softcapping=1.0)))
+    directory = build_tiny_checkpoint("gemma2-capped", tmp_path / f"capped-{seed}", seed=seed)
+    bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
+    bridge.enable_compatibility_mode()
+    return bridge
+
+
+def test_gemma2_soft_caps_and_sliding_window(tmp_path, monkeypatch):
+    """Gemma 2 where its soft-caps bite and past its sliding window (layer 0 attends to the
+    last 16 positions only): on 24-token prompts the fast path's residual stream is the
+    bridge's (its own check), and sweeps patching q, k, the pattern, z and the stream agree
+    with the general path. Without the window, or without the attention cap, the check fails:
+    the prompts reach past the window and the scores reach the cap."""
+    a, b = (_strongly_capped_gemma2(tmp_path, monkeypatch, seed) for seed in (0, 1))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 300, (2, 24), generator=gen).to(TEST_DEVICE)
+    corrupt = tokens.clone()
+    corrupt[:, 2] = 7
+    final_pos = torch.tensor([23, 20], device=TEST_DEVICE)
+    from_run, into_run = Run("b", b, tokens, final_pos), Run("a", a, corrupt, final_pos)
+    answer, foil = (torch.tensor(ids, device=TEST_DEVICE) for ids in ([10, 20], [30, 40]))
+    fast, general = PatchingEngine(), PatchingEngine(path="general")
+    for site, over in (("z", ("layer", "head")), ("k", ("layer", "pos")),
+                       ("q", ("layer", "head", "pos")), ("pattern", ("layer", "head")),
+                       ("resid_pre", ("layer", "pos"))):
+        ours = fast.patch_sweep(from_run, into_run, answer, foil, site=site, over=over)
+        theirs = general.patch_sweep(from_run, into_run, answer, foil, site=site, over=over)
+        assert ours.extras["path"] == "llama-fast"
+        assert_close(ours.raw, theirs.raw, atol=ATOL, rtol=0, msg=f"{site} {over}")
+    forward = llama_fast.LlamaForward(a)
+    ops, w = forward.ops, forward.ops.w
+    assert (w.windows, w.attn_softcap) == ((16, None), 0.2)
+    acts = forward.trace(corrupt)
+    forward.verify(corrupt, acts)
+    # one query per row (the last block's final rows) in a sliding layer: the window applies
+    q, k, v = ops.split_qkv(ops.qkv_flat(0, acts["resid_pre"][0]))
+    rows, pos = torch.arange(2), torch.arange(24, device=TEST_DEVICE)
+    allowed = (pos[None] <= final_pos[:, None])[:, None, None, :]
+    one = ops.attend(q[rows, final_pos][:, None], k, v, allowed, q_pos=final_pos, layer=0)
+    assert_close(one[:, 0], ops.attend(q, k, v, layer=0)[rows, final_pos], atol=1e-6, rtol=0)
+    assert not torch.allclose(one[:, 0], ops.attend(q, k, v, layer=1)[rows, final_pos])
+    for change in (dict(windows=(None, None)), dict(attn_softcap=None)):
+        monkeypatch.setattr(forward.ops, "w", dataclasses.replace(w, **change))
+        with pytest.raises(MeasureError, match="residual stream differs"):
+            forward.verify(corrupt, forward.trace(corrupt))

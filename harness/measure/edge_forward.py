@@ -6,19 +6,22 @@ For every receiver v (a head's q, k or v input, an MLP's input, the logits; `edg
     input_v = Σ_{u upstream of v} [ w[u, v] · out_u(this run) + (1 − w[u, v]) · abl_u ] + b_v
 
 where out_u is sender u's output in this run (the embeddings; a head's z @ W_O[head]; an MLP's
-output, its bias included), abl_u its ablated value (a corrupt run's output, zero, a mean, a
-resampled prompt's) and b_v the attention output biases of the layers before v (constants,
-never ablated: as ablating a head's z leaves b_O). q, k and v of every head get their own
-residual input, each through the layer's own norm. With every w = 1 this is the model's own
-forward (the residual stream summed by senders); with every w = 0 it reads the ablated run's
-outputs. Weights are a dense float tensor [variant, sender, receiver] (entries of edges that do
-not exist are ignored), so variants run stacked along the batch and gradients flow to them.
+output, its bias included; on Gemma 2, whose attention output passes through a norm, a head's
+z @ W_O[head] times that norm's factor in this run, its scale over the RMS of all heads' sum,
+so that the heads still add up to the block's attention output), abl_u its ablated value
+(a corrupt run's output, zero, a mean, a resampled prompt's) and b_v the attention output
+biases of the layers before v (constants, never ablated: as ablating a head's z leaves b_O).
+q, k and v of every head get their own residual input, each through the layer's own norm.
+With every w = 1 this is the model's own forward (the residual stream summed by senders);
+with every w = 0 it reads the ablated run's outputs. Weights are a dense float tensor
+[variant, sender, receiver] (entries of edges that do not exist are ignored), so variants run
+stacked along the batch and gradients flow to them.
 
 The family's arithmetic comes from the fast paths' `BlockOps` (`staggered.py`: norms and
 projections `qkv_flat`, rotary `attend`, `mlp_post`/`mlp_output`) and their per-head output
-weights (`head_weights`), so every architecture with a fast path runs here: GPT-2, the Llama
-family (Llama with or without GQA, Mistral, Qwen2, Gemma, Phi-3), the parallel family
-(GPT-NeoX/Pythia, Phi). Models on the general path only are refused (MeasureError).
+weights (`head_weights`), so every architecture with a fast path runs here: GPT-2 and OPT, the
+Llama family (Llama with or without GQA, Mistral, Qwen2, Gemma, Gemma 2, Phi-3), the parallel
+family (GPT-NeoX/Pythia, Phi). Models on the general path only are refused (MeasureError).
 
 Interface (what EAP / EAP-IG build on):
   ef = EdgeForward(forward)              a fast path's Forward (`engine.forward(run)`), verified
@@ -67,8 +70,9 @@ class EdgeForward:
         ops = getattr(forward, "ops", None)
         if ops is None or not hasattr(forward, "head_weights"):
             raise MeasureError(
-                f"edge patching runs on the fast paths' block ops (GPT-2, Llama family, "
-                f"GPT-NeoX/Pythia/Phi); this model runs on the {forward.path} path only")
+                f"edge patching runs on the fast paths' block ops (GPT-2 and OPT, the Llama "
+                f"family with Gemma 2, GPT-NeoX/Pythia/Phi); this model runs on the "
+                f"{forward.path} path only")
         self.forward, self.ops, self.readout = forward, ops, forward.readout
         self.graph = EdgeGraph.of(forward.bridge.cfg)
         g = self.graph
@@ -77,6 +81,11 @@ class EdgeForward:
         with torch.no_grad():
             W_O, b_O = forward.head_weights()
         self.W_O = W_O.detach()                         # [layer, head, d_head, d_model]
+        # Gemma 2: the norm after attention (layer, heads' sum) -> its factor
+        self._post_norm = getattr(ops, "post_attn_scale", None)
+        if self._post_norm is not None and bool(b_O.any()):
+            raise MeasureError("edge patching cannot split an attention output bias under a "
+                               "post-attention norm between the heads")
         self._split = self._split_projection()
         # constants read by each layer's head inputs, MLP input, and the logits
         cum = torch.cumsum(b_O.detach(), 0)
@@ -108,7 +117,7 @@ class EdgeForward:
         with torch.no_grad():
             parts = [acts["resid_pre"][0][:, :, None]]
             for layer in range(self.graph.n_layers):
-                parts.append(torch.einsum("bphe,hed->bphd", acts["z"][layer], self.W_O[layer]))
+                parts.append(self._head_outputs(layer, acts["z"][layer]))
                 parts.append(acts["mlp_out"][layer][:, :, None])
             return torch.cat(parts, 2)
 
@@ -195,8 +204,7 @@ class EdgeForward:
             if input_hook is not None:
                 x = input_hook(layer, "attn", x)
             z = self._attend(layer, x)                            # [v * b, pos, head, d_head]
-            out = torch.einsum("nphe,hed->nphd", z, self.W_O[layer])
-            out = out.unflatten(0, (n_var, batch))
+            out = self._head_outputs(layer, z).unflatten(0, (n_var, batch))
             keep(heads, out - ablated[:, :, heads.start:heads.stop])
             n_up = mlp.start if not g.parallel else heads.start
             x = gather(recv["mlp"], n_up, self.const_mlp[layer])[:, :, :, 0]
@@ -208,6 +216,16 @@ class EdgeForward:
         if input_hook is not None:
             final = input_hook(g.n_layers, "logits", final)
         return EdgeRun(final)
+
+    def _head_outputs(self, layer: int, z: Float[Tensor, "n pos head d_head"]
+                      ) -> Float[Tensor, "n pos head d_model"]:
+        """Each head's output: z @ W_O[head]; under a post-attention norm, times the norm's
+        factor for the heads' sum in this run (the heads add up to its output)."""
+        out = torch.einsum("nphe,hed->nphd", z, self.W_O[layer])
+        if self._post_norm is None:
+            return out
+        factor = self._post_norm(layer, out.sum(-2))[..., None, :]
+        return (out.float() * factor).to(out.dtype)
 
     def _attend(self, layer: int, x: Float[Tensor, "v b pos receiver d_model"]
                 ) -> Float[Tensor, "n pos head d_head"]:
@@ -233,7 +251,7 @@ class EdgeForward:
             k = torch.diagonal(k_all[..., h:h + kv, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
             v = torch.diagonal(v_all[..., h + kv:, :, :], dim1=-3, dim2=-2).movedim(-1, -2)
         return ops.attend(q.flatten(0, 1), k.flatten(0, 1).contiguous(),
-                          v.flatten(0, 1).contiguous())
+                          v.flatten(0, 1).contiguous(), layer=layer)
 
     def _split_projection(self):
         """(layer -> (norm, W_QKV, b_QKV)) where the family's `qkv_flat` is affine(norm(x))

@@ -39,10 +39,10 @@ class GPT2Ops:
         q, k, v = flat.unflatten(-1, (3, self.n_heads, self.model.d_head)).unbind(-3)
         return q, k, v
 
-    def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
+    def attend(self, q, k, v, allowed=None, q_pos=None, layer=None) -> Tensor:
         return fw.attend(q, k, v, allowed)
 
-    def attention_pattern(self, q: Tensor, k: Tensor) -> Tensor:
+    def attention_pattern(self, q: Tensor, k: Tensor, layer=None) -> Tensor:
         return fw.attention_pattern(q, k, fw.causal_mask(q.shape[1], q.device))
 
     def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:

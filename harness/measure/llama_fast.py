@@ -1,5 +1,6 @@
-"""The Llama family's fast path (Llama with or without GQA, Mistral, Qwen2, Gemma, Phi-3): the
-staggered forward (`staggered.py`) on weights read off the bridge's Hugging Face modules.
+"""The Llama family's fast path (Llama with or without GQA, Mistral, Qwen2, Gemma, Gemma 2,
+Phi-3): the staggered forward (`staggered.py`) on weights read off the bridge's Hugging Face
+modules.
 
 Why its own ops: these models use RMSNorm, rotary position embeddings applied to q and k inside
 attention (the `q`/`k` sites are before rotation, as the bridge's hooks are), a gated MLP
@@ -7,8 +8,11 @@ attention (the `q`/`k` sites are before rotation, as the bridge's hooks are), a 
 reads key/value head h // (n_heads / n_kv_heads)). The norms' weights are folded into the
 next projection; cos/sin come from the model's own rotary module, so rope scaling variants are
 the model's. Phi-3 runs here too (the bridge splits its fused qkv and gate_up projections; its
-dropout modules are no-ops in eval). Anything else (soft-capping, sliding windows, q/k norms,
-extra norms, partial, interleaved or length-dependent rotary, parallel blocks) is refused by
+dropout modules are no-ops in eval). Gemma 2 runs on `Gemma2Ops`: a norm after attention and
+after the MLP as well as before them (their scales cannot be folded: each divides by its own
+input's RMS), tanh soft-capped attention scores, a sliding window on alternate layers, and
+the final soft-cap in the readout. Anything else (q/k norms, other extra norms, attention
+sinks, partial, interleaved or length-dependent rotary, parallel blocks) is refused by
 `applies` and runs on the general path.
 """
 
@@ -27,6 +31,9 @@ from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward, affine
 from harness.sites import SITES
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+# Gemma 2: post_attention_layernorm normalizes attention's output; the MLP has its own pair
+FOUR_NORM_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
+                   "pre_feedforward_layernorm", "post_feedforward_layernorm"}
 
 
 def applies(bridge) -> bool:
@@ -44,13 +51,9 @@ def unsupported_features(bridge) -> list[str]:
     if not getattr(cfg, "gated_mlp", False):
         problems.append("no gated MLP")
     for flag in ("parallel_attn_mlp", "attn_only", "use_qk_norm", "rotary_adjacent_pairs",
-                 "rotary_interleaved_cos_sin", "gated_q_proj",
-                 "use_normalization_before_and_after"):
+                 "rotary_interleaved_cos_sin", "gated_q_proj"):
         if getattr(cfg, flag, False):
             problems.append(flag)
-    for cap in ("output_logits_soft_cap", "attn_scores_soft_cap"):
-        if float(getattr(cfg, cap, -1.0) or -1.0) > 0:
-            problems.append(cap)
     blocks = getattr(bridge, "blocks", None)
     if blocks is None or getattr(bridge, "rotary_emb", None) is None:
         return problems + ["no blocks / rotary module to read"]
@@ -58,11 +61,17 @@ def unsupported_features(bridge) -> list[str]:
         layer = getattr(block, "original_component", None)
         parts = {name for name, part in layer.named_children()  # dropouts: no-ops in eval
                  if not isinstance(part, torch.nn.Dropout)} if layer is not None else set()
-        if parts != LAYER_PARTS:
-            problems.append(f"block {i} is not attention + MLP with two norms ({sorted(parts)})")
+        if parts not in (LAYER_PARTS, FOUR_NORM_PARTS):
+            problems.append(f"block {i} is not attention + MLP with two or four norms "
+                            f"({sorted(parts)})")
             break
+        gemma2 = parts == FOUR_NORM_PARTS   # soft-capping and sliding windows: Gemma2Ops
+        if gemma2 and any(getattr(block, n, None) is None for n in ("ln1_post", "ln2_post")):
+            problems.append(f"block {i}'s norms after attention and MLP are not in the bridge")
         attn = getattr(block.attn, "original_component", None)
-        for name in ("attn_logit_softcapping", "sliding_window", "sinks", "key_multiplier"):
+        extras = ("sinks", "key_multiplier") + \
+            (() if gemma2 else ("attn_logit_softcapping", "sliding_window"))
+        for name in extras:
             if getattr(attn, name, None) is not None:
                 problems.append(f"attention {name}")
         if getattr(cfg, "rotary_dim", None) not in (None, getattr(attn, "head_dim", None)):
@@ -106,6 +115,13 @@ class LlamaWeights:
     n_kv_heads: int
     d_head: int
     scaling: float
+    # Gemma 2 (None / all None elsewhere): the scales of the norms after attention and after
+    # the MLP, [layer, 2, d_model], with their epsilons; the attention scores' soft-cap; each
+    # layer's sliding window (None: full causal attention)
+    post_norms: Float[Tensor, "layer 2 d_model"] | None = None
+    post_eps: tuple[tuple[float, float], ...] | None = None
+    attn_softcap: float | None = None
+    windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_bridge(cls, bridge) -> LlamaWeights:
@@ -119,14 +135,22 @@ class LlamaWeights:
             W_E = bridge.W_E.detach()
             model_type = getattr(getattr(bridge, "original_model", None), "config", None)
             model_type = getattr(model_type, "model_type", "")
-            scale = float(W_E.shape[1]) ** 0.5 if model_type == "gemma" else 1.0
+            scale = float(W_E.shape[1]) ** 0.5 if model_type in ("gemma", "gemma2") else 1.0
             n_heads = int(bridge.cfg.n_heads)
             d_head = int(attn.head_dim)
             n_kv = stack["W_QKV"].shape[-1] // d_head - n_heads
             n_kv //= 2
+            attns = [block.attn.original_component for block in bridge.blocks]
+            cap = getattr(attn, "attn_logit_softcapping", None)
+            post = _post_norms(bridge.blocks)
             return cls(W_E=W_E, embed_scale=scale, n_heads=n_heads, n_kv_heads=n_kv,
                        d_head=d_head, scaling=float(attn.scaling),
-                       eps=tuple(lw["eps"] for lw in layers), **stack)
+                       eps=tuple(lw["eps"] for lw in layers),
+                       post_norms=None if post is None else post[0],
+                       post_eps=None if post is None else post[1],
+                       attn_softcap=None if cap is None else float(cap),
+                       windows=tuple(getattr(a, "sliding_window", None) for a in attns),
+                       **stack)
 
 
 def _linear(module) -> tuple[Tensor, Tensor]:
@@ -169,6 +193,16 @@ def _layer_weights(block) -> dict:
                 eps=(e1, e2))
 
 
+def _post_norms(blocks) -> tuple[Tensor, tuple[tuple[float, float], ...]] | None:
+    """Gemma 2's norms after attention and after the MLP: scales [layer, 2, d_model] and
+    epsilons; None when the blocks have none."""
+    if getattr(blocks[0], "ln1_post", None) is None:
+        return None
+    norms = [(_norm(block.ln1_post), _norm(block.ln2_post)) for block in blocks]
+    scales = torch.stack([torch.stack([w1, w2]) for (w1, _), (w2, _) in norms])
+    return scales, tuple((e1, e2) for (_, e1), (_, e2) in norms)
+
+
 def rms_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
     """RMSNorm without its weight (folded into the next projection), in float32 as HF does."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -194,10 +228,70 @@ class LlamaOps(RotaryAttentionOps):
         return self.act_fn(gate) * up
 
 
+class Gemma2Ops(LlamaOps):
+    """Gemma 2's block computations: Llama's, plus a norm after attention and after the MLP,
+    soft-capped attention scores (no fused attention kernel takes them) and a sliding window
+    on some layers: a query at position t reads keys t - window < s <= t."""
+
+    def attn_output(self, layer: int, z: Tensor) -> Tensor:
+        return self._post_norm(super().attn_output(layer, z), layer, 0)
+
+    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
+        return self._post_norm(super().mlp_output(layer, post), layer, 1)
+
+    def _post_norm(self, x: Tensor, layer: int, which: int) -> Tensor:
+        return self.post_attn_scale(layer, x, which).mul(x.float()).to(x.dtype)
+
+    def post_attn_scale(self, layer: int, pre: Float[Tensor, "... d_model"], which: int = 0
+                        ) -> Float[Tensor, "... d_model"]:
+        """What the norm after attention (which=0; 1: after the MLP) multiplies its input by,
+        in float32: its scale over the RMS of `pre`, the sum it normalizes. Edge patching
+        passes each head's share through it (`edge_forward.py`)."""
+        ms = pre.float().pow(2).mean(-1, keepdim=True)
+        return torch.rsqrt(ms + self.w.post_eps[layer][which]) * \
+            self.w.post_norms[layer, which].float()
+
+    def attend(self, q, k, v, allowed=None, q_pos=None, layer=None) -> Tensor:
+        return self.mix_values(self._pattern(q, k, allowed, q_pos, layer), v)
+
+    def attention_pattern(self, q: Tensor, k: Tensor, layer: int | None = None) -> Tensor:
+        return self._pattern(q, k, None, None, layer)
+
+    def _pattern(self, q, k, allowed, q_pos, layer) -> Float[Tensor, "n head dest src"]:
+        """Softmax of the soft-capped scores (float32, as HF's eager attention), masked
+        causally, by `allowed` where given, and by the layer's sliding window."""
+        q, k = self.rope(q, q_pos), self._expand(self.rope(k), 2)
+        scores = torch.einsum("nqhe,nkhe->nhqk", q, k) * self.w.scaling
+        cap = self.w.attn_softcap
+        if cap is not None:
+            scores = cap * torch.tanh(scores / cap)
+        n_q, n_k = q.shape[1], k.shape[1]
+        src = torch.arange(n_k, device=q.device)
+        dest = src[:n_q, None] if q_pos is None else q_pos[:, None, None, None]
+        mask = src <= dest
+        window = self._window(layer, n_k)
+        if window is not None:
+            mask = mask & (src > dest - window)
+        if allowed is not None:
+            mask = mask & allowed
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32
+                                                                ).to(q.dtype)
+
+    def _window(self, layer: int | None, n_pos: int) -> int | None:
+        if layer is not None:
+            return self.w.windows[layer]
+        shortest = min((w for w in self.w.windows if w is not None), default=None)
+        if shortest is not None and n_pos > shortest:
+            raise MeasureError(f"{n_pos} positions exceed the sliding window ({shortest}) and "
+                               "the caller did not say which layer attends")
+        return None
+
+
 class LlamaForward(RotaryForward):
     """The Llama family's fast path behind the engine's Forward interface."""
 
     path = "llama-fast"
 
     def make_ops(self, bridge, rotary, readout, act_fn) -> LlamaOps:
-        return LlamaOps(LlamaWeights.from_bridge(bridge), rotary, readout, act_fn)
+        w = LlamaWeights.from_bridge(bridge)   # soft-caps and windows only with post_norms
+        return (LlamaOps if w.post_norms is None else Gemma2Ops)(w, rotary, readout, act_fn)

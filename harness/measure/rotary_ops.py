@@ -90,7 +90,7 @@ class RotaryAttentionOps:
         groups = self.n_heads // self.n_kv_heads
         return kv if groups == 1 else kv.repeat_interleave(groups, axis)
 
-    def attend(self, q, k, v, allowed=None, q_pos=None) -> Tensor:
+    def attend(self, q, k, v, allowed=None, q_pos=None, layer=None) -> Tensor:
         """Causal attention; grouped key/value heads go to the kernel as they are
         (`enable_gqa`), not repeated per query head."""
         q, k = self.rope(q, q_pos), self.rope(k)
@@ -100,7 +100,8 @@ class RotaryAttentionOps:
             enable_gqa=self.n_heads != self.n_kv_heads)
         return z.transpose(1, 2)
 
-    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]:
+    def attention_pattern(self, q: Tensor, k: Tensor, layer: int | None = None
+                          ) -> Float[Tensor, "n head dest src"]:
         q, k = self.rope(q), self._expand(self.rope(k), 2)
         scores = torch.einsum("nqhe,nkhe->nhqk", q, k) * self.w.scaling
         n_pos = q.shape[1]
@@ -139,7 +140,7 @@ class RotaryAttentionOps:
             resid = keep("resid_pre", layer, resid)
             q, k, v = (keep(s, layer, a) for s, a in
                        zip(("q", "k", "v"), self.split_qkv(self.qkv_flat(layer, resid))))
-            pattern = keep("pattern", layer, self.attention_pattern(q, k))
+            pattern = keep("pattern", layer, self.attention_pattern(q, k, layer))
             z = keep("z", layer, self.mix_values(pattern, v))
             attn_out = keep("attn_out", layer, self.attn_output(layer, z))
             if self.parallel_block:

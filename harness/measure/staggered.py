@@ -36,6 +36,7 @@ class BlockOps(Protocol):
 
     q, k, v are [..., head, d_head] as the hooks see them (before any rotary embedding); k and
     v have the model's key/value heads. `qkv_flat` packs them side by side (q, then k, then v).
+    `attend` and `attention_pattern` get the layer (Gemma 2's sliding window is per layer).
     `parallel_block`: the MLP reads the block's input (resid_pre), not attention's output.
     """
 
@@ -51,9 +52,10 @@ class BlockOps(Protocol):
                  ) -> Float[Tensor, "... qkv"]: ...
     def split_qkv(self, flat: Float[Tensor, "... qkv"]) -> tuple[Tensor, Tensor, Tensor]: ...
     def attend(self, q: Float[Tensor, "n dest head d_head"], k: Tensor, v: Tensor,
-               allowed: Tensor | None = None, q_pos: Tensor | None = None
-               ) -> Float[Tensor, "n dest head d_head"]: ...
-    def attention_pattern(self, q: Tensor, k: Tensor) -> Float[Tensor, "n head dest src"]: ...
+               allowed: Tensor | None = None, q_pos: Tensor | None = None,
+               layer: int | None = None) -> Float[Tensor, "n dest head d_head"]: ...
+    def attention_pattern(self, q: Tensor, k: Tensor, layer: int | None = None
+                          ) -> Float[Tensor, "n head dest src"]: ...
     def mix_values(self, pattern: Tensor, v: Tensor) -> Float[Tensor, "n dest head d_head"]: ...
     def attn_output(self, layer: int, z: Float[Tensor, "... head d_head"]
                     ) -> Float[Tensor, "... d_model"]: ...
@@ -195,7 +197,7 @@ def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
     place; `clean_qkv`, the into run's q/k/v of these variants' prompts, only with `flat`."""
     if flat is None:
         q, k, v = ops.split_qkv(ops.qkv_flat(layer, x))
-        attn = ops.attn_output(layer, ops.attend(q, k, v))
+        attn = ops.attn_output(layer, ops.attend(q, k, v, layer=layer))
         if ops.parallel_block:  # the whole block, summed in the HF order
             return x.copy_(_add_attention(ops, layer, x, attn))
         return x.add_(attn)
@@ -203,7 +205,7 @@ def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
     rows = x.reshape(-1, d_model).index_select(0, flat)
     qkv = clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, ops.qkv_flat(layer, rows))
     q, k, v = ops.split_qkv(qkv.view(*clean_qkv.shape))
-    z = ops.attend(q, k, v)
+    z = ops.attend(q, k, v, layer=layer)
     z = z.reshape(n * n_pos, *z.shape[2:]).index_select(0, flat)
     out = _add_attention(ops, layer, rows, ops.attn_output(layer, z))
     x.view(-1, d_model).index_copy_(0, flat, out)  # in place: x is a prefix of the batch
@@ -248,7 +250,7 @@ def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: T
         _, k, v = ops.split_qkv(qkv[in_attn])
         q = ops.split_qkv(ops.qkv_flat(layer, resid[in_attn]))[0]
         allowed = (pos[None] <= final_pos[in_attn, None])[:, None, None, :]
-        z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[in_attn])[:, 0]
+        z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[in_attn], layer=layer)[:, 0]
         resid[in_attn] = _add_attention(ops, layer, resid[in_attn], ops.attn_output(layer, z))
     if ops.parallel_block:  # the MLP ran with the attention
         return resid
@@ -290,7 +292,7 @@ def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, in
     if site == "attn_out":
         attn = patched("attn_out")
     else:
-        z = patched("z") if site == "z" else _patched_z(ops, site, patched, clean)
+        z = patched("z") if site == "z" else _patched_z(ops, site, layer, patched, clean)
         attn = _per_layer(layer, z, ops.attn_output)
     if ops.parallel_block:
         return clean("mlp_out") + attn + clean("resid_pre"), 2
@@ -304,12 +306,16 @@ def _per_layer(layer: Int[Tensor, " n"], acts: Tensor, fn) -> Tensor:
     return torch.cat(parts)
 
 
-def _patched_z(ops: BlockOps, site: str, patched, clean) -> Tensor:
-    """Head outputs after patching q, k, v or the pattern of the attention layer."""
+def _patched_z(ops: BlockOps, site: str, layer: Int[Tensor, " n"], patched, clean) -> Tensor:
+    """Head outputs after patching q, k, v or the pattern of the attention layer (rows sorted
+    by layer; each run of rows attends with its own layer's pattern)."""
     if site == "pattern":
         return ops.mix_values(patched("pattern"), clean("v"))
     q, k, v = (patched(n) if n == site else clean(n) for n in ("q", "k", "v"))
-    return ops.mix_values(ops.attention_pattern(q, k), v)
+    layers, counts = torch.unique_consecutive(layer, return_counts=True)
+    parts = zip(layers.tolist(), *(t.split(counts.tolist()) for t in (q, k, v)))
+    return torch.cat([ops.mix_values(ops.attention_pattern(q_, k_, layer=lay), v_)
+                      for lay, q_, k_, v_ in parts])
 
 
 def _first_patched_pos(site: str, masks: Tensor, n_pos: int) -> Int[Tensor, " variant"]:
