@@ -273,6 +273,7 @@ def bench_model(model: str, args) -> dict:
               f"{'TL MB':>7}{'engine MB':>10}{'general s':>10}{'gen ratio':>10}"
               f"{'gen |diff|':>11}")
     print(header)
+    floor_line = ""
     for name in args.sweeps.split(","):
         fn_name, site, over = SWEEPS[name]
         fn = getattr(tl_patching, fn_name)
@@ -295,11 +296,29 @@ def bench_model(model: str, args) -> dict:
                "max_abs_diff": diff, "tl_peak_mb": tl_mb, "engine_peak_mb": eng_mb,
                "general_s": gen_s, "general_ratio": tl_s / gen_s, "general_max_abs_diff": gen_diff}
         results["sweeps"][name] = row
+        if site == "z":   # the head sweep beside its arithmetic floor (issue 26, item 3)
+            row["floor_s"] = _head_sweep_floor_s(cfg, tokens.shape[1])
+            floor_line = (f"  (head sweep floor {row['floor_s']:.3f} s -> engine at "
+                          f"{eng_s / row['floor_s']:.2f}x the floor)")
         print(f"{row['sweep']:<32}{row['cells']:>6}{tl_s:>8.2f}{eng_s:>10.3f}{first_s:>10.3f}"
               f"{row['ratio']:>7.1f}x{row['first_call_ratio']:>9.1f}x{row['cold_ratio']:>10.1f}x"
               f"{diff:>11.2e}{tl_mb:>7.0f}{eng_mb:>10.0f}{gen_s:>10.3f}"
               f"{row['general_ratio']:>9.1f}x{gen_diff:>11.2e}", flush=True)
+    if floor_line:
+        print(floor_line, flush=True)
     return results
+
+
+def _head_sweep_floor_s(cfg, rows: int) -> float:
+    """head_sweep_ceiling.py's floor for this model's shape: its multiply-adds at the best
+    float32 matrix product measured now, in this process."""
+    from head_sweep_ceiling import best_matmul_gflops, head_sweep_flop
+
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    mlp_mats = 3 if getattr(cfg, "gated_mlp", False) else 2
+    flop = head_sweep_flop(cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head, cfg.d_mlp,
+                           mlp_mats, rows=rows)
+    return flop / 1e9 / best_matmul_gflops(cfg.d_model, cfg.d_mlp)
 
 
 def _ioi_prompts(n: int) -> list[dict]:
