@@ -129,9 +129,8 @@ class LlamaWeights:
         if problems:
             raise MeasureError("the Llama fast path cannot run this model: " + "; ".join(problems))
         with torch.inference_mode(False), torch.no_grad():
-            layers = [_layer_weights(block) for block in bridge.blocks]
+            stack, eps = _stacked_weights(bridge.blocks)
             attn = bridge.blocks[0].attn.original_component
-            stack = {k: torch.stack([lw[k] for lw in layers]) for k in layers[0] if k != "eps"}
             W_E = bridge.W_E.detach()
             model_type = getattr(getattr(bridge, "original_model", None), "config", None)
             model_type = getattr(model_type, "model_type", "")
@@ -145,7 +144,7 @@ class LlamaWeights:
             post = _post_norms(bridge.blocks)
             return cls(W_E=W_E, embed_scale=scale, n_heads=n_heads, n_kv_heads=n_kv,
                        d_head=d_head, scaling=float(attn.scaling),
-                       eps=tuple(lw["eps"] for lw in layers),
+                       eps=eps,
                        post_norms=None if post is None else post[0],
                        post_eps=None if post is None else post[1],
                        attn_softcap=None if cap is None else float(cap),
@@ -154,11 +153,12 @@ class LlamaWeights:
 
 
 def _linear(module) -> tuple[Tensor, Tensor]:
-    """[d_in, d_out] weight and bias (zeros when the projection has none) of a LinearBridge."""
+    """[d_out, d_in] weight (as stored) and bias (zeros when the projection has none) of a
+    LinearBridge."""
     inner = getattr(module, "original_component", module)
-    w = inner.weight.detach().T
+    w = inner.weight.detach()
     b = inner.bias.detach() if getattr(inner, "bias", None) is not None else \
-        w.new_zeros(w.shape[1])
+        w.new_zeros(w.shape[0])
     return w, b
 
 
@@ -172,25 +172,40 @@ def _norm(bridge_norm) -> tuple[Tensor, float]:
     return w, float(eps)
 
 
-def _fold(w: Tensor, scale: Tensor) -> Tensor:
-    """A norm's scale folded into the projection after it (a no-op, exactly, when unit)."""
-    return w if bool((scale == 1).all()) else scale[:, None] * w
-
-
-def _layer_weights(block) -> dict:
+def _layer_parts(block) -> tuple[dict[str, list[Tensor]], dict[str, Tensor], tuple]:
+    """One block's weights as its modules' own [d_out, d_in] tensors (no copies): the pieces
+    of each stacked matrix in order, the norm scale to fold into each, the norms' epsilons."""
     attn, mlp = block.attn, block.mlp
     (w1, e1), (w2, e2) = _norm(block.ln1), _norm(block.ln2)
-    qkv = [_linear(getattr(attn, n)) for n in ("q", "k", "v")]
-    W_QKV = torch.cat([w for w, _ in qkv], 1)
-    W_gate, b_gate = _linear(mlp.gate)
-    W_in, b_in = _linear(getattr(mlp, "in"))
-    W_out, b_out = _linear(mlp.out)
-    W_O, b_O = _linear(attn.o)
-    return dict(W_QKV=_fold(W_QKV, w1).contiguous(), b_QKV=torch.cat([b for _, b in qkv]),
-                W_O=W_O.contiguous(), b_O=b_O,
-                W_gate_in=_fold(torch.cat([W_gate, W_in], 1), w2).contiguous(),
-                b_gate_in=torch.cat([b_gate, b_in]), W_out=W_out.contiguous(), b_out=b_out,
-                eps=(e1, e2))
+    q, k, v = (_linear(getattr(attn, n)) for n in ("q", "k", "v"))
+    (W_gate, b_gate), (W_in, b_in) = _linear(mlp.gate), _linear(getattr(mlp, "in"))
+    (W_O, b_O), (W_out, b_out) = _linear(attn.o), _linear(mlp.out)
+    matrices = {"W_QKV": [q[0], k[0], v[0]], "W_O": [W_O], "W_gate_in": [W_gate, W_in],
+                "W_out": [W_out]}
+    scales = {"W_QKV": w1, "W_gate_in": w2}
+    biases = {"b_QKV": [q[1], k[1], v[1]], "b_O": [b_O], "b_gate_in": [b_gate, b_in],
+              "b_out": [b_out]}
+    return {**matrices, **biases}, scales, (e1, e2)
+
+
+def _stacked_weights(blocks) -> tuple[dict[str, Tensor], tuple[tuple[float, float], ...]]:
+    """Every layer's weights stacked [layer, ...], each written once, in the modules' own
+    [d_out, d_in] layout (a plain copy; a transposing one costs several times more), with a
+    norm's scale folded in (a no-op when unit); matrices are handed out as [layer, d_in, d_out]
+    transposed views, which `addmm` reads as they are. The setup's cost: one copy."""
+    layers = [_layer_parts(block) for block in blocks]
+    first = layers[0][0]
+    stack = {name: parts[0].new_empty(len(layers), sum(p.shape[0] for p in parts),
+                                      *parts[0].shape[1:])
+             for name, parts in first.items()}
+    for layer, (parts, scales, _) in enumerate(layers):
+        for name, pieces in parts.items():
+            torch.cat(pieces, 0, out=stack[name][layer])
+            scale = scales.get(name)
+            if scale is not None and not bool((scale == 1).all()):
+                stack[name][layer].mul_(scale)
+    stack = {name: t.transpose(1, 2) if t.dim() == 3 else t for name, t in stack.items()}
+    return stack, tuple(eps for _, _, eps in layers)
 
 
 def _post_norms(blocks) -> tuple[Tensor, tuple[tuple[float, float], ...]] | None:
