@@ -26,6 +26,9 @@ DROPPED = ("xfail", "search", "ci", "per_prompt", "tolerance", "skip")   # about
 # ranking (the share of bootstrap resamples it must hold in), dropped from a number frozen as
 # `approx` (there it would gate a bootstrap interval inside the tolerance, as `ci` would)
 CONFIDENCE = "confidence"
+# operators that judge the claim against chance, not its value: the frozen expectation keeps
+# the spec's own level (pinning the measured p-value would gate nothing the spec asked for)
+KEPT_OPERATORS = ("significant",)
 
 Frozen = tuple[dict | None, str]   # (the expectation, or None; the comment above the claim)
 
@@ -353,13 +356,26 @@ def frozen_spec_text(spec_data: dict, claims: list[dict], tolerance: float, orig
             dropped = [k for k in DROPPED if k in claim]
             for key in dropped:
                 claim.pop(key)
-            claim.pop("expect", None)
+            kept = _kept_operators(claim.pop("expect", None), expect)
             note += _confidence(claim, found)
+            if kept:
+                note += f" (kept {', '.join(kept)} from the spec)"
             claim["expect"] = expect          # last, where a person writes it
             if dropped:
                 note += f" (dropped {', '.join(dropped)}: they qualified the old expectation)"
         parts.append(_item(claim, note))
     return "\n".join(parts) + "\n"
+
+
+def _kept_operators(old, frozen: dict) -> list[str]:
+    """Copy KEPT_OPERATORS from the spec's expectation into the frozen one (a dict); their
+    'name: level' for the note."""
+    if not isinstance(old, dict) or not isinstance(frozen, dict):
+        return []
+    kept = [name for name in KEPT_OPERATORS if name in old and name not in frozen]
+    for name in kept:
+        frozen[name] = old[name]
+    return [f"{name}: {old[name]}" for name in kept]
 
 
 def _confidence(claim: dict, found: dict) -> str:

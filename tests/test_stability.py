@@ -308,6 +308,25 @@ def test_freeze_writes_confidence_where_it_was_measured(planted):
     assert "(confidence 0.9, held in 100% of 200 resamples)" in text
 
 
+def test_freeze_keeps_the_significance_gate():
+    """A frozen claim measured against chance keeps the spec's `significant` level: replacing
+    `expect` by the pinned value alone would let a claim that no longer beats chance pass."""
+    import yaml
+
+    spec = {"spec": "s", "models": {}, "claims": [
+        {"id": "beats-chance", "measure": "circuit", "model": "m", "members": ["L0H0"],
+         "against": {"random": 50, "seed": 0}, "confidence": 0.95,
+         "expect": {">=": 0.9, "significant": 0.01}}]}
+    entry = {"id": "beats-chance", "status": "passed", "measure": "circuit", "models": ["m"],
+             "measured": 0.97, "expected": spec["claims"][0]["expect"],
+             "trust": {"confidence": 0.95, "p": 0.0196}}
+    text = frozen_spec_text(spec, [entry], 0.05, "report.json")
+    claim = yaml.safe_load(text)["claims"][0]
+    assert claim["expect"] == {"approx": 0.97, "atol": 0.05, "significant": 0.01}
+    assert claim["against"] == {"random": 50, "seed": 0}
+    assert "kept significant: 0.01 from the spec" in text
+
+
 def test_the_docs_name_the_kinds_without_stability():
     from harness.kinds import CLAIM_KINDS
 
