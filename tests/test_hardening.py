@@ -178,6 +178,19 @@ STATIC_CASES = {   # id: (claims, prompts, message, line)
                           "expect: {contains: x}}\n", None,
                           "claims[0].max_new_tokens: the longest prompt is 5 tokens + "
                           "max_new_tokens 60", 9),
+    # cells of a grid or ranking expectation: a head the model lacks can never be the argmax
+    "expect-argmax": ("- {id: c, measure: patch_sweep, from: a, into: a, site: z, "
+                      "over: [layer, head], expect: {argmax: L0H4}}\n", None,
+                      "claims[0].expect.argmax: head 4 is out of range: model 'a' has 4 heads",
+                      9),
+    "expect-top": ("- {id: c, measure: patch_sweep, from: a, into: a, site: z, "
+                   "over: [layer, head], expect: {top: {k: 2, includes: [L1H0, L2H0]}}}\n",
+                   None, "claims[0].expect.top.includes[1]: layer 2 is out of range", 9),
+    "expect-edge": ("- {id: c, measure: edge_scores, model: a, method: eap, "
+                    "expect: {top: {k: 1, equals: ['L0H0 -> L1H7:q']}}}\n",
+                    '- {text: "This movie was really", corrupt: "This movie was very", '
+                    'answer: " bad", foil: " good"}\n',
+                    "claims[0].expect.top.equals[0]: head 7 is out of range", 7),
     "empty-prompt": ("- {id: c, measure: logit_diff, model: a, prepend_bos: false, "
                      "expect: {'>': 0}}\n",
                      '- {text: "", answer: " bad", foil: " good"}\n',

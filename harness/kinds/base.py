@@ -98,7 +98,7 @@ def index_problems(claim, sizes: dict[str, int | None], model: str) -> list[tupl
     None: not checked). The one range check: static checks run it on config.json and the
     tokenized prompts, measurements on the loaded model."""
     out = []
-    for index in claim.indices():
+    for index in claim.indices() + expect_indices(claim):
         if index.axis == "position":
             size = sizes.get("shortest_prompt")
             if size is not None and not -size <= index.value < size:
@@ -117,6 +117,66 @@ def index_problems(claim, sizes: dict[str, int | None], model: str) -> list[tupl
         if size is not None and not 0 <= index.value < size:
             out.append((index.loc, f"{what} {index.value} is out of range: model '{model}' has "
                                    f"{size} {what}s (0..{size - 1})"))
+    return out
+
+
+def expect_indices(claim) -> list[Index]:
+    """The layers, heads and neurons named by the cells of a grid or ranking expectation
+    (`argmax`, `argmin`, `top`, `only_above`), as labels (`L31H4`, `L3KV1`, `L3N12`, `mlp3`,
+    edges) or {layer: .., head: ..} cells: one the model does not have can never hold, so it is
+    a spec error, not a claim that fails after the weights load."""
+    from harness.expect import GRID, PAIR
+
+    expect = claim.expect if isinstance(claim.expect, dict) else {}
+    try:
+        kind = claim.value_kind()
+    except Exception:        # fields that do not yet decide it: other checks report them
+        return []
+    if kind not in (GRID, PAIR):
+        return []
+    cells: list[tuple[tuple, object]] = [(("expect", k), expect[k])
+                                         for k in ("argmax", "argmin") if k in expect]
+    top, above = expect.get("top"), expect.get("only_above")
+    for arg, key in ((top, "equals"), (top, "includes"), (above, "cells")):
+        if isinstance(arg, dict) and isinstance(arg.get(key), list):
+            op = "top" if arg is top else "only_above"
+            cells += [(("expect", op, key, i), c) for i, c in enumerate(arg[key])]
+    out = []
+    for loc, cell in cells:
+        for axis, value in _cell_axes(cell):
+            out.append(Index(loc, axis, value))
+    return out
+
+
+def _cell_axes(cell) -> list[tuple[str, int]]:
+    """(axis, index) pairs a cell names; [] for what is not a model index (positions by
+    number are checked against the grid when judged)."""
+    if isinstance(cell, dict):
+        return [(axis, v) for axis, v in cell.items()
+                if axis in AXES and isinstance(v, int) and not isinstance(v, bool)]
+    if not isinstance(cell, str):
+        return []
+    ends: list = []
+    if "->" in cell:
+        try:
+            edge = labels.parse_edge(cell)
+        except ValueError:
+            return []
+        ends = [edge.sender, edge.receiver]
+    else:
+        try:
+            ends = [labels.parse_label(cell)]
+        except labels.LabelError:
+            return []
+    out: list[tuple[str, int]] = []
+    for end in ends:
+        end = end.head if isinstance(end, labels.HeadInput) else end
+        if isinstance(end, labels.Head):
+            out += [("layer", end.layer), ("kv_head" if end.kv else "head", end.head)]
+        elif isinstance(end, labels.Neuron):
+            out += [("layer", end.layer), ("neuron", end.neuron)]
+        elif isinstance(end, labels.LayerPart):
+            out.append(("layer", end.layer))
     return out
 
 
