@@ -95,7 +95,9 @@ def _one_of(*choices):
 
 
 def _string(arg) -> str | None:
-    return None if isinstance(arg, str) else f"needs a string, got {arg!r}"
+    if not isinstance(arg, str):
+        return f"needs a string, got {arg!r}"
+    return None if arg else "needs a non-empty text: every text contains ''"
 
 
 def _string_or_list(arg) -> str | None:
@@ -137,9 +139,18 @@ def _top(arg) -> str | None:
         return "needs `k`, an integer >= 1"
     if ("equals" in arg) == ("includes" in arg):
         return "needs exactly one of `equals` or `includes`"
-    cells = arg.get("equals", arg.get("includes"))
-    if not isinstance(cells, list) or any(_cell(c) for c in cells):
-        return "needs a list of cells"
+    key = "equals" if "equals" in arg else "includes"
+    cells = arg[key]
+    if not isinstance(cells, list) or not cells or any(_cell(c) for c in cells):
+        return f"`{key}` needs a non-empty list of cells"   # [] would hold vacuously
+    if len({repr(c) for c in cells}) < len(cells):
+        return f"`{key}` names a cell twice: {cells!r}"
+    if key == "equals" and len(cells) != arg["k"]:
+        return (f"`equals` lists {len(cells)} cells but k is {arg['k']}: the top {arg['k']} "
+                f"can never equal them; give k: {len(cells)} or use `includes`")
+    if len(cells) > arg["k"]:
+        return (f"`includes` lists {len(cells)} cells, more than the top {arg['k']} can hold; "
+                f"give k >= {len(cells)}")
     return None
 
 
@@ -427,8 +438,8 @@ def _rate_arg(arg) -> str | None:
     if not isinstance(arg, dict):
         return f"needs {{contains: TEXT, '>=': 0.8}}, got {arg!r}"
     tests = [k for k in arg if k in ("contains", "not_contains")]
-    if len(tests) != 1 or not isinstance(arg[tests[0]], str):
-        return "needs exactly one of `contains` / `not_contains` with a text"
+    if len(tests) != 1 or not isinstance(arg[tests[0]], str) or not arg[tests[0]]:
+        return "needs exactly one of `contains` / `not_contains` with a non-empty text"
     rest = {k: v for k, v in arg.items() if k not in tests}
     return _comparison_map(rest) if rest else "needs a comparison such as '>=': 0.8"
 

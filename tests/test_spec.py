@@ -215,6 +215,34 @@ def test_corrupt_template_expands_with_the_same_values(tmp_path):
        measure: logit_diff
        expect: {">": 0}
      """, 9, "claims[0].model", ["missing required field 'model'"]),
+    # expectations that would hold whatever was measured, or never: spec errors
+    ("""\
+     - id: a
+       measure: dla
+       model: rlhf
+       by: component
+       expect: {top: {k: 2, includes: []}}
+     """, 13, "claims[0].expect.top", ["non-empty list of cells"]),
+    ("""\
+     - id: a
+       measure: dla
+       model: rlhf
+       by: component
+       expect: {top: {k: 2, equals: [mlp3, mlp2, attn3]}}
+     """, 13, "claims[0].expect.top", ["lists 3 cells but k is 2"]),
+    ("""\
+     - id: a
+       measure: dla
+       model: rlhf
+       by: component
+       expect: {top: {k: 2, equals: [mlp3, mlp3]}}
+     """, 13, "claims[0].expect.top", ["names a cell twice"]),
+    ("""\
+     - id: a
+       measure: generate
+       model: rlhf
+       expect: {contains: ""}
+     """, 12, "claims[0].expect.contains", ["every text contains ''"]),
 ])
 def test_claim_errors(tmp_path, body, line, path, words):
     err = error_of(tmp_path, claim(body))
