@@ -543,6 +543,12 @@ def check_expectation_spec(claim) -> list[tuple[tuple, str]]:
         elif name == "significant" and getattr(claim, "against", None) is None:
             errors.append((loc, "`significant` reads the p-value of `against: {random: N, "
                                 "seed: S}`; add `against` to the claim"))
+        elif name == "significant" and 1 / (claim.against.random + 1) > arg:
+            n = claim.against.random
+            need = math.ceil(1 / arg) - 1
+            errors.append((loc, f"with {n} random selections the smallest p-value is 1/{n + 1} "
+                                f"= {1 / (n + 1):.3g}, above {arg:g}: the claim could never "
+                                f"pass; draw at least {need} (`against: {{random: {need}}}`)"))
     return errors
 
 

@@ -462,6 +462,10 @@ claims:
      "claims[0].expect.significant", "add `against`"),
     ("{id: x, measure: ablate, model: m, site: z, heads: [L0H0], against: {random: 5}, "
      "expect: {significant: 2}}", "claims[0].expect.significant", "between 0 and 1"),
+    ("{id: x, measure: ablate, model: m, site: z, heads: [L0H0], against: {random: 50}, "
+     "expect: {significant: 0.01}}", "claims[0].expect.significant",
+     "smallest p-value is 1/51 = 0.0196, above 0.01: the claim could never pass; draw at "
+     "least 99"),
     ("{id: x, measure: logit_diff, model: m, holdout: rfe, expect: {'>': 0}}",
      "claims[0].holdout", "did you mean 'ref'"),
     ("{id: x, measure: patch, from: {model: m}, into: {model: m, input: corrupt}, site: z, "
