@@ -441,7 +441,15 @@ def _rate_arg(arg) -> str | None:
     if len(tests) != 1 or not isinstance(arg[tests[0]], str) or not arg[tests[0]]:
         return "needs exactly one of `contains` / `not_contains` with a non-empty text"
     rest = {k: v for k, v in arg.items() if k not in tests}
-    return _comparison_map(rest) if rest else "needs a comparison such as '>=': 0.8"
+    if not rest:
+        return "needs a comparison such as '>=': 0.8"
+    problem = _comparison_map(rest)
+    if problem:
+        return problem
+    from harness.kinds.base import share_bound_problem
+
+    problems = [share_bound_problem(op, bound) for op, bound in rest.items()]
+    return next((p for p in problems if p), None)
 
 
 @operator("rate", (SAMPLES,), _rate_arg)

@@ -243,6 +243,21 @@ def test_corrupt_template_expands_with_the_same_values(tmp_path):
        model: rlhf
        expect: {contains: ""}
      """, 12, "claims[0].expect.contains", ["every text contains ''"]),
+    ("""\
+     - id: a
+       measure: logit_diff
+       model: source
+       per_prompt: {fraction: ">= 0"}
+       expect: {">": 0}
+     """, 12, "claims[0].per_prompt", ["holds for every share", "tests nothing"]),
+    ("""\
+     - id: a
+       measure: generate
+       model: rlhf
+       samples: 4
+       temperature: 1.0
+       expect: {rate: {contains: " bad", ">": 1}}
+     """, 14, "claims[0].expect.rate", ["holds for no share", "never pass"]),
 ])
 def test_claim_errors(tmp_path, body, line, path, words):
     err = error_of(tmp_path, claim(body))
