@@ -386,6 +386,10 @@ operator("argmin", (GRID, PAIR), _cell)(_extreme(False))
 
 @operator("top", (GRID, PAIR), _top)
 def _top_check(grid: Grid, arg, mods) -> Outcome:
+    n = grid.values.numel()
+    if arg["k"] >= n:   # every cell is in the top k: it would hold whatever was measured
+        return Outcome(False, f"top {arg['k']} of a grid of {n} cells takes every cell, so it "
+                              f"tests nothing; give k < {n}" + top_summary(grid, n))
     cells = [c for c, _ in top_cells(grid, arg["k"])]
     want = [resolve_cell(grid, c) for c in arg.get("equals", arg.get("includes"))]
     ok = set(cells) == set(want) if "equals" in arg else all(w in cells for w in want)

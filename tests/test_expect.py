@@ -105,11 +105,20 @@ def test_grid_operators(expect, ok):
     ({"argmax": "mlp1"}, True), ({"argmax": "attn1"}, False),
     ({"argmin": "attn0"}, True), ({"argmax": 4}, True), ({"argmax": -1}, True),
     ({"top": {"k": 2, "equals": ["mlp1", "attn1"]}}, True),
+    # k covering all five cells would hold whatever was measured: it fails, saying so
+    ({"top": {"k": 5, "includes": ["mlp1"]}}, False),
+    ({"top": {"k": 4, "includes": ["mlp1"]}}, True),
     ({"approx": [0.1, -0.5, 0.2, 0.3, 1.5]}, True),
     ({"approx": [0.1, -0.5, 0.2, 0.3, 1.6]}, False),
 ])
 def test_vector_operators(expect, ok):
     assert holds(expect, Measurement("grid", VECTOR)) is ok
+
+
+def test_top_k_over_the_whole_grid_says_it_tests_nothing():
+    (outcome,) = evaluate({"top": {"k": 9, "includes": ["mlp1"]}}, Measurement("grid", VECTOR),
+                          {})
+    assert not outcome.ok and "takes every cell, so it tests nothing; give k < 5" in outcome.detail
 
 
 def test_head_cells_by_name():
