@@ -132,6 +132,23 @@ def _comparison_map(arg) -> str | None:
     return None
 
 
+def share_bound_problem(op: str, bound) -> str | None:
+    """Why a comparison on a share (a fraction of prompts or samples, always in [0, 1]) is no
+    test: it holds for every share, or for none; None when it can go either way."""
+    if op == "between":
+        low, high = bound
+        always, never = low <= 0 and high >= 1, high < 0 or low > 1
+    else:
+        b = float(bound)
+        always = {">=": b <= 0, ">": b < 0, "<=": b >= 1, "<": b > 1}[op]
+        never = {">=": b > 1, ">": b >= 1, "<=": b < 0, "<": b <= 0}[op]
+    if always:
+        return f"'{op} {bound}' holds for every share from 0 to 1: it tests nothing"
+    if never:
+        return f"'{op} {bound}' holds for no share from 0 to 1: it can never pass"
+    return None
+
+
 def _top(arg) -> str | None:
     if not isinstance(arg, dict) or set(arg) - {"k", "equals", "includes"}:
         return f"needs {{k: N, equals: [...]}} or {{k: N, includes: [...]}}, got {arg!r}"
@@ -450,8 +467,6 @@ def _rate_arg(arg) -> str | None:
     problem = _comparison_map(rest)
     if problem:
         return problem
-    from harness.kinds.base import share_bound_problem
-
     problems = [share_bound_problem(op, bound) for op, bound in rest.items()]
     return next((p for p in problems if p), None)
 

@@ -128,7 +128,7 @@ def test_show_prints_the_whole_measurement(tmp_path, tiny_checkpoints, capsys):
           samples: 2
           seed: 7
           max_new_tokens: 2
-          expect: {rate: {contains: "e", ">=": 0}}
+          expect: {rate: {not_contains: "@@@", ">=": 1.0}}
         """)
     spec = write_spec(tmp_path, tiny_checkpoints["a"], PROMPTS, claims, "show")
     spec.write_text(spec.read_text().replace(

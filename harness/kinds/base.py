@@ -71,23 +71,6 @@ def parse_comparison(text: str) -> tuple[str, float]:
         raise ValueError(f"'{text}' is not a comparison such as '>= 0.9'") from None
 
 
-def share_bound_problem(op: str, bound) -> str | None:
-    """Why a comparison on a share (a fraction of prompts or samples, always in [0, 1]) is no
-    test: it holds for every share, or for none; None when it can go either way."""
-    if op == "between":
-        low, high = bound
-        always, never = low <= 0 and high >= 1, high < 0 or low > 1
-    else:
-        b = float(bound)
-        always = {">=": b <= 0, ">": b < 0, "<=": b >= 1, "<": b > 1}[op]
-        never = {">=": b > 1, ">": b >= 1, "<=": b < 0, "<": b <= 0}[op]
-    if always:
-        return f"'{op} {bound}' holds for every share from 0 to 1: it tests nothing"
-    if never:
-        return f"'{op} {bound}' holds for no share from 0 to 1: it can never pass"
-    return None
-
-
 # ----------------------------------------------------------------------------- indices
 
 AXES = {   # axis -> (the word in messages, the model size it must be below)
@@ -270,6 +253,8 @@ class ClaimBase(Frozen):
         if isinstance(value, dict):
             if "fraction" not in value:
                 raise ValueError("`per_prompt` is all, any, mean or {fraction: '>= 0.9'}")
+            from harness.expect import share_bound_problem
+
             problem = share_bound_problem(*parse_comparison(value["fraction"]))
             if problem:
                 raise ValueError(f"`per_prompt` fraction {problem}")
