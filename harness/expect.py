@@ -385,8 +385,26 @@ def top_summary(grid: Grid, k: int = 3) -> str:
                                        for c, v in top_cells(grid, k))
 
 
+def _broken_cells(grid: Grid) -> Outcome | None:
+    """A failed outcome when some cell is NaN or infinite: a ranking over a broken
+    measurement (a diverged model, a division by zero) must not pass, whichever cell it names
+    (torch ranks NaN first, so `argmax` of an all-NaN grid named its first cell)."""
+    import torch
+
+    bad = ~torch.isfinite(grid.values.float())
+    if not bool(bad.any()):
+        return None
+    first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    return Outcome(False, f"{int(bad.sum())} of {bad.numel()} cells are not finite (first: "
+                          f"{describe_cell(grid, first)} = {fmt(float(grid.values[first]))}): "
+                          "no cell can be ranked on a broken measurement", -math.inf)
+
+
 def _extreme(largest: bool):
     def check(grid: Grid, arg, mods) -> Outcome:
+        broken = _broken_cells(grid)
+        if broken is not None:
+            return broken
         (cell, value), = top_cells(grid, 1, largest)
         want = resolve_cell(grid, arg)
         word = "argmax" if largest else "argmin"
@@ -403,6 +421,9 @@ operator("argmin", (GRID, PAIR), _cell)(_extreme(False))
 
 @operator("top", (GRID, PAIR), _top)
 def _top_check(grid: Grid, arg, mods) -> Outcome:
+    broken = _broken_cells(grid)
+    if broken is not None:
+        return broken
     n = grid.values.numel()
     if arg["k"] >= n:   # every cell is in the top k: it would hold whatever was measured
         return Outcome(False, f"top {arg['k']} of a grid of {n} cells takes every cell, so it "
@@ -416,6 +437,9 @@ def _top_check(grid: Grid, arg, mods) -> Outcome:
 
 @operator("only_above", (GRID, PAIR), _only_above)
 def _only_above_check(grid: Grid, arg, mods) -> Outcome:
+    broken = _broken_cells(grid)
+    if broken is not None:
+        return broken
     threshold = float(arg["threshold"])
     above = {tuple(int(x) for x in idx) for idx in (grid.values > threshold).nonzero().tolist()}
     want = {resolve_cell(grid, c) for c in arg["cells"]}

@@ -121,6 +121,21 @@ def test_top_k_over_the_whole_grid_says_it_tests_nothing():
     assert not outcome.ok and "takes every cell, so it tests nothing; give k < 5" in outcome.detail
 
 
+@pytest.mark.parametrize("expect", [
+    {"argmax": "mlp0"}, {"argmin": "mlp0"}, {"top": {"k": 1, "includes": ["mlp0"]}},
+    {"only_above": {"threshold": 0.0, "cells": []}},
+])
+def test_a_grid_with_broken_cells_ranks_nothing(expect):
+    """A diverged model's all-NaN grid: torch ranks NaN first, so `argmax: mlp0` (its first
+    cell) used to pass; every ranking now fails and says why."""
+    nan = Grid(("layer",), (("mlp0", "mlp1", "mlp2"),), torch.full((3,), float("nan")))
+    (outcome,) = evaluate(expect, Measurement("grid", nan), {})
+    assert not outcome.ok and "3 of 3 cells are not finite" in outcome.detail
+    inf = Grid(nan.axes, nan.labels, torch.tensor([0.1, float("inf"), 0.3]))
+    (outcome,) = evaluate(expect, Measurement("grid", inf), {})
+    assert not outcome.ok and "(first: layer mlp1 = inf)" in outcome.detail
+
+
 def test_head_cells_by_name():
     assert holds({"argmax": "L1H0"}, Measurement("grid", HEADS))
     assert not holds({"argmax": "L1H2"}, Measurement("grid", HEADS))
