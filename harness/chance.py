@@ -78,6 +78,11 @@ def direction(expect: Mapping) -> str:
     return LESS if below else GREATER
 
 
+def p_value(n_random: int, n_extreme: int) -> float:
+    """(1 + #random at least as extreme) / (N + 1): never 0, at least 1 / (N + 1)."""
+    return (1 + n_extreme) / (n_random + 1)
+
+
 def compare(named: float, random_values: Sequence[float], way: str) -> dict:
     """The named value among the random ones: `p_value` = (1 + #random at least as extreme)
     / (N + 1) (ties count against the claim), `percentile` = the share of random values it
@@ -87,7 +92,7 @@ def compare(named: float, random_values: Sequence[float], way: str) -> dict:
         extreme = sum(r >= named for r in random_values)
     else:
         extreme = sum(r <= named for r in random_values)
-    return {"p_value": (1 + extreme) / (n + 1), "percentile": 100.0 * (n - extreme) / n}
+    return {"p_value": p_value(n, extreme), "percentile": 100.0 * (n - extreme) / n}
 
 
 def summary(named: float, random_values: Sequence[float], expect: Mapping, seed: int) -> dict:

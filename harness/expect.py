@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from harness.chance import p_value
 from harness.errors import did_you_mean
 from harness.labels import LabelError, label_cell, parse_label
 from harness.measure.results import Grid, PromptParts
@@ -138,10 +139,9 @@ def share_bound_problem(op: str, bound) -> str | None:
     if op == "between":
         low, high = bound
         always, never = low <= 0 and high >= 1, high < 0 or low > 1
-    else:
-        b = float(bound)
-        always = {">=": b <= 0, ">": b < 0, "<=": b >= 1, "<": b > 1}[op]
-        never = {">=": b > 1, ">": b >= 1, "<=": b < 0, "<": b <= 0}[op]
+    else:   # a one-sided bound is monotone in the share: its two ends decide
+        ends = [COMPARISONS[op](share, float(bound)) for share in (0.0, 1.0)]
+        always, never = all(ends), not any(ends)
     if always:
         return f"'{op} {bound}' holds for every share from 0 to 1: it tests nothing"
     if never:
@@ -594,11 +594,11 @@ def check_expectation_spec(claim) -> list[tuple[tuple, str]]:
         elif name == "significant" and getattr(claim, "against", None) is None:
             errors.append((loc, "`significant` reads the p-value of `against: {random: N, "
                                 "seed: S}`; add `against` to the claim"))
-        elif name == "significant" and 1 / (claim.against.random + 1) > arg:
+        elif name == "significant" and p_value(claim.against.random, 0) > arg:
             n = claim.against.random
             need = math.ceil(1 / arg) - 1
             errors.append((loc, f"with {n} random selections the smallest p-value is 1/{n + 1} "
-                                f"= {1 / (n + 1):.3g}, above {arg:g}: the claim could never "
+                                f"= {p_value(n, 0):.3g}, above {arg:g}: the claim could never "
                                 f"pass; draw at least {need} (`against: {{random: {need}}}`)"))
     return errors
 
