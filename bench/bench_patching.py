@@ -12,6 +12,7 @@ the largest absolute differences of the patched logit diffs and peak memory.
 
     python bench/bench_patching.py [--device cuda] [--json out.json] [--sweeps z,resid_pre]
                                    [--models gpt2,llama,pythia]
+                                   [--profile]   (the head sweep's matrix products vs its floor)
     python bench/bench_patching.py --real-only [--real-dir DIR] [--prompts 4,64,256]
                                    [--real-layers 20] [--tl-budget-s 60] [--no-general]
 
@@ -205,6 +206,8 @@ def main(argv=None) -> dict:
                              "its time for the row's layers scaled from the mean per head")
     parser.add_argument("--no-general", action="store_true",
                         help="skip the engine's general path in the real-model rows")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one head sweep: its matrix products against the floor")
     parser.add_argument("--repeat", type=int, default=3,
                         help="engine timing = best of this many calls (the first call also "
                              "pays one-off kernel and allocator warm-up, reported apart)")
@@ -300,6 +303,14 @@ def bench_model(model: str, args) -> dict:
             row["floor_s"] = _head_sweep_floor_s(cfg, tokens.shape[1])
             floor_line = (f"  (head sweep floor {row['floor_s']:.3f} s -> engine at "
                           f"{eng_s / row['floor_s']:.2f}x the floor)")
+            if args.profile:
+                products, total = _matmul_share(partial(
+                    engines["fast"].patch_sweep, from_run, into_run, answer, foil,
+                    site=site, over=over))
+                row["matmul_s"], row["profiled_s"] = products, total
+                floor_line += (f"\n  (profiled: matrix products {products:.3f} s of "
+                               f"{total:.3f} s = {products / row['floor_s']:.2f}x the floor; "
+                               f"everything else {total - products:.3f} s)")
         print(f"{row['sweep']:<32}{row['cells']:>6}{tl_s:>8.2f}{eng_s:>10.3f}{first_s:>10.3f}"
               f"{row['ratio']:>7.1f}x{row['first_call_ratio']:>9.1f}x{row['cold_ratio']:>10.1f}x"
               f"{diff:>11.2e}{tl_mb:>7.0f}{eng_mb:>10.0f}{gen_s:>10.3f}"
@@ -309,16 +320,31 @@ def bench_model(model: str, args) -> dict:
     return results
 
 
-def _head_sweep_floor_s(cfg, rows: int) -> float:
-    """head_sweep_ceiling.py's floor for this model's shape: its multiply-adds at the best
-    float32 matrix product measured now, in this process."""
+def _head_sweep_floor_s(cfg, rows: int, prompts: int = 1, layers=None,
+                        gflops: float | None = None) -> float:
+    """head_sweep_ceiling.py's floor for this model's shape (`prompts` prompts of `rows`
+    tokens, the sweep's `layers`): its multiply-adds at the best float32 matrix product
+    (`gflops`, measured now in this process when not given)."""
     from head_sweep_ceiling import best_matmul_gflops, head_sweep_flop
 
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     mlp_mats = 3 if getattr(cfg, "gated_mlp", False) else 2
-    flop = head_sweep_flop(cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head, cfg.d_mlp,
-                           mlp_mats, rows=rows)
-    return flop / 1e9 / best_matmul_gflops(cfg.d_model, cfg.d_mlp)
+    flop = prompts * head_sweep_flop(cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head,
+                                     cfg.d_mlp, mlp_mats, rows=rows, layers=layers)
+    return flop / 1e9 / (gflops or best_matmul_gflops(cfg.d_model, cfg.d_mlp))
+
+
+def _matmul_share(sweep) -> tuple[float, float]:
+    """(seconds in matrix products, seconds in all operators) of one call of `sweep`, by
+    torch.profiler: how much of the head sweep the floor's arithmetic covers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sweep()
+    times = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    products = sum(v for k, v in times.items()
+                   if k in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"))
+    return products, sum(times.values())
 
 
 def _ioi_prompts(n: int) -> list[dict]:
@@ -340,7 +366,7 @@ def _zoo_smollm2() -> Path:
 def bench_real(args) -> dict:
     """The IOI head sweep and path patching on SmolLM2-135M for several prompt counts."""
     import transformer_lens.patching as tl_patching
-    from head_sweep_ceiling import best_matmul_gflops, head_sweep_flop
+    from head_sweep_ceiling import best_matmul_gflops
     from transformer_lens.model_bridge import TransformerBridge
 
     from harness.measure import circuits as C
@@ -401,9 +427,7 @@ def bench_real(args) -> dict:
             over=("layer", "head"), method="attribution", layers=layers), args.device)[1]
         row.update(_tl_heads(bridge, tl_patching, clean, corrupt, answer, foil, final_pos,
                              layers, cfg.n_heads, grids["engine"].raw, args.tl_budget_s))
-        flop = n * head_sweep_flop(cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head,
-                                   cfg.d_mlp, 3, rows=clean.shape[1], layers=layers)
-        row["floor_s"] = flop / 1e9 / gflops
+        row["floor_s"] = _head_sweep_floor_s(cfg, clean.shape[1], n, layers, gflops)
         row["path_resid_s"] = timed(partial(engines["engine"].path_patch, from_run, into_run,
                                             answer, foil, senders, "resid"), args.device)[1]
         out[n] = row
