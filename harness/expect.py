@@ -385,6 +385,28 @@ def top_summary(grid: Grid, k: int = 3) -> str:
                                        for c, v in top_cells(grid, k))
 
 
+# where each grid operator names cells: a cell itself, or lists of cells under these keys
+CELL_ARGS = {"argmax": None, "argmin": None, "top": ("equals", "includes"),
+             "only_above": ("cells",)}
+
+
+def named_cells(expect: dict) -> list[tuple[tuple, object]]:
+    """(path inside `expect`, cell) for every cell the grid operators of `expect` name (static
+    checks read their layers and heads)."""
+    out: list[tuple[tuple, object]] = []
+    for name, keys in CELL_ARGS.items():
+        arg = expect.get(name)
+        if arg is None:
+            continue
+        if keys is None:
+            out.append(((name,), arg))
+            continue
+        for key in keys:
+            if isinstance(arg, dict) and isinstance(arg.get(key), list):
+                out += [((name, key, i), cell) for i, cell in enumerate(arg[key])]
+    return out
+
+
 def _broken_cells(grid: Grid) -> Outcome | None:
     """A failed outcome when some cell is NaN or infinite: a ranking over a broken
     measurement (a diverged model, a division by zero) must not pass, whichever cell it names

@@ -125,27 +125,16 @@ def expect_indices(claim) -> list[Index]:
     (`argmax`, `argmin`, `top`, `only_above`), as labels (`L31H4`, `L3KV1`, `L3N12`, `mlp3`,
     edges) or {layer: .., head: ..} cells: one the model does not have can never hold, so it is
     a spec error, not a claim that fails after the weights load."""
-    from harness.expect import GRID, PAIR
+    from harness.expect import GRID, PAIR, named_cells
 
-    expect = claim.expect if isinstance(claim.expect, dict) else {}
     try:
         kind = claim.value_kind()
     except Exception:        # fields that do not yet decide it: other checks report them
         return []
-    if kind not in (GRID, PAIR):
+    if kind not in (GRID, PAIR) or not isinstance(claim.expect, dict):
         return []
-    cells: list[tuple[tuple, object]] = [(("expect", k), expect[k])
-                                         for k in ("argmax", "argmin") if k in expect]
-    top, above = expect.get("top"), expect.get("only_above")
-    for arg, key in ((top, "equals"), (top, "includes"), (above, "cells")):
-        if isinstance(arg, dict) and isinstance(arg.get(key), list):
-            op = "top" if arg is top else "only_above"
-            cells += [(("expect", op, key, i), c) for i, c in enumerate(arg[key])]
-    out = []
-    for loc, cell in cells:
-        for axis, value in _cell_axes(cell):
-            out.append(Index(loc, axis, value))
-    return out
+    return [Index(("expect",) + loc, axis, value)
+            for loc, cell in named_cells(claim.expect) for axis, value in _cell_axes(cell)]
 
 
 def _cell_axes(cell) -> list[tuple[str, int]]:
