@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from harness.errors import MeasureError
+from harness.measure.linear import affine
 from harness.sites import SITES
 
 Hook = Callable[[str, int, Tensor], Tensor]
@@ -154,14 +155,6 @@ def unsupported_features(bridge) -> list[str]:
 def layer_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
     """LayerNorm with its weights folded into the next layer: center, then scale to unit norm."""
     return F.layer_norm(x, x.shape[-1:], eps=eps)
-
-
-def affine(x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_in d_out"],
-           bias: Float[Tensor, " d_out"]) -> Float[Tensor, "... d_out"]:
-    """x @ weight + bias as one fused matrix product."""
-    if x.dim() == 2:
-        return torch.addmm(bias, x, weight)
-    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
 
 
 def causal_mask(n_pos: int, device) -> Tensor:

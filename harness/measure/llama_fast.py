@@ -26,8 +26,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError
+from harness.measure.linear import affine, affine_gated, fusable
 from harness.measure.readout import Readout
-from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward, affine
+from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward
 from harness.sites import SITES
 
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -237,9 +238,12 @@ class LlamaOps(RotaryAttentionOps):
                       self.w.b_QKV[layer])
 
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
-        h = affine(rms_norm(resid_mid, self.w.eps[layer][1]), self.w.W_gate_in[layer],
-                   self.w.b_gate_in[layer])
-        gate, up = h.chunk(2, -1)
+        normed = rms_norm(resid_mid, self.w.eps[layer][1])
+        if self.post_op is not None and fusable(normed):
+            weight = self.w.W_gate_in[layer].t().contiguous()   # a view of [gate; in] as stored
+            bias, d = self.w.b_gate_in[layer], self.d_mlp
+            return affine_gated(normed, weight[:d], bias[:d], weight[d:], bias[d:], self.post_op)
+        gate, up = affine(normed, self.w.W_gate_in[layer], self.w.b_gate_in[layer]).chunk(2, -1)
         return self.act_fn(gate) * up
 
 

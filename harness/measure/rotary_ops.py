@@ -16,16 +16,10 @@ from torch import Tensor
 
 from harness.errors import MeasureError
 from harness.measure.forward import Acts, Dims
+from harness.measure.linear import affine, post_op_of
 from harness.measure.readout import Readout
 from harness.measure.staggered import StaggeredForward
 from harness.sites import SITE_TABLE
-
-
-def affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """x @ weight + bias as one fused `addmm` over all leading axes."""
-    if x.dim() == 2:
-        return torch.addmm(bias, x, weight)
-    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -41,6 +35,7 @@ class RotaryAttentionOps:
 
     def __init__(self, weights, rotary, readout: Readout, act_fn, n_kv_heads: int):
         self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
+        self.post_op = post_op_of(act_fn)   # the activation fused into the MLP's product
         self.n_layers = weights.W_QKV.shape[0]
         self.n_heads, self.n_kv_heads = weights.n_heads, n_kv_heads
         self.d_model, self.d_mlp = weights.W_E.shape[1], weights.W_out.shape[1]

@@ -1,0 +1,133 @@
+"""The fast paths' affine maps: x @ W + b as one matrix product over all leading axes, and on a
+CPU the activation (or the gate) after an MLP's input projection fused into that product.
+
+Why fuse: the activation is a second pass over the MLP's largest tensor, and on CPU PyTorch's
+tanh GELU alone took two thirds of the input projection's time on GPT-2 small's shapes
+(16 ms against 23 ms for a 1056-row batch). oneDNN, through `torch.ops.mkldnn._linear_pointwise`
+(what torch.compile emits on CPU), applies it to each tile of the product while the tile is in
+cache, and runs small-row products faster than MKL's `addmm` as well. It needs the weight in
+the [d_out, d_in] layout and has no autograd, so the fused product runs only on CPU float32
+tensors outside autograd, after a self-check against the plain product; everywhere else (CUDA,
+gradients, another dtype, a build without oneDNN, an activation it does not have, or
+`HARNESS_FUSED_LINEAR=0`) the plain product and the model's own activation run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+
+def affine(x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_in d_out"],
+           bias: Float[Tensor, " d_out"]) -> Float[Tensor, "... d_out"]:
+    """x @ weight + bias as one fused `addmm` over all leading axes (weight may be a
+    transposed view, which `addmm` reads as it is)."""
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+
+
+class PostOp(NamedTuple):
+    """A oneDNN post-op (its name and algorithm) and the torch function it computes."""
+
+    name: str
+    algorithm: str
+    fn: Callable[[Tensor], Tensor]
+
+
+POST_OPS = (
+    PostOp("gelu", "tanh", functools.partial(F.gelu, approximate="tanh")),
+    PostOp("gelu", "none", F.gelu),
+    PostOp("swish", "", F.silu),
+    PostOp("relu", "", F.relu),
+)
+
+
+def post_op_of(activation: Callable[[Tensor], Tensor]) -> PostOp | None:
+    """The post-op that computes `activation` (a function or an HF activation module), found
+    by its values on a probe rather than its name (HF spells one function many ways); None
+    when none does. The probe reaches far out, where clipped variants (HF's gelu_10) part."""
+    far = torch.tensor([1e4, 1e3, 1e2, 30.0, 12.0])
+    probe = torch.cat([torch.linspace(-8.0, 8.0, 321), far, -far])
+    with torch.no_grad():
+        out = activation(probe)
+    return next((op for op in POST_OPS
+                 if torch.allclose(out, op.fn(probe), rtol=1e-6, atol=1e-6)), None)
+
+
+def fusable(x: Tensor) -> bool:
+    """Whether the fused product may run on x: CPU float32, no autograd, oneDNN checked."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and _fused_product_works())
+
+
+def affine_post(x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_out d_in"],
+                bias: Float[Tensor, " d_out"] | None, post: PostOp
+                ) -> Float[Tensor, "... d_out"]:
+    """post(x @ weight.T + bias) as one oneDNN product; call only where `fusable(x)`.
+    `weight` must be contiguous in the [d_out, d_in] layout (a view is reordered per call)."""
+    return _rows(x, lambda rows: torch.ops.mkldnn._linear_pointwise(
+        rows, weight, bias, post.name, [], post.algorithm))
+
+
+def affine_gated(x: Float[Tensor, "... d_in"], gate: Float[Tensor, "d_mlp d_in"],
+                 gate_bias: Tensor | None, up: Float[Tensor, "d_mlp d_in"],
+                 up_bias: Tensor | None, post: PostOp) -> Float[Tensor, "... d_mlp"]:
+    """post(x @ gate.T + gate_bias) * (x @ up.T + up_bias), a gated MLP's neurons, as two
+    oneDNN products (the second multiplies as it writes); call only where `fusable(x)`."""
+    def neurons(rows: Tensor) -> Tensor:
+        act = torch.ops.mkldnn._linear_pointwise(rows, gate, gate_bias, post.name, [],
+                                                 post.algorithm)
+        return torch.ops.mkldnn._linear_pointwise.binary(rows, act, up, up_bias, "mul")
+    return _rows(x, neurons)
+
+
+class OutInWeights:
+    """Per-layer [d_out, d_in] copies of weights stored [d_in, d_out] (GPT-2's, Pythia's),
+    each made on first use: the fused product needs that layout, and copying every layer up
+    front would add its cost (about 0.08 s for GPT-2 small's MLPs) to every model's setup."""
+
+    def __init__(self, weights):
+        self.weights, self._copies = weights, {}
+
+    def __getitem__(self, layer: int) -> Tensor:
+        if layer not in self._copies:
+            self._copies[layer] = self.weights[layer].t().contiguous()
+        return self._copies[layer]
+
+
+def _rows(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    if x.dim() == 2:
+        return fn(x)
+    return fn(x.flatten(0, -2)).unflatten(0, x.shape[:-1])
+
+
+def _fused_product_works() -> bool:
+    """Fusion is not switched off (`HARNESS_FUSED_LINEAR=0`) and oneDNN passed its check."""
+    return os.environ.get("HARNESS_FUSED_LINEAR", "1") != "0" and onednn_checked()
+
+
+@functools.cache
+def onednn_checked() -> bool:
+    """oneDNN's fused product exists in this build and equals the plain one on a probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w, up, b = (torch.randn(*shape, generator=gen) for shape in ((5, 16), (8, 16), (8, 16),
+                                                                    (8,)))
+    try:
+        with torch.no_grad():
+            plain = F.linear(x, w, b)
+            ok = all(torch.allclose(affine_post(x, w, b, op), op.fn(plain), atol=1e-5)
+                     for op in POST_OPS)
+            gated = affine_gated(x, w, b, up, None, POST_OPS[2])
+            return ok and torch.allclose(gated, F.silu(plain) * F.linear(x, up), atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
