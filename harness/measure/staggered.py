@@ -233,31 +233,45 @@ def _mlp_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None) -> Tens
 
 def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: Tensor,
                 prompt: Tensor, final_pos: Tensor) -> Float[Tensor, "n d_model"]:
-    """Last block, final rows only: keys/values for the changed rows, one query per variant."""
+    """Last block, final rows only: keys/values for the changed rows, one query per variant.
+
+    Entries are sorted, so the variants that pass through the last attention (or MLP) are a
+    prefix of the batch: slices, not masked copies."""
     layer, (n, n_pos, d_model) = ops.n_layers - 1, x.shape
-    pos = torch.arange(n_pos, device=x.device)
-    in_attn = enter_at <= 2 * layer
-    changed = (in_attn[:, None] & (pos[None] >= start[:, None])).flatten()
+    in_attn = int((enter_at <= 2 * layer).sum())
+    final = torch.arange(n, device=x.device) * n_pos + final_pos
+    resid = x.reshape(-1, d_model)[final]
+    unchanged = (enter_at <= 2 * layer) & (final_pos < start)  # the into run's residual
+    resid = torch.where(unchanged[:, None], into["resid_pre"][layer][prompt, final_pos], resid)
+    if in_attn:
+        mine = slice(0, in_attn)
+        _, k, v = ops.split_qkv(_keys_values(ops, into, layer, x[mine], start[mine],
+                                             prompt[mine]))
+        q = ops.split_qkv(ops.qkv_flat(layer, resid[mine]))[0]
+        pos = torch.arange(n_pos, device=x.device)
+        allowed = (pos[None] <= final_pos[mine, None])[:, None, None, :]
+        z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[mine], layer=layer)[:, 0]
+        resid[mine] = _add_attention(ops, layer, resid[mine], ops.attn_output(layer, z))
+    if ops.parallel_block:  # the MLP ran with the attention
+        return resid
+    in_mlp = int((enter_at <= 2 * layer + 1).sum())
+    post = ops.mlp_post(layer, resid[:in_mlp])
+    resid[:in_mlp] = resid[:in_mlp] + ops.mlp_output(layer, post)
+    return resid
+
+
+def _keys_values(ops: BlockOps, into: Acts, layer: int, x: Float[Tensor, "n pos d_model"],
+                 start: Int[Tensor, " n"], prompt: Int[Tensor, " n"]) -> Float[Tensor, "n pos qkv"]:
+    """The packed q/k/v of x's rows from `start` on, the into run's before it (no gather
+    when every row changed, as in a head sweep)."""
+    n, n_pos, d_model = x.shape
+    changed = (torch.arange(n_pos, device=x.device)[None] >= start[:, None]).flatten()
+    if bool(changed.all()):
+        return ops.qkv_flat(layer, x)
     flat = changed.nonzero().squeeze(1)
     clean_qkv = into["qkv"][layer][prompt]
     new = ops.qkv_flat(layer, x.reshape(-1, d_model).index_select(0, flat))
-    qkv = clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, new).view(*clean_qkv.shape)
-    final = torch.arange(n, device=x.device) * n_pos + final_pos
-    resid = x.reshape(-1, d_model)[final]
-    unchanged = in_attn & (final_pos < start)  # never computed: the into run's residual
-    resid = torch.where(unchanged[:, None], into["resid_pre"][layer][prompt, final_pos], resid)
-    if bool(in_attn.any()):
-        _, k, v = ops.split_qkv(qkv[in_attn])
-        q = ops.split_qkv(ops.qkv_flat(layer, resid[in_attn]))[0]
-        allowed = (pos[None] <= final_pos[in_attn, None])[:, None, None, :]
-        z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[in_attn], layer=layer)[:, 0]
-        resid[in_attn] = _add_attention(ops, layer, resid[in_attn], ops.attn_output(layer, z))
-    if ops.parallel_block:  # the MLP ran with the attention
-        return resid
-    in_mlp = enter_at <= 2 * layer + 1
-    post = ops.mlp_post(layer, resid[in_mlp])
-    resid[in_mlp] = resid[in_mlp] + ops.mlp_output(layer, post)
-    return resid
+    return clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, new).view(*clean_qkv.shape)
 
 
 ENTRY_OFFSET = {"resid_pre": 0, "resid_mid": 1, "resid_post": 2, "attn_out": 1, "z": 1, "q": 1,
