@@ -13,6 +13,7 @@ the largest absolute differences of the patched logit diffs and peak memory.
     python bench/bench_patching.py [--device cuda] [--json out.json] [--sweeps z,resid_pre]
                                    [--models gpt2,llama,pythia]
                                    [--profile]   (the head sweep's matrix products vs its floor)
+                                   [--floor-rounds 3]   (rounds of the head sweep against its floor)
     python bench/bench_patching.py --real-only [--real-dir DIR] [--prompts 4,64,256]
                                    [--real-layers 20] [--tl-budget-s 60] [--no-general]
 
@@ -42,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -165,7 +167,18 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def timed(fn, device: str):
+def timed(fn, device: str, memory: bool = True):
+    """(fn's result, its seconds, its peak extra memory in MB). On CPU the memory is sampled
+    by a thread after returning freed pages to the OS, which costs the timed call page faults
+    and a sharer of the cores: repeats that only time pass memory=False (peak 0)."""
+    if not memory:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start, 0.0
     with PeakMemory(device) as mem:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -208,6 +221,8 @@ def main(argv=None) -> dict:
                         help="skip the engine's general path in the real-model rows")
     parser.add_argument("--profile", action="store_true",
                         help="profile one head sweep: its matrix products against the floor")
+    parser.add_argument("--floor-rounds", type=int, default=3,
+                        help="rounds of the head sweep against its floor (each measures both)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="engine timing = best of this many calls (the first call also "
                              "pays one-off kernel and allocator warm-up, reported apart)")
@@ -287,7 +302,7 @@ def bench_model(model: str, args) -> dict:
             sweep = partial(engine.patch_sweep, from_run, into_run, answer, foil, site=site,
                             over=over)
             grid, first_s, mb = timed(sweep, args.device)
-            best = min([first_s] + [timed(sweep, args.device)[1]
+            best = min([first_s] + [timed(sweep, args.device, memory=False)[1]
                                     for _ in range(args.repeat - 1)])
             timings[kind] = (grid, first_s, best, mb, (grid.raw - ref).abs().max().item())
         grid, first_s, eng_s, eng_mb, diff = timings["fast"]
@@ -300,16 +315,25 @@ def bench_model(model: str, args) -> dict:
                "general_s": gen_s, "general_ratio": tl_s / gen_s, "general_max_abs_diff": gen_diff}
         results["sweeps"][name] = row
         if site == "z":   # the head sweep beside its arithmetic floor (issue 26, item 3)
-            row["floor_s"] = _head_sweep_floor_s(cfg, tokens.shape[1])
-            floor_line = (f"  (head sweep floor {row['floor_s']:.3f} s -> engine at "
-                          f"{eng_s / row['floor_s']:.2f}x the floor)")
+            sweep = partial(engines["fast"].patch_sweep, from_run, into_run, answer, foil,
+                            site=site, over=over)
+            row.update(_against_floor(sweep, cfg, tokens.shape[1], args))
+            low, high = row["shape_floor_ratio_range"]
+            floor_line = (f"  (head sweep against its floors, medians of {args.floor_rounds} "
+                          f"rounds: engine {row['floor_sweep_s']:.3f} s = "
+                          f"{row['shape_floor_ratio']:.2f}x the shape floor "
+                          f"{row['shape_floor_s']:.3f} s (rounds {low:.2f}-{high:.2f}x), "
+                          f"{row['floor_ratio']:.2f}x the flat floor {row['floor_s']:.3f} s; "
+                          f"with plain products (HARNESS_FUSED_LINEAR=0) {row['plain_s']:.3f} s "
+                          f"= {row['plain_shape_floor_ratio']:.2f}x the shape floor)")
             if args.profile:
                 products, total = _matmul_share(partial(
                     engines["fast"].patch_sweep, from_run, into_run, answer, foil,
                     site=site, over=over))
                 row["matmul_s"], row["profiled_s"] = products, total
                 floor_line += (f"\n  (profiled: matrix products {products:.3f} s of "
-                               f"{total:.3f} s = {products / row['floor_s']:.2f}x the floor; "
+                               f"{total:.3f} s = {products / row['shape_floor_s']:.2f}x the "
+                               f"shape floor; "
                                f"everything else {total - products:.3f} s)")
         print(f"{row['sweep']:<32}{row['cells']:>6}{tl_s:>8.2f}{eng_s:>10.3f}{first_s:>10.3f}"
               f"{row['ratio']:>7.1f}x{row['first_call_ratio']:>9.1f}x{row['cold_ratio']:>10.1f}x"
@@ -320,6 +344,39 @@ def bench_model(model: str, args) -> dict:
     return results
 
 
+def _against_floor(sweep, cfg, rows: int, args) -> dict:
+    """The head sweep against both floors of head_sweep_ceiling.py (flat: every product at
+    the best rate of any shape; by shape: each at its own shape's best rate), in rounds that
+    measure the floors, the sweep and the sweep with plain products (the oneDNN fusion off)
+    each time, so that the machine's drift over a run (a floor's rate moves by 10-20% between
+    processes) meets all of them alike: medians of each and of the per-round ratios."""
+    from head_sweep_ceiling import head_sweep_products, shape_floor_s
+
+    rounds: list[tuple[float, float, float, float]] = []
+    for _ in range(args.floor_rounds):
+        flat = _head_sweep_floor_s(cfg, rows)
+        by_shape = shape_floor_s(head_sweep_products(*_sweep_shape(cfg), rows=rows))
+        times = []
+        for switch in ("1", "0"):
+            os.environ["HARNESS_FUSED_LINEAR"] = switch
+            sweep()
+            times.append(min(timed(sweep, args.device, memory=False)[1]
+                             for _ in range(args.repeat)))
+        rounds.append((flat, by_shape, *times))
+    os.environ.pop("HARNESS_FUSED_LINEAR")
+    flat, by_shape, fused, plain = (list(column) for column in zip(*rounds))
+    shape_ratios = [t / f for t, f in zip(fused, by_shape)]
+
+    def median_ratio(times, floors):
+        return statistics.median(t / f for t, f in zip(times, floors))
+    return {"floor_s": statistics.median(flat), "shape_floor_s": statistics.median(by_shape),
+            "floor_sweep_s": statistics.median(fused), "plain_s": statistics.median(plain),
+            "floor_ratio": median_ratio(fused, flat),
+            "shape_floor_ratio": statistics.median(shape_ratios),
+            "shape_floor_ratio_range": (min(shape_ratios), max(shape_ratios)),
+            "plain_shape_floor_ratio": median_ratio(plain, by_shape)}
+
+
 def _head_sweep_floor_s(cfg, rows: int, prompts: int = 1, layers=None,
                         gflops: float | None = None) -> float:
     """head_sweep_ceiling.py's floor for this model's shape (`prompts` prompts of `rows`
@@ -327,11 +384,16 @@ def _head_sweep_floor_s(cfg, rows: int, prompts: int = 1, layers=None,
     (`gflops`, measured now in this process when not given)."""
     from head_sweep_ceiling import best_matmul_gflops, head_sweep_flop
 
+    flop = prompts * head_sweep_flop(*_sweep_shape(cfg), rows=rows, layers=layers)
+    return flop / 1e9 / (gflops or best_matmul_gflops(cfg.d_model, cfg.d_mlp))
+
+
+def _sweep_shape(cfg) -> tuple[int, ...]:
+    """head_sweep_ceiling's shape of a model: d_model, layers, query heads, KV heads, d_head,
+    d_mlp, MLP matrices."""
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     mlp_mats = 3 if getattr(cfg, "gated_mlp", False) else 2
-    flop = prompts * head_sweep_flop(cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head,
-                                     cfg.d_mlp, mlp_mats, rows=rows, layers=layers)
-    return flop / 1e9 / (gflops or best_matmul_gflops(cfg.d_model, cfg.d_mlp))
+    return cfg.d_model, cfg.n_layers, cfg.n_heads, n_kv, cfg.d_head, cfg.d_mlp, mlp_mats
 
 
 def _matmul_share(sweep) -> tuple[float, float]:
@@ -343,7 +405,8 @@ def _matmul_share(sweep) -> tuple[float, float]:
         sweep()
     times = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     products = sum(v for k, v in times.items()
-                   if k in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"))
+                   if k in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
+                            "mkldnn::_linear_pointwise"))
     return products, sum(times.values())
 
 
