@@ -172,22 +172,21 @@ def timed(fn, device: str, memory: bool = True):
     by a thread after returning freed pages to the OS, which costs the timed call page faults
     and a sharer of the cores: repeats that only time pass memory=False (peak 0)."""
     if not memory:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - start, 0.0
+        return (*_seconds(fn, device), 0.0)
     with PeakMemory(device) as mem:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        out, seconds = _seconds(fn, device)
     return out, seconds, mem.peak_mb
+
+
+def _seconds(fn, device: str):
+    """(fn's result, its wall-clock seconds, the GPU's queue drained on both sides)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
 
 
 MODELS = {"gpt2": build_gpt2_small, "llama": build_llama, "pythia": build_pythia}
