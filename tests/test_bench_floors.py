@@ -1,0 +1,31 @@
+"""bench/head_sweep_ceiling.py's two floors count the same arithmetic: the shape floor's
+products (batched as an exact head sweep must batch them) add up to the flat floor's
+multiply-adds, for the benchmark's shapes and others."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "head_sweep_ceiling.py"
+_SPEC = importlib.util.spec_from_file_location("head_sweep_ceiling", _PATH)
+ceiling = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ceiling)
+
+
+@pytest.mark.parametrize("shape, rows", [
+    (ceiling.SHAPES["gpt2"], 8), (ceiling.SHAPES["llama"], 8),
+    ((64, 3, 4, 2, 16, 96, 3), 5), ((32, 2, 2, 2, 16, 64, 2), 1)])
+def test_the_products_are_the_counted_arithmetic(shape, rows):
+    products = ceiling.head_sweep_products(*shape, rows=rows)
+    assert sum(2 * m * k * n for m, k, n in products) == ceiling.head_sweep_flop(*shape,
+                                                                                 rows=rows)
+
+
+def test_a_layer_meets_only_the_variants_that_have_entered():
+    d, n_layers, n_heads, _, _, d_mlp, _ = shape = ceiling.SHAPES["gpt2"]
+    products = ceiling.head_sweep_products(*shape, rows=8)
+    assert products[0] == (n_heads * 8, d, d_mlp)           # layer 0: its own 12 variants
+    assert max(m for m, _, _ in products) == n_heads * (n_layers - 1) * 8
