@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _fast_paths import tiny_bridges
 from torch.profiler import ProfilerActivity, profile
 from transformers.activations import ACT2FN
@@ -59,12 +60,19 @@ def test_the_plain_product_runs_where_fusion_cannot(monkeypatch):
         assert not linear.fusable(x)
 
 
-def test_out_in_weights_are_copied_once_per_layer():
-    weights = torch.randn(3, 8, 5)              # [layer, d_in, d_out]
-    out_in = linear.OutInWeights(weights)
-    first = out_in[1]
-    assert first.is_contiguous() and torch.equal(first, weights[1].t())
-    assert out_in[1] is first
+def test_an_mlp_input_copies_each_layer_once_and_only_when_fused():
+    weights, biases = torch.randn(3, 8, 5), torch.randn(3, 5)   # [layer, d_in, d_out]
+    mlp_in = linear.MLPInput(weights, biases, F.gelu)
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        first = mlp_in(1, x)
+        copy = mlp_in._out_in[1]
+        assert copy.is_contiguous() and torch.equal(copy, weights[1].t())
+        mlp_in(1, x)
+        assert mlp_in._out_in[1] is copy and set(mlp_in._out_in) == {1}
+    torch.testing.assert_close(first, F.gelu(x @ weights[1] + biases[1]), atol=1e-5, rtol=1e-5)
+    mlp_in(2, x)                                                 # autograd on: plain, no copy
+    assert set(mlp_in._out_in) == {1}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +85,7 @@ def test_every_fast_path_fuses_its_mlp_exactly(bridges, arch, monkeypatch):
     """Each family's MLP neurons, fused and plain, on the same residuals (and the fused path
     really ran: the family's activation is one oneDNN has)."""
     ops = fast_path_for(bridges(arch)).build(bridges(arch)).ops
-    assert ops.post_op is not None
+    assert ops.mlp_in.post_op is not None
     resid = torch.randn(3, 5, ops.d_model, generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fused = [ops.mlp_post(layer, resid) for layer in range(ops.n_layers)]

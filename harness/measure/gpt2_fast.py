@@ -11,7 +11,7 @@ from torch import Tensor
 from harness.measure import gpt2_forward as fw
 from harness.measure.forward import Acts, Dims
 from harness.measure.gpt2_forward import FoldedGPT2
-from harness.measure.linear import OutInWeights, affine_post, fusable, post_op_of
+from harness.measure.linear import MLPInput
 from harness.measure.readout import Readout
 from harness.measure.staggered import StaggeredForward
 from harness.sites import SITES
@@ -32,8 +32,7 @@ class GPT2Ops:
         self.n_layers, self.n_heads = model.n_layers, model.n_heads
         self.d_model, self.d_mlp = model.d_model, model.d_mlp
         self.device, self.dtype = model.device, model.W_E.dtype
-        self.post_op = post_op_of(fw.ACTIVATIONS[model.act_fn])
-        self.W_in_out_in = OutInWeights(model.W_in)   # the fused product's layout
+        self.mlp_in = MLPInput(model.W_in, model.b_in, fw.ACTIVATIONS[model.act_fn])
 
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
         return fw.qkv_flat(self.model, layer, resid)
@@ -55,10 +54,7 @@ class GPT2Ops:
         return fw.attn_output(self.model, layer, z)
 
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
-        if self.post_op is None or not fusable(resid_mid):
-            return fw.mlp_post(self.model, layer, resid_mid)
-        return affine_post(fw.layer_norm(resid_mid, self.model.eps), self.W_in_out_in[layer],
-                           self.model.b_in[layer], self.post_op)
+        return self.mlp_in(layer, fw.layer_norm(resid_mid, self.model.eps))
 
     def mlp_output(self, layer: int, post: Tensor) -> Tensor:
         return fw.mlp_output(self.model, layer, post)

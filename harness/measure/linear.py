@@ -2,14 +2,15 @@
 CPU the activation (or the gate) after an MLP's input projection fused into that product.
 
 Why fuse: the activation is a second pass over the MLP's largest tensor, and on CPU PyTorch's
-tanh GELU alone took two thirds of the input projection's time on GPT-2 small's shapes
-(16 ms against 23 ms for a 1056-row batch). oneDNN, through `torch.ops.mkldnn._linear_pointwise`
-(what torch.compile emits on CPU), applies it to each tile of the product while the tile is in
-cache, and runs small-row products faster than MKL's `addmm` as well. It needs the weight in
-the [d_out, d_in] layout and has no autograd, so the fused product runs only on CPU float32
-tensors outside autograd, after a self-check against the plain product; everywhere else (CUDA,
-gradients, another dtype, a build without oneDNN, an activation it does not have, or
-`HARNESS_FUSED_LINEAR=0`) the plain product and the model's own activation run.
+tanh GELU alone took two thirds of the input projection's time on GPT-2 small's shapes (an ad
+hoc timing: 16 ms against 23 ms for a 1056-row batch; fused, 26 ms for both). oneDNN, through
+`torch.ops.mkldnn._linear_pointwise` (what torch.compile emits on CPU), applies it to each tile
+of the product while the tile is in cache. It needs the weight in the [d_out, d_in] layout and
+has no autograd, so the fused product runs only on CPU float32 tensors outside autograd, after
+a self-check against the plain product; everywhere else (CUDA, gradients, another dtype, a
+build without oneDNN, an activation it does not have, or `HARNESS_FUSED_LINEAR=0`) the plain
+product and the model's own activation run. `MLPInput` and `GatedMLPInput` make that choice
+for the families' MLPs.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ def affine(x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_in d_out"],
            bias: Float[Tensor, " d_out"]) -> Float[Tensor, "... d_out"]:
     """x @ weight + bias as one fused `addmm` over all leading axes (weight may be a
     transposed view, which `addmm` reads as it is)."""
-    if x.dim() == 2:
-        return torch.addmm(bias, x, weight)
-    return torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+    return _rows(x, lambda rows: torch.addmm(bias, rows, weight))
 
 
 class PostOp(NamedTuple):
@@ -89,18 +88,41 @@ def affine_gated(x: Float[Tensor, "... d_in"], gate: Float[Tensor, "d_mlp d_in"]
     return _rows(x, neurons)
 
 
-class OutInWeights:
-    """Per-layer [d_out, d_in] copies of weights stored [d_in, d_out] (GPT-2's, Pythia's),
-    each made on first use: the fused product needs that layout, and copying every layer up
-    front would add its cost (about 0.08 s for GPT-2 small's MLPs) to every model's setup."""
+class MLPInput:
+    """layer, x -> activation(x @ weights[layer] + biases[layer]): an MLP's neurons from
+    per-layer [d_in, d_out] weights (GPT-2's, Pythia's), fused where `fusable(x)`. The fused
+    product needs each layer's weight as [d_out, d_in]: copied on first use, so that a model's
+    setup does not pay for it (about 0.08 s for GPT-2 small's MLPs, an ad hoc timing)."""
 
-    def __init__(self, weights):
-        self.weights, self._copies = weights, {}
+    def __init__(self, weights, biases, activation: Callable[[Tensor], Tensor]):
+        self.weights, self.biases, self.activation = weights, biases, activation
+        self.post_op = post_op_of(activation)
+        self._out_in: dict[int, Tensor] = {}
 
-    def __getitem__(self, layer: int) -> Tensor:
-        if layer not in self._copies:
-            self._copies[layer] = self.weights[layer].t().contiguous()
-        return self._copies[layer]
+    def __call__(self, layer: int, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_mlp"]:
+        if self.post_op is None or not fusable(x):
+            return self.activation(affine(x, self.weights[layer], self.biases[layer]))
+        if layer not in self._out_in:
+            self._out_in[layer] = self.weights[layer].t().contiguous()
+        return affine_post(x, self._out_in[layer], self.biases[layer], self.post_op)
+
+
+class GatedMLPInput:
+    """layer, x -> activation(gate) * up, a gated MLP's neurons, from per-layer [d_in,
+    2 d_mlp] weights (gate, then up) that are transposed views of [2 d_mlp, d_in] tensors
+    (Llama's, as stacked), fused where `fusable(x)` without copying."""
+
+    def __init__(self, weights, biases, activation: Callable[[Tensor], Tensor]):
+        self.weights, self.biases, self.activation = weights, biases, activation
+        self.post_op = post_op_of(activation)
+
+    def __call__(self, layer: int, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_mlp"]:
+        if self.post_op is None or not fusable(x):
+            gate, up = affine(x, self.weights[layer], self.biases[layer]).chunk(2, -1)
+            return self.activation(gate) * up
+        weight, bias = self.weights[layer].t().contiguous(), self.biases[layer]  # no copy
+        d = weight.shape[0] // 2
+        return affine_gated(x, weight[:d], bias[:d], weight[d:], bias[d:], self.post_op)
 
 
 def _rows(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:

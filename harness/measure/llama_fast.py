@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError
-from harness.measure.linear import affine, affine_gated, fusable
+from harness.measure.linear import GatedMLPInput, affine
 from harness.measure.readout import Readout
 from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward
 from harness.sites import SITES
@@ -232,19 +232,14 @@ class LlamaOps(RotaryAttentionOps):
 
     def __init__(self, weights: LlamaWeights, rotary, readout: Readout, act_fn):
         super().__init__(weights, rotary, readout, act_fn, weights.n_kv_heads)
+        self.mlp_in = GatedMLPInput(weights.W_gate_in, weights.b_gate_in, act_fn)
 
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
         return affine(rms_norm(resid, self.w.eps[layer][0]), self.w.W_QKV[layer],
                       self.w.b_QKV[layer])
 
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
-        normed = rms_norm(resid_mid, self.w.eps[layer][1])
-        if self.post_op is not None and fusable(normed):
-            weight = self.w.W_gate_in[layer].t().contiguous()   # a view of [gate; in] as stored
-            bias, d = self.w.b_gate_in[layer], self.d_mlp
-            return affine_gated(normed, weight[:d], bias[:d], weight[d:], bias[d:], self.post_op)
-        gate, up = affine(normed, self.w.W_gate_in[layer], self.w.b_gate_in[layer]).chunk(2, -1)
-        return self.act_fn(gate) * up
+        return self.mlp_in(layer, rms_norm(resid_mid, self.w.eps[layer][1]))
 
 
 class Gemma2Ops(LlamaOps):

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError
-from harness.measure.linear import OutInWeights, affine, affine_post, fusable
+from harness.measure.linear import MLPInput, affine
 from harness.measure.readout import Readout
 from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward
 from harness.sites import SITE_TABLE
@@ -169,7 +169,7 @@ class ParallelOps(RotaryAttentionOps):
 
     def __init__(self, weights: ParallelWeights, rotary, readout: Readout, act_fn):
         super().__init__(weights, rotary, readout, act_fn, weights.n_heads)
-        self.W_in_out_in = OutInWeights(weights.W_in)   # the fused product's layout
+        self.mlp_in = MLPInput(weights.W_in, weights.b_in, act_fn)
 
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
         normed = F.layer_norm(resid, resid.shape[-1:], eps=self.w.eps[layer][0])
@@ -178,9 +178,7 @@ class ParallelOps(RotaryAttentionOps):
     def mlp_post(self, layer: int, resid_pre: Tensor) -> Tensor:
         """The MLP's neurons; on a parallel block the MLP reads the block's input."""
         normed = F.layer_norm(resid_pre, resid_pre.shape[-1:], eps=self.w.eps[layer][1])
-        if self.post_op is not None and fusable(normed):
-            return affine_post(normed, self.W_in_out_in[layer], self.w.b_in[layer], self.post_op)
-        return self.act_fn(affine(normed, self.w.W_in[layer], self.w.b_in[layer]))
+        return self.mlp_in(layer, normed)
 
 
 class ParallelForward(RotaryForward):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from harness.errors import MeasureError
 from harness.measure.forward import Acts, Dims
-from harness.measure.linear import affine, post_op_of
+from harness.measure.linear import affine
 from harness.measure.readout import Readout
 from harness.measure.staggered import StaggeredForward
 from harness.sites import SITE_TABLE
@@ -35,7 +35,6 @@ class RotaryAttentionOps:
 
     def __init__(self, weights, rotary, readout: Readout, act_fn, n_kv_heads: int):
         self.w, self.rotary, self.readout, self.act_fn = weights, rotary, readout, act_fn
-        self.post_op = post_op_of(act_fn)   # the activation fused into the MLP's product
         self.n_layers = weights.W_QKV.shape[0]
         self.n_heads, self.n_kv_heads = weights.n_heads, n_kv_heads
         self.d_model, self.d_mlp = weights.W_E.shape[1], weights.W_out.shape[1]
