@@ -352,17 +352,22 @@ def _against_floor(sweep, cfg, rows: int, args) -> dict:
     from head_sweep_ceiling import head_sweep_products, shape_floor_s
 
     rounds: list[tuple[float, float, float, float]] = []
-    for _ in range(args.floor_rounds):
-        flat = _head_sweep_floor_s(cfg, rows)
-        by_shape = shape_floor_s(head_sweep_products(*_sweep_shape(cfg), rows=rows))
-        times = []
-        for switch in ("1", "0"):
-            os.environ["HARNESS_FUSED_LINEAR"] = switch
-            sweep()
-            times.append(min(timed(sweep, args.device, memory=False)[1]
-                             for _ in range(args.repeat)))
-        rounds.append((flat, by_shape, *times))
-    os.environ.pop("HARNESS_FUSED_LINEAR")
+    before = os.environ.get("HARNESS_FUSED_LINEAR")
+    try:
+        for _ in range(args.floor_rounds):
+            flat = _head_sweep_floor_s(cfg, rows)
+            by_shape = shape_floor_s(head_sweep_products(*_sweep_shape(cfg), rows=rows))
+            times = []
+            for switch in ("1", "0"):
+                os.environ["HARNESS_FUSED_LINEAR"] = switch
+                sweep()
+                times.append(min(timed(sweep, args.device, memory=False)[1]
+                                 for _ in range(args.repeat)))
+            rounds.append((flat, by_shape, *times))
+    finally:   # the caller's own setting back
+        os.environ.pop("HARNESS_FUSED_LINEAR")
+        if before is not None:
+            os.environ["HARNESS_FUSED_LINEAR"] = before
     flat, by_shape, fused, plain = (list(column) for column in zip(*rounds))
     shape_ratios = [t / f for t, f in zip(fused, by_shape)]
 

@@ -8,15 +8,22 @@ sweep's own shapes (MKL's and oneDNN's, the two the engine uses on a CPU), and p
 shortest time any exact implementation could take — divide TransformerLens's time from
 bench_patching.py by it for the largest possible ratio.
 
-    .venv/bin/python bench/head_sweep_ceiling.py
+    .venv/bin/python bench/head_sweep_ceiling.py [--rates]
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.measure.linear import onednn_checked  # noqa: E402
 
 SHAPES = {  # d_model, layers, query heads, KV heads, d_head, d_mlp, MLP matrices
     "gpt2": (768, 12, 12, 12, 64, 3072, 2),
@@ -77,7 +84,7 @@ def best_rate_gflops(m: int, k: int, n: int, repeats: int = 3, trials: int = 2) 
     product, linear.py); the best of `trials` timings of `repeats` calls each."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     products = [partial(torch.matmul, a, b)]
-    if _has_onednn():
+    if onednn_checked():
         products.append(partial(torch.ops.mkldnn._linear_pointwise, a, b.t().contiguous(),
                                 None, "none", [], ""))
     best = 0.0
@@ -98,25 +105,24 @@ def best_matmul_gflops(d: int, d_mlp: int, repeats: int = 5, trials: int = 3) ->
                ((96, d, d_mlp), (1152, d, d_mlp), (1152, d_mlp, d), (1152, d, 3 * d)))
 
 
-def _has_onednn() -> bool:
-    try:
-        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 1), torch.ones(1, 1), None, "none",
-                                           [], "")
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", action="store_true",
+                        help="also print each product shape's best rate (the shape floor's)")
+    args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name, shape in SHAPES.items():
         flop = head_sweep_flop(*shape)
         peak = best_matmul_gflops(shape[0], shape[5])
-        by_shape = shape_floor_s(head_sweep_products(*shape))
+        products = head_sweep_products(*shape)
+        by_shape = shape_floor_s(products)
         print(f"{name}: head sweep {flop / 1e9:.1f} GFLOP; best float32 matmul {peak:.0f} GFLOP/s"
               f" -> no exact sweep under {flop / 1e9 / peak:.3f} s (flat floor); each product"
               f" at its own shape's best rate: {by_shape:.3f} s (shape floor)")
+        if args.rates:
+            for m, k, n in sorted(dict.fromkeys(products)):
+                print(f"  [{m} x {k}] @ [{k} x {n}]: {best_rate_gflops(m, k, n):.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
