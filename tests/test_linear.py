@@ -80,7 +80,8 @@ def bridges(tmp_path_factory):
     return tiny_bridges(tmp_path_factory.mktemp("linear"))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama-gqa", "gemma", "phi3", "pythia", "phi"])
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama", "llama-gqa", "mistral", "qwen2", "gemma",
+                                  "gemma2", "phi3", "pythia", "phi"])
 def test_every_fast_path_fuses_its_mlp_exactly(bridges, arch, monkeypatch):
     """Each family's MLP neurons, fused and plain, on the same residuals (and the fused path
     really ran: the family's activation is one oneDNN has)."""
