@@ -27,6 +27,18 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
+def _rotate(x: Float[Tensor, "... width"], cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin, with the sin's first half negated (`cos_sin`): x * cos,
+    then each half adds the other half times its sin. Three kernels that read x as it lies
+    (q and k are strided views of the packed q/k/v); a roll would copy it first, which made
+    this three times slower on the head sweep's q (an ad hoc timing)."""
+    out = x * cos
+    half = x.shape[-1] // 2
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half])
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
 class RotaryAttentionOps:
     """The shared half of a rotary family's BlockOps. `weights` has W_E, W_QKV, W_O, b_O,
     W_out, b_out, d_head and scaling; subclasses add qkv_flat, mlp_post and trace."""
@@ -59,8 +71,7 @@ class RotaryAttentionOps:
     def rope(self, x: Float[Tensor, "n pos head d_head"], q_pos: Tensor | None = None
              ) -> Tensor:
         """Rotate q or k (positions 0..pos-1, or `q_pos[i]` for row i of a single query);
-        with a partial rotary only the first rotary_dim dims turn, the rest pass through.
-        Three kernels (x * cos, a roll, a fused multiply-add), not rotate_half's five."""
+        with a partial rotary only the first rotary_dim dims turn, the rest pass through."""
         if q_pos is None:
             cos, sin = self.cos_sin(x.shape[1])
             cos, sin = cos[:, None], sin[:, None]
@@ -69,9 +80,8 @@ class RotaryAttentionOps:
             cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
         width = cos.shape[-1]
         if width == x.shape[-1]:
-            return torch.addcmul(x * cos, x.roll(width // 2, -1), sin)
-        rot, rest = x[..., :width], x[..., width:]
-        return torch.cat([torch.addcmul(rot * cos, rot.roll(width // 2, -1), sin), rest], -1)
+            return _rotate(x, cos, sin)
+        return torch.cat([_rotate(x[..., :width], cos, sin), x[..., width:]], -1)
 
     # ---- attention ------------------------------------------------------------------------
     def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
