@@ -333,7 +333,9 @@ def bench_model(model: str, args) -> dict:
                 floor_line += (f"\n  (profiled: matrix products {products:.3f} s of "
                                f"{total:.3f} s = {products / row['shape_floor_s']:.2f}x the "
                                f"shape floor; "
-                               f"everything else {total - products:.3f} s)")
+                               f"everything else {total - products:.3f} s, of which the "
+                               f"norms, adds and attention it cannot skip take "
+                               f"{row['kernels_floor_s']:.3f} s at their own shapes' best)")
         print(f"{row['sweep']:<32}{row['cells']:>6}{tl_s:>8.2f}{eng_s:>10.3f}{first_s:>10.3f}"
               f"{row['ratio']:>7.1f}x{row['first_call_ratio']:>9.1f}x{row['cold_ratio']:>10.1f}x"
               f"{diff:>11.2e}{tl_mb:>7.0f}{eng_mb:>10.0f}{gen_s:>10.3f}"
@@ -345,35 +347,46 @@ def bench_model(model: str, args) -> dict:
 
 def _against_floor(sweep, cfg, rows: int, args) -> dict:
     """The head sweep against both floors of head_sweep_ceiling.py (flat: every product at
-    the best rate of any shape; by shape: each at its own shape's best rate), in rounds that
+    the best rate of any shape; by shape: each at its own shape's best rate; beside them the
+    eager norms, adds and attention an exact sweep cannot skip), in rounds that
     measure the floors, the sweep and the sweep with plain products (the oneDNN fusion off)
     each time, so that the machine's drift over a run (a floor's rate moves by 10-20% between
     processes) meets all of them alike: medians of each and of the per-round ratios."""
-    from head_sweep_ceiling import head_sweep_products, shape_floor_s
+    from head_sweep_ceiling import (
+        head_sweep_kernels,
+        head_sweep_products,
+        kernels_floor_s,
+        shape_floor_s,
+    )
 
-    rounds: list[tuple[float, float, float, float]] = []
+    rounds: list[tuple[float, float, float, float, float]] = []
+    shape = _sweep_shape(cfg)
+    rotary = getattr(cfg, "positional_embedding_type", None) == "rotary"
     before = os.environ.get("HARNESS_FUSED_LINEAR")
     try:
         for _ in range(args.floor_rounds):
             flat = _head_sweep_floor_s(cfg, rows)
-            by_shape = shape_floor_s(head_sweep_products(*_sweep_shape(cfg), rows=rows))
+            by_shape = shape_floor_s(head_sweep_products(*shape, rows=rows))
+            kernels = kernels_floor_s(head_sweep_kernels(*shape, rows=rows), shape[0], shape[2],
+                                      shape[3], shape[4], rows=rows, rotary=rotary)
             times = []
             for switch in ("1", "0"):
                 os.environ["HARNESS_FUSED_LINEAR"] = switch
                 sweep()
                 times.append(min(timed(sweep, args.device, memory=False)[1]
                                  for _ in range(args.repeat)))
-            rounds.append((flat, by_shape, *times))
+            rounds.append((flat, by_shape, kernels, *times))
     finally:   # the caller's own setting back
         os.environ.pop("HARNESS_FUSED_LINEAR")
         if before is not None:
             os.environ["HARNESS_FUSED_LINEAR"] = before
-    flat, by_shape, fused, plain = (list(column) for column in zip(*rounds))
+    flat, by_shape, kernels, fused, plain = (list(column) for column in zip(*rounds))
     shape_ratios = [t / f for t, f in zip(fused, by_shape)]
 
     def median_ratio(times, floors):
         return statistics.median(t / f for t, f in zip(times, floors))
     return {"floor_s": statistics.median(flat), "shape_floor_s": statistics.median(by_shape),
+            "kernels_floor_s": statistics.median(kernels),
             "floor_sweep_s": statistics.median(fused), "plain_s": statistics.median(plain),
             "floor_ratio": median_ratio(fused, flat),
             "shape_floor_ratio": statistics.median(shape_ratios),

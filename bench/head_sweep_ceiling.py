@@ -6,7 +6,8 @@ This script counts those float32 multiply-adds for the benchmark's GPT-2-small a
 (8-token prompt, one prompt), measures this machine's best float32 matrix product on the
 sweep's own shapes (MKL's and oneDNN's, the two the engine uses on a CPU), and prints the
 shortest time any exact implementation could take — divide TransformerLens's time from
-bench_patching.py by it for the largest possible ratio.
+bench_patching.py by it for the largest possible ratio — and what the norms, residual adds and
+attention kernels an eager implementation cannot skip add to it.
 
     .venv/bin/python bench/head_sweep_ceiling.py [--rates]
 """
@@ -20,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -98,6 +100,74 @@ def best_rate_gflops(m: int, k: int, n: int, repeats: int = 3, trials: int = 2) 
     return best
 
 
+def head_sweep_kernels(d, n_layers, n_heads, n_kv, d_head, d_mlp, mlp_mats, rows=ROWS
+                       ) -> list[tuple[str, int]]:
+    """The kernels besides the products that an exact sweep run with PyTorch's eager kernels
+    cannot skip, as (kind, rows), batched as `head_sweep_products` batches the products: before
+    each sublayer's product a norm, after it a residual add, and one attention kernel over
+    the variants that have entered (of `rows` tokens each; "attention_1": one query per
+    variant, the last block). Activations and the gate ride in the fused products."""
+    kernels = []
+    for layer in range(n_layers - 1):
+        attending, in_mlp = n_heads * layer * rows, n_heads * (layer + 1) * rows
+        if attending:
+            kernels += [("norm", attending), ("attention", attending), ("add", attending)]
+        kernels += [("norm", in_mlp), ("add", in_mlp)]
+    before_last = n_heads * (n_layers - 1)
+    kernels += [("norm", before_last * rows), ("attention_1", before_last * rows),
+                ("add", before_last), ("norm", n_heads * n_layers), ("add", n_heads * n_layers)]
+    return kernels
+
+
+def kernels_floor_s(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, rows=ROWS,
+                    rotary=False, repeats: int = 5, trials: int = 3) -> float:
+    """The shortest time those kernels take, each timed alone at its own shape (best of
+    `trials` timings of `repeats` calls): LayerNorm or, with `rotary` (the Llama shape),
+    RMSNorm; an in-place add; PyTorch's fused attention, after the rotation of q and k where
+    `rotary`. A lower bound for eager kernels: each reads inputs left hot by its last call."""
+    def norm(m):
+        x = torch.randn(m, d)
+        return (partial(F.rms_norm, x, (d,), eps=1e-5) if rotary else
+                partial(F.layer_norm, x, (d,), eps=1e-5))
+
+    def add(m):
+        x, y = torch.randn(m, d), torch.randn(m, d)
+        return partial(x.add_, y)
+
+    def attention(m, queries):
+        n = m // rows
+        q = torch.randn(n, n_heads, queries, d_head)
+        k, v = torch.randn(n, n_kv, rows, d_head), torch.randn(n, n_kv, rows, d_head)
+        cos, sin = torch.randn(rows, d_head), torch.randn(rows, d_head)
+
+        def rotate(x):
+            out, half = x * cos[: x.shape[2]], d_head // 2
+            out[..., :half].addcmul_(x[..., half:], sin[: x.shape[2], :half])
+            out[..., half:].addcmul_(x[..., :half], sin[: x.shape[2], half:])
+            return out
+
+        def run():
+            q_, k_ = (rotate(q), rotate(k)) if rotary else (q, k)
+            return F.scaled_dot_product_attention(q_, k_, v, is_causal=queries > 1,
+                                                  enable_gqa=n_kv != n_heads)
+        return run
+
+    make = {"norm": norm, "add": add, "attention": lambda m: attention(m, rows),
+            "attention_1": lambda m: attention(m, 1)}
+    seconds = {}
+    for kind, m in dict.fromkeys(kernels):
+        kernel = make[kind](m)
+        kernel()
+        best = float("inf")
+        for _ in range(trials):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                kernel()
+            best = min(best, (time.perf_counter() - start) / repeats)
+        seconds[kind, m] = best
+    return sum(seconds[kernel] for kernel in kernels)
+
+
 def best_matmul_gflops(d: int, d_mlp: int, repeats: int = 5, trials: int = 3) -> float:
     """The best rate on any of four of the sweep's shapes (the flat floor's rate), mostly
     set by the 1152-row ones: more than a sweep's early, small batches can reach."""
@@ -117,9 +187,14 @@ def main(argv=None) -> None:
         peak = best_matmul_gflops(shape[0], shape[5])
         products = head_sweep_products(*shape)
         by_shape = shape_floor_s(products)
+        d, _, n_heads, n_kv, d_head = shape[:5]
+        kernels = kernels_floor_s(head_sweep_kernels(*shape), d, n_heads, n_kv, d_head,
+                                  rotary=name == "llama")
         print(f"{name}: head sweep {flop / 1e9:.1f} GFLOP; best float32 matmul {peak:.0f} GFLOP/s"
               f" -> no exact sweep under {flop / 1e9 / peak:.3f} s (flat floor); each product"
-              f" at its own shape's best rate: {by_shape:.3f} s (shape floor)")
+              f" at its own shape's best rate: {by_shape:.3f} s (shape floor); plus the eager"
+              f" norms, adds and attention: {kernels:.3f} s more"
+              f" ({(by_shape + kernels) / by_shape:.2f}x the shape floor)")
         if args.rates:
             for m, k, n in sorted(dict.fromkeys(products)):
                 print(f"  [{m} x {k}] @ [{k} x {n}]: {best_rate_gflops(m, k, n):.0f} GFLOP/s")

@@ -29,3 +29,25 @@ def test_a_layer_meets_only_the_variants_that_have_entered():
     products = ceiling.head_sweep_products(*shape, rows=8)
     assert products[0] == (n_heads * 8, d, d_mlp)           # layer 0: its own 12 variants
     assert max(m for m, _, _ in products) == n_heads * (n_layers - 1) * 8
+
+
+def test_the_eager_kernels_meet_the_rows_the_products_meet():
+    d, n_layers, n_heads, n_kv, d_head, d_mlp, mats = shape = ceiling.SHAPES["llama"]
+    kernels = ceiling.head_sweep_kernels(*shape, rows=8)
+    products = ceiling.head_sweep_products(*shape, rows=8)
+    qkv = (n_heads + 2 * n_kv) * d_head
+    attending = [m for m, k, n in products if (k, n) == (d, qkv)]
+    assert [m for kind, m in kernels if kind == "attention"] == attending
+    assert len([k for k in kernels if k[0] == "norm"]) == 2 * (n_layers - 1) + 1
+    assert kernels[-3:] == [("add", n_heads * (n_layers - 1)), ("norm", n_heads * n_layers),
+                            ("add", n_heads * n_layers)]
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_the_kernels_floor_times_every_kind(rotary):
+    shape = (32, 3, 4, 2, 8, 64, 3)
+    kernels = ceiling.head_sweep_kernels(*shape, rows=4)
+    assert {kind for kind, _ in kernels} == {"norm", "add", "attention", "attention_1"}
+    seconds = ceiling.kernels_floor_s(kernels, 32, 4, 2, 8, rows=4, rotary=rotary,
+                                      repeats=1, trials=1)
+    assert 0 < seconds < 1
