@@ -236,7 +236,7 @@ class LlamaOps(RotaryAttentionOps):
 
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
         return affine(rms_norm(resid, self.w.eps[layer][0]), self.w.W_QKV[layer],
-                      self.w.b_QKV[layer])
+                      self.bias("b_QKV", layer))
 
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
         return self.mlp_in(layer, rms_norm(resid_mid, self.w.eps[layer][1]))

@@ -173,7 +173,7 @@ class ParallelOps(RotaryAttentionOps):
 
     def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
         normed = F.layer_norm(resid, resid.shape[-1:], eps=self.w.eps[layer][0])
-        return affine(normed, self.w.W_QKV[layer], self.w.b_QKV[layer])
+        return affine(normed, self.w.W_QKV[layer], self.bias("b_QKV", layer))
 
     def mlp_post(self, layer: int, resid_pre: Tensor) -> Tensor:
         """The MLP's neurons; on a parallel block the MLP reads the block's input."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from harness.errors import MeasureError
 from harness.measure.forward import Acts, Dims
-from harness.measure.linear import affine
+from harness.measure.linear import affine, at_layer, nonzero
 from harness.measure.readout import Readout
 from harness.measure.staggered import StaggeredForward
 from harness.sites import SITE_TABLE
@@ -52,6 +52,11 @@ class RotaryAttentionOps:
         self.d_model, self.d_mlp = weights.W_E.shape[1], weights.W_out.shape[1]
         self.device, self.dtype = weights.W_E.device, weights.W_E.dtype
         self._cos_sin: tuple[Tensor, Tensor] | None = None
+        # None where a model has no such bias (all zeros): its products then skip the bias
+        self.biases = {name: nonzero(getattr(weights, name)) for name in ("b_QKV", "b_O", "b_out")}
+
+    def bias(self, name: str, layer: int) -> Tensor | None:
+        return at_layer(self.biases[name], layer)
 
     # ---- rotary ---------------------------------------------------------------------------
     def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos rotary_dim"], Tensor]:
@@ -162,10 +167,10 @@ class RotaryAttentionOps:
 
     # ---- outputs --------------------------------------------------------------------------
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
-        return affine(z.flatten(-2), self.w.W_O[layer], self.w.b_O[layer])
+        return affine(z.flatten(-2), self.w.W_O[layer], self.bias("b_O", layer))
 
     def mlp_output(self, layer: int, post: Tensor) -> Tensor:
-        return affine(post, self.w.W_out[layer], self.w.b_out[layer])
+        return affine(post, self.w.W_out[layer], self.bias("b_out", layer))
 
     def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
         return self.readout.logit_diff(resid, answer_ids, foil_ids)
