@@ -324,7 +324,13 @@ def bench_model(model: str, args) -> dict:
                           f"{row['shape_floor_s']:.3f} s (rounds {low:.2f}-{high:.2f}x), "
                           f"{row['floor_ratio']:.2f}x the flat floor {row['floor_s']:.3f} s; "
                           f"with plain products (HARNESS_FUSED_LINEAR=0) {row['plain_s']:.3f} s "
-                          f"= {row['plain_shape_floor_ratio']:.2f}x the shape floor)")
+                          f"= {row['plain_shape_floor_ratio']:.2f}x the shape floor)\n"
+                          f"  (timed alternately with its products run back to back, "
+                          f"{row['sequence_floor_s']:.3f} s: median "
+                          f"{row['sequence_ratio']:.2f}x over "
+                          f"{args.floor_rounds * args.repeat} pairs, "
+                          f"{row['sequence_ratio_range'][0]:.2f}-"
+                          f"{row['sequence_ratio_range'][1]:.2f}x)")
             if args.profile:
                 products, total = _matmul_share(partial(
                     engines["fast"].patch_sweep, from_run, into_run, answer, foil,
@@ -351,24 +357,35 @@ def _against_floor(sweep, cfg, rows: int, args) -> dict:
     eager norms, adds and attention an exact sweep cannot skip), in rounds that
     measure the floors, the sweep and the sweep with plain products (the oneDNN fusion off)
     each time, so that the machine's drift over a run (a floor's rate moves by 10-20% between
-    processes) meets all of them alike: medians of each and of the per-round ratios."""
+    processes) meets all of them alike: medians of each and of the per-round ratios. In each
+    round the sweep is also timed alternately with its products run back to back
+    (`sequence_floor`), `--repeat` pairs: the steadiest of these ratios."""
     from head_sweep_ceiling import (
         head_sweep_kernels,
         head_sweep_products,
         kernels_floor_s,
+        sequence_floor,
         shape_floor_s,
     )
 
     rounds: list[tuple[float, float, float, float, float]] = []
+    pairs: list[tuple[float, float]] = []   # (sequence floor, sweep), timed one after another
     shape = _sweep_shape(cfg)
+    products = head_sweep_products(*shape, rows=rows)
+    sequence = sequence_floor(products)
     rotary = getattr(cfg, "positional_embedding_type", None) == "rotary"
     before = os.environ.get("HARNESS_FUSED_LINEAR")
     try:
         for _ in range(args.floor_rounds):
             flat = _head_sweep_floor_s(cfg, rows)
-            by_shape = shape_floor_s(head_sweep_products(*shape, rows=rows))
+            by_shape = shape_floor_s(products)
             kernels = kernels_floor_s(head_sweep_kernels(*shape, rows=rows), shape[0], shape[2],
                                       shape[3], shape[4], rows=rows, rotary=rotary)
+            os.environ["HARNESS_FUSED_LINEAR"] = "1"
+            sequence(), sweep()
+            for _ in range(args.repeat):
+                pairs.append(tuple(timed(call, args.device, memory=False)[1]
+                                   for call in (sequence, sweep)))
             times = []
             for switch in ("1", "0"):
                 os.environ["HARNESS_FUSED_LINEAR"] = switch
@@ -391,7 +408,10 @@ def _against_floor(sweep, cfg, rows: int, args) -> dict:
             "floor_ratio": median_ratio(fused, flat),
             "shape_floor_ratio": statistics.median(shape_ratios),
             "shape_floor_ratio_range": (min(shape_ratios), max(shape_ratios)),
-            "plain_shape_floor_ratio": median_ratio(plain, by_shape)}
+            "plain_shape_floor_ratio": median_ratio(plain, by_shape),
+            "sequence_floor_s": statistics.median(f for f, _ in pairs),
+            "sequence_ratio": statistics.median(t / f for f, t in pairs),
+            "sequence_ratio_range": (min(t / f for f, t in pairs), max(t / f for f, t in pairs))}
 
 
 def _head_sweep_floor_s(cfg, rows: int, prompts: int = 1, layers=None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -80,6 +81,44 @@ def shape_floor_s(products: list[tuple[int, int, int]], **timing) -> float:
     return sum(2 * m * k * n / 1e9 / rates[m, k, n] for m, k, n in products)
 
 
+def sequence_floor(products: list[tuple[int, int, int]]) -> Callable[[], None]:
+    """The products run back to back, as a sweep meets them: each on operands of its own (a
+    sweep's layers have their own weights, so none is hot from the product before) and with
+    the faster of the two libraries on its shape. Time the returned call beside the sweep,
+    alternately: the two then meet the same state of the machine, whose speed drifts by
+    10-20% within minutes, and their ratio varies far less than either time."""
+    fastest: dict[tuple[int, int, int], bool] = {}
+    calls = []
+    for m, k, n in products:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        mkl = partial(torch.matmul, a, b)
+        if not onednn_checked():
+            calls.append(mkl)
+            continue
+        dnn = partial(torch.ops.mkldnn._linear_pointwise, a, b.t().contiguous(), None, "none",
+                      [], "")
+        if (m, k, n) not in fastest:
+            fastest[m, k, n] = _seconds(mkl) <= _seconds(dnn)
+        calls.append(mkl if fastest[m, k, n] else dnn)
+
+    def run() -> None:
+        for call in calls:
+            call()
+    return run
+
+
+def _seconds(call: Callable[[], object], repeats: int = 3, trials: int = 2) -> float:
+    """The best of `trials` timings of `repeats` calls, per call, after one warm-up call."""
+    call()
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
 def best_rate_gflops(m: int, k: int, n: int, repeats: int = 3, trials: int = 2) -> float:
     """The best rate of either float32 product the engine may use on an [m, k] x [k, n]
     product: MKL's (`a @ b`) and, on a CPU whose torch has it, oneDNN's (the fused MLP
@@ -89,15 +128,7 @@ def best_rate_gflops(m: int, k: int, n: int, repeats: int = 3, trials: int = 2) 
     if onednn_checked():
         products.append(partial(torch.ops.mkldnn._linear_pointwise, a, b.t().contiguous(),
                                 None, "none", [], ""))
-    best = 0.0
-    for product in products:
-        product()
-        for _ in range(trials):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                product()
-            best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9)
-    return best
+    return 2 * m * k * n / 1e9 / min(_seconds(product, repeats, trials) for product in products)
 
 
 def head_sweep_kernels(d, n_layers, n_heads, n_kv, d_head, d_mlp, mlp_mats, rows=ROWS
@@ -154,17 +185,8 @@ def kernels_floor_s(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, ro
 
     make = {"norm": norm, "add": add, "attention": lambda m: attention(m, rows),
             "attention_1": lambda m: attention(m, 1)}
-    seconds = {}
-    for kind, m in dict.fromkeys(kernels):
-        kernel = make[kind](m)
-        kernel()
-        best = float("inf")
-        for _ in range(trials):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                kernel()
-            best = min(best, (time.perf_counter() - start) / repeats)
-        seconds[kind, m] = best
+    seconds = {(kind, m): _seconds(make[kind](m), repeats, trials)
+               for kind, m in dict.fromkeys(kernels)}
     return sum(seconds[kernel] for kernel in kernels)
 
 

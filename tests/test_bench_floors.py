@@ -51,3 +51,18 @@ def test_the_kernels_floor_times_every_kind(rotary):
     seconds = ceiling.kernels_floor_s(kernels, 32, 4, 2, 8, rows=4, rotary=rotary,
                                       repeats=1, trials=1)
     assert 0 < seconds < 1
+
+
+def test_the_sequence_floor_runs_every_product_in_the_sweeps_order(monkeypatch):
+    shapes = []
+    matmul = ceiling.torch.matmul
+
+    def counting(a, b):
+        shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        return matmul(a, b)
+    monkeypatch.setattr(ceiling, "onednn_checked", lambda: False)   # MKL only: countable
+    monkeypatch.setattr(ceiling.torch, "matmul", counting)
+    products = ceiling.head_sweep_products(32, 3, 4, 2, 8, 64, 3, rows=4)
+    run = ceiling.sequence_floor(products)
+    run()
+    assert shapes == products
