@@ -86,12 +86,15 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict]] = {
 
 
 def build_tiny_checkpoint(architecture: str, directory: Path, *, seed: int = 0,
-                          dtype: torch.dtype = torch.float32) -> Path:
+                          dtype: torch.dtype = torch.float32, random_biases: bool = False
+                          ) -> Path:
     """Save a seeded random model of `architecture` (a key of TINY_ARCHITECTURES) and the toy
     tokenizer to `directory`, as `save_pretrained` would for a hub checkpoint.
 
     Norm weights and biases are randomized so that folding them matters (fresh HF norms are
-    all ones, which would hide a missing scale).
+    all ones, which would hide a missing scale). With `random_biases` the projections' biases
+    are too (HF initializes them to zero, which hides a dropped or misplaced bias, e.g.
+    Qwen2's q/k/v biases on a path that skips all-zero ones), at the weights' own scale.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,12 +108,15 @@ def build_tiny_checkpoint(architecture: str, directory: Path, *, seed: int = 0,
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     gen = torch.Generator().manual_seed(1000 + seed)
+    weight_scale = getattr(config, "initializer_range", 0.02)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln" in name.split(".")[-2]:
                 base = 1.0 if name.endswith("weight") and model_type != "gemma" \
                     and model_type != "gemma2" else 0.0
                 p.copy_(base + 0.3 * torch.randn(p.shape, generator=gen))
+            elif random_biases and name.endswith("bias"):
+                p.copy_(weight_scale * torch.randn(p.shape, generator=gen))
     model.to(dtype).save_pretrained(str(directory))
     save_tokenizer(tokenizer, directory)
     return directory

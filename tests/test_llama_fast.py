@@ -185,3 +185,34 @@ def test_gemma2_soft_caps_and_sliding_window(tmp_path, monkeypatch):
         monkeypatch.setattr(forward.ops, "w", dataclasses.replace(w, **change))
         with pytest.raises(MeasureError, match="residual stream differs"):
             forward.verify(corrupt, forward.trace(corrupt))
+
+
+def test_qkv_biases_are_kept_and_zero_ones_skipped(tmp_path):
+    """Qwen2 has q/k/v biases (HF starts them at zero, so the shared checkpoints hide them):
+    with random ones the fast path keeps them and every head sweep equals the general path's;
+    the bias Qwen2 lacks (the MLP's output) is dropped, so that product skips it."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    runs = []
+    for seed in (0, 1):
+        directory = build_tiny_checkpoint("qwen2", tmp_path / f"qwen2-{seed}", seed=seed,
+                                          random_biases=True)
+        bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
+        bridge.enable_compatibility_mode()
+        tokens = bridge.to_tokens(PROMPTS, prepend_bos=True).to(TEST_DEVICE)
+        final_pos = torch.tensor([len(bridge.to_tokens(p, prepend_bos=True)[0]) - 1
+                                  for p in PROMPTS], device=TEST_DEVICE)
+        if seed == 0:
+            tokens[:, 2] = 7
+        runs.append(Run(f"qwen2-{seed}", bridge, tokens, final_pos))
+    into, source = runs
+    answer, foil = (torch.tensor(ids, device=TEST_DEVICE) for ids in ([10, 20], [30, 40]))
+    fast, general = PatchingEngine(), PatchingEngine(path="general")
+    assert fast.path_of(into) == "llama-fast"
+    biases = fast.forward(into).ops.biases
+    assert biases["b_QKV"] is not None   # q and k's (the bridge folds v's into b_O)
+    assert biases["b_O"] is not None and biases["b_out"] is None
+    for site in ("z", "q", "k", "v"):
+        grids = [e.patch_sweep(source, into, answer, foil, site=site, over=("layer", "head"))
+                 for e in (fast, general)]
+        assert_close(grids[0].raw, grids[1].raw, atol=ATOL, rtol=0)
