@@ -175,14 +175,12 @@ def _run_blocks(ops: BlockOps, into: Acts, x: Float[Tensor, "n pos d_model"],
     keys and values are read from its trace. The last block computes the final rows only.
     """
     n_pos, last = x.shape[1], ops.n_layers - 1
-    pos = torch.arange(n_pos, device=x.device)
     entered = torch.searchsorted(enter_at, torch.arange(2 * last, device=x.device), right=True)
     for step in range(int(enter_at[0]), 2 * last):
         if step % 2 and ops.parallel_block:  # the MLP ran beside the attention
             continue
         layer, n = step // 2, int(entered[step])
-        rows = (pos[None] >= start[:n, None]).flatten()
-        flat = None if bool(rows.all()) else rows.nonzero().squeeze(1)
+        flat = _changed_rows(start[:n], n_pos)
         if step % 2 == 0:  # both steps write into x
             clean_qkv = None if flat is None else into["qkv"][layer][prompt[:n]]
             _attention_step(ops, layer, x[:n], flat, clean_qkv)
@@ -203,8 +201,7 @@ def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
         return x.add_(attn)
     n, n_pos, d_model = x.shape
     rows = x.reshape(-1, d_model).index_select(0, flat)
-    qkv = clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, ops.qkv_flat(layer, rows))
-    q, k, v = ops.split_qkv(qkv.view(*clean_qkv.shape))
+    q, k, v = ops.split_qkv(_over_clean(ops, layer, rows, flat, clean_qkv))
     z = ops.attend(q, k, v, layer=layer)
     z = z.reshape(n * n_pos, *z.shape[2:]).index_select(0, flat)
     out = _add_attention(ops, layer, rows, ops.attn_output(layer, z))
@@ -264,14 +261,27 @@ def _keys_values(ops: BlockOps, into: Acts, layer: int, x: Float[Tensor, "n pos 
                  start: Int[Tensor, " n"], prompt: Int[Tensor, " n"]) -> Float[Tensor, "n pos qkv"]:
     """The packed q/k/v of x's rows from `start` on, the into run's before it (no gather
     when every row changed, as in a head sweep)."""
-    n, n_pos, d_model = x.shape
-    changed = (torch.arange(n_pos, device=x.device)[None] >= start[:, None]).flatten()
-    if bool(changed.all()):
+    flat = _changed_rows(start, x.shape[1])
+    if flat is None:
         return ops.qkv_flat(layer, x)
-    flat = changed.nonzero().squeeze(1)
-    clean_qkv = into["qkv"][layer][prompt]
-    new = ops.qkv_flat(layer, x.reshape(-1, d_model).index_select(0, flat))
-    return clean_qkv.reshape(n * n_pos, -1).index_copy_(0, flat, new).view(*clean_qkv.shape)
+    rows = x.reshape(-1, x.shape[-1]).index_select(0, flat)
+    return _over_clean(ops, layer, rows, flat, into["qkv"][layer][prompt])
+
+
+def _changed_rows(start: Int[Tensor, " n"], n_pos: int) -> Int[Tensor, " rows"] | None:
+    """Flat indices (into n * pos) of each variant's rows from its `start` on; None when
+    that is every row."""
+    changed = (torch.arange(n_pos, device=start.device)[None] >= start[:, None]).flatten()
+    return None if bool(changed.all()) else changed.nonzero().squeeze(1)
+
+
+def _over_clean(ops: BlockOps, layer: int, rows: Float[Tensor, "rows d_model"],
+                flat: Int[Tensor, " rows"], clean_qkv: Float[Tensor, "n pos qkv"]
+                ) -> Float[Tensor, "n pos qkv"]:
+    """The packed q/k/v of `rows` (at the flat indices `flat`) written over the clean ones."""
+    new = ops.qkv_flat(layer, rows)
+    return clean_qkv.reshape(-1, clean_qkv.shape[-1]).index_copy_(0, flat, new).view(
+        *clean_qkv.shape)
 
 
 ENTRY_OFFSET = {"resid_pre": 0, "resid_mid": 1, "resid_post": 2, "attn_out": 1, "z": 1, "q": 1,
