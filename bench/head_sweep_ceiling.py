@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.measure.linear import onednn_checked  # noqa: E402
+from harness.measure.rotary_ops import rotate  # noqa: E402
 
 SHAPES = {  # d_model, layers, query heads, KV heads, d_head, d_mlp, MLP matrices
     "gpt2": (768, 12, 12, 12, 64, 3072, 2),
@@ -171,14 +172,9 @@ def kernels_floor_s(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, ro
         k, v = torch.randn(n, n_kv, rows, d_head), torch.randn(n, n_kv, rows, d_head)
         cos, sin = torch.randn(rows, d_head), torch.randn(rows, d_head)
 
-        def rotate(x):
-            out, half = x * cos[: x.shape[2]], d_head // 2
-            out[..., :half].addcmul_(x[..., half:], sin[: x.shape[2], :half])
-            out[..., half:].addcmul_(x[..., :half], sin[: x.shape[2], half:])
-            return out
-
-        def run():
-            q_, k_ = (rotate(q), rotate(k)) if rotary else (q, k)
+        def run():   # q [n, head, queries, d_head]: the last queries' cos and sin
+            q_, k_ = (rotate(q, cos[-queries:], sin[-queries:]), rotate(k, cos, sin)) \
+                if rotary else (q, k)
             return F.scaled_dot_product_attention(q_, k_, v, is_causal=queries > 1,
                                                   enable_gqa=n_kv != n_heads)
         return run

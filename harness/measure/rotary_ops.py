@@ -27,7 +27,7 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
-def _rotate(x: Float[Tensor, "... width"], cos: Tensor, sin: Tensor) -> Tensor:
+def rotate(x: Float[Tensor, "... width"], cos: Tensor, sin: Tensor) -> Tensor:
     """x * cos + rotate_half(x) * sin, with the sin's first half negated (`cos_sin`): x * cos,
     then each half adds the other half times its sin. Three kernels that read x as it lies
     (q and k are strided views of the packed q/k/v); a roll would copy it first, which made
@@ -85,8 +85,8 @@ class RotaryAttentionOps:
             cos, sin = cos[q_pos][:, None, None], sin[q_pos][:, None, None]
         width = cos.shape[-1]
         if width == x.shape[-1]:
-            return _rotate(x, cos, sin)
-        return torch.cat([_rotate(x[..., :width], cos, sin), x[..., width:]], -1)
+            return rotate(x, cos, sin)
+        return torch.cat([rotate(x[..., :width], cos, sin), x[..., width:]], -1)
 
     # ---- attention ------------------------------------------------------------------------
     def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
