@@ -15,7 +15,7 @@ from _fast_paths import ANSWER, ATOL, FOIL, PROMPTS, engines, model_to_model, ti
 from _tiny_models import TEST_DEVICE, assert_close
 
 from harness.errors import MeasureError
-from harness.measure import parallel_fast, rotary_ops
+from harness.measure import parallel_fast
 from harness.measure.patching import PatchingEngine, Run
 from harness.testing import build_tiny_checkpoint
 
@@ -79,7 +79,8 @@ def _full_rotary(self, x, q_pos=None):
     angles = torch.cat([pos[:, None] * inv_freq] * 2, -1)
     shape = (-1, 1, d_head) if q_pos is None else (-1, 1, 1, d_head)
     cos, sin = angles.cos().view(shape).to(x.dtype), angles.sin().view(shape).to(x.dtype)
-    return x * cos + rotary_ops.rotate_half(x) * sin
+    half = d_head // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin   # HF's rotate_half
 
 
 @pytest.mark.parametrize("arch", FAST_ARCHS)

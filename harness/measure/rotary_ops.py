@@ -22,13 +22,9 @@ from harness.measure.staggered import StaggeredForward
 from harness.sites import SITE_TABLE
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-
 def rotate(x: Float[Tensor, "... width"], cos: Tensor, sin: Tensor) -> Tensor:
-    """x * cos + rotate_half(x) * sin, with the sin's first half negated (`cos_sin`): x * cos,
+    """x * cos + rotate_half(x) * sin (HF's rotate_half: the halves swapped, the first
+    negated), with that sign folded into the sin's first half (`cos_sin`): x * cos,
     then each half adds the other half times its sin. Three kernels that read x as it lies
     (q and k are strided views of the packed q/k/v); a roll would copy it first, which made
     this three times slower on the head sweep's q (an ad hoc timing)."""
@@ -62,7 +58,7 @@ class RotaryAttentionOps:
     def cos_sin(self, n_pos: int) -> tuple[Float[Tensor, "pos rotary_dim"], Tensor]:
         """The model's own rotary cos/sin for positions 0..n_pos-1 (cached, grown on demand);
         their width is the rotary dimension: all of a head, or its first dims (partial).
-        The sin's first half is negated: rotate_half(x) * sin = roll(x, half) * this."""
+        The sin's first half is negated, so that `rotate` needs no negation of x."""
         if self._cos_sin is None or self._cos_sin[0].shape[0] < n_pos:
             with torch.inference_mode(False), torch.no_grad():
                 x = torch.zeros(1, n_pos, self.w.d_head, dtype=self.dtype, device=self.device)
