@@ -24,7 +24,7 @@ from _fast_paths import (
     model_to_model,
     tiny_bridges,
 )
-from _tiny_models import assert_close
+from _tiny_models import TEST_DEVICE, assert_close
 
 from harness.measure.attribution import dla, logit_lens
 from harness.measure.patching import PatchingEngine
@@ -165,3 +165,56 @@ def test_the_gpt2_fast_path_reads_the_bridges_weights_without_copying(bridges):
         assert model.W_O[layer].data_ptr() == block.attn.W_O.data_ptr()
         q = block.attn.W_Q.transpose(0, 1).flatten(1)
         assert torch.equal(model.W_QKV[layer][:, : q.shape[1]], q)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "gemma2", "pythia"])
+def test_a_one_head_z_patch_enters_through_its_heads_rows_of_w_o(bridges, arch, monkeypatch):
+    """A head sweep's variants enter with the into run's residual plus their one head's
+    change through W_O (`staggered._one_head_delta`); several heads in a layer, or Gemma 2's
+    norm after attention, take the full output product. Both agree with the general path."""
+    from harness.measure import staggered
+
+    took: list[bool] = []
+    real = staggered._one_head_delta
+
+    def spy(*args):
+        delta = real(*args)
+        took.append(delta is not None)
+        return delta
+
+    monkeypatch.setattr(staggered, "_one_head_delta", spy)
+    c = model_to_model(bridges, arch)
+    fast, general = engines()
+    args = (c["from_run"], c["into_run"], c["answer"], c["foil"])
+    for over in (("layer", "head"), ("layer", "head", "pos")):
+        a, b = (e.patch_sweep(*args, site="z", over=over) for e in (fast, general))
+        assert_close(a.raw, b.raw, atol=ATOL, rtol=0, msg=str(over))
+    assert took and all(took) == (arch != "gemma2") and any(took) == (arch != "gemma2")
+    took.clear()
+    a, b = (e.patch(*args, site="z", heads=["L1H0", "L1H2"]) for e in (fast, general))
+    assert_close(a.patched, b.patched, atol=ATOL, rtol=0)
+    assert took == [False]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "qwen2", "pythia"])
+def test_keys_and_values_alone_are_the_packed_projections_columns(tmp_path, arch):
+    """The last block computes only keys and values for every row (`kv_flat`): the same
+    numbers as the packed q/k/v's k and v, on checkpoints with random projection biases (HF
+    starts them at zero, which would hide a bias sliced wrong)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from harness.measure.forward import fast_path_for
+    from harness.testing import build_tiny_checkpoint
+
+    directory = build_tiny_checkpoint(arch, tmp_path / arch, seed=0, random_biases=True)
+    bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
+    bridge.enable_compatibility_mode()
+    ops = fast_path_for(bridge).build(bridge).ops
+    x = torch.randn(2, 5, ops.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for layer in range(ops.n_layers):
+            _, k, v = ops.split_qkv(ops.qkv_flat(layer, x.to(TEST_DEVICE)))
+            k_alone, v_alone = ops.split_kv(ops.kv_flat(layer, x.to(TEST_DEVICE)))
+            assert k_alone.shape == k.shape and v_alone.shape == v.shape
+            assert_close(k_alone, k, atol=1e-6, rtol=0)
+            assert_close(v_alone, v, atol=1e-6, rtol=0)

@@ -41,6 +41,14 @@ class GPT2Ops:
         q, k, v = flat.unflatten(-1, (3, self.n_heads, self.model.d_head)).unbind(-3)
         return q, k, v
 
+    def kv_flat(self, layer: int, resid: Tensor) -> Tensor:
+        width = self.n_heads * self.model.d_head
+        return fw.qkv_flat(self.model, layer, resid, slice(width, None))
+
+    def split_kv(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = flat.unflatten(-1, (2, self.n_heads, self.model.d_head)).unbind(-3)
+        return k, v
+
     def attend(self, q, k, v, allowed=None, q_pos=None, layer=None) -> Tensor:
         return fw.attend(q, k, v, allowed)
 
@@ -52,6 +60,9 @@ class GPT2Ops:
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         return fw.attn_output(self.model, layer, z)
+
+    def head_output_weight(self, layer: int) -> Tensor:
+        return self.model.W_O[layer]
 
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
         return self.mlp_in(layer, fw.layer_norm(resid_mid, self.model.eps))

@@ -194,10 +194,12 @@ def qkv(model: FoldedGPT2, layer: int, resid: Float[Tensor, "... d_model"]
     return q, k, v
 
 
-def qkv_flat(model: FoldedGPT2, layer: int, resid: Float[Tensor, "rows d_model"]
-             ) -> Float[Tensor, "rows three_hd"]:
-    """q, k, v of every head side by side ([3, head, d_head] flattened), for packed rows."""
-    return affine(layer_norm(resid, model.eps), model.W_QKV[layer], model.b_QKV[layer])
+def qkv_flat(model: FoldedGPT2, layer: int, resid: Float[Tensor, "rows d_model"],
+             columns: slice = slice(None)) -> Float[Tensor, "rows three_hd"]:
+    """q, k, v of every head side by side ([3, head, d_head] flattened), for packed rows;
+    `columns`: only those of the packed q/k/v (the keys and values alone, say)."""
+    return affine(layer_norm(resid, model.eps), model.W_QKV[layer][:, columns],
+                  model.b_QKV[layer][columns])
 
 
 def mlp_post(model: FoldedGPT2, layer: int, resid_mid: Float[Tensor, "... d_model"]

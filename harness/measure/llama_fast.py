@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError
-from harness.measure.linear import GatedMLPInput, affine
+from harness.measure.linear import GatedMLPInput
 from harness.measure.readout import Readout
 from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward
 from harness.sites import SITES
@@ -234,9 +234,8 @@ class LlamaOps(RotaryAttentionOps):
         super().__init__(weights, rotary, readout, act_fn, weights.n_kv_heads)
         self.mlp_in = GatedMLPInput(weights.W_gate_in, weights.b_gate_in, act_fn)
 
-    def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
-        return affine(rms_norm(resid, self.w.eps[layer][0]), self.w.W_QKV[layer],
-                      self.bias("b_QKV", layer))
+    def attention_norm(self, layer: int, resid: Tensor) -> Tensor:
+        return rms_norm(resid, self.w.eps[layer][0])
 
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
         return self.mlp_in(layer, rms_norm(resid_mid, self.w.eps[layer][1]))
@@ -249,6 +248,9 @@ class Gemma2Ops(LlamaOps):
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         return self._post_norm(super().attn_output(layer, z), layer, 0)
+
+    def head_output_weight(self, layer: int) -> None:
+        return None   # the norm after attention: not linear in z
 
     def mlp_output(self, layer: int, post: Tensor) -> Tensor:
         return self._post_norm(super().mlp_output(layer, post), layer, 1)

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from harness.errors import MeasureError
-from harness.measure.linear import MLPInput, affine
+from harness.measure.linear import MLPInput
 from harness.measure.readout import Readout
 from harness.measure.rotary_ops import RotaryAttentionOps, RotaryForward
 from harness.sites import SITE_TABLE
@@ -171,9 +171,8 @@ class ParallelOps(RotaryAttentionOps):
         super().__init__(weights, rotary, readout, act_fn, weights.n_heads)
         self.mlp_in = MLPInput(weights.W_in, weights.b_in, act_fn)
 
-    def qkv_flat(self, layer: int, resid: Tensor) -> Tensor:
-        normed = F.layer_norm(resid, resid.shape[-1:], eps=self.w.eps[layer][0])
-        return affine(normed, self.w.W_QKV[layer], self.bias("b_QKV", layer))
+    def attention_norm(self, layer: int, resid: Tensor) -> Tensor:
+        return F.layer_norm(resid, resid.shape[-1:], eps=self.w.eps[layer][0])
 
     def mlp_post(self, layer: int, resid_pre: Tensor) -> Tensor:
         """The MLP's neurons; on a parallel block the MLP reads the block's input."""

@@ -37,7 +37,7 @@ def rotate(x: Float[Tensor, "... width"], cos: Tensor, sin: Tensor) -> Tensor:
 
 class RotaryAttentionOps:
     """The shared half of a rotary family's BlockOps. `weights` has W_E, W_QKV, W_O, b_O,
-    W_out, b_out, d_head and scaling; subclasses add qkv_flat, mlp_post and trace."""
+    W_out, b_out, d_head and scaling; subclasses add attention_norm, mlp_post and sites."""
 
     parallel_block = False
 
@@ -85,10 +85,26 @@ class RotaryAttentionOps:
         return torch.cat([rotate(x[..., :width], cos, sin), x[..., width:]], -1)
 
     # ---- attention ------------------------------------------------------------------------
+    def qkv_flat(self, layer: int, resid: Tensor, columns: slice = slice(None)) -> Tensor:
+        """The packed q/k/v (or its `columns`) of the family's norm of `resid`."""
+        bias = self.bias("b_QKV", layer)
+        return affine(self.attention_norm(layer, resid), self.w.W_QKV[layer][:, columns],
+                      None if bias is None else bias[columns])
+
+    def attention_norm(self, layer: int, resid: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def split_qkv(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h, kv, d = self.n_heads, self.n_kv_heads, self.w.d_head
         q, k, v = flat.split([h * d, kv * d, kv * d], -1)
         return q.unflatten(-1, (h, d)), k.unflatten(-1, (kv, d)), v.unflatten(-1, (kv, d))
+
+    def kv_flat(self, layer: int, resid: Tensor) -> Tensor:
+        return self.qkv_flat(layer, resid, slice(self.n_heads * self.w.d_head, None))
+
+    def split_kv(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = flat.unflatten(-1, (2, self.n_kv_heads, self.w.d_head)).unbind(-3)
+        return k, v
 
     def _expand(self, kv: Tensor, axis: int) -> Tensor:
         """Key/value heads repeated for the query heads that share them."""
@@ -164,6 +180,9 @@ class RotaryAttentionOps:
     # ---- outputs --------------------------------------------------------------------------
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         return affine(z.flatten(-2), self.w.W_O[layer], self.bias("b_O", layer))
+
+    def head_output_weight(self, layer: int) -> Tensor | None:
+        return self.w.W_O[layer]
 
     def mlp_output(self, layer: int, post: Tensor) -> Tensor:
         return affine(post, self.w.W_out[layer], self.bias("b_out", layer))

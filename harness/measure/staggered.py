@@ -35,9 +35,12 @@ class BlockOps(Protocol):
     """One family's block computations on plain tensors (weights read off the bridge once).
 
     q, k, v are [..., head, d_head] as the hooks see them (before any rotary embedding); k and
-    v have the model's key/value heads. `qkv_flat` packs them side by side (q, then k, then v).
+    v have the model's key/value heads. `qkv_flat` packs them side by side (q, then k, then v);
+    `kv_flat` computes only the k and v columns (the last block needs no queries but one).
     `attend` and `attention_pattern` get the layer (Gemma 2's sliding window is per layer).
     `parallel_block`: the MLP reads the block's input (resid_pre), not attention's output.
+    `head_output_weight`: W_O where `attn_output` is z.flatten(-2) @ W_O + b, linear in z;
+    None where it is not (Gemma 2's norm after attention).
     """
 
     parallel_block: bool
@@ -51,6 +54,9 @@ class BlockOps(Protocol):
     def qkv_flat(self, layer: int, resid: Float[Tensor, "... d_model"]
                  ) -> Float[Tensor, "... qkv"]: ...
     def split_qkv(self, flat: Float[Tensor, "... qkv"]) -> tuple[Tensor, Tensor, Tensor]: ...
+    def kv_flat(self, layer: int, resid: Float[Tensor, "... d_model"]
+                ) -> Float[Tensor, "... kv"]: ...
+    def split_kv(self, flat: Float[Tensor, "... kv"]) -> tuple[Tensor, Tensor]: ...
     def attend(self, q: Float[Tensor, "n dest head d_head"], k: Tensor, v: Tensor,
                allowed: Tensor | None = None, q_pos: Tensor | None = None,
                layer: int | None = None) -> Float[Tensor, "n dest head d_head"]: ...
@@ -59,6 +65,7 @@ class BlockOps(Protocol):
     def mix_values(self, pattern: Tensor, v: Tensor) -> Float[Tensor, "n dest head d_head"]: ...
     def attn_output(self, layer: int, z: Float[Tensor, "... head d_head"]
                     ) -> Float[Tensor, "... d_model"]: ...
+    def head_output_weight(self, layer: int) -> Float[Tensor, "hd d_model"] | None: ...
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Float[Tensor, "... d_mlp"]: ...
     def mlp_output(self, layer: int, post: Tensor) -> Float[Tensor, "... d_model"]: ...
     def logit_diff(self, resid: Float[Tensor, "n d_model"], answer_ids: Tensor,
@@ -242,8 +249,7 @@ def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: T
     resid = torch.where(unchanged[:, None], into["resid_pre"][layer][prompt, final_pos], resid)
     if in_attn:
         mine = slice(0, in_attn)
-        _, k, v = ops.split_qkv(_keys_values(ops, into, layer, x[mine], start[mine],
-                                             prompt[mine]))
+        k, v = _keys_values(ops, into, layer, x[mine], start[mine], prompt[mine])
         q = ops.split_qkv(ops.qkv_flat(layer, resid[mine]))[0]
         pos = torch.arange(n_pos, device=x.device)
         allowed = (pos[None] <= final_pos[mine, None])[:, None, None, :]
@@ -258,14 +264,15 @@ def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: T
 
 
 def _keys_values(ops: BlockOps, into: Acts, layer: int, x: Float[Tensor, "n pos d_model"],
-                 start: Int[Tensor, " n"], prompt: Int[Tensor, " n"]) -> Float[Tensor, "n pos qkv"]:
-    """The packed q/k/v of x's rows from `start` on, the into run's before it (no gather
-    when every row changed, as in a head sweep)."""
+                 start: Int[Tensor, " n"], prompt: Int[Tensor, " n"]) -> tuple[Tensor, Tensor]:
+    """k and v of x's rows from `start` on, the into run's before it. When every row
+    changed (a head sweep) only the k and v columns are computed, with no gather: the
+    queries of all rows but the final one would be a third of the product (GPT-2), unread."""
     flat = _changed_rows(start, x.shape[1])
     if flat is None:
-        return ops.qkv_flat(layer, x)
+        return ops.split_kv(ops.kv_flat(layer, x))
     rows = x.reshape(-1, x.shape[-1]).index_select(0, flat)
-    return _over_clean(ops, layer, rows, flat, into["qkv"][layer][prompt])
+    return ops.split_qkv(_over_clean(ops, layer, rows, flat, into["qkv"][layer][prompt]))[1:]
 
 
 def _changed_rows(start: Int[Tensor, " n"], n_pos: int) -> Int[Tensor, " rows"] | None:
@@ -313,6 +320,11 @@ def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, in
         if ops.parallel_block:  # resid_post, as the block sums it
             return mlp + clean("attn_out") + clean("resid_pre"), 2
         return clean("resid_mid") + mlp, offset
+    if site == "z":
+        delta = _one_head_delta(ops, layer, mask, into, source, prompt)
+        if delta is not None:
+            return clean("resid_post" if ops.parallel_block else "resid_mid") + delta, \
+                2 if ops.parallel_block else offset
     if site == "attn_out":
         attn = patched("attn_out")
     else:
@@ -321,6 +333,32 @@ def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, in
     if ops.parallel_block:
         return clean("mlp_out") + attn + clean("resid_pre"), 2
     return clean("resid_pre") + attn, offset
+
+
+def _one_head_delta(ops: BlockOps, layer: Int[Tensor, " n"], mask: Tensor, into: Acts,
+                    source: Acts, prompt: Int[Tensor, " n"]
+                    ) -> Float[Tensor, "n pos d_model"] | None:
+    """What a z patch adds to the residual stream where every variant patches one head (a
+    head sweep): that head's change of z through its own d_head rows of W_O, a 1/n_heads
+    share of the full output product, which the into run's residual already holds for the
+    other heads. None where a variant patches several heads or the family's attention
+    output is not linear in z."""
+    z_clean = into["z"]
+    mask = mask.expand(prompt.shape[0], *z_clean.shape[2:])           # [n, pos, head, d_head]
+    touched = mask.any(-1).any(1)                                      # [n, head]
+    if bool((touched.sum(1) > 1).any()):
+        return None
+    weights = {int(lay): ops.head_output_weight(int(lay)) for lay in layer.unique()}
+    if any(w is None for w in weights.values()):
+        return None
+    head, n_heads = touched.int().argmax(1), z_clean.shape[3]
+    rows = torch.arange(len(head), device=head.device)
+    dz = torch.where(mask[rows, :, head],                              # [n, pos, d_head]
+                     source["z"][layer, prompt, :, head] - z_clean[layer, prompt, :, head], 0)
+    layers, counts = torch.unique_consecutive(layer, return_counts=True)
+    parts = zip(layers.tolist(), dz.split(counts.tolist()), head.split(counts.tolist()))
+    return torch.cat([torch.bmm(d, weights[lay].unflatten(0, (n_heads, -1))[h])
+                      for lay, d, h in parts])
 
 
 def _per_layer(layer: Int[Tensor, " n"], acts: Tensor, fn) -> Tensor:
