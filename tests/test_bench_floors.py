@@ -39,18 +39,23 @@ def test_the_eager_kernels_meet_the_rows_the_products_meet():
     attending = [m for m, k, n in products if (k, n) == (d, qkv)]
     assert [m for kind, m in kernels if kind == "attention"] == attending
     assert len([k for k in kernels if k[0] == "norm"]) == 2 * (n_layers - 1) + 1
-    assert kernels[-3:] == [("add", n_heads * (n_layers - 1)), ("norm", n_heads * n_layers),
-                            ("add", n_heads * n_layers)]
+    in_mlp = [m for m, k, n in products if (k, n) == (d_mlp, d)]   # the MLP's output product
+    assert [m for kind, m in kernels if kind == "activation"] == in_mlp
+    assert kernels[-4:] == [("add", n_heads * (n_layers - 1)), ("norm", n_heads * n_layers),
+                            ("activation", n_heads * n_layers), ("add", n_heads * n_layers)]
 
 
 @pytest.mark.parametrize("rotary", [False, True])
 def test_the_kernels_floor_times_every_kind(rotary):
-    shape = (32, 3, 4, 2, 8, 64, 3)
+    shape = (32, 3, 4, 2, 8, 64, 3 if rotary else 2)
     kernels = ceiling.head_sweep_kernels(*shape, rows=4)
-    assert {kind for kind, _ in kernels} == {"norm", "add", "attention", "attention_1"}
-    seconds = ceiling.kernels_floor_s(kernels, 32, 4, 2, 8, rows=4, rotary=rotary,
-                                      repeats=1, trials=1)
+    assert {kind for kind, _ in kernels} == {"norm", "add", "attention", "attention_1",
+                                             "activation"}
+    seconds = ceiling.kernels_floor_s(kernels, 32, 4, 2, 8, rows=4, rotary=rotary, d_mlp=64,
+                                      gated=rotary, repeats=1, trials=1)
     assert 0 < seconds < float("inf")
+    with pytest.raises(ValueError, match="d_mlp"):
+        ceiling.kernels_floor_s(kernels, 32, 4, 2, 8, rows=4, repeats=1, trials=1)
 
 
 def test_the_sequence_floor_runs_every_product_in_the_sweeps_order(monkeypatch):

@@ -218,3 +218,16 @@ def test_keys_and_values_alone_are_the_packed_projections_columns(tmp_path, arch
             assert k_alone.shape == k.shape and v_alone.shape == v.shape
             assert_close(k_alone, k, atol=1e-6, rtol=0)
             assert_close(v_alone, v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("head", [[0, 0, 1, 1, 2, 2], [2, 0, 1, 1, 0, 2], [1, 1, 1]])
+def test_each_row_meets_its_own_heads_rows_of_w_o(head):
+    """In runs head by head (a head sweep's layer: one batched product) or in any order (a
+    gather), row i's change of z goes through head[i]'s d_head rows of W_O."""
+    from harness.measure.staggered import _through_heads
+
+    gen = torch.Generator().manual_seed(4)
+    dz, w_o = torch.randn(len(head), 5, 4, generator=gen), torch.randn(3, 4, 7, generator=gen)
+    out = _through_heads(dz, torch.tensor(head), w_o.transpose(1, 2).contiguous().transpose(1, 2))
+    for i, h in enumerate(head):
+        assert_close(out[i], dz[i] @ w_o[h], atol=1e-6, rtol=0)

@@ -348,17 +348,30 @@ def _one_head_delta(ops: BlockOps, layer: Int[Tensor, " n"], mask: Tensor, into:
     touched = mask.any(-1).any(1)                                      # [n, head]
     if bool((touched.sum(1) > 1).any()):
         return None
-    weights = {int(lay): ops.head_output_weight(int(lay)) for lay in layer.unique()}
-    if any(w is None for w in weights.values()):
+    layers, counts = (t.tolist() for t in torch.unique_consecutive(layer, return_counts=True))
+    weights = [ops.head_output_weight(lay) for lay in layers]
+    if any(w is None for w in weights):
         return None
     head, n_heads = touched.int().argmax(1), z_clean.shape[3]
     rows = torch.arange(len(head), device=head.device)
     dz = torch.where(mask[rows, :, head],                              # [n, pos, d_head]
                      source["z"][layer, prompt, :, head] - z_clean[layer, prompt, :, head], 0)
-    layers, counts = torch.unique_consecutive(layer, return_counts=True)
-    parts = zip(layers.tolist(), dz.split(counts.tolist()), head.split(counts.tolist()))
-    return torch.cat([torch.bmm(d, weights[lay].unflatten(0, (n_heads, -1))[h])
-                      for lay, d, h in parts])
+    return torch.cat([_through_heads(d, h, w.unflatten(0, (n_heads, -1))) for d, h, w in
+                      zip(dz.split(counts), head.split(counts), weights)])
+
+
+def _through_heads(dz: Float[Tensor, "n pos d_head"], head: Int[Tensor, " n"],
+                   w_o: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "n pos d_model"]:
+    """Each row's dz through its own head's rows of W_O. Rows in equal runs head by head (a
+    head sweep's layer) meet W_O as it lies, in one batched product; others meet a gathered
+    copy of their heads' rows (a strided gather: several times slower, an ad hoc timing)."""
+    n_heads = w_o.shape[0]
+    per_head = len(head) // n_heads
+    in_runs = torch.arange(n_heads, device=head.device).repeat_interleave(per_head)
+    if per_head and len(head) == len(in_runs) and torch.equal(head, in_runs):
+        out = torch.bmm(dz.reshape(n_heads, -1, dz.shape[-1]), w_o)
+        return out.view(*dz.shape[:-1], -1)
+    return torch.bmm(dz, w_o[head])
 
 
 def _per_layer(layer: Int[Tensor, " n"], acts: Tensor, fn) -> Tensor:
