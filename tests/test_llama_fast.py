@@ -216,3 +216,17 @@ def test_qkv_biases_are_kept_and_zero_ones_skipped(tmp_path):
         grids = [e.patch_sweep(source, into, answer, foil, site=site, over=("layer", "head"))
                  for e in (fast, general)]
         assert_close(grids[0].raw, grids[1].raw, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_torchs_without_the_weight(dtype):
+    """The fast path's RMSNorm (one dot product per row for the mean square) gives
+    PyTorch's own, computed in float32 as HF does, for rows of several widths."""
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((3, 16), (2, 7, 576), (96, 768)):
+        x = (3 * torch.randn(*shape, generator=gen)).to(dtype)
+        want = torch.nn.functional.rms_norm(x.float(), shape[-1:], eps=1e-6).to(dtype)
+        got = llama_fast.rms_norm(x, 1e-6)
+        assert got.dtype == dtype
+        assert_close(got.float(), want.float(), atol=1e-6 if dtype == torch.float32 else 1e-2,
+                     rtol=0)

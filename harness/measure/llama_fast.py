@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -220,8 +219,13 @@ def _post_norms(blocks) -> tuple[Tensor, tuple[tuple[float, float], ...]] | None
 
 
 def rms_norm(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
-    """RMSNorm without its weight (folded into the next projection), in float32 as HF does."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    """RMSNorm without its weight (folded into the next projection), in float32 as HF does.
+    The mean square is one dot product per row: on CPU `F.rms_norm` squares x into a tensor
+    of its own first, and took 6.2 ms against 4.1 ms for the head sweep's 24 norms on the
+    Llama bench shape (ad hoc), with the same numbers (bit for bit here; tests compare)."""
+    xf = x.float()
+    inv_rms = torch.linalg.vecdot(xf, xf).div_(x.shape[-1]).add_(eps).rsqrt_()
+    return (xf * inv_rms.unsqueeze(-1)).to(x.dtype)
 
 
 class LlamaOps(RotaryAttentionOps):
