@@ -340,7 +340,7 @@ def bench_model(model: str, args) -> dict:
                                f"{total:.3f} s = {products / row['shape_floor_s']:.2f}x the "
                                f"shape floor; "
                                f"everything else {total - products:.3f} s, of which the "
-                               f"norms, adds and attention it cannot skip take "
+                               f"norms, adds, attention and activations it cannot skip take "
                                f"{row['kernels_floor_s']:.3f} s at their own shapes' best)")
         print(f"{row['sweep']:<32}{row['cells']:>6}{tl_s:>8.2f}{eng_s:>10.3f}{first_s:>10.3f}"
               f"{row['ratio']:>7.1f}x{row['first_call_ratio']:>9.1f}x{row['cold_ratio']:>10.1f}x"
@@ -354,7 +354,7 @@ def bench_model(model: str, args) -> dict:
 def _against_floor(sweep, cfg, rows: int, args) -> dict:
     """The head sweep against both floors of head_sweep_ceiling.py (flat: every product at
     the best rate of any shape; by shape: each at its own shape's best rate; beside them the
-    eager norms, adds and attention an exact sweep cannot skip), in rounds that
+    eager norms, adds, attention and activations an exact sweep cannot skip), in rounds that
     measure the floors, the sweep and the sweep with plain products (the oneDNN fusion off)
     each time, so that the machine's drift over a run (a floor's rate moves by 10-20% between
     processes) meets all of them alike: medians of each and of the per-round ratios. In each
@@ -380,7 +380,8 @@ def _against_floor(sweep, cfg, rows: int, args) -> dict:
             flat = _head_sweep_floor_s(cfg, rows)
             by_shape = shape_floor_s(products)
             kernels = kernels_floor_s(head_sweep_kernels(*shape, rows=rows), shape[0], shape[2],
-                                      shape[3], shape[4], rows=rows, rotary=rotary)
+                                      shape[3], shape[4], rows=rows, rotary=rotary,
+                                      d_mlp=shape[5], gated=shape[6] == 3)
             os.environ["HARNESS_FUSED_LINEAR"] = "1"
             sequence(), sweep()
             for _ in range(args.repeat):

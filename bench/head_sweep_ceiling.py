@@ -6,8 +6,8 @@ This script counts those float32 multiply-adds for the benchmark's GPT-2-small a
 (8-token prompt, one prompt), measures this machine's best float32 matrix product on the
 sweep's own shapes (MKL's and oneDNN's, the two the engine uses on a CPU), and prints the
 shortest time any exact implementation could take — divide TransformerLens's time from
-bench_patching.py by it for the largest possible ratio — and what the norms, residual adds and
-attention kernels an eager implementation cannot skip add to it.
+bench_patching.py by it for the largest possible ratio — and what the norms, residual adds,
+attention kernels and MLP activations an eager implementation cannot skip add to it.
 
     .venv/bin/python bench/head_sweep_ceiling.py [--rates]
 """
@@ -136,27 +136,30 @@ def head_sweep_kernels(d, n_layers, n_heads, n_kv, d_head, d_mlp, mlp_mats, rows
                        ) -> list[tuple[str, int]]:
     """The kernels besides the products that an exact sweep run with PyTorch's eager kernels
     cannot skip, as (kind, rows), batched as `head_sweep_products` batches the products: before
-    each sublayer's product a norm, after it a residual add, and one attention kernel over
-    the variants that have entered (of `rows` tokens each; "attention_1": one query per
-    variant, the last block). Activations and the gate ride in the fused products."""
+    each sublayer's product a norm, after it a residual add, one attention kernel over the
+    variants that have entered (of `rows` tokens each; "attention_1": one query per variant,
+    the last block), and the MLP's activation (with a gated MLP's product) between its
+    products."""
     kernels = []
     for layer in range(n_layers - 1):
         attending, in_mlp = n_heads * layer * rows, n_heads * (layer + 1) * rows
         if attending:
             kernels += [("norm", attending), ("attention", attending), ("add", attending)]
-        kernels += [("norm", in_mlp), ("add", in_mlp)]
-    before_last = n_heads * (n_layers - 1)
+        kernels += [("norm", in_mlp), ("activation", in_mlp), ("add", in_mlp)]
+    before_last, last = n_heads * (n_layers - 1), n_heads * n_layers
     kernels += [("norm", before_last * rows), ("attention_1", before_last * rows),
-                ("add", before_last), ("norm", n_heads * n_layers), ("add", n_heads * n_layers)]
+                ("add", before_last), ("norm", last), ("activation", last), ("add", last)]
     return kernels
 
 
 def kernels_floor_s(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, rows=ROWS,
-                    rotary=False, repeats: int = 5, trials: int = 3) -> float:
+                    rotary=False, d_mlp=0, gated=False, repeats: int = 5, trials: int = 3
+                    ) -> float:
     """The shortest time those kernels take, each timed alone at its own shape (best of
     `trials` timings of `repeats` calls): LayerNorm or, with `rotary` (the Llama shape),
     RMSNorm; an in-place add; PyTorch's fused attention, after the rotation of q and k where
-    `rotary`. A lower bound for eager kernels: each reads inputs left hot by its last call."""
+    `rotary`; the activation of `d_mlp` neurons (`activation_s`). A lower bound for eager
+    kernels: each reads inputs left hot by its last call."""
     def norm(m):
         x = torch.randn(m, d)
         return (partial(F.rms_norm, x, (d,), eps=1e-5) if rotary else
@@ -181,9 +184,33 @@ def kernels_floor_s(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, ro
 
     make = {"norm": norm, "add": add, "attention": lambda m: attention(m, rows),
             "attention_1": lambda m: attention(m, 1)}
-    seconds = {(kind, m): _seconds(make[kind](m), repeats, trials)
+    seconds = {(kind, m): activation_s(m, d, d_mlp, gated, repeats, trials)
+               if kind == "activation" else _seconds(make[kind](m), repeats, trials)
                for kind, m in dict.fromkeys(kernels)}
     return sum(seconds[kernel] for kernel in kernels)
+
+
+def activation_s(m: int, d: int, d_mlp: int, gated: bool, repeats: int = 5, trials: int = 3
+                 ) -> float:
+    """The MLP's activation on m rows at the cheaper of its eager forms, as the engine picks
+    them (measure/linear.py): a gated MLP's SiLU and product as PyTorch's kernels; GPT-2's
+    tanh GELU alone or, cheaper here, as what a oneDNN product fused with it costs beyond
+    the faster plain product of the same shape."""
+    if d_mlp <= 0:
+        raise ValueError("the activation's kernels need d_mlp")
+    pre, up = torch.randn(m, d_mlp), torch.randn(m, d_mlp)
+    if gated:
+        return _seconds(lambda: F.silu(pre).mul_(up), repeats, trials)
+    alone = _seconds(partial(F.gelu, pre, approximate="tanh"), repeats, trials)
+    if not onednn_checked():
+        return alone
+    x, w = torch.randn(m, d), torch.randn(d_mlp, d)
+    fused = _seconds(partial(torch.ops.mkldnn._linear_pointwise, x, w, None, "gelu", [],
+                             "tanh"), repeats, trials)
+    plain = min(_seconds(partial(torch.ops.mkldnn._linear_pointwise, x, w, None, "none", [],
+                                 ""), repeats, trials),
+                _seconds(partial(torch.matmul, x, w.t().contiguous()), repeats, trials))
+    return max(0.0, min(alone, fused - plain))
 
 
 def best_matmul_gflops(d: int, d_mlp: int, repeats: int = 5, trials: int = 3) -> float:
@@ -207,11 +234,11 @@ def main(argv=None) -> None:
         by_shape = shape_floor_s(products)
         d, _, n_heads, n_kv, d_head = shape[:5]
         kernels = kernels_floor_s(head_sweep_kernels(*shape), d, n_heads, n_kv, d_head,
-                                  rotary=name == "llama")
+                                  rotary=name == "llama", d_mlp=shape[5], gated=shape[6] == 3)
         print(f"{name}: head sweep {flop / 1e9:.1f} GFLOP; best float32 matmul {peak:.0f} GFLOP/s"
               f" -> no exact sweep under {flop / 1e9 / peak:.3f} s (flat floor); each product"
               f" at its own shape's best rate: {by_shape:.3f} s (shape floor); plus the eager"
-              f" norms, adds and attention: {kernels:.3f} s more"
+              f" norms, adds, attention and activations: {kernels:.3f} s more"
               f" ({(by_shape + kernels) / by_shape:.2f}x the shape floor)")
         if args.rates:
             for m, k, n in sorted(dict.fromkeys(products)):
