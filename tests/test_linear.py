@@ -85,12 +85,13 @@ def bridges(tmp_path_factory):
 def test_every_fast_path_fuses_its_mlp_exactly(bridges, arch, monkeypatch):
     """Each family's MLP neurons, fused and plain, on the same residuals, and the fused
     product really ran where it should: every MLP but a SiLU-gated one (Llama's, Mistral's,
-    Qwen2's, Phi-3's), whose SiLU and product PyTorch runs faster after a plain product."""
+    Qwen2's, Phi-3's) on these few rows, whose SiLU and product PyTorch runs faster after a
+    plain product (test_a_silu_gated_mlp_fuses_from_its_threshold)."""
     ops = fast_path_for(bridges(arch)).build(bridges(arch)).ops
     silu_gated = isinstance(ops.mlp_in, linear.GatedMLPInput) and \
         linear.post_op_of(ops.mlp_in.activation).name == "swish"
     assert silu_gated == (arch in ("llama", "llama-gqa", "mistral", "qwen2", "phi3"))
-    assert (ops.mlp_in.post_op is None) == silu_gated
+    assert ops.mlp_in.post_op is not None
     resid = torch.randn(3, 5, ops.d_model, generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fused = [ops.mlp_post(layer, resid) for layer in range(ops.n_layers)]
@@ -113,3 +114,20 @@ def test_gradients_flow_through_the_mlp(bridges):
     resid = torch.randn(2, 3, ops.d_model, requires_grad=True)
     ops.mlp_post(0, resid).sum().backward()
     assert resid.grad is not None and bool(resid.grad.abs().sum() > 0)
+
+
+def test_a_silu_gated_mlp_fuses_from_its_threshold(bridges, monkeypatch):
+    """Below `SILU_FUSED_FROM` neurons a SiLU-gated MLP runs PyTorch's SiLU and product,
+    from there oneDNN's fused pair; both give the same neurons."""
+    ops = fast_path_for(bridges("llama")).build(bridges("llama")).ops
+    resid = torch.randn(3, 5, ops.d_model, generator=torch.Generator().manual_seed(2))
+    neurons = 3 * 5 * ops.d_mlp
+    with torch.no_grad():
+        assert neurons < linear.SILU_FUSED_FROM and not ops.mlp_in.fuses(resid)
+        plain = ops.mlp_post(0, resid)
+        monkeypatch.setattr(linear, "SILU_FUSED_FROM", neurons)
+        assert ops.mlp_in.fuses(resid)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fused = ops.mlp_post(0, resid)
+    assert any("_linear_pointwise" in e.name for e in prof.events())
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

@@ -121,24 +121,34 @@ class MLPInput:
         return affine_post(x, self._out_in[layer], bias, self.post_op)
 
 
+SILU_FUSED_FROM = 4_000_000
+"""Neurons (rows x d_mlp) from which a SiLU-gated MLP takes oneDNN's fused pair."""
+
+
 class GatedMLPInput:
     """layer, x -> activation(gate) * up, a gated MLP's neurons, from per-layer [d_in,
     2 d_mlp] weights (gate, then up) that are transposed views of [2 d_mlp, d_in] tensors
-    (Llama's, as stacked), fused where `fusable(x)` without copying, for a GELU only
-    (Gemma's): PyTorch's own SiLU and product after one plain product are faster than
-    oneDNN's swish and multiplying product, its tanh GELU is not (ad hoc timings on the
-    head sweep's rows: SiLU and product 4.7 ms against 17.5 ms that oneDNN's pair took
-    beyond two plain products on the Llama bench shape; tanh GELU alone 17.4 ms against 12.4
-    ms fused on GPT-2's)."""
+    (Llama's, as stacked), fused where `fusable(x)` without copying. A SiLU is fused only
+    from `SILU_FUSED_FROM` neurons: below, PyTorch's own SiLU and product after one plain
+    product are faster (on the head sweep's Llama-shape rows, at most 1152, 4.7 ms against
+    17.5 ms that oneDNN's pair took beyond two plain products; 5-7% faster up to 2000 rows
+    of SmolLM2's 1536 neurons), above, their two passes over the neurons are not (3-14%
+    slower at 4000-8000 rows; ad hoc timings). A GELU (Gemma's) is always fused: PyTorch's
+    tanh GELU alone took 17.4 ms against 12.4 ms fused on GPT-2's rows."""
 
     def __init__(self, weights, biases, activation: Callable[[Tensor], Tensor]):
         self.weights, self.biases, self.activation = weights, nonzero(biases), activation
-        post_op = post_op_of(activation)
-        self.post_op = post_op if post_op is not None and post_op.name == "gelu" else None
+        self.post_op = post_op_of(activation)
+
+    def fuses(self, x: Float[Tensor, "... d_in"]) -> bool:
+        if self.post_op is None or not fusable(x):
+            return False
+        neurons = x.numel() // x.shape[-1] * self.weights.shape[-1] // 2
+        return self.post_op.name == "gelu" or neurons >= SILU_FUSED_FROM
 
     def __call__(self, layer: int, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_mlp"]:
         bias = at_layer(self.biases, layer)
-        if self.post_op is None or not fusable(x):
+        if not self.fuses(x):
             gate, up = affine(x, self.weights[layer], bias).chunk(2, -1)
             act = self.activation(gate)
             return act * up if torch.is_grad_enabled() else act.mul_(up)
