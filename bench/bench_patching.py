@@ -361,11 +361,10 @@ def _against_floor(sweep, cfg, rows: int, args) -> dict:
     round the sweep is also timed alternately with its products run back to back
     (`sequence_floor`), `--repeat` pairs: the steadiest of these ratios."""
     from head_sweep_ceiling import (
-        head_sweep_kernels,
         head_sweep_products,
-        kernels_floor_s,
         sequence_floor,
         shape_floor_s,
+        shape_kernels_s,
     )
 
     rounds: list[tuple[float, float, float, float, float]] = []
@@ -379,9 +378,7 @@ def _against_floor(sweep, cfg, rows: int, args) -> dict:
         for _ in range(args.floor_rounds):
             flat = _head_sweep_floor_s(cfg, rows)
             by_shape = shape_floor_s(products)
-            kernels = kernels_floor_s(head_sweep_kernels(*shape, rows=rows), shape[0], shape[2],
-                                      shape[3], shape[4], rows=rows, rotary=rotary,
-                                      d_mlp=shape[5], gated=shape[6] == 3)
+            kernels = sum(shape_kernels_s(shape, rows=rows, rotary=rotary).values())
             os.environ["HARNESS_FUSED_LINEAR"] = "1"
             sequence(), sweep()
             for _ in range(args.repeat):

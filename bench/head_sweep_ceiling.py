@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.measure.linear import onednn_checked  # noqa: E402
+from harness.measure.llama_fast import rms_norm  # noqa: E402
 from harness.measure.rotary_ops import rotate  # noqa: E402
 
 SHAPES = {  # d_model, layers, query heads, KV heads, d_head, d_mlp, MLP matrices
@@ -88,19 +89,14 @@ def sequence_floor(products: list[tuple[int, int, int]]) -> Callable[[], None]:
     the faster of the two libraries on its shape. Time the returned call beside the sweep,
     alternately: the two then meet the same state of the machine, whose speed drifts by
     10-20% within minutes, and their ratio varies far less than either time."""
-    fastest: dict[tuple[int, int, int], bool] = {}
+    fastest: dict[tuple[int, int, int], int] = {}
     calls = []
     for m, k, n in products:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        mkl = partial(torch.matmul, a, b)
-        if not onednn_checked():
-            calls.append(mkl)
-            continue
-        dnn = partial(torch.ops.mkldnn._linear_pointwise, a, b.t().contiguous(), None, "none",
-                      [], "")
+        candidates = _plain_products(torch.randn(m, k), torch.randn(k, n))
         if (m, k, n) not in fastest:
-            fastest[m, k, n] = _seconds(mkl) <= _seconds(dnn)
-        calls.append(mkl if fastest[m, k, n] else dnn)
+            times = [_seconds(c) for c in candidates] if len(candidates) > 1 else [0.0]
+            fastest[m, k, n] = times.index(min(times))
+        calls.append(candidates[fastest[m, k, n]])
 
     def run() -> None:
         for call in calls:
@@ -120,16 +116,26 @@ def _seconds(call: Callable[[], object], repeats: int = 3, trials: int = 2) -> f
     return best
 
 
-def best_rate_gflops(m: int, k: int, n: int, repeats: int = 3, trials: int = 2) -> float:
-    """The best rate of either float32 product the engine may use on an [m, k] x [k, n]
-    product: MKL's (`a @ b`) and, on a CPU whose torch has it, oneDNN's (the fused MLP
-    product, linear.py); the best of `trials` timings of `repeats` calls each."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def _plain_products(a: torch.Tensor, b: torch.Tensor) -> list[Callable[[], torch.Tensor]]:
+    """The float32 products the engine may use for a @ b: MKL's and, on a CPU whose torch
+    has it, oneDNN's (the fused MLP product, linear.py) without a post-op."""
     products = [partial(torch.matmul, a, b)]
     if onednn_checked():
         products.append(partial(torch.ops.mkldnn._linear_pointwise, a, b.t().contiguous(),
                                 None, "none", [], ""))
-    return 2 * m * k * n / 1e9 / min(_seconds(product, repeats, trials) for product in products)
+    return products
+
+
+def best_product_s(m: int, k: int, n: int, repeats: int = 3, trials: int = 2) -> float:
+    """The shortest time of either product (`_plain_products`) on an [m, k] x [k, n]
+    product: the best of `trials` timings of `repeats` calls each."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return min(_seconds(product, repeats, trials) for product in _plain_products(a, b))
+
+
+def best_rate_gflops(m: int, k: int, n: int, repeats: int = 3, trials: int = 2) -> float:
+    """The best rate of `best_product_s`."""
+    return 2 * m * k * n / 1e9 / best_product_s(m, k, n, repeats, trials)
 
 
 def head_sweep_kernels(d, n_layers, n_heads, n_kv, d_head, d_mlp, mlp_mats, rows=ROWS
@@ -152,17 +158,18 @@ def head_sweep_kernels(d, n_layers, n_heads, n_kv, d_head, d_mlp, mlp_mats, rows
     return kernels
 
 
-def kernels_floor_s(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, rows=ROWS,
+def kernels_by_kind(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, rows=ROWS,
                     rotary=False, d_mlp=0, gated=False, repeats: int = 5, trials: int = 3
-                    ) -> float:
-    """The shortest time those kernels take, each timed alone at its own shape (best of
-    `trials` timings of `repeats` calls): LayerNorm or, with `rotary` (the Llama shape),
-    RMSNorm; an in-place add; PyTorch's fused attention, after the rotation of q and k where
-    `rotary`; the activation of `d_mlp` neurons (`activation_s`). A lower bound for eager
-    kernels: each reads inputs left hot by its last call."""
+                    ) -> dict[str, float]:
+    """The shortest time those kernels take, summed by kind, each timed alone at its own
+    shape (best of `trials` timings of `repeats` calls): LayerNorm or, with `rotary` (the
+    Llama shape), the engine's RMSNorm (`llama_fast.rms_norm`); an in-place add; PyTorch's
+    fused attention, after the rotation of q and k where `rotary`; the activation of `d_mlp`
+    neurons (`activation_s`). A lower bound for eager kernels: each reads inputs left hot by
+    its last call."""
     def norm(m):
         x = torch.randn(m, d)
-        return (partial(F.rms_norm, x, (d,), eps=1e-5) if rotary else
+        return (partial(rms_norm, x, 1e-5) if rotary else
                 partial(F.layer_norm, x, (d,), eps=1e-5))
 
     def add(m):
@@ -187,7 +194,19 @@ def kernels_floor_s(kernels: list[tuple[str, int]], d, n_heads, n_kv, d_head, ro
     seconds = {(kind, m): activation_s(m, d, d_mlp, gated, repeats, trials)
                if kind == "activation" else _seconds(make[kind](m), repeats, trials)
                for kind, m in dict.fromkeys(kernels)}
-    return sum(seconds[kernel] for kernel in kernels)
+    by_kind: dict[str, float] = {}
+    for kind, m in kernels:
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds[kind, m]
+    return by_kind
+
+
+def shape_kernels_s(shape: tuple[int, ...], rows: int = ROWS, rotary: bool = False,
+                    **timing) -> dict[str, float]:
+    """`kernels_by_kind` for a shape of `SHAPES` (a gated MLP where it has three matrices)."""
+    d, _, n_heads, n_kv, d_head, d_mlp, mlp_mats = shape
+    return kernels_by_kind(head_sweep_kernels(*shape, rows=rows), d, n_heads, n_kv, d_head,
+                           rows=rows, rotary=rotary, d_mlp=d_mlp, gated=mlp_mats == 3,
+                           **timing)
 
 
 def activation_s(m: int, d: int, d_mlp: int, gated: bool, repeats: int = 5, trials: int = 3
@@ -207,10 +226,7 @@ def activation_s(m: int, d: int, d_mlp: int, gated: bool, repeats: int = 5, tria
     x, w = torch.randn(m, d), torch.randn(d_mlp, d)
     fused = _seconds(partial(torch.ops.mkldnn._linear_pointwise, x, w, None, "gelu", [],
                              "tanh"), repeats, trials)
-    plain = min(_seconds(partial(torch.ops.mkldnn._linear_pointwise, x, w, None, "none", [],
-                                 ""), repeats, trials),
-                _seconds(partial(torch.matmul, x, w.t().contiguous()), repeats, trials))
-    return max(0.0, min(alone, fused - plain))
+    return max(0.0, min(alone, fused - best_product_s(m, d, d_mlp, repeats, trials)))
 
 
 def best_matmul_gflops(d: int, d_mlp: int, repeats: int = 5, trials: int = 3) -> float:
@@ -232,14 +248,14 @@ def main(argv=None) -> None:
         peak = best_matmul_gflops(shape[0], shape[5])
         products = head_sweep_products(*shape)
         by_shape = shape_floor_s(products)
-        d, _, n_heads, n_kv, d_head = shape[:5]
-        kernels = kernels_floor_s(head_sweep_kernels(*shape), d, n_heads, n_kv, d_head,
-                                  rotary=name == "llama", d_mlp=shape[5], gated=shape[6] == 3)
+        by_kind = shape_kernels_s(shape, rotary=name == "llama")
+        kernels = sum(by_kind.values())
         print(f"{name}: head sweep {flop / 1e9:.1f} GFLOP; best float32 matmul {peak:.0f} GFLOP/s"
               f" -> no exact sweep under {flop / 1e9 / peak:.3f} s (flat floor); each product"
               f" at its own shape's best rate: {by_shape:.3f} s (shape floor); plus the eager"
               f" norms, adds, attention and activations: {kernels:.3f} s more"
-              f" ({(by_shape + kernels) / by_shape:.2f}x the shape floor)")
+              f" ({(by_shape + kernels) / by_shape:.2f}x the shape floor: "
+              + ", ".join(f"{kind} {t * 1e3:.1f} ms" for kind, t in by_kind.items()) + ")")
         if args.rates:
             for m, k, n in sorted(dict.fromkeys(products)):
                 print(f"  [{m} x {k}] @ [{k} x {n}]: {best_rate_gflops(m, k, n):.0f} GFLOP/s")

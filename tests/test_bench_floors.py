@@ -51,11 +51,16 @@ def test_the_kernels_floor_times_every_kind(rotary):
     kernels = ceiling.head_sweep_kernels(*shape, rows=4)
     assert {kind for kind, _ in kernels} == {"norm", "add", "attention", "attention_1",
                                              "activation"}
-    seconds = ceiling.kernels_floor_s(kernels, 32, 4, 2, 8, rows=4, rotary=rotary, d_mlp=64,
+    by_kind = ceiling.kernels_by_kind(kernels, 32, 4, 2, 8, rows=4, rotary=rotary, d_mlp=64,
                                       gated=rotary, repeats=1, trials=1)
-    assert 0 < seconds < float("inf")
+    assert set(by_kind) == {kind for kind, _ in kernels}
+    assert all(0 < t < float("inf") for kind, t in by_kind.items() if kind != "activation")
+    assert 0 <= by_kind["activation"] < float("inf")   # a fused GELU's extra may be nil
+    assert by_kind["activation"] > 0 or not rotary       # a SiLU and product take time
+    assert ceiling.shape_kernels_s(shape, rows=4, rotary=rotary, repeats=1, trials=1).keys() \
+        == by_kind.keys()
     with pytest.raises(ValueError, match="d_mlp"):
-        ceiling.kernels_floor_s(kernels, 32, 4, 2, 8, rows=4, repeats=1, trials=1)
+        ceiling.kernels_by_kind(kernels, 32, 4, 2, 8, rows=4, repeats=1, trials=1)
 
 
 def test_the_sequence_floor_runs_every_product_in_the_sweeps_order(monkeypatch):
