@@ -10,7 +10,8 @@ has no autograd, so the fused product runs only on CPU float32 tensors outside a
 a self-check against the plain product; everywhere else (CUDA, gradients, another dtype, a
 build without oneDNN, an activation it does not have, or `HARNESS_FUSED_LINEAR=0`) the plain
 product and the model's own activation run. `MLPInput` and `GatedMLPInput` make that choice
-for the families' MLPs.
+for the families' MLPs (a SiLU-gated MLP fuses only large batches, `SILU_FUSED_FROM`: below,
+PyTorch's SiLU and product after a plain product are faster).
 """
 
 from __future__ import annotations
