@@ -440,8 +440,8 @@ def _matmul_share(sweep) -> tuple[float, float]:
         sweep()
     times = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     products = sum(v for k, v in times.items()
-                   if k in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
-                            "mkldnn::_linear_pointwise"))
+                   if k in ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm",
+                            "aten::baddbmm", "aten::baddbmm_", "mkldnn::_linear_pointwise"))
     return products, sum(times.values())
 
 

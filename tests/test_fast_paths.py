@@ -170,19 +170,19 @@ def test_the_gpt2_fast_path_reads_the_bridges_weights_without_copying(bridges):
 @pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "gemma2", "pythia"])
 def test_a_one_head_z_patch_enters_through_its_heads_rows_of_w_o(bridges, arch, monkeypatch):
     """A head sweep's variants enter with the into run's residual plus their one head's
-    change through W_O (`staggered._one_head_delta`); several heads in a layer, or Gemma 2's
+    change through W_O (`staggered._one_head_entry`); several heads in a layer, or Gemma 2's
     norm after attention, take the full output product. Both agree with the general path."""
     from harness.measure import staggered
 
     took: list[bool] = []
-    real = staggered._one_head_delta
+    real = staggered._one_head_entry
 
     def spy(*args):
-        delta = real(*args)
-        took.append(delta is not None)
-        return delta
+        entry = real(*args)
+        took.append(entry is not None)
+        return entry
 
-    monkeypatch.setattr(staggered, "_one_head_delta", spy)
+    monkeypatch.setattr(staggered, "_one_head_entry", spy)
     c = model_to_model(bridges, arch)
     fast, general = engines()
     args = (c["from_run"], c["into_run"], c["answer"], c["foil"])
@@ -220,14 +220,45 @@ def test_keys_and_values_alone_are_the_packed_projections_columns(tmp_path, arch
             assert_close(v_alone, v, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "qwen2", "gemma2", "pythia"])
+def test_an_output_summed_into_the_residual_is_that_sum(tmp_path, arch):
+    """`attn_output` and `mlp_output` with `add_to` accumulate into the residual in place (the
+    product's own accumulation; Gemma 2 adds its normed output): the residual plus the output,
+    biases included (random ones: HF starts them at zero, which would hide a bias left out)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from harness.measure.forward import fast_path_for
+    from harness.testing import build_tiny_checkpoint
+
+    directory = build_tiny_checkpoint(arch, tmp_path / arch, seed=0, random_biases=True)
+    bridge = TransformerBridge.boot_transformers(str(directory), device=TEST_DEVICE)
+    bridge.enable_compatibility_mode()
+    ops = fast_path_for(bridge).build(bridge).ops
+    gen = torch.Generator().manual_seed(6)
+    resid = torch.randn(2, 5, ops.d_model, generator=gen).to(TEST_DEVICE)
+    with torch.no_grad():
+        for layer in range(ops.n_layers):
+            q, _, _ = ops.split_qkv(ops.qkv_flat(layer, resid))
+            z = torch.randn(q.shape, generator=gen).to(TEST_DEVICE)
+            post = ops.mlp_post(layer, resid)
+            for output, arg in ((ops.attn_output, z), (ops.mlp_output, post)):
+                into = resid.clone()
+                summed = output(layer, arg, add_to=into)
+                assert summed is into
+                assert_close(summed, resid + output(layer, arg), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("head", [[0, 0, 1, 1, 2, 2], [2, 0, 1, 1, 0, 2], [1, 1, 1]])
 def test_each_row_meets_its_own_heads_rows_of_w_o(head):
     """In runs head by head (a head sweep's layer: one batched product) or in any order (a
-    gather), row i's change of z goes through head[i]'s d_head rows of W_O."""
+    gather), row i's change of z goes through head[i]'s d_head rows of W_O, summed into the
+    residual given."""
     from harness.measure.staggered import _through_heads
 
     gen = torch.Generator().manual_seed(4)
     dz, w_o = torch.randn(len(head), 5, 4, generator=gen), torch.randn(3, 4, 7, generator=gen)
-    out = _through_heads(dz, torch.tensor(head), w_o.transpose(1, 2).contiguous().transpose(1, 2))
+    base = torch.randn(len(head), 5, 7, generator=gen)
+    out = _through_heads(dz, torch.tensor(head), w_o.transpose(1, 2).contiguous().transpose(1, 2),
+                         base.clone())
     for i, h in enumerate(head):
-        assert_close(out[i], dz[i] @ w_o[h], atol=1e-6, rtol=0)
+        assert_close(out[i], base[i] + dz[i] @ w_o[h], atol=1e-6, rtol=0)

@@ -220,7 +220,7 @@ def test_qkv_biases_are_kept_and_zero_ones_skipped(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_is_torchs_without_the_weight(dtype):
-    """The fast path's RMSNorm (one dot product per row for the mean square) gives
+    """The fast path's RMSNorm (the square of each row's norm for the mean square) gives
     PyTorch's own, computed in float32 as HF does, for rows of several widths."""
     gen = torch.Generator().manual_seed(5)
     for shape in ((3, 16), (2, 7, 576), (96, 768)):

@@ -58,8 +58,8 @@ class GPT2Ops:
     def mix_values(self, pattern: Tensor, v: Tensor) -> Tensor:
         return fw.mix_values(pattern, v)
 
-    def attn_output(self, layer: int, z: Tensor) -> Tensor:
-        return fw.attn_output(self.model, layer, z)
+    def attn_output(self, layer: int, z: Tensor, add_to: Tensor | None = None) -> Tensor:
+        return fw.attn_output(self.model, layer, z, add_to)
 
     def head_output_weight(self, layer: int) -> Tensor:
         return self.model.W_O[layer]
@@ -67,8 +67,8 @@ class GPT2Ops:
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Tensor:
         return self.mlp_in(layer, fw.layer_norm(resid_mid, self.model.eps))
 
-    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
-        return fw.mlp_output(self.model, layer, post)
+    def mlp_output(self, layer: int, post: Tensor, add_to: Tensor | None = None) -> Tensor:
+        return fw.mlp_output(self.model, layer, post, add_to)
 
     def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
         direction, bias = self.model.logit_diff_direction(answer_ids, foil_ids)

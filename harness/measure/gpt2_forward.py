@@ -181,9 +181,10 @@ def mix_values(pattern: Float[Tensor, "n head dest src"], v: Float[Tensor, "n sr
     return torch.einsum("nhqk,nkhe->nqhe", pattern, v)
 
 
-def attn_output(model: FoldedGPT2, layer: int, z: Float[Tensor, "... head d_head"]
-                ) -> Float[Tensor, "... d_model"]:
-    return affine(z.flatten(-2), model.W_O[layer], model.b_O[layer])
+def attn_output(model: FoldedGPT2, layer: int, z: Float[Tensor, "... head d_head"],
+                add_to: Tensor | None = None) -> Float[Tensor, "... d_model"]:
+    """z through W_O; with `add_to`, summed into it in place (`affine`)."""
+    return affine(z.flatten(-2), model.W_O[layer], model.b_O[layer], add_to)
 
 
 def qkv(model: FoldedGPT2, layer: int, resid: Float[Tensor, "... d_model"]
@@ -208,9 +209,9 @@ def mlp_post(model: FoldedGPT2, layer: int, resid_mid: Float[Tensor, "... d_mode
     return ACTIVATIONS[model.act_fn](pre)
 
 
-def mlp_output(model: FoldedGPT2, layer: int, post: Float[Tensor, "... d_mlp"]
-               ) -> Float[Tensor, "... d_model"]:
-    return affine(post, model.W_out[layer], model.b_out[layer])
+def mlp_output(model: FoldedGPT2, layer: int, post: Float[Tensor, "... d_mlp"],
+               add_to: Tensor | None = None) -> Float[Tensor, "... d_model"]:
+    return affine(post, model.W_out[layer], model.b_out[layer], add_to)
 
 
 def embed(model: FoldedGPT2, tokens: Int[Tensor, "batch pos"]

@@ -28,10 +28,20 @@ from torch import Tensor
 
 
 def affine(x: Float[Tensor, "... d_in"], weight: Float[Tensor, "d_in d_out"],
-           bias: Float[Tensor, " d_out"] | None) -> Float[Tensor, "... d_out"]:
+           bias: Float[Tensor, " d_out"] | None, add_to: Tensor | None = None
+           ) -> Float[Tensor, "... d_out"]:
     """x @ weight + bias as one fused `addmm` over all leading axes (weight may be a
     transposed view, which `addmm` reads as it is); without a bias one `mm`, which skips
-    addmm's pass that writes the bias into the output before the product adds to it."""
+    addmm's pass that writes the bias into the output before the product adds to it.
+    With `add_to` (x's leading shape, contiguous rows: a residual stream), the result is
+    summed into it in place and returned: the product accumulates there (`addmm_`), one
+    pass over the output fewer than adding it afterwards."""
+    if add_to is not None:
+        rows = add_to.view(-1, add_to.shape[-1])
+        rows.addmm_(x.reshape(-1, x.shape[-1]), weight)
+        if bias is not None:
+            rows.add_(bias)
+        return add_to
     if bias is None:
         return _rows(x, lambda rows: torch.mm(rows, weight))
     return _rows(x, lambda rows: torch.addmm(bias, rows, weight))

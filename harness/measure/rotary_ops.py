@@ -178,14 +178,14 @@ class RotaryAttentionOps:
         return out
 
     # ---- outputs --------------------------------------------------------------------------
-    def attn_output(self, layer: int, z: Tensor) -> Tensor:
-        return affine(z.flatten(-2), self.w.W_O[layer], self.bias("b_O", layer))
+    def attn_output(self, layer: int, z: Tensor, add_to: Tensor | None = None) -> Tensor:
+        return affine(z.flatten(-2), self.w.W_O[layer], self.bias("b_O", layer), add_to)
 
     def head_output_weight(self, layer: int) -> Tensor | None:
         return self.w.W_O[layer]
 
-    def mlp_output(self, layer: int, post: Tensor) -> Tensor:
-        return affine(post, self.w.W_out[layer], self.bias("b_out", layer))
+    def mlp_output(self, layer: int, post: Tensor, add_to: Tensor | None = None) -> Tensor:
+        return affine(post, self.w.W_out[layer], self.bias("b_out", layer), add_to)
 
     def logit_diff(self, resid: Tensor, answer_ids: Tensor, foil_ids: Tensor) -> Tensor:
         return self.readout.logit_diff(resid, answer_ids, foil_ids)

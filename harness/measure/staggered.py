@@ -40,7 +40,8 @@ class BlockOps(Protocol):
     `attend` and `attention_pattern` get the layer (Gemma 2's sliding window is per layer).
     `parallel_block`: the MLP reads the block's input (resid_pre), not attention's output.
     `head_output_weight`: W_O where `attn_output` is z.flatten(-2) @ W_O + b, linear in z;
-    None where it is not (Gemma 2's norm after attention).
+    None where it is not (Gemma 2's norm after attention). `attn_output` and `mlp_output`
+    with `add_to` (a residual stream) sum their output into it in place and return it.
     """
 
     parallel_block: bool
@@ -63,11 +64,12 @@ class BlockOps(Protocol):
     def attention_pattern(self, q: Tensor, k: Tensor, layer: int | None = None
                           ) -> Float[Tensor, "n head dest src"]: ...
     def mix_values(self, pattern: Tensor, v: Tensor) -> Float[Tensor, "n dest head d_head"]: ...
-    def attn_output(self, layer: int, z: Float[Tensor, "... head d_head"]
-                    ) -> Float[Tensor, "... d_model"]: ...
+    def attn_output(self, layer: int, z: Float[Tensor, "... head d_head"],
+                    add_to: Tensor | None = None) -> Float[Tensor, "... d_model"]: ...
     def head_output_weight(self, layer: int) -> Float[Tensor, "hd d_model"] | None: ...
     def mlp_post(self, layer: int, resid_mid: Tensor) -> Float[Tensor, "... d_mlp"]: ...
-    def mlp_output(self, layer: int, post: Tensor) -> Float[Tensor, "... d_model"]: ...
+    def mlp_output(self, layer: int, post: Tensor, add_to: Tensor | None = None
+                   ) -> Float[Tensor, "... d_model"]: ...
     def logit_diff(self, resid: Float[Tensor, "n d_model"], answer_ids: Tensor,
                    foil_ids: Tensor) -> Float[Tensor, " n"]: ...
     def trace(self, tokens: Tensor, hook=None) -> dict[str, Tensor]: ...
@@ -182,12 +184,15 @@ def _run_blocks(ops: BlockOps, into: Acts, x: Float[Tensor, "n pos d_model"],
     keys and values are read from its trace. The last block computes the final rows only.
     """
     n_pos, last = x.shape[1], ops.n_layers - 1
-    entered = torch.searchsorted(enter_at, torch.arange(2 * last, device=x.device), right=True)
+    entered = torch.searchsorted(enter_at, torch.arange(2 * last, device=x.device),
+                                 right=True).tolist()
+    partial = (start > 0).nonzero()  # variants that keep some of the into run's rows
+    all_changed = int(partial[0, 0]) if len(partial) else len(start)  # rows before it: all
     for step in range(int(enter_at[0]), 2 * last):
         if step % 2 and ops.parallel_block:  # the MLP ran beside the attention
             continue
-        layer, n = step // 2, int(entered[step])
-        flat = _changed_rows(start[:n], n_pos)
+        layer, n = step // 2, entered[step]
+        flat = None if n <= all_changed else _changed_rows(start[:n], n_pos)
         if step % 2 == 0:  # both steps write into x
             clean_qkv = None if flat is None else into["qkv"][layer][prompt[:n]]
             _attention_step(ops, layer, x[:n], flat, clean_qkv)
@@ -202,16 +207,17 @@ def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
     place; `clean_qkv`, the into run's q/k/v of these variants' prompts, only with `flat`."""
     if flat is None:
         q, k, v = ops.split_qkv(ops.qkv_flat(layer, x))
-        attn = ops.attn_output(layer, ops.attend(q, k, v, layer=layer))
+        z = ops.attend(q, k, v, layer=layer)
         if ops.parallel_block:  # the whole block, summed in the HF order
-            return x.copy_(_add_attention(ops, layer, x, attn))
-        return x.add_(attn)
+            return x.copy_(_add_attention(ops, layer, x, ops.attn_output(layer, z)))
+        return ops.attn_output(layer, z, add_to=x)
     n, n_pos, d_model = x.shape
     rows = x.reshape(-1, d_model).index_select(0, flat)
     q, k, v = ops.split_qkv(_over_clean(ops, layer, rows, flat, clean_qkv))
     z = ops.attend(q, k, v, layer=layer)
     z = z.reshape(n * n_pos, *z.shape[2:]).index_select(0, flat)
-    out = _add_attention(ops, layer, rows, ops.attn_output(layer, z))
+    out = _add_attention(ops, layer, rows, ops.attn_output(layer, z)) if ops.parallel_block \
+        else ops.attn_output(layer, z, add_to=rows)
     x.view(-1, d_model).index_copy_(0, flat, out)  # in place: x is a prefix of the batch
     return x
 
@@ -227,10 +233,10 @@ def _add_attention(ops: BlockOps, layer: int, x: Tensor, attn_out: Tensor) -> Te
 def _mlp_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None) -> Tensor:
     """MLP sublayer on the rows `flat` of x (None: every row), in place."""
     if flat is None:
-        return x.add_(ops.mlp_output(layer, ops.mlp_post(layer, x)))
+        return ops.mlp_output(layer, ops.mlp_post(layer, x), add_to=x)
     n, n_pos, d_model = x.shape
     rows = x.reshape(-1, d_model).index_select(0, flat)
-    out = rows + ops.mlp_output(layer, ops.mlp_post(layer, rows))
+    out = ops.mlp_output(layer, ops.mlp_post(layer, rows), add_to=rows)
     x.view(-1, d_model).index_copy_(0, flat, out)
     return x
 
@@ -254,12 +260,14 @@ def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: T
         pos = torch.arange(n_pos, device=x.device)
         allowed = (pos[None] <= final_pos[mine, None])[:, None, None, :]
         z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[mine], layer=layer)[:, 0]
-        resid[mine] = _add_attention(ops, layer, resid[mine], ops.attn_output(layer, z))
+        if ops.parallel_block:
+            resid[mine] = _add_attention(ops, layer, resid[mine], ops.attn_output(layer, z))
+        else:
+            ops.attn_output(layer, z, add_to=resid[mine])
     if ops.parallel_block:  # the MLP ran with the attention
         return resid
     in_mlp = int((enter_at <= 2 * layer + 1).sum())
-    post = ops.mlp_post(layer, resid[:in_mlp])
-    resid[:in_mlp] = resid[:in_mlp] + ops.mlp_output(layer, post)
+    ops.mlp_output(layer, ops.mlp_post(layer, resid[:in_mlp]), add_to=resid[:in_mlp])
     return resid
 
 
@@ -321,10 +329,9 @@ def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, in
             return mlp + clean("attn_out") + clean("resid_pre"), 2
         return clean("resid_mid") + mlp, offset
     if site == "z":
-        delta = _one_head_delta(ops, layer, mask, into, source, prompt)
-        if delta is not None:
-            return clean("resid_post" if ops.parallel_block else "resid_mid") + delta, \
-                2 if ops.parallel_block else offset
+        entry = _one_head_entry(ops, layer, mask, into, source, prompt)
+        if entry is not None:
+            return entry, 2 if ops.parallel_block else offset
     if site == "attn_out":
         attn = patched("attn_out")
     else:
@@ -335,14 +342,14 @@ def _enter(ops: BlockOps, site: str, layer: Int[Tensor, " n"], masks: Tensor, in
     return clean("resid_pre") + attn, offset
 
 
-def _one_head_delta(ops: BlockOps, layer: Int[Tensor, " n"], mask: Tensor, into: Acts,
+def _one_head_entry(ops: BlockOps, layer: Int[Tensor, " n"], mask: Tensor, into: Acts,
                     source: Acts, prompt: Int[Tensor, " n"]
                     ) -> Float[Tensor, "n pos d_model"] | None:
-    """What a z patch adds to the residual stream where every variant patches one head (a
-    head sweep): that head's change of z through its own d_head rows of W_O, a 1/n_heads
-    share of the full output product, which the into run's residual already holds for the
-    other heads. None where a variant patches several heads or the family's attention
-    output is not linear in z."""
+    """The residual stream where a z patch enters, when every variant patches one head (a
+    head sweep): the into run's (resid_mid; resid_post on a parallel block) plus that head's
+    change of z through its own d_head rows of W_O, a 1/n_heads share of the full output
+    product, summed into it as the product runs. None where a variant patches several heads
+    or the family's attention output is not linear in z."""
     z_clean = into["z"]
     mask = mask.expand(prompt.shape[0], *z_clean.shape[2:])           # [n, pos, head, d_head]
     touched = mask.any(-1).any(1)                                      # [n, head]
@@ -356,22 +363,27 @@ def _one_head_delta(ops: BlockOps, layer: Int[Tensor, " n"], mask: Tensor, into:
     rows = torch.arange(len(head), device=head.device)
     dz = torch.where(mask[rows, :, head],                              # [n, pos, d_head]
                      source["z"][layer, prompt, :, head] - z_clean[layer, prompt, :, head], 0)
-    return torch.cat([_through_heads(d, h, w.unflatten(0, (n_heads, -1))) for d, h, w in
-                      zip(dz.split(counts), head.split(counts), weights)])
+    resid = into["resid_post" if ops.parallel_block else "resid_mid"][layer, prompt]  # a copy
+    for d, h, w, out in zip(dz.split(counts), head.split(counts), weights, resid.split(counts)):
+        _through_heads(d, h, w.unflatten(0, (n_heads, -1)), out)
+    return resid
 
 
 def _through_heads(dz: Float[Tensor, "n pos d_head"], head: Int[Tensor, " n"],
-                   w_o: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "n pos d_model"]:
-    """Each row's dz through its own head's rows of W_O. Rows in equal runs head by head (a
-    head sweep's layer) meet W_O as it lies, in one batched product; others meet a gathered
-    copy of their heads' rows (a strided gather: several times slower, an ad hoc timing)."""
+                   w_o: Float[Tensor, "head d_head d_model"],
+                   add_to: Float[Tensor, "n pos d_model"]) -> Float[Tensor, "n pos d_model"]:
+    """Each row's dz through its own head's rows of W_O, summed into `add_to` (contiguous)
+    in place. Rows in equal runs head by head (a head sweep's layer) meet W_O as it lies, in
+    one batched product; others meet a gathered copy of their heads' rows (a strided
+    gather: several times slower, an ad hoc timing)."""
     n_heads = w_o.shape[0]
     per_head = len(head) // n_heads
     in_runs = torch.arange(n_heads, device=head.device).repeat_interleave(per_head)
     if per_head and len(head) == len(in_runs) and torch.equal(head, in_runs):
-        out = torch.bmm(dz.reshape(n_heads, -1, dz.shape[-1]), w_o)
-        return out.view(*dz.shape[:-1], -1)
-    return torch.bmm(dz, w_o[head])
+        add_to.view(n_heads, -1, add_to.shape[-1]).baddbmm_(
+            dz.reshape(n_heads, -1, dz.shape[-1]), w_o)
+        return add_to
+    return add_to.baddbmm_(dz, w_o[head])
 
 
 def _per_layer(layer: Int[Tensor, " n"], acts: Tensor, fn) -> Tensor:
