@@ -129,8 +129,7 @@ def _run_receivers(ops: BlockOps, into: Acts, recorded: dict[int, Tensor], path:
         q, k, v = ops.split_qkv(qkv)
         if layer in targets:
             (q, k, v)[QKV_INDEX[path]][:, :, targets[layer]] = recorded[layer].to(qkv.dtype)
-        x = _add_attention(ops, layer, x,
-                           ops.attn_output(layer, ops.attend(q, k, v, layer=layer)))
+        x = _add_attention(ops, layer, x, ops.attend(q, k, v, layer=layer))  # x is a copy
         if not ops.parallel_block:
             x = _mlp_step(ops, layer, x, None)
     return ops.logit_diff(final_rows(x, final_pos), answer_ids, foil_ids)

@@ -207,27 +207,26 @@ def _attention_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None,
     place; `clean_qkv`, the into run's q/k/v of these variants' prompts, only with `flat`."""
     if flat is None:
         q, k, v = ops.split_qkv(ops.qkv_flat(layer, x))
-        z = ops.attend(q, k, v, layer=layer)
-        if ops.parallel_block:  # the whole block, summed in the HF order
-            return x.copy_(_add_attention(ops, layer, x, ops.attn_output(layer, z)))
-        return ops.attn_output(layer, z, add_to=x)
+        return _add_attention(ops, layer, x, ops.attend(q, k, v, layer=layer))
     n, n_pos, d_model = x.shape
     rows = x.reshape(-1, d_model).index_select(0, flat)
     q, k, v = ops.split_qkv(_over_clean(ops, layer, rows, flat, clean_qkv))
     z = ops.attend(q, k, v, layer=layer)
     z = z.reshape(n * n_pos, *z.shape[2:]).index_select(0, flat)
-    out = _add_attention(ops, layer, rows, ops.attn_output(layer, z)) if ops.parallel_block \
-        else ops.attn_output(layer, z, add_to=rows)
+    out = _add_attention(ops, layer, rows, z)
     x.view(-1, d_model).index_copy_(0, flat, out)  # in place: x is a prefix of the batch
     return x
 
 
-def _add_attention(ops: BlockOps, layer: int, x: Tensor, attn_out: Tensor) -> Tensor:
-    """The residual after the attention sublayer; on a parallel block, after the whole block
-    (its MLP reads the same input x), summed in the order the HF blocks use."""
+def _add_attention(ops: BlockOps, layer: int, x: Tensor, z: Float[Tensor, "... head d_head"]
+                   ) -> Tensor:
+    """x, in place, made the residual after the attention sublayer with head outputs z (its
+    output product accumulates into x); on a parallel block, after the whole block (its MLP
+    reads the same input x), summed in the order the HF blocks use and copied into x."""
     if ops.parallel_block:
-        return ops.mlp_output(layer, ops.mlp_post(layer, x)) + attn_out + x
-    return x + attn_out
+        return x.copy_(ops.mlp_output(layer, ops.mlp_post(layer, x)) + ops.attn_output(layer, z)
+                       + x)
+    return ops.attn_output(layer, z, add_to=x)
 
 
 def _mlp_step(ops: BlockOps, layer: int, x: Tensor, flat: Tensor | None) -> Tensor:
@@ -260,10 +259,7 @@ def _last_block(ops: BlockOps, into: Acts, x: Tensor, enter_at: Tensor, start: T
         pos = torch.arange(n_pos, device=x.device)
         allowed = (pos[None] <= final_pos[mine, None])[:, None, None, :]
         z = ops.attend(q[:, None], k, v, allowed, q_pos=final_pos[mine], layer=layer)[:, 0]
-        if ops.parallel_block:
-            resid[mine] = _add_attention(ops, layer, resid[mine], ops.attn_output(layer, z))
-        else:
-            ops.attn_output(layer, z, add_to=resid[mine])
+        _add_attention(ops, layer, resid[mine], z)   # a view: in place
     if ops.parallel_block:  # the MLP ran with the attention
         return resid
     in_mlp = int((enter_at <= 2 * layer + 1).sum())
