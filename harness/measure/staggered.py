@@ -186,8 +186,8 @@ def _run_blocks(ops: BlockOps, into: Acts, x: Float[Tensor, "n pos d_model"],
     n_pos, last = x.shape[1], ops.n_layers - 1
     entered = torch.searchsorted(enter_at, torch.arange(2 * last, device=x.device),
                                  right=True).tolist()
-    partial = (start > 0).nonzero()  # variants that keep some of the into run's rows
-    all_changed = int(partial[0, 0]) if len(partial) else len(start)  # rows before it: all
+    keep_rows = (start > 0).nonzero()  # variants that keep some of the into run's rows
+    all_changed = int(keep_rows[0, 0]) if len(keep_rows) else len(start)  # those before: all
     for step in range(int(enter_at[0]), 2 * last):
         if step % 2 and ops.parallel_block:  # the MLP ran beside the attention
             continue
